@@ -1,0 +1,1 @@
+"""Building blocks of the model: norm, rotary embedding, attention over flat token batches."""

@@ -1,0 +1,136 @@
+"""Causal attention over a flat token batch, with or without a paged KV cache.
+
+One :class:`AttentionMetadata` describes a forward pass. The queries of sequence ``s`` are always
+the *last* ``q_lens[s]`` tokens of its context of ``kv_lens[s]`` tokens; this covers training
+(whole sequences), chunked prefill, decode, and SwiftKV's "only the tokens that need logits"
+(after :meth:`AttentionMetadata.select_last`).
+
+Keys and values are stored per *KV owner* (see :class:`swiftkv.config.SwiftKVConfig`): a layer
+that owns its KV calls :meth:`store`; every layer then calls :meth:`attend` with its owner index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    q_lens: list[int]
+    kv_lens: list[int]
+    # Full-sequence mode: where each sequence's keys start in this pass's flat K/V tensors.
+    kv_starts: list[int] = field(default_factory=list)
+    # Paged-cache mode (engine). kv_cache: [num_owners, 2, num_blocks, block_size, kv_heads, D].
+    kv_cache: torch.Tensor | None = None
+    slot_mapping: torch.Tensor | None = None  # [num_tokens] int64: cache slot of each token
+    block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks] int64
+    # This pass's freshly computed K/V per owner: {owner: (k, v)}, each [num_tokens, kv_heads, D].
+    fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _decode_mask: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not self.kv_starts and self.q_lens == self.kv_lens:  # keys are this pass's tokens
+            self.kv_starts = [0]
+            for n in self.q_lens[:-1]:
+                self.kv_starts.append(self.kv_starts[-1] + n)
+
+    @classmethod
+    def full(cls, seq_lens: list[int]) -> AttentionMetadata:
+        """Whole sequences, no cache (training, evaluation, the transformers wrapper)."""
+        return cls(q_lens=list(seq_lens), kv_lens=list(seq_lens))
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.q_lens)
+
+    def select_last(self, seq_ids: list[int]) -> AttentionMetadata:
+        """Metadata for one query per listed sequence: its last token (SwiftKV later layers)."""
+        paged = self.kv_cache is not None
+        return replace(
+            self,
+            q_lens=[1] * len(seq_ids),
+            kv_lens=[self.kv_lens[s] for s in seq_ids],
+            kv_starts=[] if paged else [self.kv_starts[s] for s in seq_ids],
+            block_tables=self.block_tables[seq_ids] if paged else None,
+            slot_mapping=None,
+            fresh={} if paged else self.fresh,  # paged: later layers read the cache
+            _decode_mask=None,
+        )
+
+    def store(self, owner: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep this pass's K/V of ``owner`` (and write them to the paged cache if any)."""
+        self.fresh[owner] = (k, v)
+        if self.kv_cache is not None:
+            shape = (-1,) + tuple(k.shape[1:])
+            self.kv_cache[owner, 0].view(shape).index_copy_(0, self.slot_mapping, k)
+            self.kv_cache[owner, 1].view(shape).index_copy_(0, self.slot_mapping, v)
+
+    def attend(self, owner: int, q: torch.Tensor) -> torch.Tensor:
+        """q [num_queries, heads, D] -> [num_queries, heads, D]."""
+        no_prior = self.q_lens == self.kv_lens and owner in self.fresh
+        if self.kv_cache is None or no_prior:
+            k, v = self.fresh[owner]
+            return self._attend_fresh(q, k, v)
+        if all(n == 1 for n in self.q_lens):
+            return self._attend_decode(owner, q)
+        return self._attend_cached_chunks(owner, q)
+
+    # -- implementations ---------------------------------------------------------------------
+
+    def _attend_fresh(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        n = self.q_lens[0]
+        if self.q_lens == self.kv_lens and all(x == n for x in self.q_lens) and len(k) == len(q):
+            b, h, d = self.num_seqs, q.shape[1], q.shape[2]
+            qb = q.view(b, n, h, d).transpose(1, 2)  # [B, H, T, D]
+            kb = k.view(b, n, k.shape[1], d).transpose(1, 2)  # [B, Hkv, T, D]
+            vb = v.view(b, n, v.shape[1], d).transpose(1, 2)
+            out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=True)
+            return out.transpose(1, 2).reshape(b * n, h, d)
+        outs, q0 = [], 0
+        for ql, kl, k0 in zip(self.q_lens, self.kv_lens, self.kv_starts):
+            outs.append(_sdpa(q[q0 : q0 + ql], k[k0 : k0 + kl], v[k0 : k0 + kl]))
+            q0 += ql
+        return torch.cat(outs)
+
+    def _attend_cached_chunks(self, owner: int, q: torch.Tensor) -> torch.Tensor:
+        kc, vc = self.kv_cache[owner, 0], self.kv_cache[owner, 1]
+        block_size = kc.shape[1]
+        outs, q0 = [], 0
+        for s, (ql, kl) in enumerate(zip(self.q_lens, self.kv_lens)):
+            blocks = self.block_tables[s, : -(-kl // block_size)]
+            k = kc[blocks].flatten(0, 1)[:kl]  # [kl, Hkv, D]
+            v = vc[blocks].flatten(0, 1)[:kl]
+            outs.append(_sdpa(q[q0 : q0 + ql], k, v))
+            q0 += ql
+        return torch.cat(outs)
+
+    def _attend_decode(self, owner: int, q: torch.Tensor) -> torch.Tensor:
+        kc, vc = self.kv_cache[owner, 0], self.kv_cache[owner, 1]
+        b = q.shape[0]
+        k = kc[self.block_tables].flatten(1, 2).transpose(1, 2)  # [B, Hkv, S, D]
+        v = vc[self.block_tables].flatten(1, 2).transpose(1, 2)
+        if self._decode_mask is None:
+            kv_lens = torch.tensor(self.kv_lens, device=q.device)
+            pos = torch.arange(k.shape[2], device=q.device)
+            self._decode_mask = (pos[None, :] < kv_lens[:, None]).view(b, 1, 1, -1)
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2), k, v, attn_mask=self._decode_mask, enable_gqa=True
+        )  # [B, H, 1, D]
+        return out.squeeze(2)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One sequence: q [ql, H, D] are the last ql of kl keys [kl, Hkv, D]; causal."""
+    ql, kl = q.shape[0], k.shape[0]
+    qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    if ql == kl:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+    elif ql == 1:
+        out = F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+    else:  # bottom-right aligned causal mask
+        mask = torch.ones(ql, kl, dtype=torch.bool, device=q.device).tril(kl - ql)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
+    return out.transpose(0, 1)

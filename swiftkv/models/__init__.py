@@ -1,0 +1,1 @@
+"""Model definition, loading/saving and transformers registration."""

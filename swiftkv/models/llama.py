@@ -1,0 +1,215 @@
+"""THE model definition: Llama family (Llama 2/3, SmolLM2, Mistral-style, Qwen2 biases).
+
+One module serves the teacher (original q/k/v in every layer), the SwiftKV student and the
+engine. Tokens are flat: ``input_ids [N]``, ``positions [N]`` and an
+:class:`~swiftkv.layers.attention.AttentionMetadata` describing which sequence each token
+belongs to. Parameter names equal transformers' (``model.layers.{i}.self_attn.q_proj.weight``)
+plus SwiftKV's (``q_proj_swiftkv``, ``k/v_proj_swiftkv``, ``model.norm_swiftkv``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from swiftkv.config import SwiftKVConfig
+from swiftkv.layers.attention import AttentionMetadata
+from swiftkv.layers.norm import RMSNorm
+from swiftkv.layers.rotary import RotaryEmbedding, apply_rotary
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "llama_swiftkv", "qwen2_swiftkv")
+
+
+def check_supported(config) -> None:
+    """Raise a clear ``ValueError`` for architectures or features this model cannot run."""
+    mt = getattr(config, "model_type", None)
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"Unsupported architecture model_type={mt!r} "
+            f"({getattr(config, 'architectures', None)}). Supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+    if getattr(config, "sliding_window", None) and (mt == "mistral" or getattr(config, "use_sliding_window", False)):
+        raise ValueError(
+            f"{mt} config uses sliding-window attention (sliding_window={config.sliding_window}), "
+            "which swiftkv does not support; set sliding_window to null for full attention."
+        )
+
+
+def swiftkv_config_of(config) -> SwiftKVConfig:
+    """The SwiftKV layout stored in a (possibly plain) transformers config."""
+    L = config.num_hidden_layers
+    if not getattr(config, "swiftkv", False):
+        return SwiftKVConfig.baseline(L)
+    return SwiftKVConfig(L, config.num_key_value_layers, getattr(config, "key_value_group_size", 1))
+
+
+def _biases(config) -> tuple[bool, bool]:
+    """(q/k/v bias, o bias) for the architecture."""
+    if config.model_type.startswith("qwen2"):
+        return True, False
+    bias = bool(getattr(config, "attention_bias", False))
+    return bias, bias
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, bool(getattr(config, "mlp_bias", False))
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.act = F.silu if config.hidden_act == "silu" else ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config, layer: int, skv: SwiftKVConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        h, q_out, kv_out = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        qkv_bias, o_bias = _biases(config)
+        self.q_proj = nn.Linear(h, q_out, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, kv_out, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, kv_out, bias=qkv_bias)
+        self.o_proj = nn.Linear(q_out, h, bias=o_bias)
+        if skv.is_swiftkv_layer(layer):
+            self.q_proj_swiftkv = nn.Linear(h, q_out, bias=qkv_bias)
+            if skv.is_group_leader(layer):
+                self.k_proj_swiftkv = nn.Linear(h, kv_out, bias=qkv_bias)
+                self.v_proj_swiftkv = nn.Linear(h, kv_out, bias=qkv_bias)
+
+    def forward(self, x, cos, sin, meta: AttentionMetadata, owner: int, swiftkv: bool) -> torch.Tensor:
+        n = x.shape[0]
+        if swiftkv:  # K/V of this owner were stored from the SingleInputKV projections
+            q = self.q_proj_swiftkv(x).view(n, self.num_heads, self.head_dim)
+        else:
+            q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # [N, H, D]
+            k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # [N, Hkv, D]
+            v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+            meta.store(owner, apply_rotary(k, cos, sin), v)
+        out = meta.attend(owner, apply_rotary(q, cos, sin))  # [N, H, D]
+        return self.o_proj(out.reshape(n, -1))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, layer: int, skv: SwiftKVConfig) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer, skv)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, h, cos, sin, meta, owner: int, swiftkv: bool) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, owner, swiftkv)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config, skv: SwiftKVConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, skv) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if not skv.is_baseline:
+            self.norm_swiftkv = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama-family causal LM with an optional SwiftKV path.
+
+    ``swiftkv_config`` is the checkpoint's layout (baseline when the model is not SwiftKV);
+    ``swiftkv_enabled`` switches between the SwiftKV student and the original teacher.
+    """
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self._build(config)
+
+    def _build(self, config) -> None:
+        """Create the modules (shared with the transformers wrapper in ``models/hf.py``)."""
+        check_supported(config)
+        self.config = config
+        self.swiftkv_config = swiftkv_config_of(config)
+        self.swiftkv_enabled = not self.swiftkv_config.is_baseline
+        self.teacher_available = True  # False when a checkpoint lacks the later layers' q/k/v
+        self.model = LlamaModel(config, self.swiftkv_config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def active_config(self) -> SwiftKVConfig:
+        """The layout the forward pass uses now (baseline when SwiftKV is switched off)."""
+        if self.swiftkv_enabled:
+            return self.swiftkv_config
+        return SwiftKVConfig.baseline(self.config.num_hidden_layers)
+
+    def set_swiftkv(self, enabled: bool) -> None:
+        """Switch between the SwiftKV path (student) and the original model (teacher)."""
+        if enabled and self.swiftkv_config.is_baseline:
+            raise ValueError("This model has no SwiftKV layers; convert it first (swiftkv convert).")
+        if not enabled and not self.teacher_available:
+            raise ValueError(
+                "This SwiftKV checkpoint has no original q/k/v for layers >= "
+                f"{self.swiftkv_config.num_key_value_layers}, so the original model cannot be run; "
+                "load a checkpoint that keeps the teacher tensors."
+            )
+        self.swiftkv_enabled = enabled
+
+    # -- forward pieces (reused by distillation) ----------------------------------------------
+
+    def run_layers(self, h, cos, sin, meta, start: int, end: int, swiftkv: bool = False) -> torch.Tensor:
+        skv = self.active_config
+        for i in range(start, end):
+            owner = skv.kv_owner(i)
+            h = self.model.layers[i](h, cos, sin, meta, owner, swiftkv and skv.is_swiftkv_layer(i))
+        return h
+
+    def store_swiftkv(self, h_l: torch.Tensor, cos, sin, meta: AttentionMetadata) -> None:
+        """SingleInputKV: K/V of every later KV owner from the residual stream entering layer l."""
+        skv, n = self.swiftkv_config, h_l.shape[0]
+        x = self.model.norm_swiftkv(h_l)
+        for i in skv.group_leaders:
+            attn = self.model.layers[i].self_attn
+            k = attn.k_proj_swiftkv(x).view(n, attn.num_kv_heads, attn.head_dim)  # [N, Hkv, D]
+            v = attn.v_proj_swiftkv(x).view(n, attn.num_kv_heads, attn.head_dim)
+            meta.store(skv.kv_owner(i), apply_rotary(k, cos, sin), v)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        logits_seq_ids: list[int] | None = None,
+    ) -> torch.Tensor:
+        """Return final-normed hidden states ``[M, hidden]``.
+
+        ``logits_seq_ids`` lists the sequences whose last token needs logits; only those tokens
+        are returned (and, in SwiftKV mode, only they run layers ``l..L-1``). ``None`` returns
+        every token (full-sequence mode).
+        """
+        L = self.config.num_hidden_layers
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(positions, h.dtype)
+        l = self.active_config.num_key_value_layers
+        h = self.run_layers(h, cos, sin, meta, 0, l)
+        if self.swiftkv_enabled:
+            self.store_swiftkv(h, cos, sin, meta)
+        if logits_seq_ids is not None:
+            # keep only the tokens that need logits: the last token of each listed sequence
+            ends = torch.tensor(meta.q_lens, device=h.device).cumsum(0) - 1
+            idx = ends[logits_seq_ids]
+            h, cos, sin = h.index_select(0, idx), cos.index_select(0, idx), sin.index_select(0, idx)
+            meta = meta.select_last(logits_seq_ids)
+        h = self.run_layers(h, cos, sin, meta, l, L, swiftkv=True)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

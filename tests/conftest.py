@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny random Llama/Qwen2 models built with transformers, saved as HF dirs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import swiftkv  # noqa: F401  (registers the SwiftKV transformers classes)
+
+TINY = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=112, num_hidden_layers=6,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+)
+
+
+def tiny_config(arch: str = "llama", **overrides):
+    kw = {**TINY, **overrides}
+    if arch == "qwen2":
+        return Qwen2Config(**kw)
+    if arch == "llama3":
+        kw.setdefault("rope_parameters", {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 64})
+    return LlamaConfig(**kw)
+
+
+def tiny_hf_model(arch: str = "llama", seed: int = 0, **overrides):
+    """A transformers reference model with random weights (biases randomised too)."""
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch, **overrides)
+    model = (Qwen2ForCausalLM if arch == "qwen2" else LlamaForCausalLM)(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # non-trivial norms and biases
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    """Factory: save a tiny transformers model to a directory and return (path, hf_model)."""
+
+    def make(arch: str = "llama", **overrides):
+        model = tiny_hf_model(arch, **overrides)
+        path = tmp_path / f"{arch}-base"
+        model.save_pretrained(path)
+        return path, model
+
+    return make
