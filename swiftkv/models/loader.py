@@ -22,11 +22,15 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16}
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype, config=None) -> torch.dtype:
+    """``"auto"`` is the checkpoint's own dtype (from config.json), else float32."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        return saved if isinstance(saved, torch.dtype) else _DTYPES.get(str(saved), torch.float32)
     if dtype not in _DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}; use one of: {', '.join(_DTYPES)}.")
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of: auto, {', '.join(_DTYPES)}.")
     return _DTYPES[dtype]
 
 
@@ -144,7 +148,7 @@ def load_model(
     """
     path = resolve_model_path(name_or_path)
     config = load_config(path)
-    dt = parse_dtype(dtype)
+    dt = parse_dtype(dtype, config)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model.to_empty(device=device)
@@ -178,6 +182,7 @@ def save_checkpoint(model: LlamaForCausalLM, out_dir: str | os.PathLike, source_
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         save_torch_state_dict(state, tmp, max_shard_size="5GB")
+        model.config.dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(model.config.to_json_string())
         old = None
         if out.exists():
@@ -189,3 +194,13 @@ def save_checkpoint(model: LlamaForCausalLM, out_dir: str | os.PathLike, source_
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved beside the model (transformers ``AutoTokenizer``)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"No usable tokenizer in {path}: {e}") from e

@@ -1,0 +1,47 @@
+"""Cache-free, full-sequence helpers: logits of token lists and greedy decoding.
+
+Slow but obviously correct; the reference the engine is tested against, and the forward pass
+used by distillation and evaluation log-likelihoods (batched, no per-token Python loops).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from swiftkv.layers.attention import AttentionMetadata
+from swiftkv.models.llama import LlamaForCausalLM
+
+
+def _device(model: LlamaForCausalLM) -> torch.device:
+    return model.model.embed_tokens.weight.device
+
+
+@torch.no_grad()
+def full_logits(model: LlamaForCausalLM, seqs: list[list[int]]) -> list[torch.Tensor]:
+    """Logits ``[len(seq), vocab]`` (fp32) for every token of every sequence, in one forward."""
+    dev = _device(model)
+    ids = torch.tensor([t for s in seqs for t in s], device=dev)
+    positions = torch.cat([torch.arange(len(s), device=dev) for s in seqs])
+    hidden = model(ids, positions, AttentionMetadata.full([len(s) for s in seqs]))
+    return list(model.compute_logits(hidden).float().split([len(s) for s in seqs]))
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: LlamaForCausalLM, prompt: list[int], max_new_tokens: int, stop_ids: set[int] | None = None
+) -> list[int]:
+    """Greedy continuation of ``prompt``, recomputing the whole sequence each step."""
+    if not prompt:
+        raise ValueError("prompt must contain at least one token")
+    dev = _device(model)
+    seq = list(prompt)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        ids = torch.tensor(seq, device=dev)
+        hidden = model(ids, torch.arange(len(seq), device=dev), AttentionMetadata.full([len(seq)]), [0])
+        tok = int(model.compute_logits(hidden)[0].argmax())
+        out.append(tok)
+        seq.append(tok)
+        if stop_ids and tok in stop_ids:
+            break
+    return out

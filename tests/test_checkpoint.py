@@ -1,0 +1,181 @@
+"""Transform, the published checkpoint format, round trips and clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from swiftkv.cli import main as cli_main
+from swiftkv.config import SwiftKVConfig
+from swiftkv.models.full_sequence import full_logits
+from swiftkv.models.loader import load_model, save_checkpoint
+from swiftkv.transform import to_swiftkv
+
+SEQS = [list(range(3, 30)), [9, 8, 7, 6]]
+
+
+def _convert(hf_dir, tmp_path, arch="llama", l=3, G=1, **overrides):
+    path, hf = hf_dir(arch, **overrides)
+    out = tmp_path / f"{arch}-swiftkv"
+    assert cli_main([*map(str, ["convert", path, "--out", out, "-l", l, "-G", G])]) == 0
+    return path, out, hf
+
+
+def test_initialisation_follows_spec(hf_dir):
+    path, _ = hf_dir("qwen2")
+    base = load_model(path)[0]
+    model = to_swiftkv(base, SwiftKVConfig(6, 2, 2))
+    layers = model.model.layers
+    assert torch.equal(model.model.norm_swiftkv.weight, layers[2].input_layernorm.weight)
+    for i in range(2, 6):
+        a = layers[i].self_attn
+        assert torch.equal(a.q_proj_swiftkv.weight, a.q_proj.weight) and torch.equal(a.q_proj_swiftkv.bias, a.q_proj.bias)
+    for leader in (2, 4):
+        a, b = layers[leader].self_attn, layers[leader + 1].self_attn
+        torch.testing.assert_close(a.k_proj_swiftkv.weight, (a.k_proj.weight + b.k_proj.weight) / 2)
+        torch.testing.assert_close(a.v_proj_swiftkv.bias, (a.v_proj.bias + b.v_proj.bias) / 2)
+        assert not hasattr(b, "k_proj_swiftkv")
+
+
+def test_published_format(hf_dir, tmp_path):
+    _, out, _ = _convert(hf_dir, tmp_path, l=2, G=2)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "llama_swiftkv" and cfg["architectures"] == ["LlamaSwiftKVForCausalLM"]
+    assert cfg["swiftkv"] is True and cfg["num_key_value_layers"] == 2 and cfg["key_value_group_size"] == 2
+    names = set(load_file(out / "model.safetensors"))
+    assert "model.norm_swiftkv.weight" in names
+    assert {f"model.layers.{i}.self_attn.q_proj_swiftkv.weight" for i in range(2, 6)} <= names
+    assert {f"model.layers.{i}.self_attn.k_proj_swiftkv.weight" for i in (2, 4)} <= names
+    assert "model.layers.3.self_attn.k_proj_swiftkv.weight" not in names  # AcrossKV follower
+    assert {f"model.layers.{i}.self_attn.q_proj.weight" for i in range(6)} <= names  # teacher kept
+    assert not list(tmp_path.glob(".*tmp-*")), "temporary directory left behind"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_round_trip_ours_and_automodel(hf_dir, tmp_path, arch):
+    path, out, hf = _convert(hf_dir, tmp_path, arch=arch, l=2, G=2)
+    model = to_swiftkv(load_model(path)[0], SwiftKVConfig(6, 2, 2))
+    expected = full_logits(model, SEQS)
+    reloaded = load_model(out)[0]
+    assert reloaded.swiftkv_enabled
+    for a, b in zip(full_logits(reloaded, SEQS), expected):
+        assert torch.equal(a, b)
+    assert type(AutoConfig.from_pretrained(out)).__name__.endswith("SwiftKVConfig")
+    auto = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        got = auto(torch.tensor([SEQS[0]])).logits[0]
+    torch.testing.assert_close(got, expected[0], atol=1e-5, rtol=1e-5)
+    # a padded batch through the transformers wrapper (left padding, as generate() uses)
+    ids = torch.tensor([[0] * 23 + SEQS[1], SEQS[0]])
+    mask = torch.tensor([[0] * 23 + [1] * 4, [1] * 27])
+    with torch.no_grad():
+        got = auto(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[0, 23:], expected[1], atol=1e-5, rtol=1e-5)
+    # teacher rebuilt from the kept original tensors
+    reloaded.set_swiftkv(False)
+    torch.testing.assert_close(full_logits(reloaded, SEQS)[0], hf(torch.tensor([SEQS[0]])).logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoint_without_teacher_qkv_loads(hf_dir, tmp_path):
+    _, out, _ = _convert(hf_dir, tmp_path, l=3)
+    expected = full_logits(load_model(out)[0], SEQS)
+    f = out / "model.safetensors"
+    tensors = load_file(f)
+    for i in range(3, 6):
+        for p in "qkv":
+            del tensors[f"model.layers.{i}.self_attn.{p}_proj.weight"]
+    save_file(tensors, f)
+    model = load_model(out)[0]
+    assert not model.teacher_available
+    for a, b in zip(full_logits(model, SEQS), expected):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="no original q/k/v for layers >= 3"):
+        model.set_swiftkv(False)
+
+
+def test_save_is_atomic_on_failure(hf_dir, tmp_path, monkeypatch):
+    _, out, _ = _convert(hf_dir, tmp_path, l=3)
+    before = (out / "model.safetensors").read_bytes()
+    model = load_model(out)[0]
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("huggingface_hub.save_torch_state_dict", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(model, out)
+    assert (out / "model.safetensors").read_bytes() == before  # old checkpoint intact
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("l,G,match", [
+    (0, 1, r"0 < l <= L = 6"), (7, 1, r"0 < l <= L = 6"),
+    (2, 3, r"G=3 must divide .* 4\. Valid G for l=2: \[1, 2, 4\]; valid l for G=3: \[3, 6\]"),
+    (3, 0, r"key_value_group_size must be an integer >= 1"),
+])
+def test_invalid_layout_errors(l, G, match):
+    with pytest.raises(ValueError, match=match):
+        SwiftKVConfig(6, l, G)
+
+
+def test_cli_reports_invalid_layout(hf_dir, tmp_path, capsys):
+    path, _ = hf_dir("llama")
+    assert cli_main(["convert", str(path), "--out", str(tmp_path / "x"), "-l", "2", "-G", "3"]) == 2
+    assert "must divide" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_tensor_error(hf_dir):
+    path, _ = hf_dir("llama")
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing 1 tensor.*model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_model(path)
+
+
+def test_unsupported_architecture_error(hf_dir):
+    path, _ = hf_dir("llama")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["model_type"], cfg["architectures"] = "gpt2", ["GPT2LMHeadModel"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"Unsupported architecture model_type='gpt2'.*Supported: llama, mistral, qwen2"):
+        load_model(path)
+
+
+def test_sliding_window_error(hf_dir):
+    path, _ = hf_dir("llama")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=16)
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="sliding-window attention"):
+        load_model(path)
+
+
+def test_corrupt_safetensors_error(hf_dir):
+    path, _ = hf_dir("llama")
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: 1000])
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        load_model(path)
+
+
+def test_not_a_model_dir_error(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        load_model(tmp_path)
+    with pytest.raises(ValueError, match="neither a model directory nor a hub id"):
+        load_model(tmp_path / "does-not-exist")
+
+
+def test_sharded_checkpoint_loads(hf_dir, tmp_path):
+    path, hf = hf_dir("llama")
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    a = full_logits(load_model(sharded)[0], SEQS)
+    b = full_logits(load_model(path)[0], SEQS)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
