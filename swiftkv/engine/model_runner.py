@@ -1,0 +1,80 @@
+"""Packs scheduled work into one flat batch, runs the model over the paged KV cache, samples.
+
+The KV cache holds one K/V per *KV owner* (see :class:`swiftkv.config.SwiftKVConfig`): with
+AcrossKV it is really smaller, not just shared.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from swiftkv.config import SwiftKVConfig
+from swiftkv.engine.scheduler import SchedulerOutput
+from swiftkv.engine.sequence import Sequence
+from swiftkv.layers.attention import AttentionMetadata
+from swiftkv.layers.sampler import Sampler
+from swiftkv.models.llama import LlamaForCausalLM
+
+
+def kv_bytes_per_token(config, skv: SwiftKVConfig, dtype: torch.dtype) -> int:
+    """Bytes of K and V one token occupies across all KV owners."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    elem = torch.empty((), dtype=dtype).element_size()
+    return skv.num_kv_owners * 2 * config.num_key_value_heads * head_dim * elem
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int) -> None:
+        self.model = model
+        self.block_size = block_size
+        cfg = model.config
+        weight = model.model.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.skv = model.active_config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        # [owners, K/V, blocks, block_size, kv_heads, head_dim], allocated once
+        self.kv_cache = torch.zeros(
+            self.skv.num_kv_owners, 2, num_blocks, block_size, cfg.num_key_value_heads, head_dim,
+            dtype=self.dtype, device=self.device,
+        )
+        self.sampler = Sampler()
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return kv_bytes_per_token(self.model.config, self.skv, self.dtype)
+
+    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        """Flat token ids, positions, attention metadata, and the batch rows that need logits."""
+        bs = self.block_size
+        ids: list[int] = []
+        q_lens, kv_lens, needs_logits = [], [], []
+        for i, (seq, n) in enumerate(zip(out.seqs, out.num_tokens)):
+            c = seq.num_computed_tokens
+            ids.extend(seq.token_ids[c : c + n])
+            q_lens.append(n)
+            kv_lens.append(c + n)
+            if c + n == seq.num_tokens:
+                needs_logits.append(i)
+        max_blocks = max(len(s.block_table) for s in out.seqs)
+        tables = torch.tensor([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in out.seqs],
+                              dtype=torch.long)
+        positions = torch.cat([torch.arange(kv - q, kv) for q, kv in zip(q_lens, kv_lens)])
+        rows = torch.repeat_interleave(torch.arange(len(q_lens)), torch.tensor(q_lens))
+        slots = tables[rows, positions // bs] * bs + positions % bs  # [N] cache slot per token
+        meta = AttentionMetadata(
+            q_lens=q_lens, kv_lens=kv_lens, kv_cache=self.kv_cache,
+            slot_mapping=slots.to(self.device), block_tables=tables.to(self.device),
+        )
+        return torch.tensor(ids, device=self.device), positions.to(self.device), meta, needs_logits
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, generators: dict[str, torch.Generator | None]):
+        """Run one step. Returns [(seq, token, logprobs)] for the sequences that sampled."""
+        ids, positions, meta, rows = self.prepare(out)
+        hidden = self.model(ids, positions, meta, logits_seq_ids=rows)
+        if not rows:
+            return []
+        logits = self.model.compute_logits(hidden)
+        seqs: list[Sequence] = [out.seqs[r] for r in rows]
+        tokens, logprobs = self.sampler(logits, [s.params for s in seqs], [generators.get(s.seq_id) for s in seqs])
+        return list(zip(seqs, tokens, logprobs))

@@ -1,0 +1,122 @@
+"""Continuous batching: a token budget per step, chunked prefill, preemption by recompute.
+
+Every step the running sequences go first (decodes and unfinished prompt chunks, oldest first),
+then waiting requests are admitted while the token budget, ``max_num_seqs`` and free KV blocks
+allow. Long prompts are split into chunks. When blocks run out, the most recently admitted
+running sequence is preempted: its blocks are freed and it is recomputed later (nothing lost).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from swiftkv.engine.block_manager import BlockManager
+from swiftkv.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """What to run this step: ``num_tokens[i]`` new tokens of ``seqs[i]``."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 enable_chunked_prefill: bool = True) -> None:
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        blocks = -(-seq.num_tokens // self.block_manager.block_size)
+        if blocks > self.block_manager.num_blocks:
+            raise ValueError(
+                f"prompt of {seq.num_tokens} tokens needs {blocks} KV blocks but the cache has only "
+                f"{self.block_manager.num_blocks}; raise kv_cache_memory or shorten the prompt"
+            )
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark ``seq`` finished (or aborted) and free its blocks, wherever it is."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        # 1) running sequences, oldest first; preempt the newest when blocks run out
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            else:
+                out.seqs.append(seq)
+                out.num_tokens.append(n)
+                budget -= n
+                i += 1
+                continue
+            break  # seq itself was preempted: nothing later in `running` remains
+        # 2) admit waiting sequences (not in a step that had to preempt)
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+            seq = self.waiting[0]
+            n = seq.num_uncomputed_tokens
+            if n > budget:
+                if not self.enable_chunked_prefill and out.seqs:
+                    break
+                n = budget
+            if not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.seqs.append(seq)
+            out.num_tokens.append(n)
+            budget -= n
+        return out
+
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """The model computed the scheduled tokens: advance each sequence's progress."""
+        for seq, n in zip(out.seqs, out.num_tokens):
+            seq.num_computed_tokens += n

@@ -1,0 +1,125 @@
+"""``LLM``: the offline Python API (vLLM-shaped) over :class:`~swiftkv.engine.llm_engine.LLMEngine`."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+
+from tqdm.auto import tqdm
+
+from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
+from swiftkv.models.loader import load_model, load_tokenizer
+from swiftkv.outputs import RequestOutput
+from swiftkv.sampling_params import SamplingParams
+
+
+class LLM:
+    """Load a model and generate with continuous batching.
+
+    Args:
+        model: model directory, hub id, ``smollm2-135m-instruct`` (base) or
+            ``smollm2-135m-instruct-swiftkv``; ``None`` is the default SwiftKV model.
+        swiftkv: ``True`` SwiftKV path, ``False`` the original model (baseline), ``None`` the
+            checkpoint's own mode.
+        dtype: ``"bfloat16"`` or ``"float32"``.
+        kv_cache_memory: bytes of KV cache to allocate.
+    """
+
+    def __init__(self, model: str | os.PathLike | None = None, swiftkv: bool | None = None,
+                 dtype: str = "bfloat16", max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 kv_cache_memory: int = 1 << 30, block_size: int = 16, max_model_len: int | None = None,
+                 seed: int = 0, device: str = "cpu") -> None:
+        from swiftkv.models.default import DEFAULT_SWIFTKV_MODEL
+
+        self.model, self.model_path = load_model(DEFAULT_SWIFTKV_MODEL if model is None else model,
+                                                 dtype=dtype, device=device, swiftkv=swiftkv)
+        self.tokenizer = load_tokenizer(self.model_path)
+        config = EngineConfig(max_num_seqs, max_num_batched_tokens, kv_cache_memory, block_size, max_model_len, seed)
+        self.engine = LLMEngine(self.model, self.tokenizer, config)
+        self._counter = itertools.count()
+
+    @property
+    def swiftkv(self) -> bool:
+        return self.model.swiftkv_enabled
+
+    def _encode(self, prompt: str | list[int]) -> tuple[list[int], str | None]:
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"], prompt
+        if isinstance(prompt, list):
+            return list(prompt), None
+        raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def _add(self, prompt, params: SamplingParams, rid: str) -> list[str]:
+        ids, text = self._encode(prompt)
+        rids = []
+        for i in range(params.n):
+            p = params
+            if params.n > 1:  # n samples: independent requests, seeds offset per sample
+                from dataclasses import replace
+
+                p = replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+            rids.append(self.engine.add_request(ids, p, f"{rid}-{i}", prompt=text))
+        return rids
+
+    def generate(self, prompts: str | list[str] | list[int] | list[list[int]] | None = None,
+                 sampling_params: SamplingParams | None = None, *,
+                 prompt_token_ids: list[list[int]] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for every prompt (strings or token-id lists); results in input order."""
+        params = sampling_params or SamplingParams()
+        if prompt_token_ids is not None:
+            prompts = prompt_token_ids
+        if prompts is None:
+            raise ValueError("give prompts or prompt_token_ids")
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        groups = [self._add(p, params, f"req{next(self._counter)}") for p in prompts]
+        done: dict[str, RequestOutput] = {}
+        total = sum(len(g) for g in groups)
+        with tqdm(total=total, disable=not use_tqdm, desc="generate") as bar:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        results = []
+        for g in groups:
+            first = done[g[0]]
+            outputs = []
+            for i, rid in enumerate(g):
+                c = done[rid].outputs[0]
+                c.index = i
+                outputs.append(c)
+            results.append(RequestOutput(g[0].rsplit("-", 1)[0], first.prompt, first.prompt_token_ids, outputs,
+                                         True, first.prompt_logprobs))
+        return results
+
+    def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield the cumulative output of one request after every step that advanced it."""
+        params = sampling_params or SamplingParams()
+        if params.n != 1:
+            raise ValueError("stream() supports n=1")
+        (rid,) = self._add(prompt, params, f"req{next(self._counter)}")
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort_request(rid)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation and generate the reply."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        return self.generate([self.apply_chat_template(c) for c in convs], sampling_params, use_tqdm=use_tqdm)
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"the tokenizer of {self.model_path} has no chat template; use generate()")
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False))
