@@ -1,4 +1,4 @@
-"""``swiftkv`` command line: convert | generate (more subcommands arrive with the engine)."""
+"""``swiftkv`` command line: convert | generate | bench."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from swiftkv.models.default import DEFAULT_MODEL
+from swiftkv.models.default import DEFAULT_MODEL, DEFAULT_SWIFTKV_MODEL
 
 
 def _add_swiftkv_layout_args(p: argparse.ArgumentParser) -> None:
@@ -42,21 +42,30 @@ def cmd_convert(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from swiftkv.models.full_sequence import greedy_generate
-    from swiftkv.models.loader import load_model, load_tokenizer
+    from swiftkv.llm import LLM
+    from swiftkv.sampling_params import SamplingParams
 
-    model, path = load_model(args.model, dtype=args.dtype, swiftkv=args.swiftkv)
-    tok = load_tokenizer(path)
-    messages = [{"role": "user", "content": args.prompt}]
-    if args.raw or not getattr(tok, "chat_template", None):
-        ids = tok(args.prompt)["input_ids"]
-    else:
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    t0 = time.perf_counter()
-    out = greedy_generate(model, list(ids), args.max_tokens, {tok.eos_token_id})
+    llm = LLM(args.model, swiftkv=args.swiftkv, dtype=args.dtype)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                            max_tokens=args.max_tokens)
+    prompt = args.prompt if args.raw else llm.apply_chat_template([{"role": "user", "content": args.prompt}])
+    t0, printed, n = time.perf_counter(), 0, 0
+    for out in llm.stream(prompt, params):
+        text = out.outputs[0].text
+        print(text[printed:], end="", flush=True)
+        printed, n = len(text), len(out.outputs[0].token_ids)
     dt = time.perf_counter() - t0
-    print(tok.decode(out, skip_special_tokens=True))
-    print(f"[{len(out)} tokens in {dt:.2f}s, swiftkv={model.swiftkv_enabled}]", file=sys.stderr)
+    print()
+    print(f"[{n} tokens in {dt:.2f}s ({n / dt:.1f} tok/s), swiftkv={llm.swiftkv}, "
+          f"finish={out.outputs[0].finish_reason}]", file=sys.stderr)
+
+
+def cmd_bench(args) -> None:
+    if args.what == "prefill":
+        from swiftkv.bench.prefill import run_prefill_bench
+
+        run_prefill_bench(args.model, tuple(args.lengths), args.reps, args.decode_tokens, args.dtype, args.out,
+                          with_transformers=not args.no_transformers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,15 +79,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_swiftkv_layout_args(p)
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("generate", help="generate text for one prompt")
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p = sub.add_parser("generate", help="stream a reply to one prompt (chat template applied)")
+    p.add_argument("model", nargs="?", default=None, help=f"default: the default SwiftKV model {DEFAULT_SWIFTKV_MODEL}")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--swiftkv", action=argparse.BooleanOptionalAction, default=None,
                    help="SwiftKV path (default: the checkpoint's mode); --no-swiftkv runs the original model")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="benchmarks (see the README)")
+    p.add_argument("what", choices=["prefill"], help="prefill: prefill/decode tokens/s vs baseline and transformers")
+    p.add_argument("model", nargs="?", default=None, help=f"SwiftKV checkpoint (default {DEFAULT_SWIFTKV_MODEL})")
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -43,3 +43,45 @@ def test_default_model_answers_sensibly(default_model):
     out = greedy_generate(model, list(ids), 24, {tok.eos_token_id})
     text = tok.decode(out, skip_special_tokens=True)
     assert "Paris" in text, text
+
+
+@pytest.fixture(scope="module")
+def llm():
+    from swiftkv.llm import LLM
+
+    return LLM("smollm2-135m-instruct-swiftkv", dtype="float32", max_num_batched_tokens=64)
+
+
+def test_engine_greedy_matches_full_sequence_on_real_model(llm):
+    """Chunked prefill (budget 64) over real prompts, SwiftKV and teacher mode."""
+    from swiftkv.sampling_params import SamplingParams
+
+    prompts = [llm.apply_chat_template([{"role": "user", "content": q}])
+               for q in ("What is the capital of France?", "Name three colours of the rainbow, briefly please.")]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    for mode in (True, False):
+        llm.model.set_swiftkv(mode)
+        from swiftkv.engine.llm_engine import LLMEngine
+
+        llm.engine = LLMEngine(llm.model, llm.tokenizer, llm.engine.config)
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+        for p, o in zip(prompts, outs):
+            assert o.outputs[0].token_ids == greedy_generate(llm.model, p, 12)
+    llm.model.set_swiftkv(True)
+    llm.engine = LLMEngine(llm.model, llm.tokenizer, llm.engine.config)
+
+
+def test_chat_stream_and_stop_strings(llm):
+    from swiftkv.sampling_params import SamplingParams
+
+    msgs = [{"role": "user", "content": "Count from 1 to 10, separated by commas."}]
+    full = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=40))[0].outputs[0]
+    assert full.text and full.finish_reason in ("stop", "length")
+    streamed = list(llm.stream(llm.apply_chat_template(msgs), SamplingParams(temperature=0, max_tokens=40)))
+    assert streamed[-1].finished and streamed[-1].outputs[0].text == full.text
+    assert len(streamed) == len(full.token_ids)  # one update per generated token
+    # a stop string cuts the text before it and finishes with "stop"
+    stop = full.text.strip()[3:5]
+    cut = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=40, stop=[stop]))[0].outputs[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
+    assert llm.engine.block_manager.num_used_blocks == 0

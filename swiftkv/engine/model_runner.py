@@ -26,6 +26,7 @@ def kv_bytes_per_token(config, skv: SwiftKVConfig, dtype: torch.dtype) -> int:
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int) -> None:
         self.model = model
+        model.fuse_for_inference()
         self.block_size = block_size
         cfg = model.config
         weight = model.model.embed_tokens.weight

@@ -62,8 +62,31 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias)
         self.act = F.silu if config.hidden_act == "silu" else ACT2FN[config.hidden_act]
 
+        self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see fuse()
+
+    def fuse(self) -> None:
+        """Inference: one matmul for gate+up; the parameters become views of the fused weight."""
+        self.gate_up = _fuse_linears(self.gate_proj, self.up_proj)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate Linear weights (and biases) into one tensor whose slices become the params."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    bias = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears])
+    start = 0
+    for lin in linears:
+        n = lin.out_features
+        lin.weight = nn.Parameter(weight[start : start + n], requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[start : start + n], requires_grad=False)
+        start += n
+    return weight, bias
 
 
 class LlamaAttention(nn.Module):
@@ -78,22 +101,31 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(h, kv_out, bias=qkv_bias)
         self.v_proj = nn.Linear(h, kv_out, bias=qkv_bias)
         self.o_proj = nn.Linear(q_out, h, bias=o_bias)
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see fuse()
         if skv.is_swiftkv_layer(layer):
             self.q_proj_swiftkv = nn.Linear(h, q_out, bias=qkv_bias)
             if skv.is_group_leader(layer):
                 self.k_proj_swiftkv = nn.Linear(h, kv_out, bias=qkv_bias)
                 self.v_proj_swiftkv = nn.Linear(h, kv_out, bias=qkv_bias)
 
+    def fuse(self) -> None:
+        """Inference: one matmul for q/k/v; the parameters become views of the fused weight."""
+        if self.q_proj is not None:
+            self.qkv = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+
     def forward(self, x, cos, sin, meta: AttentionMetadata, owner: int, swiftkv: bool) -> torch.Tensor:
-        n = x.shape[0]
+        n, H, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         if swiftkv:  # K/V of this owner were stored from the SingleInputKV projections
-            q = self.q_proj_swiftkv(x).view(n, self.num_heads, self.head_dim)
+            q = apply_rotary(self.q_proj_swiftkv(x).view(n, H, D), cos, sin)
         else:
-            q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # [N, H, D]
-            k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # [N, Hkv, D]
-            v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-            meta.store(owner, apply_rotary(k, cos, sin), v)
-        out = meta.attend(owner, apply_rotary(q, cos, sin))  # [N, H, D]
+            if self.qkv is not None:
+                qkv = F.linear(x, *self.qkv).view(n, H + 2 * Hkv, D)
+            else:
+                qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1).view(n, H + 2 * Hkv, D)
+            qk = apply_rotary(qkv[:, : H + Hkv], cos, sin)  # rotate q and k heads together
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv :]  # [N, H, D], [N, Hkv, D], [N, Hkv, D]
+            meta.store(owner, k, v)
+        out = meta.attend(owner, q)  # [N, H, D]
         return self.o_proj(out.reshape(n, -1))
 
 
@@ -212,6 +244,12 @@ class LlamaForCausalLM(nn.Module):
                 return self.model.norm(h)
         h = self.run_layers(h, cos, sin, meta, l, L, swiftkv=True)
         return self.model.norm(h)
+
+    def fuse_for_inference(self) -> None:
+        """Fuse q/k/v and gate/up weights (in place, no extra memory). Call after ``.to(dtype)``."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

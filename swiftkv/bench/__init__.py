@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): prefill and decode throughput, side by side, interleaved."""

@@ -1,0 +1,210 @@
+"""The engine against the full-sequence model: token-for-token greedy equality and friends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_hf_model
+from swiftkv.config import SwiftKVConfig
+from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
+from swiftkv.engine.model_runner import kv_bytes_per_token
+from swiftkv.models.full_sequence import full_logits, greedy_generate
+from swiftkv.models.loader import load_model
+from swiftkv.sampling_params import SamplingParams
+from swiftkv.transform import to_swiftkv
+
+L = 6
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base")
+    tiny_hf_model("llama", num_hidden_layers=L).save_pretrained(path)
+    return load_model(path)[0]
+
+
+def _model(base, l, G):
+    if l == L:
+        return base
+    model = to_swiftkv(base, SwiftKVConfig(L, l, G))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # distinct SwiftKV weights, so the engine must really use them
+        for n, p in model.named_parameters():
+            if "swiftkv" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def _prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 128, (n,), generator=g).tolist() for n in lengths]
+
+
+def _run(engine, prompts, params):
+    ids = [engine.add_request(p, params) for p in prompts]
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return [done[i] for i in ids]
+
+
+def _engine(model, blocks=512, block_size=4, **kw):
+    bytes_per_block = kv_bytes_per_token(model.config, model.active_config, torch.float32) * block_size
+    return LLMEngine(model, None, EngineConfig(kv_cache_memory=blocks * bytes_per_block, block_size=block_size, **kw))
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.mark.parametrize("l,G", [(L, 1), (3, 1), (2, 2), (3, 3)])
+@pytest.mark.parametrize("budget", [512, 7])  # 7: prompts are chunked across steps
+def test_greedy_matches_full_sequence(base, l, G, budget):
+    model = _model(base, l, G)
+    prompts = _prompts([5, 1, 23, 12, 40, 9])
+    outs = _run(_engine(model, max_num_batched_tokens=budget, max_num_seqs=4), prompts, GREEDY)
+    for p, o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == greedy_generate(model, p, 8)
+        assert o.outputs[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("l,G", [(L, 1), (2, 2)])
+def test_greedy_matches_under_preemption(base, l, G):
+    model = _model(base, l, G)
+    prompts = _prompts([10, 14, 9, 12], seed=3)
+    engine = _engine(model, blocks=12, block_size=4, max_num_seqs=4)
+    preemptions = []
+    orig = engine.scheduler._preempt
+    engine.scheduler._preempt = lambda seq, out: (preemptions.append(seq.seq_id), orig(seq, out))
+    outs = _run(engine, prompts, GREEDY)
+    assert preemptions, "cache too large to force preemption"
+    for p, o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == greedy_generate(model, p, 8)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_teacher_mode_of_swiftkv_checkpoint_matches_base(base):
+    model = _model(base, 3, 1)
+    model.set_swiftkv(False)
+    prompts = _prompts([6, 19])
+    outs = _run(_engine(model), prompts, GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == [greedy_generate(base, p, 8) for p in prompts]
+    model.set_swiftkv(True)
+
+
+def test_kv_bytes_per_token_with_acrosskv():
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30)
+    base_bytes = kv_bytes_per_token(cfg, SwiftKVConfig.baseline(30), torch.bfloat16)
+    skv_bytes = kv_bytes_per_token(cfg, SwiftKVConfig(30, 15, 3), torch.bfloat16)
+    assert base_bytes == 30 * 2 * 3 * 64 * 2
+    assert skv_bytes * 3 == base_bytes * 2  # exactly 2/3
+    assert SwiftKVConfig(30, 15, 1).num_kv_owners == 30  # SingleInputKV alone saves no KV
+
+
+def test_engine_cache_really_shrinks(base):
+    e_base, e_skv = _engine(base), _engine(_model(base, 2, 2))
+    assert e_skv.runner.kv_cache.shape[0] == 4 and e_base.runner.kv_cache.shape[0] == 6
+    assert e_skv.kv_bytes_per_token * 6 == e_base.kv_bytes_per_token * 4
+
+
+def test_later_layers_and_lm_head_only_see_logits_tokens(base):
+    model = _model(base, 3, 1)
+    rows = {"layer3": [], "layer2": [], "lm_head": []}
+    hooks = [
+        model.model.layers[3].register_forward_pre_hook(lambda m, a: rows["layer3"].append(a[0].shape[0])),
+        model.model.layers[2].register_forward_pre_hook(lambda m, a: rows["layer2"].append(a[0].shape[0])),
+        model.lm_head.register_forward_pre_hook(lambda m, a: rows["lm_head"].append(a[0].shape[0])),
+    ]
+    try:
+        _run(_engine(model, max_num_batched_tokens=512), _prompts([30, 20]), SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert rows["layer2"][0] == 50  # prefill: every prompt token runs the first l layers
+    assert rows["layer3"][0] == 2 and rows["lm_head"][0] == 2  # ...but only 2 run the rest
+    assert rows["lm_head"] == rows["layer3"]
+
+
+def test_baseline_lm_head_only_on_logits_tokens(base):
+    seen = []
+    h = base.lm_head.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    try:
+        _run(_engine(base, max_num_batched_tokens=16), _prompts([30]), SamplingParams(temperature=0, max_tokens=1))
+    finally:
+        h.remove()
+    assert seen == [1]  # two partial chunks produced no logits at all
+
+
+def test_seeded_sampling_is_reproducible(base):
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=123, max_tokens=12, ignore_eos=True)
+    prompts = _prompts([7, 11])
+    a = [o.outputs[0].token_ids for o in _run(_engine(base), prompts, params)]
+    b = [o.outputs[0].token_ids for o in _run(_engine(base), prompts[::-1], params)][::-1]
+    assert a == b
+    c = _run(_engine(base), prompts, SamplingParams(temperature=1.0, seed=124, max_tokens=12, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in c] != a
+
+
+def test_top_k_1_is_greedy(base):
+    prompts = _prompts([9])
+    out = _run(_engine(base), prompts, SamplingParams(temperature=0.8, top_k=1, max_tokens=6, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == greedy_generate(base, prompts[0], 6)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -2}, "top_k"), ({"max_tokens": 0}, "max_tokens"), ({"n": 0}, "n must"),
+    ({"logprobs": 50}, "logprobs"), ({"stop": [""]}, "stop"), ({"seed": "x"}, "seed"),
+    ({"temperature": float("nan")}, "temperature"),
+])
+def test_invalid_sampling_params(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kw)
+
+
+def test_invalid_requests(base):
+    engine = _engine(base)
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request([], GREEDY)
+    with pytest.raises(ValueError, match=r"\[0, 128\)"):
+        engine.add_request([1, 500], GREEDY)
+    with pytest.raises(ValueError, match="context"):
+        engine.add_request(list(range(100)) * 3, GREEDY)
+
+
+def test_abort_frees_blocks(base):
+    engine = _engine(base)
+    rid = engine.add_request(_prompts([20])[0], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    engine.step()
+    engine.step()
+    assert engine.block_manager.num_used_blocks > 0
+    engine.abort_request(rid)
+    assert engine.block_manager.num_used_blocks == 0 and not engine.has_unfinished_requests()
+
+
+def test_logprobs_and_prompt_logprobs(base):
+    model = _model(base, 3, 1)
+    prompt = _prompts([10])[0]
+    params = SamplingParams(temperature=0, max_tokens=3, logprobs=2, prompt_logprobs=1, ignore_eos=True)
+    (out,) = _run(_engine(model), [prompt], params)
+    full = torch.log_softmax(full_logits(model, [prompt + out.outputs[0].token_ids])[0], -1)
+    lps = out.outputs[0].logprobs
+    assert len(lps) == 3
+    for i, lp in enumerate(lps):
+        ref = full[len(prompt) - 1 + i]
+        assert lp.token_id == int(ref.argmax()) and abs(lp.logprob - float(ref.max())) < 1e-4
+        assert len(lp.top) == 2 and lp.token_id in lp.top
+    assert out.prompt_logprobs[0] is None
+    for t in range(1, len(prompt)):
+        assert abs(out.prompt_logprobs[t].logprob - float(full[t - 1, prompt[t]])) < 1e-4
+
+
+def test_stop_token_ids(base):
+    prompt = _prompts([8])[0]
+    ref = greedy_generate(base, prompt, 8)
+    (out,) = _run(_engine(base), [prompt], SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[ref[2]], ignore_eos=True))
+    assert out.outputs[0].token_ids == ref[: ref.index(ref[2]) + 1] and out.outputs[0].finish_reason == "stop"
