@@ -68,6 +68,24 @@ def cmd_bench(args) -> None:
                           with_transformers=not args.no_transformers)
 
 
+def cmd_serve(args) -> None:
+    import os
+
+    import uvicorn
+
+    from swiftkv.llm import LLM
+    from swiftkv.server.app import build_app
+
+    llm = LLM(args.model, swiftkv=args.swiftkv, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=int(args.kv_cache_gb * (1 << 30)))
+    name = args.served_model_name or (args.model and os.path.basename(os.path.normpath(str(args.model)))) \
+        or DEFAULT_SWIFTKV_MODEL
+    api_key = args.api_key or os.environ.get("SWIFTKV_API_KEY")
+    app = build_app(llm, name, api_key=api_key, max_waiting=args.max_waiting, request_timeout=args.request_timeout)
+    print(f"serving {name} (swiftkv={llm.swiftkv}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swiftkv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SwiftKV path (default: the checkpoint's mode); --no-swiftkv runs the original model")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    p.add_argument("model", nargs="?", default=None, help=f"default: {DEFAULT_SWIFTKV_MODEL}")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="name clients use (default: the model's)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or env SWIFTKV_API_KEY)")
+    p.add_argument("--swiftkv", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--kv-cache-gb", type=float, default=1.0)
+    p.add_argument("--max-waiting", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is aborted (504)")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="benchmarks (see the README)")
     p.add_argument("what", choices=["prefill"], help="prefill: prefill/decode tokens/s vs baseline and transformers")

@@ -48,3 +48,20 @@ def hf_dir(tmp_path):
         return path, model
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory):
+    """A tiny random Llama with the default model's tokenizer and chat template (vocab 49152)."""
+    import shutil
+
+    from swiftkv.models.default import default_model_dir
+
+    src = default_model_dir()
+    path = tmp_path_factory.mktemp("tiny-chat")
+    tiny_hf_model("llama", vocab_size=49152, max_position_embeddings=512, tie_word_embeddings=True,
+                  eos_token_id=2, bos_token_id=1).save_pretrained(path)
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(f, path / f.name)
+    return path

@@ -56,6 +56,7 @@ def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512,
     one = SamplingParams(temperature=0, max_tokens=1)
     result = {"env": env, "model": str(systems["swiftkv"].model_path),
               "swiftkv": {"L": skv.num_layers, "l": skv.num_key_value_layers, "G": skv.key_value_group_size},
+              "kv_bytes_per_token": {name: llm.engine.kv_bytes_per_token for name, llm in systems.items()},
               "prefill": {}, "decode": {}}
 
     def run_hf_prefill(ids):
@@ -126,5 +127,7 @@ def format_report(r: dict) -> str:
     d = r["decode"]
     lines.append(f"{'decode tok/s (batch 1)':<28}" + "".join(
         f"{d.get(k, float('nan')):>{w}.1f}" for k, w in (("swiftkv", 12), ("baseline", 12), ("transformers", 14))))
+    kv = r["kv_bytes_per_token"]
+    lines.append(f"{'KV bytes/token':<28}{kv['swiftkv']:>12}{kv['baseline']:>12}")
     lines += [f"  {k}: {v:.2f}x" for k, v in r["ratios"].items()]
     return "\n".join(lines)

@@ -36,6 +36,15 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
 
+class EngineStepError(RuntimeError):
+    """A model step failed; only the requests it touched (``request_ids``) were failed."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"engine step failed for {len(request_ids)} request(s): {cause!r}")
+        self.request_ids = request_ids
+        self.cause = cause
+
+
 class LLMEngine:
     """Continuous-batching engine over one model (SwiftKV or baseline mode)."""
 
@@ -82,13 +91,7 @@ class LLMEngine:
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
-        vocab = self.model.config.vocab_size
-        if not prompt_token_ids:
-            raise ValueError("prompt is empty: at least one token is needed")
-        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; the model's context is {self.max_model_len}")
+        self.check_request(prompt_token_ids, params)
         seq = Sequence(request_id, list(prompt_token_ids), params, arrival=time.monotonic())
         self.scheduler.add(seq)
         self.seqs[request_id] = seq
@@ -99,11 +102,34 @@ class LLMEngine:
             self.prompt_logprobs[request_id] = self._prompt_logprobs(seq.prompt_token_ids, params.prompt_logprobs)
         return request_id
 
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ``ValueError`` if the request can never run (thread-safe: reads only config)."""
+        vocab = self.model.config.vocab_size
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        n = len(prompt_token_ids)
+        if n >= self.max_model_len:
+            raise ValueError(f"prompt has {n} tokens; the model's context is {self.max_model_len} tokens")
+        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context "
+                             f"of {self.max_model_len} tokens; lower max_tokens to at most {self.max_model_len - n}")
+        blocks = -(-n // self.config.block_size)
+        if blocks > self.block_manager.num_blocks:
+            raise ValueError(f"prompt of {n} tokens needs {blocks} KV blocks but the cache has only "
+                             f"{self.block_manager.num_blocks}; raise kv_cache_memory or shorten the prompt")
+
     def abort_request(self, request_id: str) -> None:
-        """Stop a request now and free its KV blocks (unknown ids are ignored)."""
+        """Stop a request now, free its KV blocks and forget it (unknown ids are ignored)."""
         seq = self.seqs.get(request_id)
         if seq is not None and not seq.is_finished:
             self.scheduler.finish(seq, "abort")
+        self._release(request_id)
+
+    def _release(self, request_id: str) -> None:
+        for d in (self.seqs, self.prompts, self.prompt_logprobs, self.generators):
+            d.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -113,7 +139,13 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out:
             return []
-        results = self.runner.execute(out, self.generators)
+        try:
+            results = self.runner.execute(out, self.generators)
+        except Exception as e:  # fail only the requests of this batch; the engine keeps serving
+            for seq in out.seqs:
+                self.scheduler.finish(seq, "error")
+                self._release(seq.seq_id)
+            raise EngineStepError([s.seq_id for s in out.seqs], e) from e
         self.scheduler.update_after_step(out)
         outputs = []
         for seq, token, lp in results:
@@ -138,8 +170,7 @@ class LLMEngine:
         result = RequestOutput(request_id, self.prompts.get(request_id), seq.prompt_token_ids, [completion],
                                seq.is_finished, self.prompt_logprobs.get(request_id))
         if seq.is_finished and release:
-            for d in (self.seqs, self.prompts, self.prompt_logprobs, self.generators):
-                d.pop(request_id, None)
+            self._release(request_id)
         return result
 
     # -- helpers ------------------------------------------------------------------------------

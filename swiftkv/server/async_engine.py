@@ -1,0 +1,154 @@
+"""One engine loop shared by all HTTP requests: a background thread steps the engine and hands
+outputs to each request's asyncio queue. Bounded waiting queue, aborts, timeouts, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+import time
+from dataclasses import dataclass, field
+
+from swiftkv.engine.llm_engine import EngineStepError, LLMEngine
+from swiftkv.outputs import RequestOutput
+from swiftkv.sampling_params import SamplingParams
+from swiftkv.server.metrics import Metrics
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting; the client should retry later."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine is shutting down or was stopped."""
+
+
+@dataclass
+class _Request:
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    arrival: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    last_token: float | None = None
+    num_prompt: int = 0
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_waiting: int = 256, metrics: Metrics | None = None) -> None:
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.metrics = metrics or Metrics()
+        self._pending: deque[tuple[str, str, tuple | None]] = deque()  # thread-safe appends/pops
+        self._wake = threading.Event()
+        self._requests: dict[str, _Request] = {}
+        self._accepting = True
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="swiftkv-engine", daemon=True)
+        self._thread.start()
+
+    # -- called from the event loop -----------------------------------------------------------
+
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+               prompt: str | None = None, queue: asyncio.Queue | None = None) -> asyncio.Queue:
+        """Queue a request; outputs (or an exception) arrive on ``queue`` (new if not given).
+
+        Never blocks on a running engine step: the engine thread picks the request up.
+        """
+        if not self._accepting:
+            raise EngineDeadError("server is shutting down")
+        self.engine.check_request(prompt_token_ids, params)  # ValueError -> 400
+        if len(self.engine.scheduler.waiting) + len(self._pending) >= self.max_waiting:
+            self.metrics.rejected.inc()
+            raise QueueFullError(f"{self.max_waiting} requests already waiting")
+        req = _Request(queue or asyncio.Queue(), asyncio.get_running_loop(), num_prompt=len(prompt_token_ids))
+        self._requests[request_id] = req
+        self._pending.append(("add", request_id, (prompt_token_ids, params, prompt)))
+        self.metrics.prompt_tokens.inc(len(prompt_token_ids))
+        self._wake.set()
+        return req.queue
+
+    def abort(self, request_id: str) -> None:
+        """Abort (client gone, timeout); its KV blocks are freed by the engine thread."""
+        if self._requests.pop(request_id, None) is not None:
+            self._pending.append(("abort", request_id, None))
+            self.metrics.requests.labels("abort").inc()
+            self._wake.set()
+
+    def stats(self) -> dict:
+        sched, bm = self.engine.scheduler, self.engine.block_manager
+        return {"running": len(sched.running), "waiting": len(sched.waiting),
+                "kv_blocks_used": bm.num_used_blocks, "kv_blocks_free": bm.num_free_blocks}
+
+    async def shutdown(self, grace_s: float = 10.0) -> None:
+        """Stop accepting; let in-flight requests finish for ``grace_s``, then abort the rest."""
+        self._accepting = False
+        deadline = time.monotonic() + grace_s
+        while self._requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for rid in list(self._requests):
+            req = self._requests.get(rid)
+            self.abort(rid)
+            if req is not None:
+                req.loop.call_soon_threadsafe(req.queue.put_nowait, EngineDeadError("server shut down"))
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    # -- engine thread ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop:
+            deliveries = self._apply_pending()
+            busy = self.engine.has_unfinished_requests()
+            outputs, failed = [], None
+            if busy:
+                try:
+                    outputs = self.engine.step()
+                except EngineStepError as e:
+                    failed = e
+            deliveries += self._collect(outputs, failed)
+            for req, item in deliveries:
+                req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
+            self.metrics.set_state(self.stats()) if deliveries or busy else None
+            if not busy:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+
+    def _apply_pending(self) -> list:
+        failed = []
+        while self._pending:
+            op, rid, args = self._pending.popleft()
+            if op == "abort":
+                self.engine.abort_request(rid)
+            elif rid in self._requests:  # not aborted before it started
+                try:
+                    self.engine.add_request(args[0], args[1], rid, args[2])
+                except ValueError as e:
+                    failed.append((self._requests.pop(rid), e))
+        return failed
+
+    def _collect(self, outputs: list[RequestOutput], failed: EngineStepError | None):
+        now = time.monotonic()
+        deliveries = []
+        for out in outputs:
+            req = self._requests.get(out.request_id)
+            if req is None:
+                continue
+            if req.first_token is None:
+                req.first_token = now
+                self.metrics.ttft.observe(now - req.arrival)
+            elif req.last_token is not None:
+                self.metrics.tpot.observe(now - req.last_token)
+            req.last_token = now
+            self.metrics.generation_tokens.inc()
+            if out.finished:
+                del self._requests[out.request_id]
+                self.metrics.requests.labels(out.outputs[0].finish_reason or "stop").inc()
+            deliveries.append((req, out))
+        if failed is not None:
+            for rid in failed.request_ids:
+                req = self._requests.pop(rid, None)
+                if req is not None:
+                    self.metrics.requests.labels("error").inc()
+                    deliveries.append((req, failed))
+        return deliveries

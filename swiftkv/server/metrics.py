@@ -1,0 +1,32 @@
+"""Prometheus metrics of the server (prometheus_client, own registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("swiftkv_requests", "Finished requests by finish reason", ["reason"], registry=r)
+        self.rejected = Counter("swiftkv_requests_rejected", "Requests refused because the queue was full", registry=r)
+        self.prompt_tokens = Counter("swiftkv_prompt_tokens", "Prompt tokens received", registry=r)
+        self.generation_tokens = Counter("swiftkv_generation_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram("swiftkv_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("swiftkv_time_per_output_token_seconds", "Time per output token after the first",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.running = Gauge("swiftkv_num_requests_running", "Requests being computed", registry=r)
+        self.waiting = Gauge("swiftkv_num_requests_waiting", "Requests waiting", registry=r)
+        self.kv_used = Gauge("swiftkv_kv_blocks_used", "KV-cache blocks in use", registry=r)
+        self.kv_free = Gauge("swiftkv_kv_blocks_free", "KV-cache blocks free", registry=r)
+
+    def set_state(self, stats: dict) -> None:
+        self.running.set(stats["running"])
+        self.waiting.set(stats["waiting"])
+        self.kv_used.set(stats["kv_blocks_used"])
+        self.kv_free.set(stats["kv_blocks_free"])
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,265 @@
+"""The OpenAI-compatible server on loopback: the official client, bad input, load, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from swiftkv.llm import LLM
+from swiftkv.server.app import build_app
+
+MODEL = "tiny"
+
+
+class _Server:
+    def __init__(self, app) -> None:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        sock.close()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                break
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def _serve(model_dir, **kw):
+    llm = LLM(model_dir, dtype="float32", max_num_seqs=kw.pop("max_num_seqs", 64), kv_cache_memory=64 << 20)
+    app = build_app(llm, MODEL, **kw)
+    return _Server(app), app
+
+
+@pytest.fixture(scope="module")
+def server(tiny_chat_model_dir):
+    srv, app = _serve(tiny_chat_model_dir)
+    yield srv, app
+    srv.stop()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0].url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_completions_non_streaming(client):
+    r = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=7, temperature=0, extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 7
+    assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + 7
+    r2 = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=7, temperature=0, extra_body={"ignore_eos": True})
+    assert r2.choices[0].text == r.choices[0].text  # greedy is deterministic
+
+
+def test_completions_streaming_with_usage(client):
+    chunks = list(client.completions.create(model=MODEL, prompt="Hello there", max_tokens=6, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    ref = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    assert text == ref.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 6 and not chunks[-1].choices
+
+
+def test_chat_non_streaming_and_streaming(client):
+    msgs = [{"role": "user", "content": "Say hi"}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_completion_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 5
+    stream = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=5, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    assert chunks[-1].usage.total_tokens == r.usage.total_tokens
+
+
+def test_n_seed_stop_and_logprobs(client):
+    r = client.completions.create(model=MODEL, prompt="Once", max_tokens=4, n=3, seed=5, temperature=1.0, logprobs=2,
+                                  extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in r.choices) == [0, 1, 2] and r.usage.completion_tokens == 12
+    assert all(len(c.logprobs.token_logprobs) == 4 and len(c.logprobs.top_logprobs[0]) <= 2 for c in r.choices)
+    again = client.completions.create(model=MODEL, prompt="Once", max_tokens=4, n=3, seed=5, temperature=1.0,
+                                      extra_body={"ignore_eos": True})
+    assert [c.text for c in again.choices] == [c.text for c in r.choices]
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3,
+                                          logprobs=True, top_logprobs=2, temperature=0, extra_body={"ignore_eos": True})
+    assert len(chat.choices[0].logprobs.content) == 3
+    full = client.completions.create(model=MODEL, prompt="Hello", max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    stop = full.choices[0].text[2:4]
+    cut = client.completions.create(model=MODEL, prompt="Hello", max_tokens=8, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True})
+    assert cut.choices[0].finish_reason == "stop" and stop not in cut.choices[0].text
+
+
+BAD = [
+    ("/v1/completions", b'{"model": "tiny", "prompt": "hi", max_tokens', 400, "malformed JSON"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "\xff\xfe"}', 400, "UTF-8"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "hi", "max_tokens": "5"}', 400, "max_tokens"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "hi", "temperature": "hot"}', 400, "temperature"),
+    ("/v1/completions", b'{"model": "nope", "prompt": "hi"}', 404, "does not exist"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "hi", "max_tokens": -3}', 400, "max_tokens"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "hi", "max_tokens": 10000000}', 400, "max_tokens"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "' + b"word " * 700 + b'"}', 400, "context"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": ""}', 400, "empty"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": [99999999]}', 400, "token ids"),
+    ("/v1/completions", b'{"prompt": "hi"}', 400, "model"),
+    ("/v1/completions", b'[1, 2]', 400, ""),
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": []}', 400, "messages"),
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}', 400, "role"),
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": "hi"}', 400, "messages"),
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_p": 7}', 400, "top_p"),
+]
+
+
+@pytest.mark.parametrize("route,body,status,needle", BAD)
+def test_bad_input_gets_openai_error_and_server_survives(server, route, body, status, needle):
+    url = server[0].url
+    r = httpx.post(url + route, content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert needle.lower() in err["message"].lower() and err["type"]
+    assert httpx.get(url + "/health", timeout=10).json()["status"] == "ok"
+
+
+def test_models_health_metrics(server):
+    url = server[0].url
+    assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == MODEL
+    text = httpx.get(url + "/metrics").text
+    for name in ("swiftkv_time_to_first_token_seconds_bucket", "swiftkv_time_per_output_token_seconds_bucket",
+                 "swiftkv_num_requests_running", "swiftkv_num_requests_waiting", "swiftkv_kv_blocks_used",
+                 "swiftkv_kv_blocks_free", "swiftkv_prompt_tokens_total", "swiftkv_generation_tokens_total",
+                 "swiftkv_requests_total"):
+        assert name in text
+
+
+async def _stream_request(url: str, n_tokens: int, disconnect_after: int | None = None) -> int:
+    body = {"model": MODEL, "prompt": "The story begins", "max_tokens": n_tokens, "stream": True,
+            "temperature": 0.7, "ignore_eos": True}
+    got = 0
+    async with httpx.AsyncClient(timeout=120) as c:
+        async with c.stream("POST", url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    got += 1
+                    if disconnect_after is not None and got >= disconnect_after:
+                        return got  # leaving the context closes the connection mid-stream
+    return got
+
+
+def _wait_blocks_free(url: str, timeout: float = 30.0) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        h = httpx.get(url + "/health").json()
+        if h["kv_blocks_used"] == 0 and h["running"] == 0 and h["waiting"] == 0:
+            return h
+        time.sleep(0.1)
+    return h
+
+
+def test_load_64_concurrent_streams_then_32_disconnects(server):
+    url = server[0].url
+
+    async def main():
+        full = await asyncio.gather(*[_stream_request(url, 12) for _ in range(64)])
+        cut = await asyncio.gather(*[_stream_request(url, 200, disconnect_after=3) for _ in range(32)])
+        return full, cut
+
+    full, cut = asyncio.run(main())
+    assert full == [12] * 64  # one chunk per token
+    assert all(c == 3 for c in cut)
+    h = _wait_blocks_free(url)
+    assert h["kv_blocks_used"] == 0 and h["running"] == 0
+
+
+def test_queue_full_and_api_key(tiny_chat_model_dir):
+    srv, app = _serve(tiny_chat_model_dir, api_key="sekret", max_waiting=2, max_num_seqs=1)
+    try:
+        url = srv.url
+        assert httpx.get(url + "/v1/models").status_code == 401
+        r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "hi"}, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(url + "/health").status_code == 200  # health needs no key
+        ok = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
+        assert ok.models.list().data[0].id == MODEL
+
+        async def flood():
+            async with httpx.AsyncClient(timeout=120, headers={"Authorization": "Bearer sekret"}) as c:
+                body = {"model": MODEL, "prompt": "hi", "max_tokens": 40, "ignore_eos": True}
+                return await asyncio.gather(*[c.post(url + "/v1/completions", json=body) for _ in range(12)])
+
+        codes = [r.status_code for r in asyncio.run(flood())]
+        assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
+        r429 = next(r for r in asyncio.run(flood()) if r.status_code == 429)
+        assert r429.headers["retry-after"] and r429.json()["error"]["type"] == "rate_limit_error"
+        assert _wait_blocks_free(url)["kv_blocks_used"] == 0
+    finally:
+        srv.stop()
+
+
+def test_engine_error_fails_only_its_requests(tiny_chat_model_dir):
+    srv, app = _serve(tiny_chat_model_dir)
+    try:
+        runner = app.state.engine.engine.runner
+        real = runner.execute
+        calls = {"n": 0}
+
+        def flaky(out, gens):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("injected fault")
+            return real(out, gens)
+
+        runner.execute = flaky
+        r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3}, timeout=30)
+        assert r.status_code == 500 and "injected fault" in r.json()["error"]["message"]
+        r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3}, timeout=30)
+        assert r.status_code == 200  # the engine kept serving
+        assert _wait_blocks_free(srv.url)["kv_blocks_used"] == 0
+    finally:
+        srv.stop()
+
+
+def test_request_timeout(tiny_chat_model_dir):
+    srv, app = _serve(tiny_chat_model_dir, request_timeout=0.3)
+    try:
+        runner = app.state.engine.engine.runner
+        real = runner.execute
+        runner.execute = lambda out, gens: (time.sleep(0.2), real(out, gens))[1]
+        r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 50, "ignore_eos": True}, timeout=30)
+        assert r.status_code == 504 and "timed out" in r.json()["error"]["message"]
+        runner.execute = real
+        assert _wait_blocks_free(srv.url)["kv_blocks_used"] == 0
+    finally:
+        srv.stop()
+
+
+def test_graceful_shutdown_finishes_in_flight_stream(tiny_chat_model_dir):
+    srv, app = _serve(tiny_chat_model_dir)
+    runner = app.state.engine.engine.runner
+    real = runner.execute
+    runner.execute = lambda out, gens: (time.sleep(0.02), real(out, gens))[1]  # ~0.6 s for 30 tokens
+
+    async def main():
+        task = asyncio.create_task(_stream_request(srv.url, 30))
+        await asyncio.sleep(0.2)
+        srv.server.should_exit = True  # like SIGTERM: stop accepting, drain in-flight work
+        return await task
+
+    assert asyncio.run(main()) == 30
+    srv.thread.join(timeout=30)
+    assert not srv.thread.is_alive()
