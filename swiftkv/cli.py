@@ -61,6 +61,22 @@ def cmd_generate(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    if args.what == "online":
+        import asyncio
+        import json
+
+        from swiftkv.bench.online import run_load
+        from swiftkv.bench.workloads import make_prompts
+
+        prompts = make_prompts(args.num_requests, args.prompt_tokens, args.seed)
+        report = asyncio.run(run_load(args.url, args.served_model_name, prompts, args.max_tokens, args.concurrency,
+                                      args.rate, args.api_key, args.seed))
+        summary = report.summary()
+        print(json.dumps(summary, indent=2))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(summary, f, indent=2)
+        return
     if args.what == "prefill":
         from swiftkv.bench.prefill import run_prefill_bench
 
@@ -128,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="benchmarks (see the README)")
-    p.add_argument("what", choices=["prefill"], help="prefill: prefill/decode tokens/s vs baseline and transformers")
+    p.add_argument("what", choices=["prefill", "online"],
+                   help="prefill: prefill/decode tokens/s vs baseline and transformers; online: load a running server")
     p.add_argument("model", nargs="?", default=None, help=f"SwiftKV checkpoint (default {DEFAULT_SWIFTKV_MODEL})")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--reps", type=int, default=3)
@@ -136,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    g = p.add_argument_group("online (against `swiftkv serve`)")
+    g.add_argument("--url", default="http://127.0.0.1:8000")
+    g.add_argument("--served-model-name", default=DEFAULT_SWIFTKV_MODEL)
+    g.add_argument("--api-key", default=None)
+    g.add_argument("--num-requests", type=int, default=64)
+    g.add_argument("--prompt-tokens", type=int, default=1024, help="approximate prompt length")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--concurrency", type=int, default=8)
+    g.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second instead of a closed loop")
+    g.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -33,9 +33,9 @@ class ModelRunner:
         self.device, self.dtype = weight.device, weight.dtype
         self.skv = model.active_config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        # [owners, K/V, blocks, block_size, kv_heads, head_dim], allocated once
+        # [owners, K/V, kv_heads, blocks, block_size, head_dim], allocated once
         self.kv_cache = torch.zeros(
-            self.skv.num_kv_owners, 2, num_blocks, block_size, cfg.num_key_value_heads, head_dim,
+            self.skv.num_kv_owners, 2, cfg.num_key_value_heads, num_blocks, block_size, head_dim,
             dtype=self.dtype, device=self.device,
         )
         self.sampler = Sampler()

@@ -23,13 +23,15 @@ class AttentionMetadata:
     kv_lens: list[int]
     # Full-sequence mode: where each sequence's keys start in this pass's flat K/V tensors.
     kv_starts: list[int] = field(default_factory=list)
-    # Paged-cache mode (engine). kv_cache: [num_owners, 2, num_blocks, block_size, kv_heads, D].
+    # Paged-cache mode (engine). kv_cache: [num_owners, 2, kv_heads, num_blocks, block_size, D]
+    # (head-major, so gathering a sequence's blocks yields [kv_heads, tokens, D] without a copy).
     kv_cache: torch.Tensor | None = None
     slot_mapping: torch.Tensor | None = None  # [num_tokens] int64: cache slot of each token
     block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks] int64
     # This pass's freshly computed K/V per owner: {owner: (k, v)}, each [num_tokens, kv_heads, D].
     fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _decode_mask: torch.Tensor | None = None
+    _gather_buf: tuple[torch.Tensor, torch.Tensor] | None = None  # reused by every layer's decode
 
     def __post_init__(self) -> None:
         if not self.kv_starts and self.q_lens == self.kv_lens:  # keys are this pass's tokens
@@ -58,15 +60,16 @@ class AttentionMetadata:
             slot_mapping=None,
             fresh={} if paged else self.fresh,  # paged: later layers read the cache
             _decode_mask=None,
+            _gather_buf=None,
         )
 
     def store(self, owner: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Keep this pass's K/V of ``owner`` (and write them to the paged cache if any)."""
         self.fresh[owner] = (k, v)
         if self.kv_cache is not None:
-            shape = (-1,) + tuple(k.shape[1:])
-            self.kv_cache[owner, 0].view(shape).index_copy_(0, self.slot_mapping, k)
-            self.kv_cache[owner, 1].view(shape).index_copy_(0, self.slot_mapping, v)
+            h, d = k.shape[1], k.shape[2]
+            self.kv_cache[owner, 0].view(h, -1, d).index_copy_(1, self.slot_mapping, k.transpose(0, 1))
+            self.kv_cache[owner, 1].view(h, -1, d).index_copy_(1, self.slot_mapping, v.transpose(0, 1))
 
     def attend(self, owner: int, q: torch.Tensor) -> torch.Tensor:
         """q [num_queries, heads, D] -> [num_queries, heads, D]."""
@@ -91,46 +94,54 @@ class AttentionMetadata:
             return out.transpose(1, 2).reshape(b * n, h, d)
         outs, q0 = [], 0
         for ql, kl, k0 in zip(self.q_lens, self.kv_lens, self.kv_starts):
-            outs.append(_sdpa(q[q0 : q0 + ql], k[k0 : k0 + kl], v[k0 : k0 + kl]))
+            qs, ks, vs = q[q0 : q0 + ql], k[k0 : k0 + kl], v[k0 : k0 + kl]
+            outs.append(_sdpa(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1)).transpose(0, 1))
             q0 += ql
         return torch.cat(outs)
 
     def _attend_cached_chunks(self, owner: int, q: torch.Tensor) -> torch.Tensor:
-        kc, vc = self.kv_cache[owner, 0], self.kv_cache[owner, 1]
-        block_size = kc.shape[1]
+        kc, vc = self.kv_cache[owner, 0], self.kv_cache[owner, 1]  # [Hkv, blocks, block_size, D]
+        h, block_size, d = kc.shape[0], kc.shape[2], kc.shape[3]
         outs, q0 = [], 0
         for s, (ql, kl) in enumerate(zip(self.q_lens, self.kv_lens)):
             blocks = self.block_tables[s, : -(-kl // block_size)]
-            k = kc[blocks].flatten(0, 1)[:kl]  # [kl, Hkv, D]
-            v = vc[blocks].flatten(0, 1)[:kl]
-            outs.append(_sdpa(q[q0 : q0 + ql], k, v))
+            k = kc.index_select(1, blocks).view(h, -1, d)[:, :kl]  # [Hkv, kl, D]
+            v = vc.index_select(1, blocks).view(h, -1, d)[:, :kl]
+            outs.append(_sdpa(q[q0 : q0 + ql].transpose(0, 1), k, v).transpose(0, 1))
             q0 += ql
         return torch.cat(outs)
 
     def _attend_decode(self, owner: int, q: torch.Tensor) -> torch.Tensor:
-        kc, vc = self.kv_cache[owner, 0], self.kv_cache[owner, 1]
-        b = q.shape[0]
-        k = kc[self.block_tables].flatten(1, 2).transpose(1, 2)  # [B, Hkv, S, D]
-        v = vc[self.block_tables].flatten(1, 2).transpose(1, 2)
-        if self._decode_mask is None:
+        """One query per sequence over its cached blocks: gather, two matmuls, masked softmax."""
+        kc, vc = self.kv_cache[owner, 0], self.kv_cache[owner, 1]  # [Hkv, blocks, block_size, D]
+        b, heads, d = q.shape
+        h, block_size = kc.shape[0], kc.shape[2]
+        flat = self.block_tables.flatten()
+        if self._gather_buf is None:  # allocated once per step: fresh big buffers page-fault
+            self._gather_buf = (kc.new_empty(h, flat.numel(), block_size, d), vc.new_empty(h, flat.numel(), block_size, d))
             kv_lens = torch.tensor(self.kv_lens, device=q.device)
-            pos = torch.arange(k.shape[2], device=q.device)
-            self._decode_mask = (pos[None, :] < kv_lens[:, None]).view(b, 1, 1, -1)
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), k, v, attn_mask=self._decode_mask, enable_gqa=True
-        )  # [B, H, 1, D]
-        return out.squeeze(2)
+            pos = torch.arange(self.block_tables.shape[1] * block_size, device=q.device)
+            self._decode_mask = (pos[None, :] >= kv_lens[:, None]).view(1, b, 1, -1)  # True = masked
+        k = torch.index_select(kc, 1, flat, out=self._gather_buf[0]).view(h, b, -1, d)  # [Hkv, B, S, D]
+        v = torch.index_select(vc, 1, flat, out=self._gather_buf[1]).view(h, b, -1, d)
+        qh = q.view(b, h, heads // h, d).transpose(0, 1)  # [Hkv, B, group, D]
+        scores = torch.matmul(qh, k.transpose(-1, -2)).float() * d**-0.5  # [Hkv, B, group, S]
+        probs = scores.masked_fill_(self._decode_mask, float("-inf")).softmax(-1).to(q.dtype)
+        return torch.matmul(probs, v).transpose(0, 1).reshape(b, heads, d)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """One sequence: q [ql, H, D] are the last ql of kl keys [kl, Hkv, D]; causal."""
-    ql, kl = q.shape[0], k.shape[0]
-    qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+def _sdpa(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor) -> torch.Tensor:
+    """One sequence, head-first: q [H, ql, D] are the last ql of kl keys [Hkv, kl, D]; causal.
+
+    Inputs get a batch dim: with 3-D inputs PyTorch's CPU SDPA falls back to the slow math path.
+    """
+    ql, kl = qt.shape[1], kt.shape[1]
+    qt, kt, vt = qt[None], kt[None], vt[None]  # [1, H, ql, D]
     if ql == kl:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
     elif ql == 1:
         out = F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
     else:  # bottom-right aligned causal mask
-        mask = torch.ones(ql, kl, dtype=torch.bool, device=q.device).tril(kl - ql)
+        mask = torch.ones(ql, kl, dtype=torch.bool, device=qt.device).tril(kl - ql)
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
-    return out.transpose(0, 1)
+    return out[0]  # [H, ql, D]
