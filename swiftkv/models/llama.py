@@ -197,8 +197,10 @@ class LlamaForCausalLM(nn.Module):
 
     # -- forward pieces (reused by distillation) ----------------------------------------------
 
-    def run_layers(self, h, cos, sin, meta, start: int, end: int, swiftkv: bool = False) -> torch.Tensor:
-        skv = self.active_config
+    def run_layers(self, h, cos, sin, meta, start: int, end: int, swiftkv: bool = False,
+                   skv: SwiftKVConfig | None = None) -> torch.Tensor:
+        """Layers ``start..end-1``; ``skv`` overrides the active layout (distillation runs both)."""
+        skv = skv or self.active_config
         for i in range(start, end):
             owner = skv.kv_owner(i)
             h = self.model.layers[i](h, cos, sin, meta, owner, swiftkv and skv.is_swiftkv_layer(i))

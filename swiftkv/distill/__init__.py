@@ -1,0 +1,1 @@
+"""Knowledge-preserving distillation: data (chat template, assistant masks, packing) and trainer."""

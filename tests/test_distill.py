@@ -1,0 +1,157 @@
+"""Distillation: data masks, trainable tensors, loss floor, learning, resume, torchrun DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from swiftkv.config import SwiftKVConfig
+from swiftkv.distill.data import Row, iter_json_array, load_conversations, pack_rows, tokenize_with_mask
+from swiftkv.distill.loss import Batch, DistillModule, trainable_parameters
+from swiftkv.distill.trainer import DistillConfig, Trainer
+from swiftkv.models.loader import load_model, load_tokenizer
+from swiftkv.transform import to_swiftkv
+
+WORDS = "alpha beta gamma delta river stone cloud paper light green small quick answer number".split()
+
+
+def _chats(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        turns = []
+        for _ in range(rng.randint(1, 2)):
+            turns.append({"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(3, 12)))})
+            turns.append({"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(3, 20)))})
+        out.append({"id": f"c{i}", "messages": turns})
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_chat_model_dir, tmp_path_factory):
+    data = tmp_path_factory.mktemp("data") / "chats.jsonl"
+    data.write_text("\n".join(json.dumps(c) for c in _chats(80)))
+    tok = load_tokenizer(tiny_chat_model_dir)
+    convs = load_conversations(str(data))
+    rows = pack_rows(tok, convs, 64, None, 0, held_out=False, fraction=0.2)
+    eval_rows = pack_rows(tok, convs, 64, None, 0, held_out=True, fraction=0.2)
+    return tiny_chat_model_dir, data, tok, rows, eval_rows
+
+
+def _student(path, l=3, G=1):
+    base = load_model(path)[0]
+    return to_swiftkv(base, SwiftKVConfig(base.config.num_hidden_layers, l, G))
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(out=str(tmp_path / "run"), seq_len=64, batch_size=4, lr=1e-2, eval_every=1000, save_every=1000,
+                bf16=False)
+    return DistillConfig(**{**base, **kw})
+
+
+def test_assistant_mask_on_hand_made_conversation(setup):
+    _, _, tok, _, _ = setup
+    msgs = [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "Four."},
+            {"role": "user", "content": "And three?"}, {"role": "assistant", "content": "Six, if doubled."}]
+    ids, mask = tokenize_with_mask(tok, msgs, 10_000)
+    masked = tok.decode([t for t, m in zip(ids, mask) if m])
+    assert masked == "Four.<|im_end|>\nSix, if doubled.<|im_end|>\n"
+    assert tok.decode(ids[: mask.index(True)]).endswith("<|im_start|>assistant\n")
+
+
+def test_truncated_json_array_is_parsed_item_by_item(tmp_path):
+    f = tmp_path / "t.json"
+    f.write_text('[\n {"id": "a", "x": 1},\n {"id": "b", "x": [2, 3]},\n {"id": "c", "x": "broken')
+    assert [i["id"] for i in iter_json_array(f)] == ["a", "b"]
+
+
+def test_held_out_split_is_disjoint(setup):
+    _, _, _, rows, eval_rows = setup
+    train = {tuple(d[0]) for r in rows for d in r.docs}
+    held = {tuple(d[0]) for r in eval_rows for d in r.docs}
+    assert held and train and not train & held
+    assert all(r.num_tokens <= 64 for r in rows)
+
+
+def test_only_swiftkv_tensors_change(setup, tmp_path):
+    path, _, tok, rows, eval_rows = setup
+    model = _student(path, l=2, G=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = Trainer(model, tok, _cfg(tmp_path), rows, eval_rows)
+    assert set(trainer.params) == {n for n in before if "_swiftkv" in n}
+    assert "model.layers.3.self_attn.k_proj_swiftkv.weight" not in trainer.params  # AcrossKV follower has none
+    trainer.train_step()
+    for n, p in model.named_parameters():
+        if n in trainer.params:
+            assert not torch.equal(p, before[n]), f"{n} did not train"
+        else:
+            assert torch.equal(p, before[n]), f"frozen {n} changed"
+
+
+def test_loss_is_zero_when_l_equals_L_and_gradients_flow(setup):
+    path, _, _, rows, _ = setup
+    batch = Batch.from_rows(rows[:2])
+    base = load_model(path)[0]
+    out = DistillModule(to_swiftkv(base, SwiftKVConfig(6, 6, 1)))(batch, 1.0 / batch.num_loss_tokens)
+    assert float(out["kl"]) == pytest.approx(0.0, abs=1e-6) and float(out["agree"]) == pytest.approx(1.0)
+    model = _student(path, l=2, G=2)
+    params = trainable_parameters(model)
+    for p in params.values():
+        p.requires_grad_(True)
+    DistillModule(model, mse_weight=1.0)(batch, 1.0)["loss"].backward()
+    for n, p in params.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+
+def test_training_reduces_held_out_kl(setup, tmp_path):
+    path, _, tok, rows, eval_rows = setup
+    trainer = Trainer(_student(path, l=2), tok, _cfg(tmp_path), rows, eval_rows)
+    start = trainer.evaluate()["eval_kl"]
+    for _ in range(min(12, trainer.total_steps)):
+        trainer.train_step()
+    assert trainer.evaluate()["eval_kl"] < 0.8 * start
+
+
+def test_resume_reproduces_uninterrupted_run(setup, tmp_path):
+    path, _, tok, rows, eval_rows = setup
+    full = Trainer(_student(path), tok, _cfg(tmp_path, out=str(tmp_path / "a")), rows, eval_rows)
+    for _ in range(4):
+        full.train_step()
+    first = Trainer(_student(path), tok, _cfg(tmp_path, out=str(tmp_path / "b")), rows, eval_rows)
+    for _ in range(2):
+        first.train_step()
+    first.save()
+    del first  # "killed" after its checkpoint
+    resumed = Trainer(_student(path), tok, _cfg(tmp_path, out=str(tmp_path / "b")), rows, eval_rows)
+    assert resumed.resume() and resumed.step == 2
+    for _ in range(2):
+        resumed.train_step()
+    for n, p in full.params.items():
+        assert torch.equal(p, resumed.params[n]), n
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun on CPU/gloo tested on Linux")
+def test_torchrun_two_gloo_processes_match_single_process(setup, tmp_path):
+    path, data, _, _, _ = setup
+    args = [str(path), "--data", str(data), "-l", "3", "--max-tokens", "1200", "--seq-len", "64", "--batch-size", "4",
+            "--lr", "1e-2", "--dtype", "float32", "--held-out-fraction", "0.2", "--eval-every", "1000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "swiftkv.cli", "distill", *args, "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            "-m", "swiftkv.cli", "distill", *args, "--out", str(tmp_path / "two")],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert multi.returncode == 0, multi.stderr[-2000:]
+    a = torch.load(tmp_path / "one" / "trainer_state.pt", weights_only=False)
+    b = torch.load(tmp_path / "two" / "trainer_state.pt", weights_only=False)
+    assert a["step"] == b["step"] > 1
+    for n in a["params"]:
+        torch.testing.assert_close(a["params"][n], b["params"][n], atol=1e-5, rtol=1e-4)
+    assert (tmp_path / "two" / "model" / "config.json").exists()
