@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from dataclasses import replace
 from collections.abc import Iterator
 
 from tqdm.auto import tqdm
@@ -56,8 +57,6 @@ class LLM:
         for i in range(params.n):
             p = params
             if params.n > 1:  # n samples: independent requests, seeds offset per sample
-                from dataclasses import replace
-
                 p = replace(params, n=1, seed=None if params.seed is None else params.seed + i)
             rids.append(self.engine.add_request(ids, p, f"{rid}-{i}", prompt=text))
         return rids

@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -105,7 +106,7 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_waiting: int
             first = await _first(stream)
             return _sse(R.completion_chunks(rid, model_name, first, stream, tokenizer, req, jobs))
         outs = [o async for o in stream]
-        return R.completion_response(rid, model_name, outs, tokenizer, jobs, req.n)
+        return R.completion_response(rid, model_name, outs, tokenizer, jobs)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat(req: ChatCompletionRequest, request: Request):
@@ -122,7 +123,7 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_waiting: int
             first = await _first(stream)
             return _sse(R.chat_chunks(rid, model_name, first, stream, tokenizer, req, len(ids)))
         outs = [o async for o in stream]
-        return R.chat_response(rid, model_name, outs, tokenizer, len(ids), req.n)
+        return R.chat_response(rid, model_name, outs, tokenizer, len(ids))
 
     return app
 
@@ -160,8 +161,6 @@ async def _run(engine: AsyncEngine, rid: str, jobs: list[tuple[list[int], str | 
     Aborts every unfinished request when the client disconnects, the timeout passes, or the
     consumer stops early (e.g. a cancelled stream).
     """
-    from dataclasses import replace
-
     queue: asyncio.Queue = asyncio.Queue()
     sub_ids: dict[str, int] = {}
     try:

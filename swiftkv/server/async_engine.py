@@ -30,7 +30,6 @@ class _Request:
     arrival: float = field(default_factory=time.monotonic)
     first_token: float | None = None
     last_token: float | None = None
-    num_prompt: int = 0
 
 
 class AsyncEngine:
@@ -60,7 +59,7 @@ class AsyncEngine:
         if len(self.engine.scheduler.waiting) + len(self._pending) >= self.max_waiting:
             self.metrics.rejected.inc()
             raise QueueFullError(f"{self.max_waiting} requests already waiting")
-        req = _Request(queue or asyncio.Queue(), asyncio.get_running_loop(), num_prompt=len(prompt_token_ids))
+        req = _Request(queue or asyncio.Queue(), asyncio.get_running_loop())
         self._requests[request_id] = req
         self._pending.append(("add", request_id, (prompt_token_ids, params, prompt)))
         self.metrics.prompt_tokens.inc(len(prompt_token_ids))
@@ -109,7 +108,8 @@ class AsyncEngine:
             deliveries += self._collect(outputs, failed)
             for req, item in deliveries:
                 req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
-            self.metrics.set_state(self.stats()) if deliveries or busy else None
+            if deliveries or busy:
+                self.metrics.set_state(self.stats())
             if not busy:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()

@@ -41,7 +41,7 @@ def _finals(outs: list[tuple[int, RequestOutput]]) -> dict[int, CompletionOutput
     return {i: o.outputs[0] for i, o in outs if o.finished}
 
 
-def completion_response(rid, model, outs, tokenizer, jobs, n) -> dict:
+def completion_response(rid, model, outs, tokenizer, jobs) -> dict:
     finals = _finals(outs)
     choices = [{"index": i, "text": c.text, "logprobs": _completion_logprobs(c, tokenizer), "finish_reason": c.finish_reason}
                for i, c in sorted(finals.items())]
@@ -50,7 +50,7 @@ def completion_response(rid, model, outs, tokenizer, jobs, n) -> dict:
             "usage": _usage(prompt_tokens, sum(len(c.token_ids) for c in finals.values()))}
 
 
-def chat_response(rid, model, outs, tokenizer, prompt_tokens, n) -> dict:
+def chat_response(rid, model, outs, tokenizer, prompt_tokens) -> dict:
     finals = _finals(outs)
     choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
                 "logprobs": _chat_logprobs(c, tokenizer), "finish_reason": c.finish_reason}
@@ -74,7 +74,7 @@ async def _deltas(first, stream: AsyncIterator) -> AsyncIterator[tuple[int, Comp
 
 
 async def completion_chunks(rid, model, first, stream, tokenizer, req, jobs) -> AsyncIterator[dict]:
-    created, completion_tokens, done = int(time.time()), {}, set()
+    created, completion_tokens = int(time.time()), {}
     async for i, c, text, n0 in _deltas(first, stream):
         completion_tokens[i] = len(c.token_ids)
         yield {"id": rid, "object": "text_completion", "created": created, "model": model,
