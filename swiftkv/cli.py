@@ -61,27 +61,38 @@ def cmd_generate(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    if args.what == "online":
+    if args.mode == "online":
         import asyncio
         import json
 
         from swiftkv.bench.online import run_load
         from swiftkv.bench.workloads import make_prompts
 
-        prompts = make_prompts(args.num_requests, args.prompt_tokens, args.seed)
-        report = asyncio.run(run_load(args.url, args.served_model_name, prompts, args.max_tokens, args.concurrency,
+        prompts = make_prompts(args.num_requests or 64, args.prompt_tokens, args.seed)
+        report = asyncio.run(run_load(args.url, args.served_model_name, prompts, args.max_tokens or 64, args.concurrency,
                                       args.rate, args.api_key, args.seed))
         summary = report.summary()
         print(json.dumps(summary, indent=2))
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(summary, f, indent=2)
-        return
-    if args.what == "prefill":
+    elif args.workload == "prefill":
         from swiftkv.bench.prefill import run_prefill_bench
 
         run_prefill_bench(args.model, tuple(args.lengths), args.reps, args.decode_tokens, args.dtype, args.out,
                           with_transformers=not args.no_transformers)
+    else:
+        from swiftkv.bench.offline import Workload, run_offline_bench
+
+        w = args.workload
+        if w == "custom" or args.num_requests or args.prompt_range or args.max_tokens:
+            from swiftkv.models.loader import load_config, resolve_model_path
+
+            vocab = load_config(resolve_model_path(args.model or DEFAULT_SWIFTKV_MODEL)).vocab_size
+            w = Workload.make(w, vocab, args.seed, args.num_requests, tuple(args.prompt_range) if args.prompt_range else None,
+                              args.max_tokens)
+        run_offline_bench(args.model, w, args.reps, args.dtype, args.out or "bench_results", not args.no_transformers,
+                          args.max_num_seqs, args.kv_budget_gb, args.seed)
 
 
 def cmd_distill(args) -> None:
@@ -209,26 +220,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("bench", help="benchmarks (see the README)")
-    p.add_argument("what", choices=["prefill", "online"],
-                   help="prefill: prefill/decode tokens/s vs baseline and transformers; online: load a running server")
+    p = sub.add_parser("bench", help="benchmarks: swiftkv vs its baseline mode vs transformers (see the README)")
     p.add_argument("model", nargs="?", default=None, help=f"SwiftKV checkpoint (default {DEFAULT_SWIFTKV_MODEL})")
-    p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--workload", choices=["prompt-heavy", "chat", "custom", "prefill"], default="prompt-heavy",
+                   help="prefill: prefill/decode tokens/s at --lengths")
+    p.add_argument("--mode", choices=["offline", "online"], default="offline",
+                   help="online: Poisson or closed-loop load against a running `swiftkv serve` (--url)")
+    p.add_argument("--num-requests", type=int, default=None)
+    p.add_argument("--prompt-range", type=int, nargs=2, default=None, metavar=("MIN", "MAX"), help="prompt tokens")
+    p.add_argument("--max-tokens", type=int, default=None, help="output tokens per request")
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--max-num-seqs", type=int, default=16, help="engine batch / transformers batch size")
+    p.add_argument("--kv-budget-gb", type=float, default=1.0, help="KV budget for the max-concurrent-seqs metric")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    g = p.add_argument_group("online (against `swiftkv serve`)")
+    p.add_argument("--out", default=None, help="output directory (offline) or JSON file (prefill, online)")
+    p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("prefill workload")
+    g.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
+    g.add_argument("--decode-tokens", type=int, default=64)
+    g = p.add_argument_group("online mode (against `swiftkv serve`)")
     g.add_argument("--url", default="http://127.0.0.1:8000")
     g.add_argument("--served-model-name", default=DEFAULT_SWIFTKV_MODEL)
     g.add_argument("--api-key", default=None)
-    g.add_argument("--num-requests", type=int, default=64)
     g.add_argument("--prompt-tokens", type=int, default=1024, help="approximate prompt length")
-    g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--concurrency", type=int, default=8)
     g.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second instead of a closed loop")
-    g.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_bench)
     return parser
 

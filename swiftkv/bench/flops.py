@@ -1,0 +1,59 @@
+"""FLOP counts for prefill and decode (forward only; 2 FLOPs per multiply-add), and a matmul peak.
+
+Per token and layer: projections ``2 * (H*(Hq*D) + 2*H*(Hkv*D) + (Hq*D)*H + 3*H*I)``; attention
+``4 * Hq * D * c`` for a query that sees ``c`` keys (QK^T and PV). LM head ``2 * H * V`` per token that
+needs logits. In SwiftKV mode a prompt token that needs no logits runs layers ``0..l-1`` plus, per
+AcrossKV group leader, the two SingleInputKV projections ``2 * 2*H*(Hkv*D)``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from swiftkv.config import SwiftKVConfig
+
+
+def _dims(config) -> tuple[int, int, int, int, int, int]:
+    h, hq, hkv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    d = getattr(config, "head_dim", None) or h // hq
+    return h, hq, hkv, d, config.intermediate_size, config.vocab_size
+
+
+def layer_flops(config, context: int) -> float:
+    """One token through one full decoder layer, attending ``context`` keys."""
+    h, hq, hkv, d, i, _ = _dims(config)
+    proj = h * hq * d + 2 * h * hkv * d + hq * d * h + 3 * h * i
+    return 2.0 * proj + 4.0 * hq * d * context
+
+
+def prefill_flops(config, skv: SwiftKVConfig, prompt_len: int, swiftkv: bool) -> float:
+    """FLOPs to prefill one prompt of ``n`` tokens and produce the logits of its last token."""
+    h, hq, hkv, d, _, v = _dims(config)
+    L, n = config.num_hidden_layers, prompt_len
+    l = skv.num_key_value_layers if swiftkv else L
+    kv_proj = 2.0 * 2 * h * hkv * d  # one token's K and V projections for one layer
+    # token at position p attends p + 1 keys: sum over the prompt is n (n + 1) / 2
+    total = l * (n * layer_flops(config, 0) + 4.0 * hq * d * n * (n + 1) / 2)
+    if swiftkv:
+        total += n * len(skv.group_leaders) * kv_proj  # SingleInputKV K/V of every token
+        total += (L - l) * (layer_flops(config, n) - kv_proj)  # the last token's later layers
+    return total + 2.0 * h * v
+
+
+def decode_flops(config, context: int) -> float:
+    """FLOPs for one decode token at ``context`` keys (same in both modes up to the tiny K/V term)."""
+    _, _, _, _, _, v = _dims(config)
+    return config.num_hidden_layers * layer_flops(config, context) + 2.0 * config.hidden_size * v
+
+
+def measure_matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 1024, seconds: float = 1.0) -> float:
+    """Achieved FLOP/s of a square matmul in this process, now (the MFU denominator)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2.0 * n**3 * reps / (time.perf_counter() - t0)
