@@ -141,6 +141,18 @@ def cmd_distill(args) -> None:
         dist.destroy_process_group()
 
 
+def cmd_distill_report(args) -> None:
+    from pathlib import Path
+
+    from swiftkv.distill.report import ablation_table, plot_logs, read_log
+
+    logs = {Path(d).name: read_log(Path(d)) for d in args.runs}
+    print(ablation_table(logs))
+    if args.plot:
+        plot_logs(logs, Path(args.plot))
+        print(f"wrote {args.plot}")
+
+
 def cmd_serve(args) -> None:
     import os
 
@@ -203,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="autocast dtype")
     p.add_argument("--resume", action="store_true", help="continue from OUT/trainer_state.pt")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("distill-report", help="table and plot comparing distillation runs (ablations)")
+    p.add_argument("runs", nargs="+", help="run directories of `swiftkv distill`")
+    p.add_argument("--plot", default=None, help="PNG path for agreement/KL vs tokens")
+    p.set_defaults(func=cmd_distill_report)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     p.add_argument("model", nargs="?", default=None, help=f"default: {DEFAULT_SWIFTKV_MODEL}")

@@ -155,3 +155,21 @@ def test_torchrun_two_gloo_processes_match_single_process(setup, tmp_path):
     for n in a["params"]:
         torch.testing.assert_close(a["params"][n], b["params"][n], atol=1e-5, rtol=1e-4)
     assert (tmp_path / "two" / "model" / "config.json").exists()
+
+
+def test_ablation_report(tmp_path):
+    from swiftkv.cli import main
+
+    for name, end in (("a", 0.6), ("b", 0.7)):
+        d = tmp_path / name
+        d.mkdir()
+        log = [{"step": 0, "tokens": 0, "eval_agree": 0.5, "eval_kl": 1.5},
+               {"step": 10, "tokens": 20480, "kl": 1.0}, {"step": 20, "tokens": 40960, "eval_agree": end, "eval_kl": 0.9}]
+        (d / "log.json").write_text(json.dumps({"config": {}, "log": log}))
+    png = tmp_path / "abl.png"
+    assert main(["distill-report", str(tmp_path / "a"), str(tmp_path / "b"), "--plot", str(png)]) == 0
+    assert png.stat().st_size > 1000
+    from swiftkv.distill.report import ablation_table, read_log
+
+    table = ablation_table({"a": read_log(tmp_path / "a"), "b": read_log(tmp_path / "b")}).splitlines()
+    assert table[2] == "| a | 40,960 | 50.0% | 60.0% | 1.500 | 0.900 |" and table[3].startswith("| b | 40,960 | 50.0% | 70.0%")
