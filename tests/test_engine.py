@@ -208,3 +208,13 @@ def test_stop_token_ids(base):
     ref = greedy_generate(base, prompt, 8)
     (out,) = _run(_engine(base), [prompt], SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[ref[2]], ignore_eos=True))
     assert out.outputs[0].token_ids == ref[: ref.index(ref[2]) + 1] and out.outputs[0].finish_reason == "stop"
+
+
+def test_request_that_cannot_fit_the_cache_is_refused(base):
+    engine = _engine(base, blocks=4, block_size=4)  # 16 tokens of KV
+    with pytest.raises(ValueError, match="needs 5 KV blocks but the cache has only 4"):
+        engine.add_request(list(range(10)), SamplingParams(max_tokens=8))
+    engine.add_request(list(range(10)), SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.block_manager.num_free_blocks == 4

@@ -115,10 +115,11 @@ class LLMEngine:
         if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context "
                              f"of {self.max_model_len} tokens; lower max_tokens to at most {self.max_model_len - n}")
-        blocks = -(-n // self.config.block_size)
-        if blocks > self.block_manager.num_blocks:
-            raise ValueError(f"prompt of {n} tokens needs {blocks} KV blocks but the cache has only "
-                             f"{self.block_manager.num_blocks}; raise kv_cache_memory or shorten the prompt")
+        longest = n + (params.max_tokens if params.max_tokens is not None else self.max_model_len - n)
+        blocks = -(-min(longest, self.max_model_len) // self.config.block_size)
+        if blocks > self.block_manager.num_blocks:  # it could never finish, even alone
+            raise ValueError(f"prompt + max_tokens ({longest} tokens) needs {blocks} KV blocks but the cache has only "
+                             f"{self.block_manager.num_blocks}; raise kv_cache_memory or lower max_tokens")
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now, free its KV blocks and forget it (unknown ids are ignored)."""
