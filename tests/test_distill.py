@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from swiftkv.config import SwiftKVConfig
-from swiftkv.distill.data import Row, iter_json_array, load_conversations, pack_rows, tokenize_with_mask
+from swiftkv.distill.data import iter_json_array, load_conversations, pack_rows, tokenize_with_mask
 from swiftkv.distill.loss import Batch, DistillModule, trainable_parameters
 from swiftkv.distill.trainer import DistillConfig, Trainer
 from swiftkv.models.loader import load_model, load_tokenizer

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from conftest import tiny_hf_model
 from swiftkv.config import SwiftKVConfig
 from swiftkv.layers.attention import AttentionMetadata
 from swiftkv.models.full_sequence import full_logits, greedy_generate

@@ -147,7 +147,7 @@ def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2
     if hf is not None:
         runners["transformers"] = lambda: run_transformers(hf, w, max_num_seqs)
     warm = Workload(w.name, w.prompts[:1], 2)
-    for name, llm in engines.items():  # warm-up: first-call allocations and thread pools
+    for llm in engines.values():  # warm-up: first-call allocations and thread pools
         run_engine(llm, warm)
     if hf is not None:
         run_transformers(hf, warm, 1)

@@ -188,7 +188,7 @@ async def _run(engine: AsyncEngine, rid: str, jobs: list[tuple[list[int], str | 
                 item = await asyncio.wait_for(queue.get(), timeout=min(1.0, max(0.01, deadline - time.monotonic())))
             except asyncio.TimeoutError:
                 if time.monotonic() >= deadline:
-                    raise APIError(504, f"request timed out after {timeout:.0f}s", "timeout_error")
+                    raise APIError(504, f"request timed out after {timeout:.0f}s", "timeout_error") from None
                 if await request.is_disconnected():
                     return
                 continue
