@@ -176,10 +176,18 @@ class LLMEngine:
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _text(self, seq: Sequence) -> str:
+    def _raw_text(self, seq: Sequence) -> str:
+        """Detokenised output, decoded once per new token (shared by stop checks and outputs)."""
         if self.tokenizer is None:
             return ""
-        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens)
+        n = seq.num_tokens
+        if seq.text_cache is None or seq.text_cache[0] != n:
+            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens)
+            seq.text_cache = (n, text)
+        return seq.text_cache[1]
+
+    def _text(self, seq: Sequence) -> str:
+        text = self._raw_text(seq)
         for s in seq.params.stop:
             if (cut := text.find(s)) != -1:
                 text = text[:cut]
@@ -191,10 +199,8 @@ class LLMEngine:
         if n_out >= p.min_tokens:
             if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
                 return "stop"
-            if p.stop and self.tokenizer is not None:
-                text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=p.skip_special_tokens)
-                if any(s in text for s in p.stop):
-                    return "stop"
+            if p.stop and any(s in self._raw_text(seq) for s in p.stop):
+                return "stop"
         if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
             return "length"
         return None

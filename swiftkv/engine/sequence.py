@@ -30,6 +30,7 @@ class Sequence:
     num_preemptions: int = 0
     # per generated token: (logprob of chosen token, {token_id: logprob} of the top alternatives)
     logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
+    text_cache: tuple[int, str] | None = None  # (num_tokens, decoded output) of the last decode
 
     def __post_init__(self) -> None:
         if not self.token_ids:
