@@ -1,4 +1,4 @@
-"""``swiftkv`` command line: convert | distill | generate | serve | bench."""
+"""``swiftkv`` command line: convert | distill | generate | serve | bench | eval | lm-eval."""
 
 from __future__ import annotations
 
@@ -111,14 +111,21 @@ def cmd_distill(args) -> None:
         dist.init_process_group("gloo")  # torchrun --nproc-per-node N: data-parallel (DDP)
     torch.manual_seed(args.seed)
     model, path = load_model(args.model, dtype="float32")
-    if model.swiftkv_config.is_baseline:
+    converted = model.swiftkv_config.is_baseline
+    if converted:
         model = to_swiftkv(model, layout_from_args(args, model.config.num_hidden_layers))
     skv = model.swiftkv_config
     cfg = DistillConfig(out=args.out, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
                         lr=args.lr, schedule=args.schedule, temperature=args.temperature, mse_weight=args.mse_weight,
                         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, data=args.data,
                         held_out_fraction=args.held_out_fraction, bf16=args.dtype == "bfloat16")
-    trainer = Trainer(model, load_tokenizer(path), cfg)
+    tokenizer = load_tokenizer(path)
+    if args.kv_init == "lstsq" and converted and not (args.resume and (Path(args.out) / "trainer_state.pt").exists()):
+        from swiftkv.distill.init import fit_kv_projections, calibration_batch
+
+        res = fit_kv_projections(model, calibration_batch(tokenizer, cfg))
+        print(f"least-squares K/V init: mean relative residual {sum(res.values()) / len(res):.3f}", file=sys.stderr)
+    trainer = Trainer(model, tokenizer, cfg)
     if args.resume and trainer.resume():
         print(f"resumed at step {trainer.step}/{trainer.total_steps}", file=sys.stderr)
     print(f"distilling l={skv.num_key_value_layers} of L={skv.num_layers}, G={skv.key_value_group_size}: "
@@ -214,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--held-out-fraction", type=float, default=0.01, help="conversations held out for eval")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="autocast dtype")
     p.add_argument("--resume", action="store_true", help="continue from OUT/trainer_state.pt")
+    p.add_argument("--kv-init", choices=["lstsq", "mean"], default="lstsq",
+                   help="K/V projection init when converting: least-squares fit on calibration tokens "
+                        "(default) or the reference's mean of the group's k/v_proj")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("distill-report", help="table and plot comparing distillation runs (ablations)")
@@ -264,11 +274,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--concurrency", type=int, default=8)
     g.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second instead of a closed loop")
     p.set_defaults(func=cmd_bench)
+
+    from swiftkv.eval.cli import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "lm-eval":  # everything after `lm-eval` belongs to lm-evaluation-harness
+        args.lm_eval_args = [*extra, *args.lm_eval_args]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except ValueError as e:

@@ -40,6 +40,15 @@ class LLM:
         self.engine = LLMEngine(self.model, self.tokenizer, config)
         self._counter = itertools.count()
 
+    @classmethod
+    def from_model(cls, model, tokenizer, model_path: str | os.PathLike = "", config: EngineConfig | None = None) -> LLM:
+        """Wrap an already loaded model (in its current SwiftKV/teacher mode) without reloading it."""
+        llm = cls.__new__(cls)
+        llm.model, llm.model_path, llm.tokenizer = model, model_path, tokenizer
+        llm.engine = LLMEngine(model, tokenizer, config or EngineConfig())
+        llm._counter = itertools.count()
+        return llm
+
     @property
     def swiftkv(self) -> bool:
         return self.model.swiftkv_enabled

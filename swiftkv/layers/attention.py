@@ -30,6 +30,10 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks] int64
     # This pass's freshly computed K/V per owner: {owner: (k, v)}, each [num_tokens, kv_heads, D].
     fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # Full-sequence mode only: per-sequence boolean masks [len, len] (True = attend) replacing the
+    # causal mask, e.g. one shared context followed by several continuations that each see only
+    # the context and themselves (evaluation packs multiple-choice items this way). None = causal.
+    masks: list[torch.Tensor | None] | None = None
     _decode_mask: torch.Tensor | None = None
     _gather_buf: tuple[torch.Tensor, torch.Tensor] | None = None  # reused by every layer's decode
 
@@ -40,9 +44,9 @@ class AttentionMetadata:
                 self.kv_starts.append(self.kv_starts[-1] + n)
 
     @classmethod
-    def full(cls, seq_lens: list[int]) -> AttentionMetadata:
+    def full(cls, seq_lens: list[int], masks: list[torch.Tensor | None] | None = None) -> AttentionMetadata:
         """Whole sequences, no cache (training, evaluation, the transformers wrapper)."""
-        return cls(q_lens=list(seq_lens), kv_lens=list(seq_lens))
+        return cls(q_lens=list(seq_lens), kv_lens=list(seq_lens), masks=masks)
 
     @property
     def num_seqs(self) -> int:
@@ -85,6 +89,8 @@ class AttentionMetadata:
 
     def _attend_fresh(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         n = self.q_lens[0]
+        if self.masks is not None:
+            return self._attend_masked(q, k, v)
         if self.q_lens == self.kv_lens and all(x == n for x in self.q_lens) and len(k) == len(q):
             b, h, d = self.num_seqs, q.shape[1], q.shape[2]
             qb = q.view(b, n, h, d).transpose(1, 2)  # [B, H, T, D]
@@ -97,6 +103,20 @@ class AttentionMetadata:
             qs, ks, vs = q[q0 : q0 + ql], k[k0 : k0 + kl], v[k0 : k0 + kl]
             outs.append(_sdpa(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1)).transpose(0, 1))
             q0 += ql
+        return torch.cat(outs)
+
+    def _attend_masked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.q_lens != self.kv_lens or len(self.masks) != self.num_seqs:
+            raise ValueError("attention masks need whole sequences and one mask (or None) per sequence")
+        outs, q0 = [], 0
+        for n, mask in zip(self.q_lens, self.masks):
+            qs, ks, vs = (x[q0 : q0 + n].transpose(0, 1)[None] for x in (q, k, v))  # [1, H, n, D]
+            if mask is None:
+                out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+            else:
+                out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
+            outs.append(out[0].transpose(0, 1))
+            q0 += n
         return torch.cat(outs)
 
     def _attend_cached_chunks(self, owner: int, q: torch.Tensor) -> torch.Tensor:

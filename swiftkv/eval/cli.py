@@ -1,0 +1,58 @@
+"""``swiftkv eval`` and ``swiftkv lm-eval`` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from swiftkv.eval.tasks import ALL_TASKS
+
+
+def cmd_eval(args) -> None:
+    from swiftkv.eval.runner import EvalConfig, format_table, run_eval
+
+    tasks = ALL_TASKS if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    cfg = EvalConfig(model=args.model, tasks=tasks, limit=args.limit, gsm8k_limit=args.gsm8k_limit,
+                     lambada_limit=args.lambada_limit, chat_prompts=args.chat_prompts, seed=args.seed,
+                     dtype=args.dtype, max_batch_tokens=args.max_batch_tokens,
+                     distribution=not args.no_distribution, generation=not args.no_generation, data=args.data)
+    out = Path(args.out) if args.out else Path("eval_results") / Path(args.model or "default-swiftkv").name
+    result = run_eval(cfg, out)
+    print(format_table(result))
+    print(f"wrote {out / 'results.json'} and {out / 'results.png'}", file=sys.stderr)
+
+
+def cmd_lm_eval(args) -> None:
+    """Run lm-evaluation-harness with the SwiftKV transformers classes registered."""
+    try:
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError:
+        raise ValueError("lm-evaluation-harness is not installed: pip install lm_eval") from None
+    import swiftkv  # noqa: F401  (registers llama_swiftkv / qwen2_swiftkv with transformers' Auto classes)
+
+    sys.argv = ["lm_eval", *args.lm_eval_args]
+    cli_evaluate()
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("eval", help="quality of a SwiftKV model vs its teacher on real benchmarks")
+    p.add_argument("model", nargs="?", default=None, help="SwiftKV checkpoint (default: the default SwiftKV model)")
+    p.add_argument("--tasks", default="all", help=f"comma-separated, or 'all': {','.join(ALL_TASKS)}")
+    p.add_argument("--limit", type=int, default=200, help="items per multiple-choice task (seeded subset; 0 = all)")
+    p.add_argument("--gsm8k-limit", type=int, default=40, help="GSM8K questions (0 = all 1319)")
+    p.add_argument("--lambada-limit", type=int, default=200, help="LAMBADA passages (0 = all 5153)")
+    p.add_argument("--chat-prompts", type=int, default=24, help="held-out chat prompts for greedy agreement")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--max-batch-tokens", type=int, default=4096, help="tokens per log-likelihood forward")
+    p.add_argument("--no-distribution", action="store_true", help="skip held-out KL/agreement and LAMBADA")
+    p.add_argument("--no-generation", action="store_true", help="skip chat agreement and instructions")
+    p.add_argument("--data", default=None, help="held-out chats source (default: ShareGPT, as distillation)")
+    p.add_argument("--out", default=None, help="output directory (default: eval_results/<model name>)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("lm-eval", help="lm-evaluation-harness with SwiftKV checkpoints loadable (args pass through)",
+                       add_help=False)
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_lm_eval)
