@@ -66,7 +66,7 @@ def fit_kv_projections(model: LlamaForCausalLM, batch: Batch, ridge: float = 1e-
             dst.weight.copy_(w[: dst.in_features].T)
             if has_bias:
                 dst.bias.copy_(w[dst.in_features])
-            residuals[f"layers.{leader}.{name}_swiftkv"] = float((x @ w - y).norm() / y.norm())
+            residuals[f"model.layers.{leader}.self_attn.{name}_swiftkv"] = float((x @ w - y).norm() / y.norm())
     return residuals
 
 

