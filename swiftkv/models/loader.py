@@ -36,7 +36,7 @@ def parse_dtype(dtype: str | torch.dtype, config=None) -> torch.dtype:
 
 def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
     """Local directory, a built-in model (``None`` = ``smollm2-135m-instruct``; the shipped SwiftKV
-    models ``smollm2-135m-instruct-swiftkv`` and ``-swiftkv-g2``), or a hub id."""
+    models ``smollm2-135m-instruct-swiftkv``, ``-swiftkv-l15`` and ``-swiftkv-g2``), or a hub id."""
     if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
         return default_model_dir()
     if str(name_or_path) in SHIPPED_MODELS:
