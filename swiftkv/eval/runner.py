@@ -26,10 +26,10 @@ class EvalConfig:
 
     model: str | None = None
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
-    limit: int = 200
-    gsm8k_limit: int = 40
-    lambada_limit: int = 200
-    chat_prompts: int = 24
+    limit: int = 100
+    gsm8k_limit: int = 20
+    lambada_limit: int = 100
+    chat_prompts: int = 16
     seed: int = 0
     dtype: str = "bfloat16"
     max_batch_tokens: int = 4096
