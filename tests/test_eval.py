@@ -172,6 +172,8 @@ def test_eval_end_to_end_writes_table_json_and_png(models, tmp_path):
         assert r["ci95"][0] <= r["diff"] <= r["ci95"][1]
     with pytest.raises(ValueError, match="unknown task"):
         runner.EvalConfig(tasks=["nope"])
+    with pytest.raises(ValueError, match="not a SwiftKV model"):
+        runner.run_eval(runner.EvalConfig(model=str(src), tasks=[]))
 
 
 def test_lm_eval_harness_runs_a_swiftkv_checkpoint(models, tmp_path):

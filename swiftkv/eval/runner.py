@@ -79,6 +79,9 @@ def run_eval(cfg: EvalConfig, out_dir: str | os.PathLike | None = None) -> dict:
 
     start = time.perf_counter()
     model, path = load_model(cfg.model or DEFAULT_SWIFTKV_MODEL, dtype=cfg.dtype, swiftkv=None)
+    if model.swiftkv_config.is_baseline:
+        raise ValueError(f"{path} is not a SwiftKV model (no layer takes SingleInputKV), so SwiftKV and teacher would "
+                         "score identically; convert or distill it first (swiftkv convert / swiftkv distill)")
     if not model.teacher_available:
         raise ValueError(f"{path} has no teacher tensors (original q/k/v of layers >= l); evaluate a checkpoint "
                          "written by `swiftkv convert`/`swiftkv distill`, which keep them")
