@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import replace
 from collections.abc import Iterator
+from dataclasses import replace
 
 from tqdm.auto import tqdm
 

@@ -13,7 +13,12 @@ from swiftkv.config import SwiftKVConfig
 from swiftkv.eval import runner
 from swiftkv.eval.instructions import INSTRUCTIONS
 from swiftkv.eval.loglik import Scored, encode_pair, score_pairs
-from swiftkv.eval.metrics import extract_number, gsm8k_exact_match, paired_bootstrap, score_mc
+from swiftkv.eval.metrics import (
+    extract_number,
+    gsm8k_exact_match,
+    paired_bootstrap,
+    score_mc,
+)
 from swiftkv.eval.tasks import MCItem, load_lambada, load_task, subset
 from swiftkv.models.full_sequence import full_logits
 from swiftkv.models.loader import load_model, load_tokenizer, save_checkpoint
@@ -114,7 +119,7 @@ def models(tiny_chat_model_dir):
 
 
 def test_packed_loglikelihoods_match_full_sequence(models):
-    _, student, tok, src = models
+    _, student, tok, _ = models
     pairs = [encode_pair(tok, "The sky is", c) for c in [" blue", " green today", " blue"]]
     pairs += [encode_pair(tok, "Numbers: 1 2 3", " 4 5"), encode_pair(tok, "x ", "y")]
     out = score_pairs(student, pairs, max_batch_tokens=16)
@@ -141,7 +146,7 @@ def test_teacher_and_l_equals_L_score_identically(models):
 
 def test_task_scores_from_given_loglikelihoods(monkeypatch, models):
     """The runner's scoring over a stub whose log-likelihoods are given: known answers."""
-    _, student, tok, src = models
+    _, student, tok, _ = models
     items = [MCItem("a", ["Q:"] * 2, [" yes", " no"], gold=0), MCItem("b", ["Q:"] * 2, [" yes", " no"], gold=1)]
     monkeypatch.setattr(runner, "load_task", lambda name: items)
     given = {"teacher": [-1.0, -2.0, -1.0, -2.0], "swiftkv": [-1.0, -2.0, -3.0, -2.0]}
@@ -152,7 +157,7 @@ def test_task_scores_from_given_loglikelihoods(monkeypatch, models):
 
 
 def test_eval_end_to_end_writes_table_json_and_png(models, tmp_path):
-    _, student, tok, src = models
+    _, student, _, src = models
     ckpt = save_checkpoint(student, tmp_path / "skv", source_dir=src)
     chats = tmp_path / "chats.jsonl"
     words = "alpha beta gamma delta river stone cloud".split()

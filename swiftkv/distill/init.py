@@ -43,10 +43,7 @@ def fit_kv_projections(model: LlamaForCausalLM, batch: Batch, ridge: float = 1e-
             hooks.append(getattr(attn, name).register_forward_hook(
                 lambda _m, _inp, out, key=(i, name): captured.__setitem__(key, out.float())))
     try:
-        h = model.model.embed_tokens(batch.input_ids)
-        cos, sin = model.model.rotary_emb(batch.positions, h.dtype)
-        meta = AttentionMetadata.full(batch.seq_lens)
-        h_l = model.run_layers(h, cos, sin, meta, 0, l, skv=teacher)
+        h_l, cos, sin = model.embed_prefix(batch.input_ids, batch.positions, AttentionMetadata.full(batch.seq_lens), l)
         model.run_layers(h_l, cos, sin, AttentionMetadata.full(batch.seq_lens), l, L, skv=teacher)
     finally:
         for hook in hooks:
@@ -57,7 +54,7 @@ def fit_kv_projections(model: LlamaForCausalLM, batch: Batch, ridge: float = 1e-
         x = torch.cat([x, torch.ones(x.shape[0], 1)], 1)
     residuals = {}
     for leader in skv.group_leaders:
-        group = [j for j in range(l, L) if skv.kv_owner(j) == skv.kv_owner(leader)]
+        group = range(leader, leader + skv.key_value_group_size)
         attn = model.model.layers[leader].self_attn
         for name in ("k_proj", "v_proj"):
             y = torch.stack([captured[(j, name)] for j in group]).mean(0)  # [N, Hkv*D]

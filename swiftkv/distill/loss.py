@@ -56,9 +56,7 @@ class DistillModule(nn.Module):
         L, l, T = skv.num_layers, skv.num_key_value_layers, self.temperature
         teacher_skv = SwiftKVConfig.baseline(L)
         with torch.no_grad():
-            h = m.model.embed_tokens(batch.input_ids)
-            cos, sin = m.model.rotary_emb(batch.positions, h.dtype)
-            h_l = m.run_layers(h, cos, sin, AttentionMetadata.full(batch.seq_lens), 0, l, skv=teacher_skv)
+            h_l, cos, sin = m.embed_prefix(batch.input_ids, batch.positions, AttentionMetadata.full(batch.seq_lens), l)
             meta_t = AttentionMetadata.full(batch.seq_lens)
             h_t_last = m.run_layers(h_l, cos, sin, meta_t, l, L - 1, skv=teacher_skv)  # input of the last layer
             h_t = m.run_layers(h_t_last, cos, sin, meta_t, L - 1, L, skv=teacher_skv)

@@ -6,11 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from swiftkv.eval.config import EvalConfig
 from swiftkv.eval.tasks import ALL_TASKS
 
 
 def cmd_eval(args) -> None:
-    from swiftkv.eval.runner import EvalConfig, format_table, run_eval
+    from swiftkv.eval.runner import format_table, run_eval
 
     tasks = ALL_TASKS if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
     cfg = EvalConfig(model=args.model, tasks=tasks, limit=args.limit, gsm8k_limit=args.gsm8k_limit,
@@ -39,13 +40,18 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("eval", help="quality of a SwiftKV model vs its teacher on real benchmarks")
     p.add_argument("model", nargs="?", default=None, help="SwiftKV checkpoint (default: the default SwiftKV model)")
     p.add_argument("--tasks", default="all", help=f"comma-separated, or 'all': {','.join(ALL_TASKS)}")
-    p.add_argument("--limit", type=int, default=100, help="items per multiple-choice task (seeded subset; 0 = all)")
-    p.add_argument("--gsm8k-limit", type=int, default=20, help="GSM8K questions (0 = all 1319)")
-    p.add_argument("--lambada-limit", type=int, default=100, help="LAMBADA passages (0 = all 5153)")
-    p.add_argument("--chat-prompts", type=int, default=16, help="held-out chat prompts for greedy agreement")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--max-batch-tokens", type=int, default=4096, help="tokens per log-likelihood forward")
+    p.add_argument("--limit", type=int, default=EvalConfig.limit,
+                   help="items per multiple-choice task (seeded subset; 0 = all; default %(default)s)")
+    p.add_argument("--gsm8k-limit", type=int, default=EvalConfig.gsm8k_limit,
+                   help="GSM8K questions (0 = all 1319; default %(default)s)")
+    p.add_argument("--lambada-limit", type=int, default=EvalConfig.lambada_limit,
+                   help="LAMBADA passages (0 = all 5153; default %(default)s)")
+    p.add_argument("--chat-prompts", type=int, default=EvalConfig.chat_prompts,
+                   help="held-out chat prompts for greedy agreement (default %(default)s)")
+    p.add_argument("--seed", type=int, default=EvalConfig.seed)
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=EvalConfig.dtype)
+    p.add_argument("--max-batch-tokens", type=int, default=EvalConfig.max_batch_tokens,
+                   help="tokens per log-likelihood forward")
     p.add_argument("--no-distribution", action="store_true", help="skip held-out KL/agreement and LAMBADA")
     p.add_argument("--no-generation", action="store_true", help="skip chat agreement and instructions")
     p.add_argument("--data", default=None, help="held-out chats source (default: ShareGPT, as distillation)")

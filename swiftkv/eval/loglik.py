@@ -37,10 +37,10 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     n = len(context) - len(context.rstrip(" "))
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
     if not continuation:
         raise ValueError("empty continuation")
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
     if not ctx:  # nothing to condition on: start from the tokenizer's BOS/EOS token, as lm-eval does
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         return [bos], whole
@@ -134,9 +134,7 @@ def score_pairs(
         todo = [(i, cont, [o + r for r in pk.rows[cont]]) for i, pk, o in zip(batch, seqs, offsets) for cont in pk.rows]
         idx = torch.tensor([r for _, _, rows in todo for r in rows], device=dev)
         tgt = torch.tensor([t for _, cont, _ in todo for t in cont], device=dev)
-        h = model.model.embed_tokens(ids)
-        cos, sin = model.model.rotary_emb(positions, h.dtype)
-        h_l = model.run_layers(h, cos, sin, AttentionMetadata.full(seq_lens, masks), 0, l, skv=teacher_skv)
+        h_l, cos, sin = model.embed_prefix(ids, positions, AttentionMetadata.full(seq_lens, masks), l)
         tails = {"teacher": model.run_layers(h_l, cos, sin, AttentionMetadata.full(seq_lens, masks), l, L,
                                              skv=teacher_skv)}
         meta = AttentionMetadata.full(seq_lens, masks)

@@ -6,45 +6,17 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from swiftkv.eval import distribution, generation
+from swiftkv.eval.config import EvalConfig
 from swiftkv.eval.instructions import INSTRUCTIONS
 from swiftkv.eval.loglik import MODES, encode_pair, score_pairs
 from swiftkv.eval.metrics import PRIMARY_METRIC, paired_bootstrap, score_mc
-from swiftkv.eval.tasks import ALL_TASKS, GEN_TASKS, load_lambada, load_task, subset
-
-DEFAULT_TASKS = ALL_TASKS
-
-
-@dataclass
-class EvalConfig:
-    """What to evaluate and how much of it (``limit`` 0 = full sets)."""
-
-    model: str | None = None
-    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
-    limit: int = 100
-    gsm8k_limit: int = 20
-    lambada_limit: int = 100
-    chat_prompts: int = 16
-    seed: int = 0
-    dtype: str = "bfloat16"
-    max_batch_tokens: int = 4096
-    bootstrap_samples: int = 1000
-    distribution: bool = True  # held-out KL/agreement, LAMBADA
-    generation: bool = True  # chat agreement, verifiable instructions
-    data: str | None = None  # held-out chats: the distillation data (default ShareGPT)
-
-    def __post_init__(self) -> None:
-        unknown = [t for t in self.tasks if t not in ALL_TASKS]
-        if unknown:
-            raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(ALL_TASKS)}")
-        for name in ("limit", "gsm8k_limit", "lambada_limit", "chat_prompts"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0 = full set)")
+from swiftkv.eval.tasks import GEN_TASKS, load_lambada, load_task, subset
 
 
 def _task_scores(model, tokenizer, task: str, cfg: EvalConfig) -> tuple[int, dict[str, list[float]]]:

@@ -46,6 +46,8 @@ class AttentionMetadata:
     @classmethod
     def full(cls, seq_lens: list[int], masks: list[torch.Tensor | None] | None = None) -> AttentionMetadata:
         """Whole sequences, no cache (training, evaluation, the transformers wrapper)."""
+        if masks is not None and len(masks) != len(seq_lens):
+            raise ValueError(f"{len(masks)} attention masks for {len(seq_lens)} sequences")
         return cls(q_lens=list(seq_lens), kv_lens=list(seq_lens), masks=masks)
 
     @property
@@ -89,9 +91,8 @@ class AttentionMetadata:
 
     def _attend_fresh(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         n = self.q_lens[0]
-        if self.masks is not None:
-            return self._attend_masked(q, k, v)
-        if self.q_lens == self.kv_lens and all(x == n for x in self.q_lens) and len(k) == len(q):
+        same_len = self.q_lens == self.kv_lens and all(x == n for x in self.q_lens) and len(k) == len(q)
+        if same_len and self.masks is None:
             b, h, d = self.num_seqs, q.shape[1], q.shape[2]
             qb = q.view(b, n, h, d).transpose(1, 2)  # [B, H, T, D]
             kb = k.view(b, n, k.shape[1], d).transpose(1, 2)  # [B, Hkv, T, D]
@@ -99,24 +100,11 @@ class AttentionMetadata:
             out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=True)
             return out.transpose(1, 2).reshape(b * n, h, d)
         outs, q0 = [], 0
-        for ql, kl, k0 in zip(self.q_lens, self.kv_lens, self.kv_starts):
+        masks = self.masks or [None] * self.num_seqs
+        for ql, kl, k0, mask in zip(self.q_lens, self.kv_lens, self.kv_starts, masks):
             qs, ks, vs = q[q0 : q0 + ql], k[k0 : k0 + kl], v[k0 : k0 + kl]
-            outs.append(_sdpa(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1)).transpose(0, 1))
+            outs.append(_sdpa(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1), mask).transpose(0, 1))
             q0 += ql
-        return torch.cat(outs)
-
-    def _attend_masked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.q_lens != self.kv_lens or len(self.masks) != self.num_seqs:
-            raise ValueError("attention masks need whole sequences and one mask (or None) per sequence")
-        outs, q0 = [], 0
-        for n, mask in zip(self.q_lens, self.masks):
-            qs, ks, vs = (x[q0 : q0 + n].transpose(0, 1)[None] for x in (q, k, v))  # [1, H, n, D]
-            if mask is None:
-                out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
-            else:
-                out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
-            outs.append(out[0].transpose(0, 1))
-            q0 += n
         return torch.cat(outs)
 
     def _attend_cached_chunks(self, owner: int, q: torch.Tensor) -> torch.Tensor:
@@ -150,14 +138,17 @@ class AttentionMetadata:
         return torch.matmul(probs, v).transpose(0, 1).reshape(b, heads, d)
 
 
-def _sdpa(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor) -> torch.Tensor:
-    """One sequence, head-first: q [H, ql, D] are the last ql of kl keys [Hkv, kl, D]; causal.
+def _sdpa(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One sequence, head-first: q [H, ql, D] are the last ql of kl keys [Hkv, kl, D]; causal,
+    or ``mask`` [ql, kl] (True = attend) when given.
 
     Inputs get a batch dim: with 3-D inputs PyTorch's CPU SDPA falls back to the slow math path.
     """
     ql, kl = qt.shape[1], kt.shape[1]
     qt, kt, vt = qt[None], kt[None], vt[None]  # [1, H, ql, D]
-    if ql == kl:
+    if mask is not None:
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
+    elif ql == kl:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
     elif ql == 1:
         out = F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)

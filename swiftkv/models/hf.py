@@ -57,6 +57,7 @@ class _SwiftKVPreTrainedModel(PreTrainedModel):
     active_config = LlamaForCausalLM.active_config
     set_swiftkv = LlamaForCausalLM.set_swiftkv
     run_layers = LlamaForCausalLM.run_layers
+    embed_prefix = LlamaForCausalLM.embed_prefix
     store_swiftkv = LlamaForCausalLM.store_swiftkv
 
     def get_input_embeddings(self):

@@ -206,6 +206,14 @@ class LlamaForCausalLM(nn.Module):
             h = self.model.layers[i](h, cos, sin, meta, owner, swiftkv and skv.is_swiftkv_layer(i))
         return h
 
+    def embed_prefix(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                     end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embeddings, RoPE tables and layers ``0..end-1``: ``(h, cos, sin)``. For ``end <= l`` this
+        is identical for teacher and SwiftKV, so distillation and evaluation compute it once."""
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(positions, h.dtype)
+        return self.run_layers(h, cos, sin, meta, 0, end), cos, sin
+
     def store_swiftkv(self, h_l: torch.Tensor, cos, sin, meta: AttentionMetadata) -> None:
         """SingleInputKV: K/V of every later KV owner from the residual stream entering layer l."""
         skv, n = self.swiftkv_config, h_l.shape[0]
@@ -230,10 +238,8 @@ class LlamaForCausalLM(nn.Module):
         every token (full-sequence mode).
         """
         L = self.config.num_hidden_layers
-        h = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary_emb(positions, h.dtype)
         l = self.active_config.num_key_value_layers
-        h = self.run_layers(h, cos, sin, meta, 0, l)
+        h, cos, sin = self.embed_prefix(input_ids, positions, meta, l)
         if self.swiftkv_enabled:
             self.store_swiftkv(h, cos, sin, meta)
         if logits_seq_ids is not None:
