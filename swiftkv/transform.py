@@ -2,7 +2,8 @@
 
 ``q_proj_swiftkv`` = copy of ``q_proj``; a group leader's ``k/v_proj_swiftkv`` = mean of its
 AcrossKV group's original ``k_proj``/``v_proj`` (biases too); ``norm_swiftkv`` = copy of layer
-``l``'s ``input_layernorm``.
+``l``'s ``input_layernorm``. Optional low-rank adapters (``adapter_rank > 0``, off by default) start
+as a no-op: ``B = 0``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from swiftkv.config import SwiftKVConfig
 from swiftkv.models.llama import LlamaForCausalLM
 
 
-def swiftkv_hf_config(base_config, skv: SwiftKVConfig):
+def swiftkv_hf_config(base_config, skv: SwiftKVConfig, adapter_rank: int = 0):
     """The published-format config (``llama_swiftkv`` / ``qwen2_swiftkv``) for ``base_config``."""
     from swiftkv.models.hf import SWIFTKV_CONFIGS
 
@@ -24,21 +25,27 @@ def swiftkv_hf_config(base_config, skv: SwiftKVConfig):
         fields.pop(key, None)
     fields.update(swiftkv=True, num_key_value_layers=skv.num_key_value_layers,
                   key_value_group_size=skv.key_value_group_size)
+    fields.pop("swiftkv_adapter_rank", None)
+    if adapter_rank:  # recorded so the checkpoint reloads with its adapters; absent = published format
+        fields["swiftkv_adapter_rank"] = adapter_rank
     config = cls(**fields)
     config.architectures = ["Qwen2SwiftKVForCausalLM" if base_type == "qwen2" else "LlamaSwiftKVForCausalLM"]
     return config
 
 
 @torch.no_grad()
-def to_swiftkv(base: LlamaForCausalLM, skv: SwiftKVConfig) -> LlamaForCausalLM:
-    """Return a SwiftKV model sharing ``base``'s tensors, with initialised SwiftKV projections."""
+def to_swiftkv(base: LlamaForCausalLM, skv: SwiftKVConfig, adapter_rank: int = 0) -> LlamaForCausalLM:
+    """Return a SwiftKV model sharing ``base``'s tensors, with initialised SwiftKV projections
+    (and, for ``adapter_rank > 0``, zero-output low-rank adapters on the later layers)."""
+    if not isinstance(adapter_rank, int) or adapter_rank < 0:
+        raise ValueError(f"adapter_rank must be an integer >= 0; got {adapter_rank!r}.")
     if not base.teacher_available:
         raise ValueError("The base model lacks its original q/k/v; convert from a full checkpoint.")
     if skv.num_layers != base.config.num_hidden_layers:
         raise ValueError(f"SwiftKV config is for {skv.num_layers} layers; the model has {base.config.num_hidden_layers}.")
     param = base.model.embed_tokens.weight
     with torch.device("meta"):
-        model = LlamaForCausalLM(swiftkv_hf_config(base.config, skv))
+        model = LlamaForCausalLM(swiftkv_hf_config(base.config, skv, adapter_rank))
     state = {n: p for n, p in base.named_parameters() if "swiftkv" not in n}
     model.load_state_dict(state, strict=False, assign=True)
     if model.config.tie_word_embeddings:
@@ -63,5 +70,8 @@ def to_swiftkv(base: LlamaForCausalLM, skv: SwiftKVConfig) -> LlamaForCausalLM:
                 dst.weight = new(torch.stack([getattr(a, name).weight.float() for a in group]).mean(0))
                 if dst.bias is not None:
                     dst.bias = new(torch.stack([getattr(a, name).bias.float() for a in group]).mean(0))
+        for adapter in (attn.o_adapter_swiftkv, layers[i].mlp_adapter_swiftkv):
+            if adapter is not None:
+                adapter.to_empty(device=param.device).to(param.dtype).reset_parameters()
     model.eval().requires_grad_(False)
     return model

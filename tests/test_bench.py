@@ -49,3 +49,111 @@ def test_table_rendering():
     assert table[1].split()[0:2] == ["swiftkv", "1500"] and "12.3%" in table[1] and "0.25s" in table[1]
     assert table[2].split()[1] == "500" and table[2].count("-") >= 8
     assert ratio_lines(systems) == ["swiftkv/transformers total_tokens_per_s: 3.00x"]
+
+
+# -- peers (vLLM / llama.cpp) -------------------------------------------------------------------
+# The real peers are optional and never installed in CI: these fakes stand in for the libraries so
+# the real worker script, the process protocol and the error paths are exercised.
+
+FAKE_VLLM = '''
+__version__ = "0.0-fake"
+print("vllm banner on stdout")  # real vLLM logs to stdout: the parent must skip such lines
+class SamplingParams:
+    def __init__(self, **kw): self.kw = kw
+class _Out:
+    def __init__(self, n): self.token_ids = list(range(n))
+class _Req:
+    def __init__(self, n): self.outputs = [_Out(n)]
+class LLM:
+    def __init__(self, model, **kw):
+        if "missing" in model: raise FileNotFoundError(model)
+        assert kw["enable_prefix_caching"] is False
+    def generate(self, prompts, params, use_tqdm=True):
+        print("progress noise")
+        return [_Req(params.kw["max_tokens"]) for _ in prompts]
+'''
+FAKE_LLAMA_CPP = '''
+__version__ = "0.0-fake"
+class Llama:
+    def __init__(self, model_path, **kw): self.n = 0
+    def reset(self): self.n = 0
+    def generate(self, tokens, **kw):
+        while True:
+            yield 7
+'''
+
+
+def _fake_site(tmp_path):
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text(FAKE_VLLM)
+    (tmp_path / "vllm" / "inputs.py").write_text("def TokensPrompt(prompt_token_ids): return prompt_token_ids\n")
+    (tmp_path / "llama_cpp.py").write_text(FAKE_LLAMA_CPP)
+    return tmp_path
+
+
+def test_peer_process_protocol_with_fake_backends(tmp_path, monkeypatch):
+    import sys
+
+    import pytest
+
+    from swiftkv.bench.peers import Peer, find_peer_python
+
+    monkeypatch.setenv("PYTHONPATH", str(_fake_site(tmp_path)))
+    for backend in ("vllm", "llama.cpp"):
+        peer = Peer(backend, sys.executable, "model-dir", threads=1, log_dir=str(tmp_path))
+        try:
+            assert peer.version == "0.0-fake"
+            out = peer.run([[1, 2, 3], [4, 5]], 4)
+            assert out["output_tokens"] == [4, 4] and len(out["ttft"]) == len(out["tpot"]) == 2
+            assert out["wall_s"] >= 0 and all(t >= 0 for t in out["ttft"])
+            assert peer.run([[1, 2, 3]], 1)["output_tokens"] == [1]
+        finally:
+            peer.close()
+    with pytest.raises(RuntimeError, match="vllm failed to start: FileNotFoundError"):
+        Peer("vllm", sys.executable, "missing-model", threads=1, log_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="does not exist"):
+        find_peer_python("vllm", str(tmp_path / "no-such-python"))
+
+
+def test_plain_checkpoint_is_the_teacher_for_other_engines(tiny_chat_model_dir, tmp_path, monkeypatch):
+    """What vLLM is given: the SwiftKV checkpoint's original model, loadable by plain transformers,
+    with the same logits as swiftkv's teacher path."""
+    import torch
+    from transformers import LlamaForCausalLM as HFLlama
+
+    from swiftkv.bench.peers import plain_checkpoint
+    from swiftkv.models.full_sequence import full_logits
+    from swiftkv.models.loader import load_model, save_checkpoint
+    from swiftkv.transform import to_swiftkv
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    base = load_model(tiny_chat_model_dir)[0]
+    ckpt = save_checkpoint(to_swiftkv(base, SwiftKVConfig(base.config.num_hidden_layers, 3, 1), adapter_rank=2),
+                           tmp_path / "skv", source_dir=tiny_chat_model_dir)
+    plain = plain_checkpoint(ckpt)
+    assert plain != ckpt and plain_checkpoint(plain) == plain and plain_checkpoint(ckpt) == plain  # cached
+    hf = HFLlama.from_pretrained(plain).eval()
+    ids = [5, 9, 2, 7, 11, 3]
+    with torch.no_grad():
+        got = hf(torch.tensor([ids])).logits[0]
+    teacher = load_model(ckpt, swiftkv=False)[0]
+    torch.testing.assert_close(got, full_logits(teacher, [ids])[0], atol=1e-4, rtol=1e-4)
+
+
+def test_prefill_report_with_peers():
+    from swiftkv.bench.prefill import _ratios, format_report
+
+    r = {"env": {"dtype": "bfloat16", "threads": 2, "torch": "x", "loadavg_1m": 0.1}, "model": "m",
+         "swiftkv": {"L": 30, "l": 15, "G": 1}, "versions": {"vllm": "0.32.0"},
+         "kv_bytes_per_token": {"swiftkv": 100, "baseline": 200},
+         "prefill": {2048: {"swiftkv": 3000.0, "baseline": 1500.0, "vllm": 1000.0, "llama.cpp": 500.0}},
+         "decode": {"swiftkv": 40.0, "baseline": 40.0, "vllm": 20.0}, "decode_b32": {"swiftkv": 400.0, "vllm": 500.0}}
+    r["ratios"] = _ratios(r)
+    assert r["ratios"]["prefill_2048_swiftkv_over_vllm"] == 3.0
+    assert r["ratios"]["prefill_2048_swiftkv_over_llama.cpp"] == 6.0
+    assert r["ratios"]["decode_batch_1_swiftkv_over_vllm"] == 2.0
+    assert r["ratios"]["decode_batch_32_swiftkv_over_vllm"] == 0.8
+    lines = format_report(r).splitlines()
+    assert lines[1].split() == ["metric", "swiftkv", "baseline", "vllm", "llama.cpp"]
+    assert lines[2].split()[-4:] == ["3000.0", "1500.0", "1000.0", "500.0"]
+    assert lines[4].split()[-4:] == ["400.0", "nan", "500.0", "nan"]

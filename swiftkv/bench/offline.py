@@ -123,12 +123,14 @@ def peak_rss_mb() -> float:
 
 def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2, dtype: str = "bfloat16",
                       out_dir: str | None = None, with_transformers: bool = True, max_num_seqs: int = 16,
-                      kv_budget_gb: float = 1.0, seed: int = 0) -> dict:
-    """Run ``workload`` on swiftkv (SwiftKV), swiftkv (baseline) and transformers, interleaved."""
+                      kv_budget_gb: float = 1.0, seed: int = 0, peers=None) -> dict:
+    """Run ``workload`` on swiftkv (SwiftKV), swiftkv (baseline), transformers and the installed
+    peers (``peers``: a :class:`~swiftkv.bench.peers.PeerSpec`), interleaved."""
     from pathlib import Path
 
     from swiftkv.bench.env import environment, warn_if_busy
     from swiftkv.bench.flops import measure_matmul_peak
+    from swiftkv.bench.peers import start_peers
     from swiftkv.bench.prefill import _hf_model
     from swiftkv.bench.report import format_table, plot, ratio_lines, write_json
     from swiftkv.engine.model_runner import kv_bytes_per_token
@@ -146,16 +148,26 @@ def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2
     runners = {name: (lambda llm=llm: run_engine(llm, w)) for name, llm in engines.items()}
     if hf is not None:
         runners["transformers"] = lambda: run_transformers(hf, w, max_num_seqs)
+    max_len = max(len(p) for p in w.prompts) + w.max_tokens + 16
+    running = start_peers(peers, engines["swiftkv"].model_path, env["threads"], max_len, max_num_seqs, out_dir) \
+        if peers else {}
+    runners.update({name: (lambda p=p: p.run(w.prompts, w.max_tokens)) for name, p in running.items()})
     warm = Workload(w.name, w.prompts[:1], 2)
-    for llm in engines.values():  # warm-up: first-call allocations and thread pools
-        run_engine(llm, warm)
-    if hf is not None:
-        run_transformers(hf, warm, 1)
-    peak = measure_matmul_peak(m.model.embed_tokens.weight.dtype)
-    raw: dict[str, list[dict]] = {k: [] for k in runners}
-    for _ in range(reps):  # interleaved
-        for name, fn in runners.items():
-            raw[name].append(fn())
+    try:
+        for llm in engines.values():  # warm-up: first-call allocations and thread pools
+            run_engine(llm, warm)
+        if hf is not None:
+            run_transformers(hf, warm, 1)
+        for p in running.values():
+            p.run(warm.prompts, warm.max_tokens)
+        peak = measure_matmul_peak(m.model.embed_tokens.weight.dtype)
+        raw: dict[str, list[dict]] = {k: [] for k in runners}
+        for _ in range(reps):  # interleaved
+            for name, fn in runners.items():
+                raw[name].append(fn())
+    finally:
+        for p in running.values():
+            p.close()
     seq_len = w.prompt_tokens / len(w.prompts) + w.max_tokens
     budget = kv_budget_gb * (1 << 30)
     systems = {}
@@ -167,9 +179,11 @@ def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2
     result = {"env": env, "model": str(engines["swiftkv"].model_path), "workload": w.name,
               "requests": len(w.prompts), "prompt_tokens": w.prompt_tokens, "output_tokens": w.output_tokens,
               "swiftkv": {"L": skv.num_layers, "l": skv.num_key_value_layers, "G": skv.key_value_group_size},
+              "versions": {name: p.version for name, p in running.items()},
               "matmul_peak_gflops": peak / 1e9, "peak_rss_mb": peak_rss_mb(), "kv_budget_gb": kv_budget_gb,
               "systems": systems}
-    title = (f"{w.name}: {len(w.prompts)} requests, {w.prompt_tokens} prompt / {w.output_tokens} output tokens; "
+    title = (f"{w.name}: {len(w.prompts)} requests, {w.prompt_tokens} prompt / {w.output_tokens} output tokens, "
+             f"SwiftKV l={skv.num_key_value_layers}/{skv.num_layers} G={skv.key_value_group_size}; "
              f"{env['dtype']}, {env['threads']} threads, load {env['loadavg_1m']}")
     print(title)
     print(format_table(systems))

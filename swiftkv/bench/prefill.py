@@ -1,6 +1,6 @@
-"""``swiftkv bench prefill``: prefill and batch-1 decode throughput of swiftkv (SwiftKV mode),
-swiftkv (baseline mode, same engine with l = L) and transformers (eager), interleaved so a noisy
-machine affects all alike. Reports tokens/s and ratios; writes JSON.
+"""``swiftkv bench --workload prefill``: prefill and decode throughput of swiftkv (SwiftKV mode),
+swiftkv (baseline mode, same engine with l = L), transformers (eager) and, when installed, vLLM and
+llama.cpp, interleaved so a noisy machine affects all alike. Reports tokens/s and ratios; writes JSON.
 """
 
 from __future__ import annotations
@@ -14,12 +14,6 @@ import torch
 
 from swiftkv.bench.env import environment, warn_if_busy
 from swiftkv.sampling_params import SamplingParams
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def _hf_model(path: Path, dtype: torch.dtype):
@@ -38,61 +32,86 @@ def _hf_model(path: Path, dtype: torch.dtype):
         logging.set_verbosity(verbosity)
 
 
+def _engine_runner(llm):
+    def run(prompts: list[list[int]], n: int) -> None:
+        llm.generate(prompt_token_ids=prompts,
+                     sampling_params=SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    return run
+
+
+def _hf_runner(hf):
+    def run(prompts: list[list[int]], n: int) -> None:
+        ids = torch.tensor(prompts)  # [B, T]: equal lengths, no padding
+        with torch.inference_mode():
+            if n == 1:  # prefill only: logits of the last token
+                hf(ids, logits_to_keep=1, use_cache=False)
+            else:
+                hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False)
+    return run
+
+
+def _peer_runner(peer):
+    return lambda prompts, n: peer.run(prompts, n)["wall_s"]  # the peer's own clock, no IPC
+
+
+def _time(fn, prompts, n) -> float:
+    t = time.perf_counter()
+    reported = fn(prompts, n)
+    return reported if reported is not None else time.perf_counter() - t
+
+
 def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512, 2048), reps: int = 3,
                       decode_tokens: int = 64, dtype: str = "bfloat16", out: str | None = None,
-                      with_transformers: bool = True) -> dict:
+                      with_transformers: bool = True, peers=None, batch: int = 32) -> dict:
+    """Prefill tokens/s at each of ``lengths`` (one prompt, first token only), batch-1 decode
+    tokens/s and batch-``batch`` aggregate decode tokens/s (64-token prompts, ``decode_tokens``
+    generated, prefill included as users see it), for swiftkv, its baseline mode, transformers
+    and the installed peers (``peers``: a :class:`~swiftkv.bench.peers.PeerSpec`), interleaved."""
+    from swiftkv.bench.peers import start_peers
     from swiftkv.llm import LLM
 
     env = environment(dtype)
     warn_if_busy(env)
     max_len = max(lengths)
-    kw = dict(dtype=dtype, max_num_batched_tokens=max(max_len, 2048), max_num_seqs=8)
-    systems = {"swiftkv": LLM(model, swiftkv=True, **kw)}
-    systems["baseline"] = LLM(systems["swiftkv"].model_path, swiftkv=False, **kw)
-    hf = _hf_model(systems["swiftkv"].model_path, systems["swiftkv"].model.model.embed_tokens.weight.dtype) if with_transformers else None
-    skv = systems["swiftkv"].model.swiftkv_config
+    kw = dict(dtype=dtype, max_num_batched_tokens=max(max_len, 2048), max_num_seqs=max(8, batch))
+    engines = {"swiftkv": LLM(model, swiftkv=True, **kw)}
+    engines["baseline"] = LLM(engines["swiftkv"].model_path, swiftkv=False, **kw)
+    path = engines["swiftkv"].model_path
+    runners = {name: _engine_runner(llm) for name, llm in engines.items()}
+    if with_transformers:
+        runners["transformers"] = _hf_runner(_hf_model(path, engines["swiftkv"].model.model.embed_tokens.weight.dtype))
+    running = start_peers(peers, path, env["threads"], max_len + decode_tokens + 64, max(8, batch)) if peers else {}
+    runners.update({name: _peer_runner(p) for name, p in running.items()})
+    skv = engines["swiftkv"].model.swiftkv_config
     g = torch.Generator().manual_seed(0)
-    vocab = systems["swiftkv"].model.config.vocab_size
-    one = SamplingParams(temperature=0, max_tokens=1)
-    result = {"env": env, "model": str(systems["swiftkv"].model_path),
+    vocab = engines["swiftkv"].model.config.vocab_size
+    result = {"env": env, "model": str(path),
               "swiftkv": {"L": skv.num_layers, "l": skv.num_key_value_layers, "G": skv.key_value_group_size},
-              "kv_bytes_per_token": {name: llm.engine.kv_bytes_per_token for name, llm in systems.items()},
-              "prefill": {}, "decode": {}}
+              "versions": {name: p.version for name, p in running.items()},
+              "kv_bytes_per_token": {name: llm.engine.kv_bytes_per_token for name, llm in engines.items()},
+              "prefill": {}, "decode": {}, f"decode_b{batch}": {}}
 
-    def run_hf_prefill(ids):
-        with torch.inference_mode():
-            hf(torch.tensor([ids]), logits_to_keep=1, use_cache=False)
-
-    for n in lengths:
-        prompt = torch.randint(100, vocab, (n,), generator=g).tolist()
-        times: dict[str, list[float]] = {"swiftkv": [], "baseline": [], "transformers": []}
-        runners = {name: (lambda llm=llm: llm.generate(prompt_token_ids=[prompt], sampling_params=one))
-                   for name, llm in systems.items()}
-        if hf is not None:
-            runners["transformers"] = lambda: run_hf_prefill(prompt)
+    def measure(prompts, n, repeats, pick=statistics.median) -> dict[str, float]:
         for fn in runners.values():  # warm-up
-            fn()
-        for _ in range(reps):  # interleaved A B C A B C ...
+            fn(prompts, n)
+        times: dict[str, list[float]] = {k: [] for k in runners}
+        for _ in range(repeats):  # interleaved A B C A B C ...
             for name, fn in runners.items():
-                times[name].append(_timed(fn))
-        result["prefill"][n] = {name: n / statistics.median(t) for name, t in times.items() if t}
+                times[name].append(_time(fn, prompts, n))
+        return {name: pick(t) for name, t in times.items()}
 
-    prompt = torch.randint(100, vocab, (64,), generator=g).tolist()
-    gen = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True)
-    dec_runners = {name: (lambda llm=llm: llm.generate(prompt_token_ids=[prompt], sampling_params=gen))
-                   for name, llm in systems.items()}
-    if hf is not None:
-        def hf_generate():
-            with torch.inference_mode():
-                hf.generate(torch.tensor([prompt]), max_new_tokens=decode_tokens, min_new_tokens=decode_tokens,
-                            do_sample=False)
-        dec_runners["transformers"] = hf_generate
-    dec_times: dict[str, list[float]] = {k: [] for k in dec_runners}
-    for _ in range(2):
-        for name, fn in dec_runners.items():
-            dec_times[name].append(_timed(fn))
-    # decode tokens/s of a whole generate() (prefill of a 64-token prompt included, as users see it)
-    result["decode"] = {name: decode_tokens / min(t) for name, t in dec_times.items()}
+    try:
+        for n in lengths:
+            prompt = torch.randint(100, vocab, (n,), generator=g).tolist()
+            result["prefill"][n] = {k: n / t for k, t in measure([prompt], 1, reps).items()}
+        prompts = torch.randint(100, vocab, (batch, 64), generator=g).tolist()
+        result["decode"] = {k: decode_tokens / t for k, t in measure(prompts[:1], decode_tokens, 2, min).items()}
+        result[f"decode_b{batch}"] = {k: batch * decode_tokens / t
+                                      for k, t in measure(prompts, decode_tokens, 2, min).items()}
+    finally:
+        for p in running.values():
+            p.close()
     result["ratios"] = _ratios(result)
     print(format_report(result))
     if out:
@@ -101,33 +120,39 @@ def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512,
     return result
 
 
+def _rows(r: dict) -> list[tuple[str, dict[str, float]]]:
+    """(metric label, tokens/s per system) in display order."""
+    rows = [(f"prefill tok/s @ {n}", tps) for n, tps in r["prefill"].items()]
+    rows.append(("decode tok/s (batch 1)", r["decode"]))
+    rows += [(f"decode tok/s (batch {k.removeprefix('decode_b')})", v) for k, v in r.items()
+             if k.startswith("decode_b") and v]
+    return rows
+
+
 def _ratios(r: dict) -> dict:
+    """swiftkv over every other system, per metric (and baseline over transformers)."""
     ratios = {}
-    for n, tps in r["prefill"].items():
-        ratios[f"prefill_{n}_swiftkv_over_baseline"] = tps["swiftkv"] / tps["baseline"]
+    for label, tps in _rows(r):
+        key = label.replace(" tok/s", "").replace(" @ ", "_").replace(" (", "_").replace(")", "").replace(" ", "_")
+        for other in tps:
+            if other != "swiftkv" and tps.get("swiftkv"):
+                ratios[f"{key}_swiftkv_over_{other}"] = tps["swiftkv"] / tps[other]
         if "transformers" in tps:
-            ratios[f"prefill_{n}_baseline_over_transformers"] = tps["baseline"] / tps["transformers"]
-            ratios[f"prefill_{n}_swiftkv_over_transformers"] = tps["swiftkv"] / tps["transformers"]
-    d = r["decode"]
-    if "transformers" in d:
-        ratios["decode_b1_swiftkv_over_transformers"] = d["swiftkv"] / d["transformers"]
-        ratios["decode_b1_baseline_over_transformers"] = d["baseline"] / d["transformers"]
+            ratios[f"{key}_baseline_over_transformers"] = tps["baseline"] / tps["transformers"]
     return ratios
 
 
 def format_report(r: dict) -> str:
-    e = r["env"]
-    s = r["swiftkv"]
+    e, s = r["env"], r["swiftkv"]
+    rows = _rows(r)
+    systems = list(dict.fromkeys(k for _, tps in rows for k in tps))
     lines = [f"model {r['model']} (SwiftKV l={s['l']} of L={s['L']}, G={s['G']}), dtype {e['dtype']}, "
-             f"threads {e['threads']}, torch {e['torch']}, load {e['loadavg_1m']}",
-             f"{'metric':<28}{'swiftkv':>12}{'baseline':>12}{'transformers':>14}"]
-    for n, tps in r["prefill"].items():
-        lines.append(f"{f'prefill tok/s @ {n}':<28}" + "".join(
-            f"{tps.get(k, float('nan')):>{w}.0f}" for k, w in (("swiftkv", 12), ("baseline", 12), ("transformers", 14))))
-    d = r["decode"]
-    lines.append(f"{'decode tok/s (batch 1)':<28}" + "".join(
-        f"{d.get(k, float('nan')):>{w}.1f}" for k, w in (("swiftkv", 12), ("baseline", 12), ("transformers", 14))))
+             f"threads {e['threads']}, torch {e['torch']}, load {e['loadavg_1m']}"
+             + "".join(f", {k} {v}" for k, v in r.get("versions", {}).items()),
+             f"{'metric':<28}" + "".join(f"{name:>14}" for name in systems)]
+    for label, tps in rows:
+        lines.append(f"{label:<28}" + "".join(f"{tps.get(k, float('nan')):>14.1f}" for k in systems))
     kv = r["kv_bytes_per_token"]
-    lines.append(f"{'KV bytes/token':<28}{kv['swiftkv']:>12}{kv['baseline']:>12}")
+    lines.append(f"{'KV bytes/token':<28}{kv['swiftkv']:>14}{kv['baseline']:>14}")
     lines += [f"  {k}: {v:.2f}x" for k, v in r["ratios"].items()]
     return "\n".join(lines)

@@ -83,5 +83,6 @@ class DistillModule(nn.Module):
 
 
 def trainable_parameters(model: LlamaForCausalLM) -> dict[str, nn.Parameter]:
-    """Only SwiftKV tensors train: q_proj_swiftkv, leaders' k/v_proj_swiftkv, norm_swiftkv."""
+    """Only SwiftKV tensors train: q_proj_swiftkv, leaders' k/v_proj_swiftkv, norm_swiftkv, and the
+    optional ``*_adapter_swiftkv`` low-rank adapters."""
     return {n: p for n, p in model.named_parameters() if "_swiftkv" in n}

@@ -82,6 +82,7 @@ class ShippedModel:
     num_key_value_layers: int
     key_value_group_size: int
     tensors: str  # file name under swiftkv/models/shipped/
+    adapter_rank: int = 0
 
 
 SHIPPED_DIR = Path(__file__).parent / "shipped"
@@ -118,7 +119,7 @@ def shipped_model_dir(name: str = DEFAULT_SWIFTKV_MODEL) -> Path:
     print(f"swiftkv: assembling {name} (l={spec.num_key_value_layers}, G={spec.key_value_group_size}) in {out} "
           "(once)...", file=sys.stderr, flush=True)
     model = to_swiftkv(base, SwiftKVConfig(base.config.num_hidden_layers, spec.num_key_value_layers,
-                                           spec.key_value_group_size))
+                                           spec.key_value_group_size), spec.adapter_rank)
     if tensors.exists():
         params = dict(model.named_parameters())
         trained = load_file(str(tensors))

@@ -4,7 +4,9 @@ One module serves the teacher (original q/k/v in every layer), the SwiftKV stude
 engine. Tokens are flat: ``input_ids [N]``, ``positions [N]`` and an
 :class:`~swiftkv.layers.attention.AttentionMetadata` describing which sequence each token
 belongs to. Parameter names equal transformers' (``model.layers.{i}.self_attn.q_proj.weight``)
-plus SwiftKV's (``q_proj_swiftkv``, ``k/v_proj_swiftkv``, ``model.norm_swiftkv``).
+plus SwiftKV's (``q_proj_swiftkv``, ``k/v_proj_swiftkv``, ``model.norm_swiftkv``) and, when the
+config sets ``swiftkv_adapter_rank > 0``, low-rank adapters on the later layers' ``o_proj`` and MLP
+(``self_attn.o_adapter_swiftkv``, ``mlp_adapter_swiftkv``) that only the SwiftKV path uses.
 """
 
 from __future__ import annotations
@@ -43,6 +45,32 @@ def swiftkv_config_of(config) -> SwiftKVConfig:
     if not getattr(config, "swiftkv", False):
         return SwiftKVConfig.baseline(L)
     return SwiftKVConfig(L, config.num_key_value_layers, getattr(config, "key_value_group_size", 1))
+
+
+def adapter_rank_of(config) -> int:
+    """Rank of the optional SwiftKV low-rank adapters (0: none, the published format)."""
+    rank = getattr(config, "swiftkv_adapter_rank", 0) or 0
+    if not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"swiftkv_adapter_rank must be an integer >= 0; got {rank!r}.")
+    return rank
+
+
+class LowRankAdapter(nn.Module):
+    """``x -> B(A(x))``, added beside a frozen module on the SwiftKV path only. ``B`` starts at zero,
+    so a fresh adapter leaves the model unchanged (LoRA's initialisation)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int) -> None:
+        super().__init__()
+        self.a = nn.Linear(in_features, rank, bias=False)
+        self.b = nn.Linear(rank, out_features, bias=False)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.a.weight, a=5**0.5)
+        nn.init.zeros_(self.b.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
 
 
 def _biases(config) -> tuple[bool, bool]:
@@ -107,6 +135,8 @@ class LlamaAttention(nn.Module):
             if skv.is_group_leader(layer):
                 self.k_proj_swiftkv = nn.Linear(h, kv_out, bias=qkv_bias)
                 self.v_proj_swiftkv = nn.Linear(h, kv_out, bias=qkv_bias)
+        rank = adapter_rank_of(config) if skv.is_swiftkv_layer(layer) else 0
+        self.o_adapter_swiftkv = LowRankAdapter(q_out, h, rank) if rank else None
 
     def fuse(self) -> None:
         """Inference: one matmul for q/k/v; the parameters become views of the fused weight."""
@@ -125,8 +155,10 @@ class LlamaAttention(nn.Module):
             qk = apply_rotary(qkv[:, : H + Hkv], cos, sin)  # rotate q and k heads together
             q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv :]  # [N, H, D], [N, Hkv, D], [N, Hkv, D]
             meta.store(owner, k, v)
-        out = meta.attend(owner, q)  # [N, H, D]
-        return self.o_proj(out.reshape(n, -1))
+        out = meta.attend(owner, q).reshape(n, -1)  # [N, H, D] -> [N, H*D]
+        if swiftkv and self.o_adapter_swiftkv is not None:
+            return self.o_proj(out) + self.o_adapter_swiftkv(out)
+        return self.o_proj(out)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -136,10 +168,15 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        rank = adapter_rank_of(config) if skv.is_swiftkv_layer(layer) else 0
+        self.mlp_adapter_swiftkv = LowRankAdapter(config.hidden_size, config.hidden_size, rank) if rank else None
 
     def forward(self, h, cos, sin, meta, owner: int, swiftkv: bool) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, owner, swiftkv)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        x = self.post_attention_layernorm(h)
+        if swiftkv and self.mlp_adapter_swiftkv is not None:  # parallel adapter beside the MLP
+            return h + self.mlp(x) + self.mlp_adapter_swiftkv(x)
+        return h + self.mlp(x)
 
 
 class LlamaModel(nn.Module):

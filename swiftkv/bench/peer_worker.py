@@ -1,0 +1,127 @@
+"""A benchmark peer (vLLM or llama.cpp) in its own interpreter, driven over stdin/stdout.
+
+Standalone on purpose: it imports only the standard library and the peer, so it runs in the
+peer's own virtual environment (``/path/to/venv/bin/python peer_worker.py vllm MODEL``), which
+need not have swiftkv installed. ``swiftkv.bench.peers`` starts it, keeps it alive across the
+interleaved repetitions, and sends one JSON line per run::
+
+    {"prompts": [[token ids], ...], "max_tokens": 32}
+
+Every answer is one stdout line ``@@swiftkv-peer {json}`` (the peer's own logging goes wherever
+it likes; the parent ignores other lines): first ``{"ready": true, "version": ...}``, then per
+run ``{"wall_s", "ttft": [...], "tpot": [...], "output_tokens": [...]}`` or ``{"error": "..."}``.
+Greedy decoding, ``max_tokens`` tokens per request whatever the model samples (EOS ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+TAG = "@@swiftkv-peer "
+
+
+def reply(obj: dict) -> None:
+    sys.stdout.write(TAG + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+class VLLMPeer:
+    """vLLM's offline ``LLM.generate`` with all requests at once (its scheduler batches them).
+
+    TTFT: a ``max_tokens=1`` pass over the same requests (all prompts prefilled); TPOT: the rest
+    of the full pass spread over the remaining tokens (what the transformers runner reports too).
+    Prefix caching is off, so repeated prompts are really prefilled again."""
+
+    def __init__(self, model: str, threads: int, max_model_len: int, max_num_seqs: int) -> None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB of KV cache
+        import vllm
+        from vllm import LLM
+
+        self.version = vllm.__version__
+        self.llm = LLM(model=model, dtype="bfloat16", max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                       max_num_batched_tokens=max(max_model_len, 2048), enable_prefix_caching=False, seed=0)
+
+    def _generate(self, prompts: list[list[int]], max_tokens: int):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True)
+        return self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+
+    def run(self, prompts: list[list[int]], max_tokens: int) -> dict:
+        t = time.perf_counter()
+        outs = self._generate(prompts, 1)
+        first = time.perf_counter() - t
+        if max_tokens == 1:
+            return {"wall_s": first, "ttft": [first] * len(prompts), "tpot": [0.0] * len(prompts),
+                    "output_tokens": [len(o.outputs[0].token_ids) for o in outs]}
+        t = time.perf_counter()
+        outs = self._generate(prompts, max_tokens)
+        wall = time.perf_counter() - t
+        tpot = max(0.0, wall - first) / max(1, max_tokens - 1)
+        return {"wall_s": wall, "ttft": [first] * len(prompts), "tpot": [tpot] * len(prompts),
+                "output_tokens": [len(o.outputs[0].token_ids) for o in outs]}
+
+
+class LlamaCppPeer:
+    """llama-cpp-python: one sequence at a time (its high-level API has no batching), so request
+    ``i`` waits for the ones before it; TTFT counts from the start of the run, as a user sees it."""
+
+    def __init__(self, model: str, threads: int, max_model_len: int, max_num_seqs: int) -> None:
+        import llama_cpp
+
+        self.version = llama_cpp.__version__
+        self.llm = llama_cpp.Llama(model_path=model, n_ctx=max_model_len, n_batch=min(2048, max_model_len),
+                                   n_threads=threads, n_threads_batch=threads, verbose=False, seed=0)
+
+    def run(self, prompts: list[list[int]], max_tokens: int) -> dict:
+        ttft, tpot, counts = [], [], []
+        t0 = time.perf_counter()
+        for p in prompts:
+            self.llm.reset()  # no reuse of the previous prompt's KV (a fair prefill figure)
+            n, first = 0, 0.0
+            for _ in self.llm.generate(p, temp=0.0, top_k=1, reset=True):
+                n += 1
+                if n == 1:
+                    first = time.perf_counter()
+                    ttft.append(first - t0)
+                if n >= max_tokens:
+                    break
+            tpot.append((time.perf_counter() - first) / max(1, n - 1))
+            counts.append(n)
+        return {"wall_s": time.perf_counter() - t0, "ttft": ttft, "tpot": tpot, "output_tokens": counts}
+
+
+PEERS = {"vllm": VLLMPeer, "llama.cpp": LlamaCppPeer}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("backend", choices=sorted(PEERS))
+    ap.add_argument("model", help="HF model directory (vLLM) or GGUF file (llama.cpp)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--max-num-seqs", type=int, default=32)
+    args = ap.parse_args()
+    try:
+        peer = PEERS[args.backend](args.model, args.threads, args.max_model_len, args.max_num_seqs)
+    except Exception as e:  # reported to the parent, which skips this peer with the reason
+        reply({"error": f"{type(e).__name__}: {e}"})
+        return
+    reply({"ready": True, "version": peer.version})
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            req = json.loads(line)
+            reply(peer.run(req["prompts"], int(req["max_tokens"])))
+        except Exception as e:
+            reply({"error": f"{type(e).__name__}: {e}"})
+
+
+if __name__ == "__main__":  # vLLM's CPU workers re-import the main module
+    main()

@@ -1,0 +1,175 @@
+"""Optional benchmark peers: vLLM and llama.cpp, each in its own interpreter (usually its own venv).
+
+Neither is a dependency of swiftkv. A peer's Python is found, in order, from ``--vllm-python`` /
+``--llamacpp-python``, the environment (``SWIFTKV_VLLM_PYTHON``, ``SWIFTKV_LLAMACPP_PYTHON``), or
+the current interpreter when it can import the peer. ``scripts/install_peers.sh`` builds both venvs.
+The peer runs ``peer_worker.py`` and stays alive, so its runs interleave with swiftkv's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from swiftkv.bench.peer_worker import TAG
+
+_MODULES = {"vllm": "vllm", "llama.cpp": "llama_cpp"}
+_ENV = {"vllm": "SWIFTKV_VLLM_PYTHON", "llama.cpp": "SWIFTKV_LLAMACPP_PYTHON"}
+
+
+def find_peer_python(backend: str, explicit: str | None = None) -> str | None:
+    """The interpreter that runs ``backend``, or None when it is not installed anywhere we look."""
+    candidate = explicit or os.environ.get(_ENV[backend])
+    if candidate:
+        if not Path(candidate).exists():
+            raise ValueError(f"{backend} interpreter {candidate!r} does not exist; point it at a venv's bin/python "
+                             f"(see scripts/install_peers.sh)")
+        return candidate
+    import importlib.util
+
+    return sys.executable if importlib.util.find_spec(_MODULES[backend]) else None
+
+
+def _peer_env(backend: str, python: str, threads: int) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if backend == "vllm":
+        # all `threads` cores for the model (vLLM reserves one for its front end by default)
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
+        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+        iomp = next(Path(python).resolve().parent.parent.glob("lib/libiomp5.so"), None)
+        if iomp is not None and "LD_PRELOAD" not in env:  # vLLM's documented CPU setup
+            env["LD_PRELOAD"] = str(iomp)
+    return env
+
+
+class Peer:
+    """A running peer process; ``run(prompts, max_tokens)`` returns the runner dict of
+    ``swiftkv.bench.offline`` (``wall_s``, ``ttft``, ``tpot``)."""
+
+    def __init__(self, backend: str, python: str, model: str, threads: int, max_model_len: int = 4096,
+                 max_num_seqs: int = 32, log_dir: str | None = None) -> None:
+        self.backend = backend
+        worker = Path(__file__).with_name("peer_worker.py")
+        log = Path(log_dir or tempfile.gettempdir()) / f"swiftkv-peer-{backend}.log"
+        self.log_path = log
+        self._log = open(log, "w")
+        self.proc = subprocess.Popen(
+            [python, str(worker), backend, model, "--threads", str(threads), "--max-model-len", str(max_model_len),
+             "--max-num-seqs", str(max_num_seqs)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
+            env=_peer_env(backend, python, threads))
+        hello = self._read()
+        if "error" in hello:
+            self.close()
+            raise RuntimeError(f"{backend} failed to start: {hello['error']} (log: {log})")
+        self.version = hello.get("version", "?")
+
+    def _read(self) -> dict:
+        for line in self.proc.stdout:  # the peer's own logging may share stdout
+            if line.startswith(TAG):
+                return json.loads(line[len(TAG):])
+            self._log.write(line)
+        raise RuntimeError(f"{self.backend} exited (code {self.proc.wait()}); see {self.log_path}")
+
+    def run(self, prompts: list[list[int]], max_tokens: int) -> dict:
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens}) + "\n")
+        self.proc.stdin.flush()
+        out = self._read()
+        if "error" in out:
+            raise RuntimeError(f"{self.backend}: {out['error']}")
+        return out
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._log.close()
+
+
+@dataclass
+class PeerSpec:
+    """Where to find the peers and what model file each runs."""
+
+    vllm_python: str | None = None
+    llamacpp_python: str | None = None
+    gguf: str | None = None  # llama.cpp model; default: the built-in model's Q4_1 GGUF
+    enabled: tuple[str, ...] = ("vllm", "llama.cpp")
+
+
+def start_peers(spec: PeerSpec, model_dir: Path, threads: int, max_model_len: int, max_num_seqs: int,
+                log_dir: str | None = None) -> dict[str, Peer]:
+    """Start every enabled, installed peer on the original (non-SwiftKV) weights of ``model_dir``;
+    a peer that is missing or fails to start is reported and skipped."""
+    peers: dict[str, Peer] = {}
+    for backend in spec.enabled:
+        python = find_peer_python(backend, spec.vllm_python if backend == "vllm" else spec.llamacpp_python)
+        if python is None:
+            print(f"bench: {backend} not installed (see scripts/install_peers.sh); skipped", file=sys.stderr)
+            continue
+        try:
+            model = str(plain_checkpoint(model_dir)) if backend == "vllm" else str(gguf_for(model_dir, spec.gguf))
+            print(f"bench: starting {backend} ({python}) on {model}", file=sys.stderr, flush=True)
+            peers[backend] = Peer(backend, python, model, threads, max_model_len, max_num_seqs, log_dir)
+        except (RuntimeError, ValueError) as e:
+            print(f"bench: {backend} skipped: {e}", file=sys.stderr)
+    return peers
+
+
+def gguf_for(model_dir: Path, gguf: str | None) -> Path:
+    """The GGUF llama.cpp runs: ``gguf`` if given, else the built-in model's own Q4_1 file."""
+    if gguf:
+        if not Path(gguf).is_file():
+            raise ValueError(f"--gguf {gguf!r} is not a file")
+        return Path(gguf)
+    from swiftkv.models.default import find_gguf
+
+    print(f"bench: llama.cpp runs the built-in model's GGUF; pass --gguf for {model_dir.name}", file=sys.stderr)
+    return find_gguf()
+
+
+def plain_checkpoint(model_dir: Path) -> Path:
+    """The original model of a SwiftKV checkpoint as a plain Llama/Qwen2 directory (no ``*_swiftkv``
+    tensors, base ``model_type``) that other engines load; built once in the cache."""
+    from swiftkv.models.loader import load_config, read_tensors
+
+    config = json.loads((model_dir / "config.json").read_text())
+    if not config.get("swiftkv"):
+        return model_dir
+    load_config(model_dir)  # clear error for a bad checkpoint
+    from swiftkv.models.default import cache_dir
+
+    stamp = f"{os.stat(model_dir / 'config.json').st_mtime_ns}"
+    out = cache_dir() / "bench" / f"{model_dir.name}-plain"
+    if (out / "stamp.txt").exists() and (out / "stamp.txt").read_text() == stamp:
+        return out
+    import shutil
+
+    from safetensors.torch import save_file
+
+    tensors = {n: t for n, t in read_tensors(model_dir).items() if "_swiftkv" not in n}
+    base_type = config["model_type"].removesuffix("_swiftkv")
+    for key in ("swiftkv", "num_key_value_layers", "key_value_group_size", "swiftkv_adapter_rank", "auto_map"):
+        config.pop(key, None)
+    config.update(model_type=base_type, architectures=["Qwen2ForCausalLM" if base_type == "qwen2" else "LlamaForCausalLM"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    for f in model_dir.iterdir():
+        if f.is_file() and f.suffix not in (".safetensors",) and f.name not in ("config.json",) \
+                and not f.name.endswith(".index.json"):
+            shutil.copy2(f, tmp / f.name)
+    save_file(tensors, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    (tmp / "stamp.txt").write_text(stamp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
