@@ -98,8 +98,7 @@ def cmd_bench(args) -> None:
 def _peer_spec(args):
     from swiftkv.bench.peers import PeerSpec
 
-    return PeerSpec(args.vllm_python, args.llamacpp_python, args.gguf,
-                    tuple(p for p in args.peers if p != "none")) if args.peers else None
+    return PeerSpec(args.vllm_python, args.llamacpp_python, args.gguf, tuple(p for p in args.peers if p != "none"))
 
 
 def cmd_distill(args) -> None:

@@ -14,31 +14,47 @@ from swiftkv.config import SwiftKVConfig
 from swiftkv.models.llama import LlamaForCausalLM
 
 
+_SWIFTKV_FIELDS = ("swiftkv", "num_key_value_layers", "key_value_group_size", "swiftkv_adapter_rank")
+
+
+def _plain_fields(config) -> dict:
+    """The config's fields without its type and SwiftKV settings."""
+    fields = config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", *_SWIFTKV_FIELDS):
+        fields.pop(key, None)
+    return fields
+
+
 def swiftkv_hf_config(base_config, skv: SwiftKVConfig, adapter_rank: int = 0):
     """The published-format config (``llama_swiftkv`` / ``qwen2_swiftkv``) for ``base_config``."""
     from swiftkv.models.hf import SWIFTKV_CONFIGS
 
     base_type = base_config.model_type.removesuffix("_swiftkv")
-    cls = SWIFTKV_CONFIGS[base_type]
-    fields = base_config.to_dict()
-    for key in ("model_type", "architectures", "transformers_version"):
-        fields.pop(key, None)
+    fields = _plain_fields(base_config)
     fields.update(swiftkv=True, num_key_value_layers=skv.num_key_value_layers,
                   key_value_group_size=skv.key_value_group_size)
-    fields.pop("swiftkv_adapter_rank", None)
     if adapter_rank:  # recorded so the checkpoint reloads with its adapters; absent = published format
         fields["swiftkv_adapter_rank"] = adapter_rank
-    config = cls(**fields)
+    config = SWIFTKV_CONFIGS[base_type](**fields)
     config.architectures = ["Qwen2SwiftKVForCausalLM" if base_type == "qwen2" else "LlamaSwiftKVForCausalLM"]
     return config
+
+
+def base_hf_config(config):
+    """The inverse: the plain ``llama`` / ``qwen2`` config of the original model (what other engines load)."""
+    from swiftkv.models.hf import SWIFTKV_CONFIGS
+
+    base_type = config.model_type.removesuffix("_swiftkv")
+    plain_cls = SWIFTKV_CONFIGS[base_type].__mro__[1]  # LlamaConfig / Qwen2Config
+    plain = plain_cls(**_plain_fields(config))
+    plain.architectures = ["Qwen2ForCausalLM" if base_type == "qwen2" else "LlamaForCausalLM"]
+    return plain
 
 
 @torch.no_grad()
 def to_swiftkv(base: LlamaForCausalLM, skv: SwiftKVConfig, adapter_rank: int = 0) -> LlamaForCausalLM:
     """Return a SwiftKV model sharing ``base``'s tensors, with initialised SwiftKV projections
     (and, for ``adapter_rank > 0``, zero-output low-rank adapters on the later layers)."""
-    if not isinstance(adapter_rank, int) or adapter_rank < 0:
-        raise ValueError(f"adapter_rank must be an integer >= 0; got {adapter_rank!r}.")
     if not base.teacher_available:
         raise ValueError("The base model lacks its original q/k/v; convert from a full checkpoint.")
     if skv.num_layers != base.config.num_hidden_layers:

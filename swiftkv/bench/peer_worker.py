@@ -37,7 +37,6 @@ class VLLMPeer:
     Prefix caching is off, so repeated prompts are really prefilled again."""
 
     def __init__(self, model: str, threads: int, max_model_len: int, max_num_seqs: int) -> None:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB of KV cache
         import vllm
         from vllm import LLM
 

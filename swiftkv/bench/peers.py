@@ -139,37 +139,29 @@ def gguf_for(model_dir: Path, gguf: str | None) -> Path:
 def plain_checkpoint(model_dir: Path) -> Path:
     """The original model of a SwiftKV checkpoint as a plain Llama/Qwen2 directory (no ``*_swiftkv``
     tensors, base ``model_type``) that other engines load; built once in the cache."""
-    from swiftkv.models.loader import load_config, read_tensors
+    import torch
 
-    config = json.loads((model_dir / "config.json").read_text())
-    if not config.get("swiftkv"):
-        return model_dir
-    load_config(model_dir)  # clear error for a bad checkpoint
     from swiftkv.models.default import cache_dir
+    from swiftkv.models.llama import LlamaForCausalLM
+    from swiftkv.models.loader import load_config, read_tensors, save_checkpoint
+    from swiftkv.transform import base_hf_config
 
-    stamp = f"{os.stat(model_dir / 'config.json').st_mtime_ns}"
+    config = load_config(model_dir)
+    if not getattr(config, "swiftkv", False):
+        return model_dir
     out = cache_dir() / "bench" / f"{model_dir.name}-plain"
-    if (out / "stamp.txt").exists() and (out / "stamp.txt").read_text() == stamp:
+    marker, stamp = out / "swiftkv_source.txt", f"{model_dir.resolve()} {os.stat(model_dir / 'config.json').st_mtime_ns}"
+    if marker.exists() and marker.read_text() == stamp:
         return out
-    import shutil
-
-    from safetensors.torch import save_file
-
+    with torch.device("meta"):
+        model = LlamaForCausalLM(base_hf_config(config))
     tensors = {n: t for n, t in read_tensors(model_dir).items() if "_swiftkv" not in n}
-    base_type = config["model_type"].removesuffix("_swiftkv")
-    for key in ("swiftkv", "num_key_value_layers", "key_value_group_size", "swiftkv_adapter_rank", "auto_map"):
-        config.pop(key, None)
-    config.update(model_type=base_type, architectures=["Qwen2ForCausalLM" if base_type == "qwen2" else "LlamaForCausalLM"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    for f in model_dir.iterdir():
-        if f.is_file() and f.suffix not in (".safetensors",) and f.name not in ("config.json",) \
-                and not f.name.endswith(".index.json"):
-            shutil.copy2(f, tmp / f.name)
-    save_file(tensors, str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    (tmp / "stamp.txt").write_text(stamp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"{model_dir} lacks the original model's tensors {missing[:3]}; other engines cannot run it")
+    save_checkpoint(model, out, source_dir=model_dir)
+    marker.write_text(stamp)
     return out
