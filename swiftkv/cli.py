@@ -112,6 +112,7 @@ def cmd_distill(args) -> None:
     from swiftkv.distill.trainer import DistillConfig, Trainer
     from swiftkv.models.llama import adapter_rank_of
     from swiftkv.models.loader import load_model, load_tokenizer, save_checkpoint
+    from swiftkv.platforms import resolve_dtype
     from swiftkv.transform import to_swiftkv
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -128,7 +129,7 @@ def cmd_distill(args) -> None:
     cfg = DistillConfig(out=args.out, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
                         lr=args.lr, schedule=args.schedule, temperature=args.temperature, mse_weight=args.mse_weight,
                         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, data=args.data,
-                        held_out_fraction=args.held_out_fraction, bf16=args.dtype == "bfloat16")
+                        held_out_fraction=args.held_out_fraction, bf16=resolve_dtype(args.dtype) == torch.bfloat16)
     tokenizer = load_tokenizer(path)
     if args.kv_init == "lstsq" and converted and not (args.resume and (Path(args.out) / "trainer_state.pt").exists()):
         from swiftkv.distill.init import fit_kv_projections, calibration_batch
@@ -197,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="turn a Llama-family checkpoint into an (undistilled) SwiftKV checkpoint")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model dir, hub id or {DEFAULT_MODEL}")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--dtype", default="auto", help="auto (checkpoint's), float32, bfloat16")
+    p.add_argument("--dtype", default="checkpoint", help="checkpoint (keep the checkpoint's), float32, bfloat16")
     _add_swiftkv_layout_args(p)
     p.set_defaults(func=cmd_convert)
 
@@ -209,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto", help="auto (fastest on this machine: bf16 only with native CPU bf16), float32, bfloat16")
     p.add_argument("--swiftkv", action=argparse.BooleanOptionalAction, default=None,
                    help="SwiftKV path (default: the checkpoint's mode); --no-swiftkv runs the original model")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
@@ -231,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--held-out-fraction", type=float, default=0.01, help="conversations held out for eval")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="autocast dtype")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="autocast dtype (auto: bf16 only where the CPU/GPU has native bf16)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/trainer_state.pt")
     p.add_argument("--kv-init", choices=["lstsq", "mean"], default="lstsq",
                    help="K/V projection init when converting: least-squares fit on calibration tokens "
@@ -253,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="name clients use (default: the model's)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or env SWIFTKV_API_KEY)")
     p.add_argument("--swiftkv", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto", help="auto (fastest on this machine: bf16 only with native CPU bf16), float32, bfloat16")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-gb", type=float, default=1.0)
@@ -274,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--max-num-seqs", type=int, default=16, help="engine batch / transformers batch size")
     p.add_argument("--kv-budget-gb", type=float, default=1.0, help="KV budget for the max-concurrent-seqs metric")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto", help="auto (fastest on this machine: bf16 only with native CPU bf16), float32, bfloat16")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     p.add_argument("--out", default=None, help="output directory (offline) or JSON file (prefill, online)")
     p.add_argument("--seed", type=int, default=0)

@@ -23,12 +23,13 @@ class LLM:
             ``smollm2-135m-instruct-swiftkv``; ``None`` is the default SwiftKV model.
         swiftkv: ``True`` SwiftKV path, ``False`` the original model (baseline), ``None`` the
             checkpoint's own mode.
-        dtype: ``"bfloat16"`` or ``"float32"``.
+        dtype: ``"auto"`` (bf16 only where the CPU has native bf16, else float32), ``"bfloat16"`` or
+            ``"float32"``.
         kv_cache_memory: bytes of KV cache to allocate.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, swiftkv: bool | None = None,
-                 dtype: str = "bfloat16", max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 dtype: str = "auto", max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  kv_cache_memory: int = 1 << 30, block_size: int = 16, max_model_len: int | None = None,
                  seed: int = 0, device: str = "cpu") -> None:
         from swiftkv.models.default import DEFAULT_SWIFTKV_MODEL

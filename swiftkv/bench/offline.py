@@ -121,7 +121,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2, dtype: str = "bfloat16",
+def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2, dtype: str = "auto",
                       out_dir: str | None = None, with_transformers: bool = True, max_num_seqs: int = 16,
                       kv_budget_gb: float = 1.0, seed: int = 0, peers=None) -> dict:
     """Run ``workload`` on swiftkv (SwiftKV), swiftkv (baseline), transformers and the installed
@@ -129,6 +129,7 @@ def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2
     from pathlib import Path
 
     from swiftkv.bench.env import environment, warn_if_busy
+    from swiftkv.platforms import dtype_name, resolve_dtype
     from swiftkv.bench.flops import measure_matmul_peak
     from swiftkv.bench.peers import start_peers
     from swiftkv.bench.prefill import _hf_model
@@ -136,6 +137,7 @@ def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2
     from swiftkv.engine.model_runner import kv_bytes_per_token
     from swiftkv.llm import LLM
 
+    dtype = dtype_name(resolve_dtype(dtype))  # "auto" -> this machine's fastest; every system runs it
     env = environment(dtype)
     warn_if_busy(env)
     kw = dict(dtype=dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048)
@@ -149,7 +151,7 @@ def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2
     if hf is not None:
         runners["transformers"] = lambda: run_transformers(hf, w, max_num_seqs)
     max_len = max(len(p) for p in w.prompts) + w.max_tokens + 16
-    running = start_peers(peers, engines["swiftkv"].model_path, env["threads"], max_len, max_num_seqs, out_dir) \
+    running = start_peers(peers, engines["swiftkv"].model_path, env["threads"], max_len, max_num_seqs, out_dir, dtype) \
         if peers else {}
     runners.update({name: (lambda p=p: p.run(w.prompts, w.max_tokens)) for name, p in running.items()})
     warm = Workload(w.name, w.prompts[:1], 2)
@@ -180,12 +182,14 @@ def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2
               "requests": len(w.prompts), "prompt_tokens": w.prompt_tokens, "output_tokens": w.output_tokens,
               "swiftkv": {"L": skv.num_layers, "l": skv.num_key_value_layers, "G": skv.key_value_group_size},
               "versions": {name: p.version for name, p in running.items()},
+              "dtypes": {**{name: dtype for name in runners}, **{name: p.dtype for name, p in running.items()}},
               "matmul_peak_gflops": peak / 1e9, "peak_rss_mb": peak_rss_mb(), "kv_budget_gb": kv_budget_gb,
               "systems": systems}
     title = (f"{w.name}: {len(w.prompts)} requests, {w.prompt_tokens} prompt / {w.output_tokens} output tokens, "
              f"SwiftKV l={skv.num_key_value_layers}/{skv.num_layers} G={skv.key_value_group_size}; "
              f"{env['dtype']}, {env['threads']} threads, load {env['loadavg_1m']}")
     print(title)
+    print("dtypes: " + ", ".join(f"{k} {v}" for k, v in result["dtypes"].items()))
     print(format_table(systems))
     print("\n".join(ratio_lines(systems)))
     if out_dir:

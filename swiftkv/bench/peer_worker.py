@@ -36,12 +36,12 @@ class VLLMPeer:
     of the full pass spread over the remaining tokens (what the transformers runner reports too).
     Prefix caching is off, so repeated prompts are really prefilled again."""
 
-    def __init__(self, model: str, threads: int, max_model_len: int, max_num_seqs: int) -> None:
+    def __init__(self, model: str, threads: int, max_model_len: int, max_num_seqs: int, dtype: str) -> None:
         import vllm
         from vllm import LLM
 
         self.version = vllm.__version__
-        self.llm = LLM(model=model, dtype="bfloat16", max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+        self.llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                        max_num_batched_tokens=max(max_model_len, 2048), enable_prefix_caching=False, seed=0)
 
     def _generate(self, prompts: list[list[int]], max_tokens: int):
@@ -70,8 +70,8 @@ class LlamaCppPeer:
     """llama-cpp-python: one sequence at a time (its high-level API has no batching), so request
     ``i`` waits for the ones before it; TTFT counts from the start of the run, as a user sees it."""
 
-    def __init__(self, model: str, threads: int, max_model_len: int, max_num_seqs: int) -> None:
-        import llama_cpp
+    def __init__(self, model: str, threads: int, max_model_len: int, max_num_seqs: int, dtype: str) -> None:
+        import llama_cpp  # the GGUF's own quantisation decides its dtype
 
         self.version = llama_cpp.__version__
         self.llm = llama_cpp.Llama(model_path=model, n_ctx=max_model_len, n_batch=min(2048, max_model_len),
@@ -105,9 +105,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--dtype", default="bfloat16", help="vLLM's compute dtype (the parent passes swiftkv's)")
     args = ap.parse_args()
     try:
-        peer = PEERS[args.backend](args.model, args.threads, args.max_model_len, args.max_num_seqs)
+        peer = PEERS[args.backend](args.model, args.threads, args.max_model_len, args.max_num_seqs, args.dtype)
     except Exception as e:  # reported to the parent, which skips this peer with the reason
         reply({"error": f"{type(e).__name__}: {e}"})
         return

@@ -53,7 +53,7 @@ class Peer:
     ``swiftkv.bench.offline`` (``wall_s``, ``ttft``, ``tpot``)."""
 
     def __init__(self, backend: str, python: str, model: str, threads: int, max_model_len: int = 4096,
-                 max_num_seqs: int = 32, log_dir: str | None = None) -> None:
+                 max_num_seqs: int = 32, log_dir: str | None = None, dtype: str = "bfloat16") -> None:
         self.backend = backend
         worker = Path(__file__).with_name("peer_worker.py")
         log = Path(log_dir or tempfile.gettempdir()) / f"swiftkv-peer-{backend}.log"
@@ -61,7 +61,7 @@ class Peer:
         self._log = open(log, "w")
         self.proc = subprocess.Popen(
             [python, str(worker), backend, model, "--threads", str(threads), "--max-model-len", str(max_model_len),
-             "--max-num-seqs", str(max_num_seqs)],
+             "--max-num-seqs", str(max_num_seqs), "--dtype", dtype],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
             env=_peer_env(backend, python, threads))
         hello = self._read()
@@ -69,6 +69,7 @@ class Peer:
             self.close()
             raise RuntimeError(f"{backend} failed to start: {hello['error']} (log: {log})")
         self.version = hello.get("version", "?")
+        self.dtype = dtype if backend == "vllm" else "gguf"
 
     def _read(self) -> dict:
         for line in self.proc.stdout:  # the peer's own logging may share stdout
@@ -106,8 +107,9 @@ class PeerSpec:
 
 
 def start_peers(spec: PeerSpec, model_dir: Path, threads: int, max_model_len: int, max_num_seqs: int,
-                log_dir: str | None = None) -> dict[str, Peer]:
-    """Start every enabled, installed peer on the original (non-SwiftKV) weights of ``model_dir``;
+                log_dir: str | None = None, dtype: str = "bfloat16") -> dict[str, Peer]:
+    """Start every enabled, installed peer on the original (non-SwiftKV) weights of ``model_dir``,
+    vLLM in ``dtype`` (the same as swiftkv's, so no system is measured in an emulated dtype);
     a peer that is missing or fails to start is reported and skipped."""
     peers: dict[str, Peer] = {}
     for backend in spec.enabled:
@@ -118,7 +120,7 @@ def start_peers(spec: PeerSpec, model_dir: Path, threads: int, max_model_len: in
         try:
             model = str(plain_checkpoint(model_dir)) if backend == "vllm" else str(gguf_for(model_dir, spec.gguf))
             print(f"bench: starting {backend} ({python}) on {model}", file=sys.stderr, flush=True)
-            peers[backend] = Peer(backend, python, model, threads, max_model_len, max_num_seqs, log_dir)
+            peers[backend] = Peer(backend, python, model, threads, max_model_len, max_num_seqs, log_dir, dtype)
         except (RuntimeError, ValueError) as e:
             print(f"bench: {backend} skipped: {e}", file=sys.stderr)
     return peers

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from swiftkv.bench.env import environment, warn_if_busy
+from swiftkv.platforms import dtype_name, resolve_dtype
 from swiftkv.sampling_params import SamplingParams
 
 
@@ -62,7 +63,7 @@ def _time(fn, prompts, n) -> float:
 
 
 def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512, 2048), reps: int = 3,
-                      decode_tokens: int = 64, dtype: str = "bfloat16", out: str | None = None,
+                      decode_tokens: int = 64, dtype: str = "auto", out: str | None = None,
                       with_transformers: bool = True, peers=None, batch: int = 32) -> dict:
     """Prefill tokens/s at each of ``lengths`` (one prompt, first token only), batch-1 decode
     tokens/s and batch-``batch`` aggregate decode tokens/s (64-token prompts, ``decode_tokens``
@@ -71,6 +72,7 @@ def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512,
     from swiftkv.bench.peers import start_peers
     from swiftkv.llm import LLM
 
+    dtype = dtype_name(resolve_dtype(dtype))  # "auto" -> this machine's fastest; every system runs it
     env = environment(dtype)
     warn_if_busy(env)
     max_len = max(lengths)
@@ -81,7 +83,7 @@ def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512,
     runners = {name: _engine_runner(llm) for name, llm in engines.items()}
     if with_transformers:
         runners["transformers"] = _hf_runner(_hf_model(path, engines["swiftkv"].model.model.embed_tokens.weight.dtype))
-    running = start_peers(peers, path, env["threads"], max_len + decode_tokens + 64, max(8, batch)) if peers else {}
+    running = start_peers(peers, path, env["threads"], max_len + decode_tokens + 64, max(8, batch), dtype=dtype) if peers else {}
     runners.update({name: _peer_runner(p) for name, p in running.items()})
     skv = engines["swiftkv"].model.swiftkv_config
     g = torch.Generator().manual_seed(0)
@@ -89,6 +91,7 @@ def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512,
     result = {"env": env, "model": str(path),
               "swiftkv": {"L": skv.num_layers, "l": skv.num_key_value_layers, "G": skv.key_value_group_size},
               "versions": {name: p.version for name, p in running.items()},
+              "dtypes": {**{name: dtype for name in runners}, **{name: p.dtype for name, p in running.items()}},
               "kv_bytes_per_token": {name: llm.engine.kv_bytes_per_token for name, llm in engines.items()},
               "prefill": {}, "decode": {}, f"decode_b{batch}": {}}
 
@@ -148,7 +151,8 @@ def format_report(r: dict) -> str:
     systems = list(dict.fromkeys(k for _, tps in rows for k in tps))
     lines = [f"model {r['model']} (SwiftKV l={s['l']} of L={s['L']}, G={s['G']}), dtype {e['dtype']}, "
              f"threads {e['threads']}, torch {e['torch']}, load {e['loadavg_1m']}"
-             + "".join(f", {k} {v}" for k, v in r.get("versions", {}).items()),
+             + "".join(f", {k} {v}" for k, v in r.get("versions", {}).items())
+             + ("; dtypes: " + ", ".join(f"{k} {v}" for k, v in r["dtypes"].items()) if r.get("dtypes") else ""),
              f"{'metric':<28}" + "".join(f"{name:>14}" for name in systems)]
     for label, tps in rows:
         lines.append(f"{label:<28}" + "".join(f"{tps.get(k, float('nan')):>14.1f}" for k in systems))

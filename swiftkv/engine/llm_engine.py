@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from swiftkv.engine.block_manager import BlockManager
+from swiftkv.engine.detokenizer import IncrementalDetokenizer
 from swiftkv.engine.model_runner import ModelRunner
 from swiftkv.engine.scheduler import Scheduler
 from swiftkv.engine.sequence import Sequence
@@ -93,6 +94,8 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_request(prompt_token_ids, params)
         seq = Sequence(request_id, list(prompt_token_ids), params, arrival=time.monotonic())
+        if self.tokenizer is not None:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
         self.scheduler.add(seq)
         self.seqs[request_id] = seq
         self.prompts[request_id] = prompt
@@ -153,9 +156,13 @@ class LLMEngine:
             seq.token_ids.append(token)
             if lp is not None:
                 seq.logprobs.append(lp)
+            if seq.detokenizer is not None:
+                seq.detokenizer.update([token])
             reason = self._check_stop(seq, token)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
+                if seq.detokenizer is not None:
+                    seq.detokenizer.flush()  # the final text equals a full decode of the output
             outputs.append(self.output_of(seq.seq_id))
         return outputs
 
@@ -176,15 +183,10 @@ class LLMEngine:
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _raw_text(self, seq: Sequence) -> str:
-        """Detokenised output, decoded once per new token (shared by stop checks and outputs)."""
-        if self.tokenizer is None:
-            return ""
-        n = seq.num_tokens
-        if seq.text_cache is None or seq.text_cache[0] != n:
-            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens)
-            seq.text_cache = (n, text)
-        return seq.text_cache[1]
+    @staticmethod
+    def _raw_text(seq: Sequence) -> str:
+        """Detokenised output so far (incremental: an incomplete trailing character is held back)."""
+        return seq.detokenizer.text if seq.detokenizer is not None else ""
 
     def _text(self, seq: Sequence) -> str:
         text = self._raw_text(seq)

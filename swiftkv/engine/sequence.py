@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from swiftkv.engine.detokenizer import IncrementalDetokenizer
 from swiftkv.sampling_params import SamplingParams
 
 
@@ -30,7 +31,7 @@ class Sequence:
     num_preemptions: int = 0
     # per generated token: (logprob of chosen token, {token_id: logprob} of the top alternatives)
     logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
-    text_cache: tuple[int, str] | None = None  # (num_tokens, decoded output) of the last decode
+    detokenizer: IncrementalDetokenizer | None = None  # output text, extended every step (engine-owned)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -49,7 +49,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--chat-prompts", type=int, default=EvalConfig.chat_prompts,
                    help="held-out chat prompts for greedy agreement (default %(default)s)")
     p.add_argument("--seed", type=int, default=EvalConfig.seed)
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=EvalConfig.dtype)
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default=EvalConfig.dtype)
     p.add_argument("--max-batch-tokens", type=int, default=EvalConfig.max_batch_tokens,
                    help="tokens per log-likelihood forward")
     p.add_argument("--no-distribution", action="store_true", help="skip held-out KL/agreement and LAMBADA")

@@ -18,7 +18,7 @@ class EvalConfig:
     lambada_limit: int = 100
     chat_prompts: int = 16
     seed: int = 0
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     max_batch_tokens: int = 4096
     bootstrap_samples: int = 1000
     distribution: bool = True  # held-out KL/agreement, LAMBADA

@@ -16,22 +16,18 @@ from safetensors import SafetensorError, safe_open
 
 from swiftkv.models.default import DEFAULT_MODEL, SHIPPED_MODELS, default_model_dir, shipped_model_dir
 from swiftkv.models.llama import LlamaForCausalLM, check_supported
+from swiftkv.platforms import DTYPES, resolve_dtype
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
 
 
-def parse_dtype(dtype: str | torch.dtype, config=None) -> torch.dtype:
-    """``"auto"`` is the checkpoint's own dtype (from config.json), else float32."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
+def parse_dtype(dtype: str | torch.dtype, config=None, device: str | torch.device = "cpu") -> torch.dtype:
+    """``"auto"``: the fastest dtype on this machine (:mod:`swiftkv.platforms`); ``"checkpoint"``: the
+    checkpoint's own dtype (from config.json, else float32); else the named dtype."""
+    if dtype == "checkpoint":
         saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        return saved if isinstance(saved, torch.dtype) else _DTYPES.get(str(saved), torch.float32)
-    if dtype not in _DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}; use one of: auto, {', '.join(_DTYPES)}.")
-    return _DTYPES[dtype]
+        return saved if isinstance(saved, torch.dtype) else DTYPES.get(str(saved), torch.float32)
+    return resolve_dtype(dtype, device)
 
 
 def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
@@ -151,7 +147,7 @@ def load_model(
     """
     path = resolve_model_path(name_or_path)
     config = load_config(path)
-    dt = parse_dtype(dtype, config)
+    dt = parse_dtype(dtype, config, device)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model.to_empty(device=device)
