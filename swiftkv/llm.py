@@ -26,18 +26,21 @@ class LLM:
         dtype: ``"auto"`` (bf16 only where the CPU has native bf16, else float32), ``"bfloat16"`` or
             ``"float32"``.
         kv_cache_memory: bytes of KV cache to allocate.
+        enable_prefix_caching: reuse the KV blocks of prompt prefixes seen before (a cached prefix
+            skips every layer, SwiftKV's included).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, swiftkv: bool | None = None,
                  dtype: str = "auto", max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  kv_cache_memory: int = 1 << 30, block_size: int = 16, max_model_len: int | None = None,
-                 seed: int = 0, device: str = "cpu") -> None:
+                 seed: int = 0, device: str = "cpu", enable_prefix_caching: bool = True) -> None:
         from swiftkv.models.default import DEFAULT_SWIFTKV_MODEL
 
         self.model, self.model_path = load_model(DEFAULT_SWIFTKV_MODEL if model is None else model,
                                                  dtype=dtype, device=device, swiftkv=swiftkv)
         self.tokenizer = load_tokenizer(self.model_path)
-        config = EngineConfig(max_num_seqs, max_num_batched_tokens, kv_cache_memory, block_size, max_model_len, seed)
+        config = EngineConfig(max_num_seqs, max_num_batched_tokens, kv_cache_memory, block_size, max_model_len, seed,
+                              enable_prefix_caching)
         self.engine = LLMEngine(self.model, self.tokenizer, config)
         self._counter = itertools.count()
 

@@ -66,8 +66,10 @@ class _Req:
     def __init__(self, n): self.outputs = [_Out(n)]
 class LLM:
     def __init__(self, model, **kw):
+        import os
         if "missing" in model: raise FileNotFoundError(model)
         assert kw["enable_prefix_caching"] is False
+        assert kw["dtype"] == os.environ["FAKE_EXPECT_DTYPE"], kw["dtype"]  # the parent's dtype, passed through
     def generate(self, prompts, params, use_tqdm=True):
         print("progress noise")
         return [_Req(params.kw["max_tokens"]) for _ in prompts]
@@ -99,10 +101,12 @@ def test_peer_process_protocol_with_fake_backends(tmp_path, monkeypatch):
     from swiftkv.bench.peers import Peer, find_peer_python
 
     monkeypatch.setenv("PYTHONPATH", str(_fake_site(tmp_path)))
-    for backend in ("vllm", "llama.cpp"):
-        peer = Peer(backend, sys.executable, "model-dir", threads=1, log_dir=str(tmp_path))
+    monkeypatch.setenv("FAKE_EXPECT_DTYPE", "float32")
+    for backend in ("vllm", "vllm-swiftkv", "llama.cpp"):
+        peer = Peer(backend, sys.executable, "model-dir", threads=1, log_dir=str(tmp_path), dtype="float32")
         try:
             assert peer.version == "0.0-fake"
+            assert peer.dtype == ("gguf" if backend == "llama.cpp" else "float32")
             out = peer.run([[1, 2, 3], [4, 5]], 4)
             assert out["output_tokens"] == [4, 4] and len(out["ttft"]) == len(out["tpot"]) == 2
             assert out["wall_s"] >= 0 and all(t >= 0 for t in out["ttft"])
@@ -110,7 +114,9 @@ def test_peer_process_protocol_with_fake_backends(tmp_path, monkeypatch):
         finally:
             peer.close()
     with pytest.raises(RuntimeError, match="vllm failed to start: FileNotFoundError"):
-        Peer("vllm", sys.executable, "missing-model", threads=1, log_dir=str(tmp_path))
+        Peer("vllm", sys.executable, "missing-model", threads=1, log_dir=str(tmp_path), dtype="float32")
+    with pytest.raises(RuntimeError, match="vllm failed to start: AssertionError: bfloat16"):  # dtype mismatch
+        Peer("vllm", sys.executable, "model-dir", threads=1, log_dir=str(tmp_path), dtype="bfloat16")
     with pytest.raises(ValueError, match="does not exist"):
         find_peer_python("vllm", str(tmp_path / "no-such-python"))
 

@@ -218,3 +218,46 @@ def test_request_that_cannot_fit_the_cache_is_refused(base):
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.block_manager.num_free_blocks == 4
+
+
+# -- prefix caching -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("l,G", [(L, 1), (3, 1), (2, 2), (3, 3)])
+def test_prefix_cache_hits_give_the_same_greedy_output(base, l, G):
+    model = _model(base, l, G)
+    shared = _prompts([13], seed=5)[0]
+    # 13 shared tokens = 3 full blocks of 4 + 1 (a partial-block prefix), then own tails
+    prompts = [shared + t for t in _prompts([1, 6, 9, 4], seed=6)] + [shared]
+    engine = _engine(model, max_num_seqs=2)  # two at a time: later requests hit what earlier ones cached
+    outs = _run(engine, prompts, GREEDY)
+    for p, o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == greedy_generate(model, p, 8)
+    bm = engine.block_manager
+    assert bm.num_hit_tokens >= 3 * 12  # later requests reused the 12 cached shared tokens
+    assert bm.num_free_blocks == bm.num_blocks  # nothing leaked
+
+
+def test_prefix_caching_off_computes_everything(base):
+    engine = _engine(_model(base, 3, 1), enable_prefix_caching=False)
+    prompts = [_prompts([16], seed=5)[0]] * 3
+    _run(engine, prompts, GREEDY)
+    assert engine.block_manager.num_hit_tokens == 0 and not engine.block_manager.cached
+
+
+@pytest.mark.parametrize("l,G", [(L, 1), (2, 2)])
+def test_prefix_caching_under_eviction_preemption_and_aborts(base, l, G):
+    model = _model(base, l, G)
+    shared = _prompts([12], seed=8)[0]
+    prompts = [shared + t for t in _prompts([3, 10, 7, 14, 5, 9], seed=9)]
+    engine = _engine(model, blocks=14, block_size=4, max_num_seqs=4)  # too small for all: evicts, preempts
+    preemptions = []
+    orig = engine.scheduler._preempt
+    engine.scheduler._preempt = lambda seq, out: (preemptions.append(seq.seq_id), orig(seq, out))
+    aborted = engine.add_request(prompts[0], GREEDY)
+    engine.step()
+    engine.abort_request(aborted)  # an abort mid-prefill returns its blocks (cached ones stay reusable)
+    outs = _run(engine, prompts, GREEDY)
+    for p, o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == greedy_generate(model, p, 8)
+    assert preemptions and engine.block_manager.num_hit_tokens > 0
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

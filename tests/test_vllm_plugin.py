@@ -244,3 +244,14 @@ def test_unsupported_checkpoints_fail_at_load_with_one_line(tmp_path, problem, m
     with pytest.raises(Exception, match=match):
         with _vllm(path, skip_tokenizer_init=True):
             pass
+
+
+@needs_vllm
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallelism on CPU needs one core per rank")
+def test_tensor_parallel_2_matches_engine(tmp_path, monkeypatch):
+    path = _tiny_swiftkv(tmp_path / "tp", l=2, G=2)  # 4 heads, 2 KV heads: both split over 2 ranks
+    prompts = _prompts([5, 40, 130], 256, seed=2)
+    want = _swiftkv_greedy(path, prompts)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank
+    with _vllm(path, skip_tokenizer_init=True, tensor_parallel_size=2, distributed_executor_backend="mp") as llm:
+        assert [g[0] for g in _vllm_greedy(llm, prompts)] == want

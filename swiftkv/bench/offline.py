@@ -17,7 +17,15 @@ from swiftkv.sampling_params import SamplingParams
 WORKLOADS = {  # (num requests, prompt tokens range, output tokens)
     "prompt-heavy": (16, (1024, 2048), 32),
     "chat": (16, (64, 256), 128),
+    "shared-prefix": (32, (200, 200), 32),  # + one 1,500-token prefix shared by all (RAG / classification)
 }
+SHARED_PREFIX_TOKENS = 1500
+
+
+def uses_prefix_caching(workload: str) -> bool:
+    """Systems run with prefix caching on the shared-prefix workload only; elsewhere it is off so that
+    repeated runs of the same prompts really prefill. Either way the cache is emptied before every run."""
+    return workload == "shared-prefix"
 
 
 @dataclass
@@ -30,12 +38,17 @@ class Workload:
     def make(cls, name: str, vocab: int, seed: int = 0, num_requests: int | None = None,
              prompt_len: tuple[int, int] | None = None, max_tokens: int | None = None) -> Workload:
         if name not in WORKLOADS and name != "custom":
-            raise ValueError(f"unknown workload {name!r}; choose prompt-heavy, chat or custom")
+            raise ValueError(f"unknown workload {name!r}; choose {', '.join(WORKLOADS)} or custom")
         n, lens, out = WORKLOADS.get(name, (16, (512, 512), 32))
         n, lens, out = num_requests or n, prompt_len or lens, max_tokens or out
         rng = random.Random(seed)
         prompts = [[rng.randrange(100, vocab) for _ in range(rng.randint(*lens))] for _ in range(n)]
+        if name == "shared-prefix":  # one system prompt, then each request's own tail
+            shared = [rng.randrange(100, vocab) for _ in range(SHARED_PREFIX_TOKENS)]
+            prompts = [shared + p for p in prompts]
         return cls(name, prompts, out)
+
+
 
     @property
     def prompt_tokens(self) -> int:
@@ -57,6 +70,7 @@ def run_engine(llm, w: Workload) -> dict:
     """All requests at once through the engine; per-request TTFT and TPOT from step timestamps."""
     params = SamplingParams(temperature=0, max_tokens=w.max_tokens, ignore_eos=True)
     eng = llm.engine
+    eng.reset_prefix_cache()  # each run starts cold, as the peers' do
     t0 = time.perf_counter()
     ids = [eng.add_request(p, params) for p in w.prompts]
     first: dict[str, float] = {}
@@ -131,6 +145,7 @@ def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2
     from swiftkv.bench.env import environment, warn_if_busy
     from swiftkv.platforms import dtype_name, resolve_dtype
     from swiftkv.bench.flops import measure_matmul_peak
+    from swiftkv.bench.interleave import interleave
     from swiftkv.bench.peers import start_peers
     from swiftkv.bench.prefill import _hf_model
     from swiftkv.bench.report import format_table, plot, ratio_lines, write_json
@@ -140,7 +155,8 @@ def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2
     dtype = dtype_name(resolve_dtype(dtype))  # "auto" -> this machine's fastest; every system runs it
     env = environment(dtype)
     warn_if_busy(env)
-    kw = dict(dtype=dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048)
+    caching = uses_prefix_caching(workload.name if isinstance(workload, Workload) else workload)
+    kw = dict(dtype=dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048, enable_prefix_caching=caching)
     engines = {"swiftkv": LLM(model, swiftkv=True, **kw)}
     engines["baseline"] = LLM(engines["swiftkv"].model_path, swiftkv=False, **kw)
     m = engines["swiftkv"].model
@@ -151,8 +167,8 @@ def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2
     if hf is not None:
         runners["transformers"] = lambda: run_transformers(hf, w, max_num_seqs)
     max_len = max(len(p) for p in w.prompts) + w.max_tokens + 16
-    running = start_peers(peers, engines["swiftkv"].model_path, env["threads"], max_len, max_num_seqs, out_dir, dtype) \
-        if peers else {}
+    running = start_peers(peers, engines["swiftkv"].model_path, env["threads"], max_len, max_num_seqs, out_dir, dtype,
+                          caching) if peers else {}
     runners.update({name: (lambda p=p: p.run(w.prompts, w.max_tokens)) for name, p in running.items()})
     warm = Workload(w.name, w.prompts[:1], 2)
     try:
@@ -163,10 +179,7 @@ def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2
         for p in running.values():
             p.run(warm.prompts, warm.max_tokens)
         peak = measure_matmul_peak(m.model.embed_tokens.weight.dtype)
-        raw: dict[str, list[dict]] = {k: [] for k in runners}
-        for _ in range(reps):  # interleaved
-            for name, fn in runners.items():
-                raw[name].append(fn())
+        raw = interleave(runners, reps, w.name, warmup=False)  # warmed up above, on a small run
     finally:
         for p in running.values():
             p.close()

@@ -36,13 +36,15 @@ class VLLMPeer:
     of the full pass spread over the remaining tokens (what the transformers runner reports too).
     Prefix caching is off, so repeated prompts are really prefilled again."""
 
-    def __init__(self, model: str, threads: int, max_model_len: int, max_num_seqs: int, dtype: str) -> None:
+    def __init__(self, model: str, threads: int, max_model_len: int, max_num_seqs: int, dtype: str,
+                 prefix_caching: bool = False) -> None:
         import vllm
         from vllm import LLM
 
         self.version = vllm.__version__
+        self.prefix_caching = prefix_caching
         self.llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                       max_num_batched_tokens=max(max_model_len, 2048), enable_prefix_caching=False, seed=0)
+                       max_num_batched_tokens=max(max_model_len, 2048), enable_prefix_caching=prefix_caching, seed=0)
 
     def _generate(self, prompts: list[list[int]], max_tokens: int):
         from vllm import SamplingParams
@@ -52,12 +54,16 @@ class VLLMPeer:
         return self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
 
     def run(self, prompts: list[list[int]], max_tokens: int) -> dict:
+        if self.prefix_caching:
+            self.llm.reset_prefix_cache()  # each run starts cold
         t = time.perf_counter()
         outs = self._generate(prompts, 1)
         first = time.perf_counter() - t
         if max_tokens == 1:
             return {"wall_s": first, "ttft": [first] * len(prompts), "tpot": [0.0] * len(prompts),
                     "output_tokens": [len(o.outputs[0].token_ids) for o in outs]}
+        if self.prefix_caching:
+            self.llm.reset_prefix_cache()  # the full pass must not reuse the 1-token pass's prompts
         t = time.perf_counter()
         outs = self._generate(prompts, max_tokens)
         wall = time.perf_counter() - t
@@ -70,7 +76,8 @@ class LlamaCppPeer:
     """llama-cpp-python: one sequence at a time (its high-level API has no batching), so request
     ``i`` waits for the ones before it; TTFT counts from the start of the run, as a user sees it."""
 
-    def __init__(self, model: str, threads: int, max_model_len: int, max_num_seqs: int, dtype: str) -> None:
+    def __init__(self, model: str, threads: int, max_model_len: int, max_num_seqs: int, dtype: str,
+                 prefix_caching: bool = False) -> None:
         import llama_cpp  # the GGUF's own quantisation decides its dtype
 
         self.version = llama_cpp.__version__
@@ -95,7 +102,7 @@ class LlamaCppPeer:
         return {"wall_s": time.perf_counter() - t0, "ttft": ttft, "tpot": tpot, "output_tokens": counts}
 
 
-PEERS = {"vllm": VLLMPeer, "llama.cpp": LlamaCppPeer}
+PEERS = {"vllm": VLLMPeer, "vllm-swiftkv": VLLMPeer, "llama.cpp": LlamaCppPeer}  # vllm-swiftkv: via the plugin
 
 
 def main() -> None:
@@ -106,9 +113,11 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--dtype", default="bfloat16", help="vLLM's compute dtype (the parent passes swiftkv's)")
+    ap.add_argument("--prefix-caching", action="store_true", help="vLLM: prefix caching on (emptied every run)")
     args = ap.parse_args()
     try:
-        peer = PEERS[args.backend](args.model, args.threads, args.max_model_len, args.max_num_seqs, args.dtype)
+        peer = PEERS[args.backend](args.model, args.threads, args.max_model_len, args.max_num_seqs, args.dtype,
+                                   args.prefix_caching)
     except Exception as e:  # reported to the parent, which skips this peer with the reason
         reply({"error": f"{type(e).__name__}: {e}"})
         return

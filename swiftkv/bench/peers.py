@@ -1,4 +1,5 @@
-"""Optional benchmark peers: vLLM and llama.cpp, each in its own interpreter (usually its own venv).
+"""Optional benchmark peers: vLLM (plain, and with swiftkv's plugin on the SwiftKV checkpoint:
+``vllm-swiftkv``) and llama.cpp, each in its own interpreter (usually its own venv).
 
 Neither is a dependency of swiftkv. A peer's Python is found, in order, from ``--vllm-python`` /
 ``--llamacpp-python``, the environment (``SWIFTKV_VLLM_PYTHON``, ``SWIFTKV_LLAMACPP_PYTHON``), or
@@ -18,8 +19,8 @@ from pathlib import Path
 
 from swiftkv.bench.peer_worker import TAG
 
-_MODULES = {"vllm": "vllm", "llama.cpp": "llama_cpp"}
-_ENV = {"vllm": "SWIFTKV_VLLM_PYTHON", "llama.cpp": "SWIFTKV_LLAMACPP_PYTHON"}
+_MODULES = {"vllm": "vllm", "vllm-swiftkv": "vllm", "llama.cpp": "llama_cpp"}
+_ENV = {"vllm": "SWIFTKV_VLLM_PYTHON", "vllm-swiftkv": "SWIFTKV_VLLM_PYTHON", "llama.cpp": "SWIFTKV_LLAMACPP_PYTHON"}
 
 
 def find_peer_python(backend: str, explicit: str | None = None) -> str | None:
@@ -37,7 +38,7 @@ def find_peer_python(backend: str, explicit: str | None = None) -> str | None:
 
 def _peer_env(backend: str, python: str, threads: int) -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    if backend == "vllm":
+    if backend.startswith("vllm"):
         # all `threads` cores for the model (vLLM reserves one for its front end by default)
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
         env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
@@ -53,7 +54,8 @@ class Peer:
     ``swiftkv.bench.offline`` (``wall_s``, ``ttft``, ``tpot``)."""
 
     def __init__(self, backend: str, python: str, model: str, threads: int, max_model_len: int = 4096,
-                 max_num_seqs: int = 32, log_dir: str | None = None, dtype: str = "bfloat16") -> None:
+                 max_num_seqs: int = 32, log_dir: str | None = None, dtype: str = "bfloat16",
+                 prefix_caching: bool = False) -> None:
         self.backend = backend
         worker = Path(__file__).with_name("peer_worker.py")
         log = Path(log_dir or tempfile.gettempdir()) / f"swiftkv-peer-{backend}.log"
@@ -61,7 +63,7 @@ class Peer:
         self._log = open(log, "w")
         self.proc = subprocess.Popen(
             [python, str(worker), backend, model, "--threads", str(threads), "--max-model-len", str(max_model_len),
-             "--max-num-seqs", str(max_num_seqs), "--dtype", dtype],
+             "--max-num-seqs", str(max_num_seqs), "--dtype", dtype] + (["--prefix-caching"] if prefix_caching else []),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
             env=_peer_env(backend, python, threads))
         hello = self._read()
@@ -69,7 +71,7 @@ class Peer:
             self.close()
             raise RuntimeError(f"{backend} failed to start: {hello['error']} (log: {log})")
         self.version = hello.get("version", "?")
-        self.dtype = dtype if backend == "vllm" else "gguf"
+        self.dtype = dtype if backend.startswith("vllm") else "gguf"
 
     def _read(self) -> dict:
         for line in self.proc.stdout:  # the peer's own logging may share stdout
@@ -103,24 +105,30 @@ class PeerSpec:
     vllm_python: str | None = None
     llamacpp_python: str | None = None
     gguf: str | None = None  # llama.cpp model; default: the built-in model's Q4_1 GGUF
-    enabled: tuple[str, ...] = ("vllm", "llama.cpp")
+    enabled: tuple[str, ...] = ("vllm", "vllm-swiftkv", "llama.cpp")
 
 
 def start_peers(spec: PeerSpec, model_dir: Path, threads: int, max_model_len: int, max_num_seqs: int,
-                log_dir: str | None = None, dtype: str = "bfloat16") -> dict[str, Peer]:
+                log_dir: str | None = None, dtype: str = "bfloat16", prefix_caching: bool = False) -> dict[str, Peer]:
     """Start every enabled, installed peer on the original (non-SwiftKV) weights of ``model_dir``,
-    vLLM in ``dtype`` (the same as swiftkv's, so no system is measured in an emulated dtype);
+    vLLM in ``dtype`` (the same as swiftkv's, so no system is measured in an emulated dtype) and with
+    prefix caching as ``prefix_caching`` says (emptied before every run);
     a peer that is missing or fails to start is reported and skipped."""
     peers: dict[str, Peer] = {}
     for backend in spec.enabled:
-        python = find_peer_python(backend, spec.vllm_python if backend == "vllm" else spec.llamacpp_python)
+        python = find_peer_python(backend, spec.vllm_python if backend.startswith("vllm") else spec.llamacpp_python)
         if python is None:
             print(f"bench: {backend} not installed (see scripts/install_peers.sh); skipped", file=sys.stderr)
             continue
         try:
-            model = str(plain_checkpoint(model_dir)) if backend == "vllm" else str(gguf_for(model_dir, spec.gguf))
+            # vllm: the original model; vllm-swiftkv: the SwiftKV checkpoint itself (needs swiftkv's plugin
+            # installed in that venv); llama.cpp: a GGUF
+            model = {"vllm": lambda: plain_checkpoint(model_dir), "vllm-swiftkv": lambda: model_dir,
+                     "llama.cpp": lambda: gguf_for(model_dir, spec.gguf)}[backend]()
+            model = str(model)
             print(f"bench: starting {backend} ({python}) on {model}", file=sys.stderr, flush=True)
-            peers[backend] = Peer(backend, python, model, threads, max_model_len, max_num_seqs, log_dir, dtype)
+            peers[backend] = Peer(backend, python, model, threads, max_model_len, max_num_seqs, log_dir, dtype,
+                                  prefix_caching)
         except (RuntimeError, ValueError) as e:
             print(f"bench: {backend} skipped: {e}", file=sys.stderr)
     return peers

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from swiftkv.bench.env import environment, warn_if_busy
+from swiftkv.bench.interleave import interleave
 from swiftkv.platforms import dtype_name, resolve_dtype
 from swiftkv.sampling_params import SamplingParams
 
@@ -76,7 +77,9 @@ def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512,
     env = environment(dtype)
     warn_if_busy(env)
     max_len = max(lengths)
-    kw = dict(dtype=dtype, max_num_batched_tokens=max(max_len, 2048), max_num_seqs=max(8, batch))
+    # prefix caching off: repeated runs of the same prompts must really prefill (as for the peers)
+    kw = dict(dtype=dtype, max_num_batched_tokens=max(max_len, 2048), max_num_seqs=max(8, batch),
+              enable_prefix_caching=False)
     engines = {"swiftkv": LLM(model, swiftkv=True, **kw)}
     engines["baseline"] = LLM(engines["swiftkv"].model_path, swiftkv=False, **kw)
     path = engines["swiftkv"].model_path
@@ -95,23 +98,19 @@ def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512,
               "kv_bytes_per_token": {name: llm.engine.kv_bytes_per_token for name, llm in engines.items()},
               "prefill": {}, "decode": {}, f"decode_b{batch}": {}}
 
-    def measure(prompts, n, repeats, pick=statistics.median) -> dict[str, float]:
-        for fn in runners.values():  # warm-up
-            fn(prompts, n)
-        times: dict[str, list[float]] = {k: [] for k in runners}
-        for _ in range(repeats):  # interleaved A B C A B C ...
-            for name, fn in runners.items():
-                times[name].append(_time(fn, prompts, n))
-        return {name: pick(t) for name, t in times.items()}
+    def measure(prompts, n, repeats, desc, pick=statistics.median) -> dict[str, float]:
+        calls = {name: (lambda fn=fn: _time(fn, prompts, n)) for name, fn in runners.items()}
+        return {name: pick(t) for name, t in interleave(calls, repeats, desc).items()}
 
     try:
         for n in lengths:
             prompt = torch.randint(100, vocab, (n,), generator=g).tolist()
-            result["prefill"][n] = {k: n / t for k, t in measure([prompt], 1, reps).items()}
+            result["prefill"][n] = {k: n / t for k, t in measure([prompt], 1, reps, f"prefill @ {n}").items()}
         prompts = torch.randint(100, vocab, (batch, 64), generator=g).tolist()
-        result["decode"] = {k: decode_tokens / t for k, t in measure(prompts[:1], decode_tokens, 2, min).items()}
+        result["decode"] = {k: decode_tokens / t
+                            for k, t in measure(prompts[:1], decode_tokens, 2, "decode b1", min).items()}
         result[f"decode_b{batch}"] = {k: batch * decode_tokens / t
-                                      for k, t in measure(prompts, decode_tokens, 2, min).items()}
+                                      for k, t in measure(prompts, decode_tokens, 2, f"decode b{batch}", min).items()}
     finally:
         for p in running.values():
             p.close()

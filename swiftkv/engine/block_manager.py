@@ -1,8 +1,17 @@
-"""Paged KV-cache blocks: allocate, grow, free. No model, no tensors: just block ids."""
+"""Paged KV-cache blocks: allocate, grow, free, and (optionally) reuse cached prompt prefixes.
+
+No model, no tensors: just block ids. Prefix caching follows vLLM v1: every *full* block gets a
+hash chained from its predecessor's (``hash((parent_hash, block_tokens))``), so a hash names the
+whole prefix up to that block. Blocks are reference counted; a block whose count drops to zero
+goes to the free queue but keeps its hash, so a later request with the same prefix can take it
+back (a hit) until the block is evicted, least recently freed first. One block holds the K/V of
+every KV owner (every layer below ``l`` and every AcrossKV group), so a hit skips the whole
+network for those tokens, SwiftKV's later layers included.
+"""
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 
 from swiftkv.engine.sequence import Sequence
 
@@ -10,12 +19,19 @@ from swiftkv.engine.sequence import Sequence
 class BlockManager:
     """Hands out fixed-size KV blocks; a sequence's ``block_table`` maps positions to blocks."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.enable_prefix_caching = enable_prefix_caching
+        # free blocks, eviction order first (blocks without a hash are put in front)
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.ref_counts = [0] * num_blocks
+        self.cached: dict[int, int] = {}  # prefix hash -> block
+        self.block_hash: dict[int, int] = {}  # block -> its prefix hash (while cached)
+        self.num_queried_tokens = 0  # prompt tokens looked up in the prefix cache
+        self.num_hit_tokens = 0  # of those, found cached
 
     @property
     def num_free_blocks(self) -> int:
@@ -24,6 +40,10 @@ class BlockManager:
     @property
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self.free_blocks)
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.num_hit_tokens / self.num_queried_tokens if self.num_queried_tokens else 0.0
 
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
         """Extra blocks ``seq`` needs to hold ``num_tokens`` tokens in total."""
@@ -37,10 +57,73 @@ class BlockManager:
         need = self.blocks_needed(seq, num_tokens)
         if need > len(self.free_blocks):
             return False
-        seq.block_table.extend(self.free_blocks.popleft() for _ in range(need))
+        for _ in range(need):
+            block, _ = self.free_blocks.popitem(last=False)
+            self._evict(block)
+            self.ref_counts[block] = 1
+            seq.block_table.append(block)
         return True
 
     def free(self, seq: Sequence) -> None:
-        """Return all of ``seq``'s blocks (finish, abort or preemption)."""
-        self.free_blocks.extend(seq.block_table)
+        """Release all of ``seq``'s blocks (finish, abort or preemption). Cached blocks stay
+        reusable until evicted; the sequence's tail is evicted before its head."""
+        for block in reversed(seq.block_table):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks[block] = None
+                if block not in self.block_hash:
+                    self.free_blocks.move_to_end(block, last=False)  # nothing to reuse: evict first
         seq.block_table = []
+        seq.block_hashes = []
+
+    # -- prefix caching ------------------------------------------------------------------------
+
+    def allocate_cached_prefix(self, seq: Sequence) -> int:
+        """For a sequence without blocks: take the cached blocks of its longest cached prefix and
+        return how many tokens they hold (0 with caching off). The last prompt token is never
+        taken from the cache: it must run to produce the first logits."""
+        if not self.enable_prefix_caching or seq.block_table:
+            return 0
+        bs, hit = self.block_size, []
+        limit = (seq.num_tokens - 1) // bs  # full blocks strictly before the last token
+        parent = None
+        for i in range(limit):
+            h = hash((parent, tuple(seq.token_ids[i * bs : (i + 1) * bs])))
+            block = self.cached.get(h)
+            if block is None:
+                break
+            hit.append((block, h))
+            parent = h
+        for block, h in hit:
+            if self.ref_counts[block] == 0:
+                del self.free_blocks[block]
+            self.ref_counts[block] += 1
+            seq.block_table.append(block)
+            seq.block_hashes.append(h)
+        self.num_queried_tokens += seq.num_tokens
+        self.num_hit_tokens += len(hit) * bs
+        return len(hit) * bs
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """After a step: make ``seq``'s newly completed blocks findable by their prefix hash."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        for i in range(len(seq.block_hashes), min(seq.num_computed_tokens // bs, len(seq.block_table))):
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            h = hash((parent, tuple(seq.token_ids[i * bs : (i + 1) * bs])))
+            seq.block_hashes.append(h)
+            block = seq.block_table[i]
+            if h not in self.cached:  # else another block already holds this prefix: keep that one
+                self.cached[h] = block
+                self.block_hash[block] = h
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (benchmarks start each run cold). Blocks in use are unaffected."""
+        self.cached.clear()
+        self.block_hash.clear()
+
+    def _evict(self, block: int) -> None:
+        h = self.block_hash.pop(block, None)
+        if h is not None and self.cached.get(h) == block:
+            del self.cached[h]

@@ -29,6 +29,7 @@ class EngineConfig:
     block_size: int = 16
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     seed: int = 0
+    enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "block_size"):
@@ -61,7 +62,7 @@ class LLMEngine:
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={config.kv_cache_memory} B holds no {block_bytes}-byte KV block")
         self.runner = ModelRunner(model, num_blocks, config.block_size)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         self.seqs: dict[str, Sequence] = {}
@@ -134,6 +135,10 @@ class LLMEngine:
     def _release(self, request_id: str) -> None:
         for d in (self.seqs, self.prompts, self.prompt_logprobs, self.generators):
             d.pop(request_id, None)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (blocks in use stay valid; nothing is recomputed)."""
+        self.block_manager.reset_prefix_cache()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

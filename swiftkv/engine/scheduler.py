@@ -1,4 +1,5 @@
-"""Continuous batching: a token budget per step, chunked prefill, preemption by recompute.
+"""Continuous batching: a token budget per step, chunked prefill, preemption by recompute, and
+prefix caching (a request admitted with a cached prompt prefix computes only the rest).
 
 Every step the running sequences go first (decodes and unfinished prompt chunks, oldest first),
 then waiting requests are admitted while the token budget, ``max_num_seqs`` and free KV blocks
@@ -101,12 +102,16 @@ class Scheduler:
         # 2) admit waiting sequences (not in a step that had to preempt)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
+            if not seq.block_table:  # new or preempted: start from its longest cached prefix, if any
+                seq.num_computed_tokens = self.block_manager.allocate_cached_prefix(seq)
             n = seq.num_uncomputed_tokens
             if n > budget:
                 if not self.enable_chunked_prefill and out.seqs:
                     break
                 n = budget
             if not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
+                self.block_manager.free(seq)  # give the cached prefix back; retried next step
+                seq.num_computed_tokens = 0
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -120,3 +125,4 @@ class Scheduler:
         """The model computed the scheduled tokens: advance each sequence's progress."""
         for seq, n in zip(out.seqs, out.num_tokens):
             seq.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(seq)

@@ -76,7 +76,9 @@ class AsyncEngine:
     def stats(self) -> dict:
         sched, bm = self.engine.scheduler, self.engine.block_manager
         return {"running": len(sched.running), "waiting": len(sched.waiting),
-                "kv_blocks_used": bm.num_used_blocks, "kv_blocks_free": bm.num_free_blocks}
+                "kv_blocks_used": bm.num_used_blocks, "kv_blocks_free": bm.num_free_blocks,
+                "prefix_cache_queried_tokens": bm.num_queried_tokens, "prefix_cache_hit_tokens": bm.num_hit_tokens,
+                "prefix_cache_hit_rate": bm.prefix_cache_hit_rate}
 
     async def shutdown(self, grace_s: float = 10.0) -> None:
         """Stop accepting; let in-flight requests finish for ``grace_s``, then abort the rest."""

@@ -21,12 +21,21 @@ class Metrics:
         self.waiting = Gauge("swiftkv_num_requests_waiting", "Requests waiting", registry=r)
         self.kv_used = Gauge("swiftkv_kv_blocks_used", "KV-cache blocks in use", registry=r)
         self.kv_free = Gauge("swiftkv_kv_blocks_free", "KV-cache blocks free", registry=r)
+        self.prefix_queries = Gauge("swiftkv_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix "
+                                    "cache (monotonic)", registry=r)
+        self.prefix_hits = Gauge("swiftkv_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache "
+                                 "(monotonic)", registry=r)
+        self.prefix_hit_rate = Gauge("swiftkv_prefix_cache_hit_rate", "Hit tokens / queried tokens since start",
+                                     registry=r)
 
     def set_state(self, stats: dict) -> None:
         self.running.set(stats["running"])
         self.waiting.set(stats["waiting"])
         self.kv_used.set(stats["kv_blocks_used"])
         self.kv_free.set(stats["kv_blocks_free"])
+        self.prefix_queries.set(stats["prefix_cache_queried_tokens"])
+        self.prefix_hits.set(stats["prefix_cache_hit_tokens"])
+        self.prefix_hit_rate.set(stats["prefix_cache_hit_rate"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

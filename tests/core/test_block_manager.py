@@ -45,3 +45,98 @@ def test_blocks_are_never_shared():
 def test_invalid_sizes():
     with pytest.raises(ValueError):
         BlockManager(0, 16)
+
+
+# -- prefix caching -------------------------------------------------------------------------------
+
+def _tok_seq(i: int, tokens: list[int]) -> Sequence:
+    return Sequence(str(i), list(tokens), SamplingParams())
+
+
+def _compute(bm: BlockManager, seq: Sequence) -> None:
+    """Play the scheduler and model: take the cached prefix, allocate the rest, compute it."""
+    seq.num_computed_tokens = bm.allocate_cached_prefix(seq)
+    assert bm.allocate(seq, seq.num_tokens)
+    seq.num_computed_tokens = seq.num_tokens
+    bm.cache_full_blocks(seq)
+
+
+def test_a_repeated_prefix_reuses_its_full_blocks_only():
+    bm = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=True)
+    a = _tok_seq(0, list(range(10)))  # blocks [0..3] [4..7] full, [8, 9] partial
+    _compute(bm, a)
+    b = _tok_seq(1, list(range(8)) + [50, 51, 52])  # same first two blocks, then different
+    assert bm.allocate_cached_prefix(b) == 8
+    assert b.block_table == a.block_table[:2]
+    assert bm.ref_counts[a.block_table[0]] == 2 and bm.ref_counts[a.block_table[2]] == 1
+    c = _tok_seq(2, [99] + list(range(1, 10)))  # differs in the first block: chained hashes miss
+    assert bm.allocate_cached_prefix(c) == 0 and c.block_table == []
+
+
+def test_the_last_prompt_token_is_never_served_from_the_cache():
+    bm = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=True)
+    _compute(bm, _tok_seq(0, list(range(8))))
+    again = _tok_seq(1, list(range(8)))  # all 8 tokens cached, but token 8 must run for logits
+    assert bm.allocate_cached_prefix(again) == 4
+
+
+def test_freed_cached_blocks_are_reused_until_evicted_lru():
+    bm = BlockManager(num_blocks=4, block_size=2, enable_prefix_caching=True)
+    a = _tok_seq(0, [1, 2, 3, 4, 5])
+    _compute(bm, a)  # 3 blocks: [1,2] [3,4] cached, [5] not
+    bm.free(a)
+    assert bm.num_free_blocks == 4 and len(bm.cached) == 2
+    assert bm.allocate_cached_prefix(_tok_seq(1, [1, 2, 3, 4, 9])) == 4  # still there after free
+    bm2 = BlockManager(num_blocks=4, block_size=2, enable_prefix_caching=True)
+    a = _tok_seq(0, [1, 2, 3, 4, 5])
+    _compute(bm2, a)
+    bm2.free(a)
+    big = _tok_seq(1, [7] * 5)  # needs 3 blocks: the uncached one first, then the LRU tail [3,4]
+    _compute(bm2, big)
+    assert bm2.allocate_cached_prefix(_tok_seq(2, [1, 2, 3, 4, 9])) == 2  # [1,2] survived, [3,4] evicted
+
+
+def test_caching_off_never_shares():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    _compute(bm, _tok_seq(0, list(range(10))))
+    assert bm.allocate_cached_prefix(_tok_seq(1, list(range(10)))) == 0 and not bm.cached
+
+
+def test_no_leak_after_random_requests_with_shared_prefixes_and_aborts():
+    import random
+
+    from swiftkv.engine.scheduler import Scheduler
+
+    rng = random.Random(0)
+    bm = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=True)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=48)
+    prefixes = [[rng.randrange(1000) for _ in range(rng.randint(0, 20))] for _ in range(5)]
+    live, finished = {}, 0
+    for i in range(1000):
+        tail = [rng.randrange(1000) for _ in range(rng.randint(1, 12))]
+        seq = Sequence(str(i), rng.choice(prefixes) + tail, SamplingParams(max_tokens=rng.randint(1, 6)))
+        sched.add(seq)
+        live[seq.seq_id] = seq
+        for _ in range(rng.randint(0, 3)):
+            out = sched.schedule()
+            sched.update_after_step(out)
+            for s in out.seqs:
+                if s.num_computed_tokens == s.num_tokens:
+                    s.token_ids.append(rng.randrange(1000))
+                    if s.num_tokens - s.num_prompt_tokens >= s.params.max_tokens:
+                        sched.finish(s, "length")
+                        live.pop(s.seq_id)
+                        finished += 1
+            # every running sequence's blocks are counted once per holder
+            holders = [b for s in sched.running for b in s.block_table]
+            for b in set(holders):
+                assert bm.ref_counts[b] == holders.count(b)
+        if rng.random() < 0.2 and live:  # abort a random live request
+            victim = live.pop(rng.choice(sorted(live)))
+            sched.finish(victim, "abort")
+    for seq in list(live.values()):
+        sched.finish(seq, "abort")
+    assert not sched.running and not sched.waiting
+    assert bm.num_free_blocks == bm.num_blocks and all(r == 0 for r in bm.ref_counts)
+    assert finished > 100 and bm.num_hit_tokens > 0  # the shared prefixes were really reused
+    assert all(bm.cached[h] == b for b, h in bm.block_hash.items())  # the two maps agree
