@@ -173,3 +173,36 @@ def test_greedy_generate_matches_transformers(hf_dir):
     ours = greedy_generate(_ours(path), prompt, 12)
     ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, len(prompt):]
     assert ours == ref.tolist()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_inference_fusion_and_packed_linears_keep_the_logits(hf_dir, arch):
+    """The engine's fused q/k/v, gate/up and oneDNN-prepacked projections (where available) give
+    transformers' logits, teacher and SwiftKV paths alike."""
+    from swiftkv.layers.linear import InferenceLinear, can_pack
+
+    path, hf = hf_dir(arch)
+    model = _ours(path)
+    skv_model = to_swiftkv(_ours(path), SwiftKVConfig(6, 3, 1))
+    seqs = [[3, 17, 99, 4, 5, 6, 7], list(range(40, 71))]
+    before = full_logits(skv_model, seqs)
+    model.fuse_for_inference()
+    skv_model.fuse_for_inference()
+    assert isinstance(model.model.layers[0].self_attn.qkv, InferenceLinear)
+    if can_pack(model.lm_head.weight):
+        assert model.lm_head.forward.packed is not None  # really the oneDNN path
+    for seq, logits in zip(seqs, full_logits(model, seqs)):
+        torch.testing.assert_close(logits, hf(torch.tensor([seq])).logits[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(before, full_logits(skv_model, seqs)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_inference_linear_matches_f_linear_packed_or_not():
+    from swiftkv.layers.linear import InferenceLinear, can_pack
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(96, 64, generator=g), torch.randn(96, generator=g)
+    for shape in ((1, 64), (7, 64), (2, 5, 64)):
+        x = torch.randn(*shape, generator=g)
+        for pack in (False, can_pack(w)):
+            torch.testing.assert_close(InferenceLinear(w, b, pack)(x), F.linear(x, w, b), atol=1e-5, rtol=1e-5)

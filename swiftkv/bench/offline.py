@@ -187,7 +187,7 @@ def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2
     budget = kv_budget_gb * (1 << 30)
     systems = {}
     for name, runs in raw.items():
-        swift = name == "swiftkv"
+        swift = name in ("swiftkv", "vllm-swiftkv")  # the systems that run the SwiftKV model
         kvb = kv_bytes_per_token(cfg, skv if swift else type(skv).baseline(skv.num_layers), m.model.embed_tokens.weight.dtype)
         systems[name] = {**summarise(runs, w, workload_flops(cfg, skv, w, swift), peak),
                          "kv_bytes_per_token": kvb, "max_concurrent_seqs": int(budget // (kvb * seq_len))}

@@ -59,6 +59,7 @@ class Peer:
         self.backend = backend
         worker = Path(__file__).with_name("peer_worker.py")
         log = Path(log_dir or tempfile.gettempdir()) / f"swiftkv-peer-{backend}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log
         self._log = open(log, "w")
         self.proc = subprocess.Popen(

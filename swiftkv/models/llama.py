@@ -18,6 +18,7 @@ from transformers.activations import ACT2FN
 
 from swiftkv.config import SwiftKVConfig
 from swiftkv.layers.attention import AttentionMetadata
+from swiftkv.layers.linear import InferenceLinear, route_through_inference_linear
 from swiftkv.layers.norm import RMSNorm
 from swiftkv.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -90,15 +91,16 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias)
         self.act = F.silu if config.hidden_act == "silu" else ACT2FN[config.hidden_act]
 
-        self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see fuse()
+        self.gate_up: InferenceLinear | None = None  # see fuse()
 
     def fuse(self) -> None:
-        """Inference: one matmul for gate+up; the parameters become views of the fused weight."""
-        self.gate_up = _fuse_linears(self.gate_proj, self.up_proj)
+        """Inference: one matmul for gate+up (the parameters become views of the fused weight)."""
+        self.gate_up = InferenceLinear(*_fuse_linears(self.gate_proj, self.up_proj))
+        route_through_inference_linear(self.down_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
-            gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
             return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
@@ -129,7 +131,7 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(h, kv_out, bias=qkv_bias)
         self.v_proj = nn.Linear(h, kv_out, bias=qkv_bias)
         self.o_proj = nn.Linear(q_out, h, bias=o_bias)
-        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see fuse()
+        self.qkv: InferenceLinear | None = None  # see fuse()
         if skv.is_swiftkv_layer(layer):
             self.q_proj_swiftkv = nn.Linear(h, q_out, bias=qkv_bias)
             if skv.is_group_leader(layer):
@@ -139,9 +141,13 @@ class LlamaAttention(nn.Module):
         self.o_adapter_swiftkv = LowRankAdapter(q_out, h, rank) if rank else None
 
     def fuse(self) -> None:
-        """Inference: one matmul for q/k/v; the parameters become views of the fused weight."""
+        """Inference: one matmul for q/k/v (the parameters become views of the fused weight), and
+        every projection through :class:`~swiftkv.layers.linear.InferenceLinear`."""
         if self.q_proj is not None:
-            self.qkv = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+            self.qkv = InferenceLinear(*_fuse_linears(self.q_proj, self.k_proj, self.v_proj))
+        for name in ("o_proj", "q_proj_swiftkv", "k_proj_swiftkv", "v_proj_swiftkv"):
+            if getattr(self, name, None) is not None:
+                route_through_inference_linear(getattr(self, name))
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, owner: int, swiftkv: bool) -> torch.Tensor:
         n, H, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
@@ -149,7 +155,7 @@ class LlamaAttention(nn.Module):
             q = apply_rotary(self.q_proj_swiftkv(x).view(n, H, D), cos, sin)
         else:
             if self.qkv is not None:
-                qkv = F.linear(x, *self.qkv).view(n, H + 2 * Hkv, D)
+                qkv = self.qkv(x).view(n, H + 2 * Hkv, D)
             else:
                 qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1).view(n, H + 2 * Hkv, D)
             qk = apply_rotary(qkv[:, : H + Hkv], cos, sin)  # rotate q and k heads together
@@ -291,10 +297,13 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(h)
 
     def fuse_for_inference(self) -> None:
-        """Fuse q/k/v and gate/up weights (in place, no extra memory). Call after ``.to(dtype)``."""
+        """Inference only (the engine calls it; weights must not change afterwards): fuse q/k/v and
+        gate/up, and run every projection and the LM head through oneDNN-prepacked weights on CPU
+        (:mod:`swiftkv.layers.linear`). Call after ``.to(dtype)``."""
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
+        route_through_inference_linear(self.lm_head)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
