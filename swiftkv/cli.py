@@ -9,6 +9,9 @@ import time
 from swiftkv.models.default import DEFAULT_MODEL, DEFAULT_SWIFTKV_MODEL
 
 
+DTYPE_HELP = "auto (default: bf16 only where the CPU multiplies bf16 natively, else float32), float32, bfloat16"
+
+
 def _add_swiftkv_layout_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--num-key-value-layers", "-l", type=int, help="l: layers that keep their own KV")
@@ -211,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", default="auto", help="auto (fastest on this machine: bf16 only with native CPU bf16), float32, bfloat16")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--swiftkv", action=argparse.BooleanOptionalAction, default=None,
                    help="SwiftKV path (default: the checkpoint's mode); --no-swiftkv runs the original model")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
@@ -256,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="name clients use (default: the model's)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or env SWIFTKV_API_KEY)")
     p.add_argument("--swiftkv", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--dtype", default="auto", help="auto (fastest on this machine: bf16 only with native CPU bf16), float32, bfloat16")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-gb", type=float, default=1.0)
@@ -281,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--max-num-seqs", type=int, default=16, help="engine batch / transformers batch size")
     p.add_argument("--kv-budget-gb", type=float, default=1.0, help="KV budget for the max-concurrent-seqs metric")
-    p.add_argument("--dtype", default="auto", help="auto (fastest on this machine: bf16 only with native CPU bf16), float32, bfloat16")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     p.add_argument("--out", default=None, help="output directory (offline) or JSON file (prefill, online)")
     p.add_argument("--seed", type=int, default=0)

@@ -48,8 +48,6 @@ class Workload:
             prompts = [shared + p for p in prompts]
         return cls(name, prompts, out)
 
-
-
     @property
     def prompt_tokens(self) -> int:
         return sum(len(p) for p in self.prompts)
@@ -143,14 +141,14 @@ def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2
     from pathlib import Path
 
     from swiftkv.bench.env import environment, warn_if_busy
-    from swiftkv.platforms import dtype_name, resolve_dtype
     from swiftkv.bench.flops import measure_matmul_peak
     from swiftkv.bench.interleave import interleave
-    from swiftkv.bench.peers import start_peers
+    from swiftkv.bench.peers import start_peers, system_dtypes
     from swiftkv.bench.prefill import _hf_model
     from swiftkv.bench.report import format_table, plot, ratio_lines, write_json
     from swiftkv.engine.model_runner import kv_bytes_per_token
     from swiftkv.llm import LLM
+    from swiftkv.platforms import dtype_name, resolve_dtype
 
     dtype = dtype_name(resolve_dtype(dtype))  # "auto" -> this machine's fastest; every system runs it
     env = environment(dtype)
@@ -195,7 +193,7 @@ def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2
               "requests": len(w.prompts), "prompt_tokens": w.prompt_tokens, "output_tokens": w.output_tokens,
               "swiftkv": {"L": skv.num_layers, "l": skv.num_key_value_layers, "G": skv.key_value_group_size},
               "versions": {name: p.version for name, p in running.items()},
-              "dtypes": {**{name: dtype for name in runners}, **{name: p.dtype for name, p in running.items()}},
+              "dtypes": system_dtypes(runners, running, dtype),
               "matmul_peak_gflops": peak / 1e9, "peak_rss_mb": peak_rss_mb(), "kv_budget_gb": kv_budget_gb,
               "systems": systems}
     title = (f"{w.name}: {len(w.prompts)} requests, {w.prompt_tokens} prompt / {w.output_tokens} output tokens, "

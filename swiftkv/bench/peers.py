@@ -122,17 +122,23 @@ def start_peers(spec: PeerSpec, model_dir: Path, threads: int, max_model_len: in
             print(f"bench: {backend} not installed (see scripts/install_peers.sh); skipped", file=sys.stderr)
             continue
         try:
-            # vllm: the original model; vllm-swiftkv: the SwiftKV checkpoint itself (needs swiftkv's plugin
-            # installed in that venv); llama.cpp: a GGUF
-            model = {"vllm": lambda: plain_checkpoint(model_dir), "vllm-swiftkv": lambda: model_dir,
-                     "llama.cpp": lambda: gguf_for(model_dir, spec.gguf)}[backend]()
-            model = str(model)
+            if backend == "vllm":  # the original model
+                model = str(plain_checkpoint(model_dir))
+            elif backend == "vllm-swiftkv":  # the SwiftKV checkpoint itself, through swiftkv's plugin in that venv
+                model = str(model_dir)
+            else:
+                model = str(gguf_for(model_dir, spec.gguf))
             print(f"bench: starting {backend} ({python}) on {model}", file=sys.stderr, flush=True)
             peers[backend] = Peer(backend, python, model, threads, max_model_len, max_num_seqs, log_dir, dtype,
                                   prefix_caching)
         except (RuntimeError, ValueError) as e:
             print(f"bench: {backend} skipped: {e}", file=sys.stderr)
     return peers
+
+
+def system_dtypes(systems, peers: dict[str, Peer], dtype: str) -> dict[str, str]:
+    """The dtype each benchmarked system ran: ``dtype`` for swiftkv's own systems, the peers' own."""
+    return {name: peers[name].dtype if name in peers else dtype for name in systems}
 
 
 def gguf_for(model_dir: Path, gguf: str | None) -> Path:

@@ -70,7 +70,7 @@ def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512,
     tokens/s and batch-``batch`` aggregate decode tokens/s (64-token prompts, ``decode_tokens``
     generated, prefill included as users see it), for swiftkv, its baseline mode, transformers
     and the installed peers (``peers``: a :class:`~swiftkv.bench.peers.PeerSpec`), interleaved."""
-    from swiftkv.bench.peers import start_peers
+    from swiftkv.bench.peers import start_peers, system_dtypes
     from swiftkv.llm import LLM
 
     dtype = dtype_name(resolve_dtype(dtype))  # "auto" -> this machine's fastest; every system runs it
@@ -94,7 +94,7 @@ def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512,
     result = {"env": env, "model": str(path),
               "swiftkv": {"L": skv.num_layers, "l": skv.num_key_value_layers, "G": skv.key_value_group_size},
               "versions": {name: p.version for name, p in running.items()},
-              "dtypes": {**{name: dtype for name in runners}, **{name: p.dtype for name, p in running.items()}},
+              "dtypes": system_dtypes(runners, running, dtype),
               "kv_bytes_per_token": {name: llm.engine.kv_bytes_per_token for name, llm in engines.items()},
               "prefill": {}, "decode": {}, f"decode_b{batch}": {}}
 

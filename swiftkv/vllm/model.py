@@ -35,7 +35,7 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.llama import LlamaDecoderLayer
-from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, extract_layer_index
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, extract_layer_index, maybe_prefix
 from vllm.v1.attention.backends.utils import KVSharingFastPrefillMetadata
 
 from swiftkv.config import SwiftKVConfig
@@ -257,7 +257,7 @@ class SwiftKVModel(nn.Module):
         return last.logits_indices_padded, last.num_logits_indices
 
 
-def _weights_mapper(config, skv: SwiftKVConfig) -> WeightsMapper:
+def _weights_mapper(skv: SwiftKVConfig) -> WeightsMapper:
     """Checkpoint names -> this model's: fused q/k/v and gate/up, per-group K/V writers, and the later
     layers' original q/k/v (the teacher, unused here) dropped."""
     l, L = skv.num_key_value_layers, skv.num_layers
@@ -279,9 +279,9 @@ class SwiftKVForCausalLM(nn.Module):
         super().__init__()
         config = vllm_config.model_config.hf_config
         self.config = config
-        self.model = SwiftKVModel(vllm_config=vllm_config, prefix=f"{prefix}model" if not prefix else f"{prefix}.model")
+        self.model = SwiftKVModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
-                                      prefix=f"{prefix}lm_head" if not prefix else f"{prefix}.lm_head")
+                                      prefix=maybe_prefix(prefix, "lm_head"))
         if config.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(config.vocab_size, scale=getattr(config, "logit_scale", 1.0))
@@ -298,4 +298,4 @@ class SwiftKVForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loader = AutoWeightsLoader(self)  # tied lm_head handled by the loader
-        return loader.load_weights(weights, mapper=_weights_mapper(self.config, self.model.skv))
+        return loader.load_weights(weights, mapper=_weights_mapper(self.model.skv))
