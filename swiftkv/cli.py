@@ -24,20 +24,26 @@ def layout_from_args(args, num_layers: int):
 
     if args.num_key_value_layers is not None:
         return SwiftKVConfig(num_layers, args.num_key_value_layers, args.key_value_group_size)
-    fraction = 0.5 if args.swiftkv_fraction is None else args.swiftkv_fraction
-    return SwiftKVConfig.from_fraction(num_layers, fraction, args.key_value_group_size)
+    if args.swiftkv_fraction is None:  # default: half the layers, rounded down to whole AcrossKV groups
+        later = num_layers // 2 - (num_layers // 2) % args.key_value_group_size
+        return SwiftKVConfig(num_layers, num_layers - later, args.key_value_group_size)
+    return SwiftKVConfig.from_fraction(num_layers, args.swiftkv_fraction, args.key_value_group_size)
 
 
 def cmd_convert(args) -> None:
+    from pathlib import Path
+
+    from swiftkv.fileio import check_replaceable
     from swiftkv.models.loader import load_model, save_checkpoint
     from swiftkv.transform import to_swiftkv
 
+    check_replaceable(Path(args.out), args.overwrite)  # before the slow part
     base, path = load_model(args.model, dtype=args.dtype)
     if not base.swiftkv_config.is_baseline:
         raise ValueError(f"{path} is already a SwiftKV checkpoint (l={base.swiftkv_config.num_key_value_layers}).")
     skv = layout_from_args(args, base.config.num_hidden_layers)
     model = to_swiftkv(base, skv)
-    out = save_checkpoint(model, args.out, source_dir=path)
+    out = save_checkpoint(model, args.out, source_dir=path, overwrite=args.overwrite)
     print(
         f"wrote {out}: l={skv.num_key_value_layers} of L={skv.num_layers}, G={skv.key_value_group_size}, "
         f"KV bytes/token {skv.kv_bytes_ratio:.3f}x of the original"
@@ -190,7 +196,8 @@ def cmd_serve(args) -> None:
     name = args.served_model_name or (args.model and os.path.basename(os.path.normpath(str(args.model)))) \
         or DEFAULT_SWIFTKV_MODEL
     api_key = args.api_key or os.environ.get("SWIFTKV_API_KEY")
-    app = build_app(llm, name, api_key=api_key, max_waiting=args.max_waiting, request_timeout=args.request_timeout)
+    app = build_app(llm, name, api_key=api_key, max_waiting=args.max_waiting, request_timeout=args.request_timeout,
+                    enable_docs=args.enable_docs, max_request_bytes=args.max_request_bytes)
     print(f"serving {name} (swiftkv={llm.swiftkv}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
 
@@ -201,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="turn a Llama-family checkpoint into an (undistilled) SwiftKV checkpoint")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model dir, hub id or {DEFAULT_MODEL}")
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--out", required=True, help="output directory (written atomically; must be new, empty or a "
+                   "swiftkv checkpoint)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even if it is a file or another directory")
     p.add_argument("--dtype", default="checkpoint", help="checkpoint (keep the checkpoint's), float32, bfloat16")
     _add_swiftkv_layout_args(p)
     p.set_defaults(func=cmd_convert)
@@ -265,7 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-gb", type=float, default=1.0)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV blocks of prompt prefixes seen before (default on; /metrics has the hit rate)")
-    p.add_argument("--max-waiting", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--max-waiting", type=int, default=256,
+                   help="requests queued beyond the --max-num-seqs running slots before 429")
+    p.add_argument("--max-request-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
+    p.add_argument("--enable-docs", action=argparse.BooleanOptionalAction, default=None,
+                   help="serve /docs and /openapi.json (default: only without --api-key)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is aborted (504)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)

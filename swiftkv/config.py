@@ -53,7 +53,14 @@ class SwiftKVConfig:
         if not 0.0 <= fraction < 1.0:
             raise ValueError(f"swiftkv fraction must be in [0, 1); got {fraction}.")
         later = round(num_layers * fraction)
-        later -= later % group_size  # keep (L - l) divisible by G
+        if later == 0:
+            raise ValueError(f"swiftkv fraction {fraction} of {num_layers} layers rounds to no SwiftKV layer; use a "
+                             f"fraction >= {0.5 / num_layers:.3g} (or -l/--num-key-value-layers < {num_layers}).")
+        if later % group_size:
+            lo, hi = later - later % group_size, later - later % group_size + group_size
+            ok = [f"{x / num_layers:.3g} (l = {num_layers - x})" for x in (lo, hi) if 0 < x < num_layers]
+            raise ValueError(f"swiftkv fraction {fraction} of {num_layers} layers gives {later} SwiftKV layers, which "
+                             f"AcrossKV G={group_size} does not divide; use {' or '.join(ok) or 'a smaller G'}.")
         return cls(num_layers, num_layers - later, group_size)
 
     @property

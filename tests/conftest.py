@@ -65,3 +65,68 @@ def tiny_chat_model_dir(tmp_path_factory):
         if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
             shutil.copy(f, path / f.name)
     return path
+
+
+# -- the HTTP server on loopback (test_server*.py) -----------------------------------------------
+
+SERVED_MODEL = "tiny"
+
+
+class LoopbackServer:
+    """``swiftkv serve``'s app under uvicorn in a thread, on a free loopback port."""
+
+    def __init__(self, app) -> None:
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        sock.close()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                break
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def start_server(model_dir, **kw):
+    from swiftkv.llm import LLM
+    from swiftkv.server.app import build_app
+
+    llm = LLM(model_dir, dtype="float32", max_num_seqs=kw.pop("max_num_seqs", 64), kv_cache_memory=64 << 20)
+    app = build_app(llm, SERVED_MODEL, **kw)
+    return LoopbackServer(app), app
+
+
+@pytest.fixture(scope="session")
+def server(tiny_chat_model_dir):
+    """One shared server with default settings: ``(LoopbackServer, app)``."""
+    srv, app = start_server(tiny_chat_model_dir)
+    yield srv, app
+    srv.stop()
+
+
+@pytest.fixture
+def serve(tiny_chat_model_dir):
+    """Factory for a server with its own settings (``build_app`` keywords); stopped after the test."""
+    started = []
+
+    def make(**kw):
+        srv, app = start_server(tiny_chat_model_dir, **kw)
+        started.append(srv)
+        return srv, app
+
+    yield make
+    for srv in started:
+        srv.stop()

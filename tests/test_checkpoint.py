@@ -179,3 +179,97 @@ def test_sharded_checkpoint_loads(hf_dir, tmp_path):
     a = full_logits(load_model(sharded)[0], SEQS)
     b = full_logits(load_model(path)[0], SEQS)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# -- hostile and careless input: one clear line, nothing of the user's destroyed -----------------
+
+def test_convert_never_replaces_what_it_did_not_write(hf_dir, tmp_path, capsys):
+    path, _ = hf_dir("llama")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    assert cli_main(["convert", str(path), "--out", str(project), "-l", "3"]) == 2
+    assert "not a swiftkv checkpoint" in capsys.readouterr().err
+    assert (project / "notes.txt").read_text() == "mine" and len(list(project.iterdir())) == 1
+    a_file = tmp_path / "model.bin"
+    a_file.write_bytes(b"data")
+    assert cli_main(["convert", str(path), "--out", str(a_file), "-l", "3"]) == 2
+    assert "is not a directory" in capsys.readouterr().err and a_file.read_bytes() == b"data"
+    assert cli_main(["convert", str(path), "--out", str(path), "-l", "3"]) == 2  # the source itself
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-base", "model.bin", "project"]  # no strays
+    ckpt = tmp_path / "ckpt"
+    assert cli_main(["convert", str(path), "--out", str(ckpt), "-l", "3"]) == 0
+    assert cli_main(["convert", str(path), "--out", str(ckpt), "-l", "4"]) == 0  # a checkpoint is replaced
+    assert json.loads((ckpt / "config.json").read_text())["num_key_value_layers"] == 4
+    assert cli_main(["convert", str(path), "--out", str(a_file), "-l", "3", "--overwrite"]) == 0
+    assert (a_file / "config.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--swiftkv-fraction", "0.01", "-G", "4"], "rounds to no SwiftKV layer"),
+    (["--swiftkv-fraction", "0.5", "-G", "2"], r"gives 3 SwiftKV layers, which AcrossKV G=2 does not divide; use 0.333 \(l = 4\) or 0.667"),
+])
+def test_convert_fraction_errors(hf_dir, tmp_path, capsys, args, match):
+    path, _ = hf_dir("llama")
+    assert cli_main(["convert", str(path), "--out", str(tmp_path / "x"), *args]) == 2
+    assert __import__("re").search(match, capsys.readouterr().err)
+    assert not (tmp_path / "x").exists()
+
+
+def _edit_config(path, **fields):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(fields)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_bad_config_json_one_line(hf_dir):
+    path, _ = hf_dir("llama")
+    _edit_config(path, dtype="float99")
+    with pytest.raises(ValueError, match=r"config.json: dtype 'float99' is not a torch dtype"):
+        load_model(path)
+    (path / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON \(.* line 1"):
+        load_model(path)
+
+
+def test_missing_org_name_path_one_line(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"'runs/l15': no such directory, and the hub could not provide it") as e:
+        load_model("runs/l15")
+    assert "\n" not in str(e.value)
+
+
+def test_sharded_index_hostile(hf_dir, tmp_path):
+    path, hf = hf_dir("llama")
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="100KB")
+    index = sharded / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    outside = tmp_path / "x.safetensors"
+    first = next(iter(data["weight_map"]))
+    (sharded / data["weight_map"][first]).rename(outside)
+    data["weight_map"][first] = "../x.safetensors"
+    index.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"names the shard '../x.safetensors', which is outside"):
+        load_model(sharded)
+    index.write_text("{not json")
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json is not valid JSON"):
+        load_model(sharded)
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda t: t.to(torch.int32), r"down_proj.weight is stored as torch.int32"),
+    (lambda t: torch.full_like(t, float("nan")), r"down_proj.weight contains NaN or Inf"),
+])
+def test_non_float_and_non_finite_tensors_refused(hf_dir, damage, match):
+    path, _ = hf_dir("llama")
+    tensors = load_file(path / "model.safetensors")
+    name = "model.layers.2.mlp.down_proj.weight"
+    tensors[name] = damage(tensors[name])
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(ValueError, match=match):
+        load_model(path)

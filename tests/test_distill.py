@@ -13,7 +13,8 @@ import torch
 
 from swiftkv.config import SwiftKVConfig
 from swiftkv.distill.data import iter_json_array, load_conversations, pack_rows, tokenize_with_mask
-from swiftkv.distill.loss import Batch, DistillModule, trainable_parameters
+from swiftkv.distill.data import Batch
+from swiftkv.distill.loss import DistillModule, trainable_parameters
 from swiftkv.distill.trainer import DistillConfig, Trainer
 from swiftkv.models.loader import load_model, load_tokenizer
 from swiftkv.transform import to_swiftkv
@@ -134,6 +135,22 @@ def test_resume_reproduces_uninterrupted_run(setup, tmp_path):
         resumed.train_step()
     for n, p in full.params.items():
         assert torch.equal(p, resumed.params[n]), n
+
+
+def test_resume_refuses_other_settings_and_cleans_stale_temps(setup, tmp_path):
+    path, _, tok, rows, eval_rows = setup
+    first = Trainer(_student(path), tok, _cfg(tmp_path), rows, eval_rows)
+    first.train_step()
+    first.save()
+    stale = tmp_path / "run" / ".trainer_state.tmp-999999999.pt"  # a kill during torch.save leaves this
+    stale.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"lr: saved 0.01, now 0.02"):
+        Trainer(_student(path), tok, _cfg(tmp_path, lr=2e-2), rows, eval_rows).resume()
+    assert not stale.exists()
+    with pytest.raises(ValueError, match="trained tensors differ"):
+        Trainer(_student(path, l=2), tok, _cfg(tmp_path), rows, eval_rows).resume()
+    same = Trainer(_student(path), tok, _cfg(tmp_path, eval_every=5), rows, eval_rows)  # bookkeeping may change
+    assert same.resume() and same.step == 1
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun on CPU/gloo tested on Linux")

@@ -3,52 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
-from swiftkv.llm import LLM
-from swiftkv.server.app import build_app
-
-MODEL = "tiny"
-
-
-class _Server:
-    def __init__(self, app) -> None:
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        sock.close()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        for _ in range(200):
-            if self.server.started:
-                break
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
-def _serve(model_dir, **kw):
-    llm = LLM(model_dir, dtype="float32", max_num_seqs=kw.pop("max_num_seqs", 64), kv_cache_memory=64 << 20)
-    app = build_app(llm, MODEL, **kw)
-    return _Server(app), app
-
-
-@pytest.fixture(scope="module")
-def server(tiny_chat_model_dir):
-    srv, app = _serve(tiny_chat_model_dir)
-    yield srv, app
-    srv.stop()
+MODEL = "tiny"  # conftest.SERVED_MODEL
 
 
 @pytest.fixture
@@ -117,7 +78,7 @@ BAD = [
     ("/v1/completions", b'{"model": "tiny", "prompt": ""}', 400, "empty"),
     ("/v1/completions", b'{"model": "tiny", "prompt": [99999999]}', 400, "token ids"),
     ("/v1/completions", b'{"prompt": "hi"}', 400, "model"),
-    ("/v1/completions", b'[1, 2]', 400, ""),
+    ("/v1/completions", b"[1, 2]", 400, "must be a JSON object"),
     ("/v1/chat/completions", b'{"model": "tiny", "messages": []}', 400, "messages"),
     ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}', 400, "role"),
     ("/v1/chat/completions", b'{"model": "tiny", "messages": "hi"}', 400, "messages"),
@@ -186,8 +147,8 @@ def test_load_64_concurrent_streams_then_32_disconnects(server):
     assert h["kv_blocks_used"] == 0 and h["running"] == 0
 
 
-def test_queue_full_and_api_key(tiny_chat_model_dir):
-    srv, app = _serve(tiny_chat_model_dir, api_key="sekret", max_waiting=2, max_num_seqs=1)
+def test_queue_full_and_api_key(serve):
+    srv, app = serve(api_key="sekret", max_waiting=2, max_num_seqs=1)
     try:
         url = srv.url
         assert httpx.get(url + "/v1/models").status_code == 401
@@ -211,8 +172,8 @@ def test_queue_full_and_api_key(tiny_chat_model_dir):
         srv.stop()
 
 
-def test_engine_error_fails_only_its_requests(tiny_chat_model_dir):
-    srv, app = _serve(tiny_chat_model_dir)
+def test_engine_error_fails_only_its_requests(serve):
+    srv, app = serve()
     try:
         runner = app.state.engine.engine.runner
         real = runner.execute
@@ -234,8 +195,8 @@ def test_engine_error_fails_only_its_requests(tiny_chat_model_dir):
         srv.stop()
 
 
-def test_request_timeout(tiny_chat_model_dir):
-    srv, app = _serve(tiny_chat_model_dir, request_timeout=0.3)
+def test_request_timeout(serve):
+    srv, app = serve(request_timeout=0.3)
     try:
         runner = app.state.engine.engine.runner
         real = runner.execute
@@ -248,8 +209,8 @@ def test_request_timeout(tiny_chat_model_dir):
         srv.stop()
 
 
-def test_graceful_shutdown_finishes_in_flight_stream(tiny_chat_model_dir):
-    srv, app = _serve(tiny_chat_model_dir)
+def test_graceful_shutdown_finishes_in_flight_stream(serve):
+    srv, app = serve()
     runner = app.state.engine.engine.runner
     real = runner.execute
     runner.execute = lambda out, gens: (time.sleep(0.02), real(out, gens))[1]  # ~0.6 s for 30 tokens

@@ -158,6 +158,7 @@ def plain_checkpoint(model_dir: Path) -> Path:
     tensors, base ``model_type``) that other engines load; built once in the cache."""
     import torch
 
+    from swiftkv.fileio import stamp_matches, write_stamp
     from swiftkv.models.default import cache_dir
     from swiftkv.models.llama import LlamaForCausalLM
     from swiftkv.models.loader import load_config, read_tensors, save_checkpoint
@@ -167,8 +168,8 @@ def plain_checkpoint(model_dir: Path) -> Path:
     if not getattr(config, "swiftkv", False):
         return model_dir
     out = cache_dir() / "bench" / f"{model_dir.name}-plain"
-    marker, stamp = out / "swiftkv_source.txt", f"{model_dir.resolve()} {os.stat(model_dir / 'config.json').st_mtime_ns}"
-    if marker.exists() and marker.read_text() == stamp:
+    stamp = f"{model_dir.resolve()} {os.stat(model_dir / 'config.json').st_mtime_ns}"
+    if stamp_matches(out, stamp):
         return out
     with torch.device("meta"):
         model = LlamaForCausalLM(base_hf_config(config))
@@ -179,6 +180,6 @@ def plain_checkpoint(model_dir: Path) -> Path:
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ValueError(f"{model_dir} lacks the original model's tensors {missing[:3]}; other engines cannot run it")
-    save_checkpoint(model, out, source_dir=model_dir)
-    marker.write_text(stamp)
+    save_checkpoint(model, out, source_dir=model_dir, overwrite=True)
+    write_stamp(out, stamp)
     return out

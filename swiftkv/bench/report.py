@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
+
+from swiftkv.fileio import atomic_write, atomic_write_json
 
 COLUMNS = [  # (key, header, format)
     ("total_tokens_per_s", "tok/s", "{:.0f}"),
@@ -58,13 +58,9 @@ def plot(systems: dict[str, dict], title: str, path: Path) -> None:
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_json(result: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(path, result, indent=2)

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
           "bing": "assistant", "bard": "assistant", "system": "system"}
 
@@ -142,3 +144,27 @@ def pack_rows(tokenizer, convs: list[tuple[str, list[dict]]], seq_len: int, max_
     if cur and (max_tokens is None or total < max_tokens):
         rows.append(Row(cur))
     return rows
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [N] flat tokens of all conversations of all rows
+    positions: torch.Tensor  # [N]
+    seq_lens: list[int]  # one entry per conversation
+    loss_mask: torch.Tensor  # [N] bool: assistant tokens whose next token is predicted
+
+    @classmethod
+    def from_rows(cls, rows: list[Row]) -> Batch:
+        ids, pos, mask, lens = [], [], [], []
+        for row in rows:
+            for toks, m in row.docs:
+                ids += toks
+                pos += range(len(toks))
+                # position t predicts token t+1: a loss on t when token t+1 is an assistant token
+                mask += [m[t + 1] if t + 1 < len(toks) else False for t in range(len(toks))]
+                lens.append(len(toks))
+        return cls(torch.tensor(ids), torch.tensor(pos), lens, torch.tensor(mask))
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.loss_mask.sum())

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from swiftkv.config import SwiftKVConfig
-from swiftkv.distill.data import load_conversations, pack_rows
-from swiftkv.distill.loss import Batch
-from swiftkv.layers.attention import AttentionMetadata
+from swiftkv.distill.data import Batch, load_conversations, pack_rows
 from swiftkv.models.llama import LlamaForCausalLM
+from swiftkv.models.paired import paired_forward
 
 
 def _ridge(x: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -34,7 +32,6 @@ def fit_kv_projections(model: LlamaForCausalLM, batch: Batch, ridge: float = 1e-
     """
     skv = model.swiftkv_config
     L, l = skv.num_layers, skv.num_key_value_layers
-    teacher = SwiftKVConfig.baseline(L)
     captured: dict[tuple[int, str], torch.Tensor] = {}
     hooks = []
     for i in range(l, L):
@@ -43,8 +40,7 @@ def fit_kv_projections(model: LlamaForCausalLM, batch: Batch, ridge: float = 1e-
             hooks.append(getattr(attn, name).register_forward_hook(
                 lambda _m, _inp, out, key=(i, name): captured.__setitem__(key, out.float())))
     try:
-        h_l, cos, sin = model.embed_prefix(batch.input_ids, batch.positions, AttentionMetadata.full(batch.seq_lens), l)
-        model.run_layers(h_l, cos, sin, AttentionMetadata.full(batch.seq_lens), l, L, skv=teacher)
+        h_l = paired_forward(model, batch.input_ids, batch.positions, batch.seq_lens, swiftkv=False).h_l
     finally:
         for hook in hooks:
             hook.remove()

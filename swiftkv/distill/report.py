@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from swiftkv.fileio import atomic_write
+
 
 def save_trained_tensors(params: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     """The trained SwiftKV tensors only (bf16), atomically: what a shipped model adds to its base."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({n: p.detach().to(torch.bfloat16).contiguous() for n, p in params.items()}, str(tmp),
-              metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    tensors = {n: p.detach().to(torch.bfloat16).contiguous() for n, p in params.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()}))
 
 
 def plot_logs(logs: dict[str, list[dict]], path: Path) -> None:
@@ -37,10 +36,8 @@ def plot_logs(logs: dict[str, list[dict]], path: Path) -> None:
         ax.grid(alpha=0.3)
     ax1.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def ablation_table(logs: dict[str, list[dict]]) -> str:

@@ -8,9 +8,7 @@ order, optimizer, scheduler and RNG state), a JSON log and a PNG plot. Under
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,8 +17,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from swiftkv.distill.data import Row, load_conversations, pack_rows
-from swiftkv.distill.loss import Batch, DistillModule, trainable_parameters
+from swiftkv.fileio import atomic_write, atomic_write_json, clean_stale_temps
+from swiftkv.distill.data import Batch, Row, load_conversations, pack_rows
+from swiftkv.distill.loss import DistillModule, trainable_parameters
+
+
+RESUMABLE_CHANGES = ("out", "eval_every", "eval_rows", "save_every")  # may differ on --resume
 
 
 @dataclass
@@ -63,12 +65,6 @@ def _lr_lambda(cfg: DistillConfig, total_steps: int):
     return f
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 class Trainer:
     def __init__(self, model, tokenizer, cfg: DistillConfig, rows: list[Row] | None = None,
                  eval_rows: list[Row] | None = None) -> None:
@@ -107,11 +103,14 @@ class Trainer:
         self.tokens_seen = 0
         self.log: list[dict] = []
         self.out = Path(cfg.out)
+        if self.rank == 0:
+            clean_stale_temps(self.out)  # e.g. a half-written trainer_state.pt of a killed run
 
     # -- state --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "log": self.log, "config": asdict(self.cfg),
+                "layout": self._layout(),
                 "params": {n: p.detach().clone() for n, p in self.params.items()},
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                 "rng": torch.get_rng_state()}
@@ -128,17 +127,35 @@ class Trainer:
     def save(self) -> None:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            _atomic_save(self.state_dict(), self.out / "trainer_state.pt")
-            tmp = self.out / "log.json.tmp"
-            tmp.write_text(json.dumps({"config": asdict(self.cfg), "log": self.log}, indent=1))
-            os.replace(tmp, self.out / "log.json")
+            state = self.state_dict()
+            atomic_write(self.out / "trainer_state.pt", lambda tmp: torch.save(state, tmp))
+            atomic_write_json(self.out / "log.json", {"config": asdict(self.cfg), "log": self.log})
 
     def resume(self) -> bool:
         path = self.out / "trainer_state.pt"
         if not path.exists():
             return False
-        self.load_state_dict(torch.load(path, weights_only=False))
+        state = torch.load(path, weights_only=False)
+        diffs = self._resume_differences(state)
+        if diffs:
+            raise ValueError(f"{path} was saved by a run with other settings ({'; '.join(diffs)}); resume with the "
+                             "same arguments, or start a new run in another --out directory.")
+        self.load_state_dict(state)
         return True
+
+    def _resume_differences(self, state: dict) -> list[str]:
+        """What differs between the saved run and this one (bookkeeping fields may change)."""
+        now = {**asdict(self.cfg), **self._layout()}
+        saved = {**state.get("config", {}), **state.get("layout", {})}
+        diffs = [f"{k}: saved {saved[k]!r}, now {now[k]!r}" for k in now
+                 if k not in RESUMABLE_CHANGES and k in saved and saved[k] != now[k]]
+        if sorted(state["params"]) != sorted(self.params):
+            diffs.append("the trained tensors differ (another layout or adapter rank)")
+        return diffs
+
+    def _layout(self) -> dict:
+        skv = self.model.swiftkv_config
+        return {"l": skv.num_key_value_layers, "G": skv.key_value_group_size}
 
     # -- training -----------------------------------------------------------------------------
 

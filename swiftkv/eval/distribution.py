@@ -8,8 +8,8 @@ import random
 
 import torch
 
-from swiftkv.distill.data import is_held_out, load_conversations, pack_rows
-from swiftkv.distill.loss import Batch, DistillModule
+from swiftkv.distill.data import Batch, is_held_out, load_conversations, pack_rows
+from swiftkv.models.paired import distribution_gap, paired_forward
 from swiftkv.eval.loglik import MODES, encode_pair, score_pairs
 
 
@@ -24,12 +24,14 @@ def held_out_kl(model, tokenizer, convs, num_rows: int = 16, seq_len: int = 512,
     rows = pack_rows(tokenizer, convs, seq_len, None, seed, held_out=True)[:num_rows]
     if not rows:
         raise ValueError("no held-out conversations to evaluate on")
-    module = DistillModule(model, temperature=1.0)
     kl = agree = tokens = 0.0
     for i in range(0, len(rows), 4):
         batch = Batch.from_rows(rows[i : i + 4])
-        out = module(batch)
-        kl, agree, tokens = kl + float(out["kl"]), agree + float(out["agree"]), tokens + batch.num_loss_tokens
+        states = paired_forward(model, batch.input_ids, batch.positions, batch.seq_lens)
+        idx = batch.loss_mask.nonzero().squeeze(1)
+        b_kl, b_agree = distribution_gap(model.logits_at(states.teacher, idx).float(),
+                                         model.logits_at(states.swiftkv, idx).float())
+        kl, agree, tokens = kl + float(b_kl), agree + float(b_agree), tokens + batch.num_loss_tokens
     return {"kl": kl / tokens, "top1_agreement": agree / tokens, "tokens": int(tokens)}
 
 

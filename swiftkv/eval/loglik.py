@@ -12,9 +12,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from swiftkv.config import SwiftKVConfig
-from swiftkv.layers.attention import AttentionMetadata
 from swiftkv.models.llama import LlamaForCausalLM
+from swiftkv.models.paired import paired_forward
 
 MODES = ("teacher", "swiftkv")
 
@@ -108,9 +107,6 @@ def score_pairs(
     Contexts are left-truncated to ``max_len``. Returns ``{"teacher": [...], "swiftkv": [...]}``
     in input order.
     """
-    skv = model.swiftkv_config
-    L, l = skv.num_layers, skv.num_key_value_layers
-    teacher_skv = SwiftKVConfig.baseline(L)
     max_len = max_len or model.config.max_position_embeddings
     dev = model.model.embed_tokens.weight.device
     groups: dict[tuple[int, ...], dict[tuple[int, ...], None]] = {}
@@ -134,15 +130,9 @@ def score_pairs(
         todo = [(i, cont, [o + r for r in pk.rows[cont]]) for i, pk, o in zip(batch, seqs, offsets) for cont in pk.rows]
         idx = torch.tensor([r for _, _, rows in todo for r in rows], device=dev)
         tgt = torch.tensor([t for _, cont, _ in todo for t in cont], device=dev)
-        h_l, cos, sin = model.embed_prefix(ids, positions, AttentionMetadata.full(seq_lens, masks), l)
-        tails = {"teacher": model.run_layers(h_l, cos, sin, AttentionMetadata.full(seq_lens, masks), l, L,
-                                             skv=teacher_skv)}
-        meta = AttentionMetadata.full(seq_lens, masks)
-        if l < L:
-            model.store_swiftkv(h_l, cos, sin, meta)
-        tails["swiftkv"] = model.run_layers(h_l, cos, sin, meta, l, L, swiftkv=True, skv=skv)
-        for mode, hid in tails.items():
-            logp = model.compute_logits(model.model.norm(hid.index_select(0, idx))).float().log_softmax(-1)
+        states = paired_forward(model, ids, positions, seq_lens, masks)
+        for mode, hid in (("teacher", states.teacher), ("swiftkv", states.swiftkv)):
+            logp = model.logits_at(hid, idx).float().log_softmax(-1)
             lp = logp.gather(1, tgt[:, None]).squeeze(1)
             top = logp.argmax(-1) == tgt
             for (i, cont, _), a, b in zip(todo, lp.split([len(c) for _, c, _ in todo]),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from swiftkv.eval import distribution, generation
+from swiftkv.fileio import atomic_write_json
 from swiftkv.eval.config import EvalConfig
 from swiftkv.eval.instructions import INSTRUCTIONS
 from swiftkv.eval.loglik import MODES, encode_pair, score_pairs
@@ -145,9 +145,7 @@ def format_table(result: dict) -> str:
 def write_results(result: dict, out_dir: Path) -> None:
     """``results.json`` (atomic) and ``results.png`` in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out_dir / "results.json")
+    atomic_write_json(out_dir / "results.json", result)
     plot_results(result, out_dir / "results.png")
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from swiftkv.fileio import atomic_directory, stamp_matches, write_stamp
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_SWIFTKV_MODEL = "smollm2-135m-instruct-swiftkv"
@@ -58,20 +58,13 @@ def default_model_dir() -> Path:
     )
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=out.parent))
-    try:
+    with atomic_directory(out, overwrite=True) as tmp:  # our cache: a stale, incomplete directory goes
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
         )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():  # a stale, incomplete directory
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -105,8 +98,7 @@ def shipped_model_dir(name: str = DEFAULT_SWIFTKV_MODEL) -> Path:
     out = cache_dir() / "models" / name
     tensors = SHIPPED_DIR / spec.tensors
     stamp = _stamp(tensors)
-    marker = out / "swiftkv_shipped.txt"
-    if (out / "config.json").exists() and marker.exists() and marker.read_text().strip() == stamp:
+    if stamp_matches(out, stamp):
         return out
     import torch
     from safetensors.torch import load_file
@@ -131,8 +123,6 @@ def shipped_model_dir(name: str = DEFAULT_SWIFTKV_MODEL) -> Path:
                 params[n].copy_(t.to(params[n].dtype))
     else:
         print(f"swiftkv: warning: {tensors} not found; {name} is undistilled", file=sys.stderr)
-    out = save_checkpoint(model, out, source_dir=base_dir)
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(stamp + "\n")
-    os.replace(tmp, marker)
+    out = save_checkpoint(model, out, source_dir=base_dir, overwrite=True)
+    write_stamp(out, stamp)
     return out

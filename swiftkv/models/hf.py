@@ -20,7 +20,7 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from swiftkv.layers.attention import AttentionMetadata
-from swiftkv.models.llama import LlamaForCausalLM
+from swiftkv.models.llama import SwiftKVCausalLM
 
 
 class LlamaSwiftKVConfig(LlamaConfig):
@@ -40,7 +40,7 @@ class Qwen2SwiftKVConfig(Qwen2Config):
 SWIFTKV_CONFIGS = {"llama": LlamaSwiftKVConfig, "mistral": LlamaSwiftKVConfig, "qwen2": Qwen2SwiftKVConfig}
 
 
-class _SwiftKVPreTrainedModel(PreTrainedModel):
+class _SwiftKVPreTrainedModel(SwiftKVCausalLM, PreTrainedModel):
     """transformers-facing forward over the flat-layout model (no KV cache: ``use_cache=False``)."""
 
     base_model_prefix = "model"
@@ -49,16 +49,10 @@ class _SwiftKVPreTrainedModel(PreTrainedModel):
 
     def __init__(self, config) -> None:
         PreTrainedModel.__init__(self, config)
-        LlamaForCausalLM._build(self, config)
+        self._build(config)
         self.post_init()
         if getattr(self, "generation_config", None) is not None:
             self.generation_config.use_cache = False
-
-    active_config = LlamaForCausalLM.active_config
-    set_swiftkv = LlamaForCausalLM.set_swiftkv
-    run_layers = LlamaForCausalLM.run_layers
-    embed_prefix = LlamaForCausalLM.embed_prefix
-    store_swiftkv = LlamaForCausalLM.store_swiftkv
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
@@ -78,7 +72,7 @@ class _SwiftKVPreTrainedModel(PreTrainedModel):
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         lens = [n for n in valid.sum(1).tolist() if n > 0]
         positions = torch.cat([torch.arange(n, device=input_ids.device) for n in lens])
-        hidden = LlamaForCausalLM.forward(self, input_ids[valid], positions, AttentionMetadata.full(lens))
+        hidden = SwiftKVCausalLM.forward(self, input_ids[valid], positions, AttentionMetadata.full(lens))
         flat_logits = self.lm_head(hidden)
         logits = flat_logits.new_zeros(b, t, flat_logits.shape[-1])
         logits[valid] = flat_logits

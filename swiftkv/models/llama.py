@@ -196,19 +196,17 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
 
 
-class LlamaForCausalLM(nn.Module):
-    """Llama-family causal LM with an optional SwiftKV path.
+class SwiftKVCausalLM:
+    """The causal LM's behaviour, without the module base class: mixed into
+    :class:`LlamaForCausalLM` (``nn.Module``) and the transformers wrapper (``PreTrainedModel``,
+    ``models/hf.py``), so every method added here reaches both.
 
     ``swiftkv_config`` is the checkpoint's layout (baseline when the model is not SwiftKV);
     ``swiftkv_enabled`` switches between the SwiftKV student and the original teacher.
     """
 
-    def __init__(self, config) -> None:
-        super().__init__()
-        self._build(config)
-
     def _build(self, config) -> None:
-        """Create the modules (shared with the transformers wrapper in ``models/hf.py``)."""
+        """Create the modules (after the module base class's ``__init__``)."""
         check_supported(config)
         self.config = config
         self.swiftkv_config = swiftkv_config_of(config)
@@ -306,4 +304,18 @@ class LlamaForCausalLM(nn.Module):
         route_through_inference_linear(self.lm_head)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of final-normed hidden states (what :meth:`forward` returns)."""
         return self.lm_head(hidden)
+
+    def logits_at(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Logits ``[len(rows), vocab]`` of the residual stream ``hidden`` (before the final norm,
+        e.g. from :func:`swiftkv.models.paired.paired_forward`) at flat token rows ``rows``."""
+        return self.lm_head(self.model.norm(hidden.index_select(0, rows)))
+
+
+class LlamaForCausalLM(SwiftKVCausalLM, nn.Module):
+    """Llama-family causal LM with an optional SwiftKV path (see :class:`SwiftKVCausalLM`)."""
+
+    def __init__(self, config) -> None:
+        nn.Module.__init__(self)
+        self._build(config)

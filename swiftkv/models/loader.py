@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from swiftkv.fileio import STAMP_FILE, atomic_directory
 from swiftkv.models.default import DEFAULT_MODEL, SHIPPED_MODELS, default_model_dir, shipped_model_dir
 from swiftkv.models.llama import LlamaForCausalLM, check_supported
 from swiftkv.platforms import DTYPES, resolve_dtype
@@ -49,7 +49,13 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
         )
     from huggingface_hub import snapshot_download  # hub id: same path as transformers
 
-    return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]))
+    try:
+        return Path(snapshot_download(str(name_or_path),
+                                      allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]))
+    except Exception as e:  # offline, unknown repo, gated, network: dozens of hub error types
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"Model {str(name_or_path)!r}: no such directory, and the hub could not provide it "
+                         f"({type(e).__name__}: {reason[:200]}). Check the path, or the hub id and your network.") from None
 
 
 def load_config(path: str | os.PathLike):
@@ -57,19 +63,52 @@ def load_config(path: str | os.PathLike):
     import swiftkv.models.hf  # noqa: F401  (registers llama_swiftkv / qwen2_swiftkv)
     from transformers import AutoConfig
 
+    _check_config_json(Path(path) / "config.json")
     try:
         config = AutoConfig.from_pretrained(str(path))
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"Cannot read the config of {path}: {e}") from e
+    except (ValueError, KeyError, OSError, AttributeError, TypeError) as e:
+        raise ValueError(f"Cannot read {Path(path) / 'config.json'}: {e}") from None
     check_supported(config)
     return config
+
+
+def _read_json(file: Path) -> dict:
+    """A JSON object from ``file``, or a ``ValueError`` naming the file and the position."""
+    try:
+        obj = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{file} is not UTF-8 text; restore or re-download it.") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                         "fix or re-download it.") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{file} must hold a JSON object, not {type(obj).__name__}.")
+    return obj
+
+
+def _check_config_json(file: Path) -> None:
+    """What transformers reports as a raw traceback: invalid JSON, an unknown dtype."""
+    config = _read_json(file)
+    for key in ("dtype", "torch_dtype"):
+        value = config.get(key)
+        if value is not None and (not isinstance(value, str) or not isinstance(getattr(torch, value, None), torch.dtype)):
+            raise ValueError(f"{file}: {key} {value!r} is not a torch dtype; use float32, bfloat16 or float16.")
 
 
 def _weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / s for s in shards]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+            raise ValueError(f"{index} has no weight_map of tensor name -> shard file; re-download it.")
+        root = path.resolve()
+        shards = []
+        for s in sorted(set(weight_map.values())):
+            shard = (path / s).resolve()
+            if not shard.is_relative_to(root):
+                raise ValueError(f"{index} names the shard {s!r}, which is outside {path}; refusing to load it.")
+            shards.append(shard)
+        return shards
     single = path / "model.safetensors"
     if single.exists():
         return [single]
@@ -127,6 +166,11 @@ def load_state(model: LlamaForCausalLM, tensors: dict[str, torch.Tensor], source
                 raise ValueError(
                     f"{source}: tensor {name} has shape {tuple(t.shape)}, the config implies {tuple(param.shape)}."
                 )
+            if not t.is_floating_point():
+                raise ValueError(f"{source}: tensor {name} is stored as {t.dtype}; a float parameter needs a float "
+                                 "tensor (is this a quantised checkpoint? swiftkv loads float weights only).")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{source}: tensor {name} contains NaN or Inf values; the checkpoint is damaged.")
             param.copy_(t)
     if teacher_missing:
         model.teacher_available = False
@@ -160,22 +204,23 @@ def load_model(
     return model, path
 
 
-def save_checkpoint(model: LlamaForCausalLM, out_dir: str | os.PathLike, source_dir: str | os.PathLike | None = None) -> Path:
+def save_checkpoint(model: LlamaForCausalLM, out_dir: str | os.PathLike, source_dir: str | os.PathLike | None = None,
+                    overwrite: bool = False) -> Path:
     """Save ``model`` (config + safetensors) atomically, copying tokenizer files from ``source_dir``.
 
-    The directory appears complete or not at all: everything is written to a temporary sibling
-    that is renamed into place at the end.
+    The directory appears complete or not at all (:func:`swiftkv.fileio.atomic_directory`); an
+    existing file or non-checkpoint directory at ``out_dir`` is refused unless ``overwrite``.
     """
     from huggingface_hub import save_torch_state_dict
 
     out = Path(out_dir).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    if source_dir is not None and out == Path(source_dir).resolve():
+        raise ValueError(f"the output directory {out} is the model being read; choose another --out.")
+    with atomic_directory(out, overwrite) as tmp:
         if source_dir is not None:
             for f in Path(source_dir).iterdir():
                 skip = f.name == "config.json" or f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json")
-                if f.is_file() and not skip:
+                if f.is_file() and not skip and f.name != STAMP_FILE:
                     shutil.copy2(f, tmp / f.name)
         state = {n: p.detach().contiguous() for n, p in model.named_parameters()}
         if model.config.tie_word_embeddings:
@@ -183,15 +228,6 @@ def save_checkpoint(model: LlamaForCausalLM, out_dir: str | os.PathLike, source_
         save_torch_state_dict(state, tmp, max_shard_size="5GB")
         model.config.dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(model.config.to_json_string())
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

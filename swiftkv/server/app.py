@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import replace
 
@@ -17,8 +19,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from swiftkv.outputs import RequestOutput
 from swiftkv.server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
-from swiftkv.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from swiftkv.server.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, error_body
 from swiftkv.server import responses as R
+from swiftkv.server.body_limit import BodySizeLimit
+
+MAX_REQUEST_BYTES = 4 << 20  # default body limit (413 above it)
+# what the OpenAPI document lists for the /v1 routes (every error has OpenAI's error body)
+ERRORS = {code: {"model": ErrorResponse, "description": what} for code, what in {
+    400: "invalid request (the message names the field)", 401: "missing or wrong API key",
+    404: "unknown model", 413: "request body too large", 429: "server busy: retry after Retry-After seconds",
+    500: "generation failed", 503: "server shutting down", 504: "request timed out"}.items()}
 
 
 class APIError(Exception):
@@ -29,19 +39,31 @@ class APIError(Exception):
 
 
 def build_app(llm, model_name: str, api_key: str | None = None, max_waiting: int = 256,
-              request_timeout: float = 600.0, shutdown_grace: float = 30.0) -> FastAPI:
-    """The ASGI app over an :class:`~swiftkv.llm.LLM` (its engine runs in a background thread)."""
+              request_timeout: float = 600.0, shutdown_grace: float = 30.0, enable_docs: bool | None = None,
+              max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
+    """The ASGI app over an :class:`~swiftkv.llm.LLM` (its engine runs in a background thread).
+
+    ``/docs`` and ``/openapi.json`` are served unless an ``api_key`` is set (then only with
+    ``enable_docs=True``). Bodies over ``max_request_bytes`` get a 413 before they are parsed.
+    """
     engine = AsyncEngine(llm.engine, max_waiting=max_waiting)
     tokenizer = llm.tokenizer
     max_model_len = llm.engine.max_model_len
+    # tokenizing a long prompt takes a while: off the event loop (one thread: the tokenizer is not
+    # meant for concurrent use), so /health and streams stay responsive
+    tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swiftkv-tokenize")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         await engine.shutdown(shutdown_grace)
+        tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="swiftkv", lifespan=lifespan)
-    app.state.engine = engine
+    docs = enable_docs if enable_docs is not None else api_key is None
+    app = FastAPI(title="swiftkv", lifespan=lifespan, docs_url="/docs" if docs else None, redoc_url=None,
+                  openapi_url="/openapi.json" if docs else None)
+    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
+    app.state.engine, app.state.tokenizer = engine, tokenizer
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -59,11 +81,17 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_waiting: int
         if err.get("type") == "json_invalid":
             return JSONResponse(error_body(f"malformed JSON body: {err.get('msg', '')}"), status_code=400)
         field = ".".join(loc) or None
-        msg = f"{field}: {err.get('msg', 'invalid value')}" if field else err.get("msg", "invalid request")
+        text = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        if not field and err.get("type") == "model_attributes_type":
+            text = "the request body must be a JSON object"
+        msg = f"{field}: {text}" if field else text
         return JSONResponse(error_body(msg, param=field), status_code=400)
 
     def check_key(request: Request) -> None:
-        if api_key is not None and request.headers.get("authorization", "") != f"Bearer {api_key}":
+        if api_key is None:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), api_key.encode()):
             raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", "authentication_error")
 
     def check_model(name: str) -> None:
@@ -80,26 +108,42 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_waiting: int
         engine.metrics.set_state(engine.stats())
         return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    card = {"id": model_name, "object": "model", "created": 0, "owned_by": "swiftkv", "max_model_len": max_model_len}
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)], responses=ERRORS)
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "swiftkv",
-                                            "max_model_len": max_model_len}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(check_key)], responses=ERRORS)
+    async def model_card(model_id: str):
+        check_model(model_id)
+        return card
 
     def encode(prompt) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
                 raise APIError(400, "prompt is empty", param="prompt")
-            return tokenizer(prompt)["input_ids"]
+            return tokenizer.encode(prompt)
         return list(prompt)
 
-    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    def check_admissible(num_requests: int) -> None:
+        most = max_waiting + llm.engine.scheduler.max_num_seqs
+        if num_requests > most:
+            raise APIError(400, f"this request needs {num_requests} sequences (prompts x n) but the server admits at "
+                           f"most {most} at once (--max-waiting {max_waiting} + max_num_seqs); split it", param="n")
+
+    async def in_pool(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(tokenize_pool, fn, *args)
+
+    @app.post("/v1/completions", dependencies=[Depends(check_key)], responses=ERRORS)
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         params = _params(req)
         prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) else [req.prompt]
         if not prompts:
             raise APIError(400, "prompt is empty", param="prompt")
-        jobs = [(encode(p), p if isinstance(p, str) else None) for p in prompts]
+        check_admissible(len(prompts) * req.n)
+        jobs = await in_pool(lambda: [(encode(p), p if isinstance(p, str) else None) for p in prompts])
         rid = f"cmpl-{uuid.uuid4().hex}"
         stream = _run(engine, rid, jobs, params, req.n, request, request_timeout)
         if req.stream:
@@ -108,13 +152,14 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_waiting: int
         outs = [o async for o in stream]
         return R.completion_response(rid, model_name, outs, tokenizer, jobs)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)], responses=ERRORS)
     async def chat(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
         params = _params(req)
+        check_admissible(req.n)
         try:
-            ids = list(tokenizer.apply_chat_template(req.conversation(), add_generation_prompt=True, tokenize=True,
-                                                     return_dict=False))
+            ids = list(await in_pool(lambda: tokenizer.apply_chat_template(
+                req.conversation(), add_generation_prompt=True, tokenize=True, return_dict=False)))
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
         rid = f"chatcmpl-{uuid.uuid4().hex}"

@@ -56,7 +56,9 @@ class AsyncEngine:
         if not self._accepting:
             raise EngineDeadError("server is shutting down")
         self.engine.check_request(prompt_token_ids, params)  # ValueError -> 400
-        if len(self.engine.scheduler.waiting) + len(self._pending) >= self.max_waiting:
+        # in flight beyond the running slots = really waiting (requests still on their way to the
+        # scheduler count too; a burst must not be refused while running slots are free)
+        if len(self._requests) - self.engine.scheduler.max_num_seqs >= self.max_waiting:
             self.metrics.rejected.inc()
             raise QueueFullError(f"{self.max_waiting} requests already waiting")
         req = _Request(queue or asyncio.Queue(), asyncio.get_running_loop())

@@ -1,0 +1,127 @@
+"""Crash-safe writes: a file or a directory appears complete or not at all, and nothing we did
+not write is replaced without being asked.
+
+Temporaries live beside their target (same file system, so the final ``os.replace`` is atomic)
+and are named ``.NAME.tmp-PID...``; :func:`clean_stale_temps` removes the ones a killed process
+left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+_TEMP = re.compile(r"^\..+\.(tmp|old)-(\d+)")
+STAMP_FILE = "swiftkv_stamp.txt"  # what a cached directory was built from
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place.
+
+    The temporary keeps ``path``'s suffix (matplotlib infers the image format from it).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_json(path: str | os.PathLike, obj, indent: int = 1) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=indent))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != 0
+
+
+def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Remove temporaries in ``directory`` left by processes that no longer run. Returns them."""
+    directory, removed = Path(directory), []
+    if not directory.is_dir():
+        return removed
+    for p in directory.iterdir():
+        m = _TEMP.match(p.name)
+        if m and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def is_swiftkv_checkpoint(path: Path) -> bool:
+    """A directory swiftkv wrote: config.json says ``"swiftkv": true`` (or carries our stamp)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and (config.get("swiftkv") is True or (path / STAMP_FILE).exists())
+
+
+def check_replaceable(out: Path, overwrite: bool = False) -> None:
+    """Refuse (``ValueError``) to replace a file, or a non-empty directory that is not a swiftkv
+    checkpoint, unless ``overwrite``."""
+    if overwrite or not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory; choose another output path "
+                         "(or pass --overwrite to replace it).")
+    if any(out.iterdir()) and not is_swiftkv_checkpoint(out):
+        raise ValueError(f"{out} is a non-empty directory that is not a swiftkv checkpoint; refusing to replace "
+                         "its contents. Choose a new or empty directory (or pass --overwrite to replace it).")
+
+
+@contextmanager
+def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory to fill; on success it replaces ``out`` in one rename.
+
+    ``out`` may be missing, empty or a swiftkv checkpoint; anything else needs ``overwrite``
+    (:func:`check_replaceable`). On an exception ``out`` is left exactly as it was.
+    """
+    out = Path(out).resolve()
+    check_replaceable(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    try:
+        yield tmp
+        old = None
+        if out.exists() or out.is_symlink():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+
+def stamp_matches(directory: Path, stamp: str) -> bool:
+    """Whether a cached directory was built from exactly ``stamp`` (see :func:`write_stamp`)."""
+    marker = directory / STAMP_FILE
+    return (directory / "config.json").exists() and marker.exists() and marker.read_text().strip() == stamp
+
+
+def write_stamp(directory: Path, stamp: str) -> None:
+    """Record what a cached directory was built from (written last: a crash leaves it stale)."""
+    atomic_write_text(directory / STAMP_FILE, stamp + "\n")

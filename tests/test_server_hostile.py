@@ -1,0 +1,186 @@
+"""The server against hostile and careless clients: a clear 4xx (never a 5xx) for every bad body,
+auth and docs done right, body limits, admission, streaming that never garbles characters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import httpx
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+MODEL = "tiny"  # conftest.SERVED_MODEL
+
+
+def _post(url: str, route: str, body: bytes | dict, **kw) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(url + route, content=content, headers={"content-type": "application/json", **kw.pop("headers", {})},
+                      timeout=60, **kw)
+
+
+@pytest.mark.parametrize("route,body,param", [
+    ("/v1/completions", b'{"model": "tiny", "prompt": "\\ud800"}', "prompt"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": ["ok", "x\\udfff"]}', "prompt"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "hi", "stop": ["\\ud800"]}', "stop"),
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages.0.content"),
+    ("/v1/chat/completions",
+     b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}',
+     "messages.0.content"),
+])
+def test_lone_surrogate_is_a_400_naming_the_field(server, route, body, param):
+    r = _post(server[0].url, route, body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and "surrogate" in err["message"]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", b"1e400"), ("temperature", b"Infinity"), ("temperature", b"NaN"), ("temperature", b"2.5"),
+    ("temperature", b"-0.1"), ("top_p", b"1.5"), ("top_p", b"-1"), ("seed", str(2**70).encode()), ("top_k", b"-5"),
+])
+def test_out_of_range_sampling_is_a_400_naming_the_field(server, field, value):
+    r = _post(server[0].url, "/v1/completions", b'{"model": "tiny", "prompt": "hi", "%s": %s}' % (field.encode(), value))
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field
+    if field == "seed":
+        assert "9223372036854775807" in r.json()["error"]["message"]
+
+
+def test_top_p_zero_means_the_most_likely_token(server):
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 6, "ignore_eos": True}
+    greedy = _post(server[0].url, "/v1/completions", {**body, "temperature": 0})
+    top_p0 = _post(server[0].url, "/v1/completions", {**body, "temperature": 1.0, "top_p": 0, "seed": 3})
+    assert top_p0.status_code == 200 and top_p0.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ({"tool_choice": "required"}, "tool"), ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool"),
+    ({"response_format": {"type": "json_object"}}, "response_format"), ({"logit_bias": {"5": 10}}, "logit_bias"),
+])
+def test_unsupported_features_are_refused_not_ignored(server, extra, needle):
+    r = _post(server[0].url, "/v1/chat/completions",
+              {"model": MODEL, "messages": [{"role": "user", "content": "x"}], **extra})
+    assert r.status_code == 400 and needle in r.json()["error"]["message"]
+
+
+def test_model_retrieve_and_openapi_error_responses(server):
+    client = openai.OpenAI(base_url=server[0].url + "/v1", api_key="unused", max_retries=0)
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
+    spec = httpx.get(server[0].url + "/openapi.json").json()
+    for route in ("/v1/completions", "/v1/chat/completions"):
+        codes = spec["paths"][route]["post"]["responses"]
+        assert {"400", "404", "413", "429"} <= set(codes), codes
+
+
+def test_docs_behind_key_and_auth_details(serve):
+    srv, _ = serve(api_key="sekret")
+    assert httpx.get(srv.url + "/docs").status_code == 404 and httpx.get(srv.url + "/openapi.json").status_code == 404
+    for header in ("Bearer sekret", "bearer sekret", "BEARER  sekret"):
+        assert httpx.get(srv.url + "/v1/models", headers={"Authorization": header}).status_code == 200, header
+    for header in ("Bearer sekret2", "Basic sekret", "sekret", "Bearer x sekret"):
+        assert httpx.get(srv.url + "/v1/models", headers={"Authorization": header}).status_code == 401, header
+    srv2, _ = serve(api_key="sekret", enable_docs=True)
+    assert httpx.get(srv2.url + "/openapi.json").status_code == 200
+
+
+def test_body_limit_413_and_tokenization_off_the_event_loop(serve):
+    srv, app = serve(max_request_bytes=64 << 10)
+    big = json.dumps({"model": MODEL, "prompt": "word " * 20000}).encode()
+    r = _post(srv.url, "/v1/completions", big)
+    assert r.status_code == 413 and "too large" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: the limit applies while the body streams in
+        for i in range(0, len(big), 8192):
+            yield big[i : i + 8192]
+
+    r = httpx.post(srv.url + "/v1/completions", content=chunks(), headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413, r.text
+    # a tokenization that blocks must not block /health
+    release, entered = threading.Event(), threading.Event()
+    tokenizer = app.state.tokenizer
+    real_encode = tokenizer.encode
+
+    def slow(*a, **k):
+        entered.set()
+        release.wait(30)
+        return real_encode(*a, **k)
+
+    tokenizer.encode = slow
+    try:
+        with httpx.Client(timeout=60) as c:
+            result = {}
+            t = threading.Thread(target=lambda: result.setdefault("r", c.post(
+                srv.url + "/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 2})))
+            t.start()
+            assert entered.wait(30)
+            assert httpx.get(srv.url + "/health", timeout=10).status_code == 200  # while tokenizing
+            release.set()
+            t.join(30)
+        assert result["r"].status_code == 200
+    finally:
+        del tokenizer.encode
+        release.set()
+
+
+def test_admission_counts_only_requests_really_waiting(serve):
+    srv, _ = serve(max_waiting=16)  # 64 running slots
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as c:
+            body = {"model": MODEL, "prompt": "hi", "max_tokens": 24, "ignore_eos": True}
+            return await asyncio.gather(*[c.post(srv.url + "/v1/completions", json=body) for _ in range(128)])
+
+    codes = [r.status_code for r in asyncio.run(burst())]
+    assert codes.count(200) >= 64 + 16 and set(codes) <= {200, 429}
+    r = _post(srv.url, "/v1/completions", {"model": MODEL, "prompt": ["a"] * 10, "n": 9})  # 90 > 16 + 64: never
+    assert r.status_code == 400 and "split it" in r.json()["error"]["message"]
+
+
+def test_streamed_text_equals_non_streamed_text_with_multibyte_characters(server):
+    body = {"model": MODEL, "prompt": "🚀 Ünïcödé 中文", "max_tokens": 200, "temperature": 1.0, "seed": 1,
+            "ignore_eos": True}
+    full = _post(server[0].url, "/v1/completions", body).json()["choices"][0]["text"]
+    assert any(ord(ch) > 127 for ch in full)  # the sample does exercise multi-byte characters
+    pieces = []
+    with httpx.stream("POST", server[0].url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                pieces.append(json.loads(line[6:])["choices"][0]["text"])
+    assert "".join(pieces) == full and "\ufffd" not in "".join(pieces[:-1])
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats() | st.text(max_size=20),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                     max_leaves=8)
+_fields = {"model": st.just(MODEL) | _json, "prompt": st.text(max_size=30) | st.lists(st.integers(-5, 60000), max_size=5) | _json,
+           "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "x"]),
+                                                       "content": st.text(max_size=30) | _json}), max_size=2) | _json,
+           "max_tokens": st.integers(-2, 8) | _json, "temperature": st.floats() | _json, "top_p": st.floats() | _json,
+           "n": st.integers(-1, 3) | _json, "stream": st.booleans() | _json, "seed": st.integers() | _json,
+           "stop": st.text(max_size=5) | _json, "logprobs": st.integers(-1, 25) | st.booleans() | _json,
+           "top_logprobs": st.integers(-1, 25) | _json, "stop_token_ids": _json, "top_k": st.integers(-3, 5) | _json}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+       body=st.fixed_dictionaries({}, optional=_fields))
+def test_fuzz_no_5xx(server, route, body):
+    try:
+        raw = json.dumps(body).encode()
+    except ValueError:
+        return
+    r = _post(server[0].url, route, raw)
+    assert r.status_code < 500, (body, r.text)
+    if r.status_code >= 400:
+        assert r.json()["error"]["message"]
+
+
+def test_fuzz_left_the_server_healthy(server):
+    h = httpx.get(server[0].url + "/health", timeout=10).json()
+    assert h["status"] == "ok"
