@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from swiftkv.models.default import DEFAULT_MODEL, DEFAULT_SWIFTKV_MODEL
+from swiftkv.models.registry import DEFAULT_MODEL, DEFAULT_SWIFTKV_MODEL
 
 
 DTYPE_HELP = "auto (default: bf16 only where the CPU multiplies bf16 natively, else float32), float32, bfloat16"
@@ -34,11 +34,12 @@ def cmd_convert(args) -> None:
     from pathlib import Path
 
     from swiftkv.fileio import check_replaceable
+    from swiftkv.builtin import resolve_model
     from swiftkv.models.loader import load_model, save_checkpoint
     from swiftkv.transform import to_swiftkv
 
     check_replaceable(Path(args.out), args.overwrite)  # before the slow part
-    base, path = load_model(args.model, dtype=args.dtype)
+    base, path = load_model(resolve_model(args.model), dtype=args.dtype)
     if not base.swiftkv_config.is_baseline:
         raise ValueError(f"{path} is already a SwiftKV checkpoint (l={base.swiftkv_config.num_key_value_layers}).")
     skv = layout_from_args(args, base.config.num_hidden_layers)
@@ -95,9 +96,10 @@ def cmd_bench(args) -> None:
 
         w = args.workload
         if w == "custom" or args.num_requests or args.prompt_range or args.max_tokens:
-            from swiftkv.models.loader import load_config, resolve_model_path
+            from swiftkv.builtin import resolve_model
+            from swiftkv.models.loader import load_config
 
-            vocab = load_config(resolve_model_path(args.model or DEFAULT_SWIFTKV_MODEL)).vocab_size
+            vocab = load_config(resolve_model(args.model or DEFAULT_SWIFTKV_MODEL)).vocab_size
             w = Workload.make(w, vocab, args.seed, args.num_requests, tuple(args.prompt_range) if args.prompt_range else None,
                               args.max_tokens)
         run_offline_bench(args.model, w, args.reps, args.dtype, args.out or "bench_results", not args.no_transformers,
@@ -119,6 +121,7 @@ def cmd_distill(args) -> None:
 
     from swiftkv.distill.report import plot_logs, save_trained_tensors
     from swiftkv.distill.trainer import DistillConfig, Trainer
+    from swiftkv.builtin import resolve_model
     from swiftkv.models.llama import adapter_rank_of
     from swiftkv.models.loader import load_model, load_tokenizer, save_checkpoint
     from swiftkv.platforms import resolve_dtype
@@ -127,7 +130,7 @@ def cmd_distill(args) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")  # torchrun --nproc-per-node N: data-parallel (DDP)
     torch.manual_seed(args.seed)
-    model, path = load_model(args.model, dtype="float32")
+    model, path = load_model(resolve_model(args.model), dtype="float32")
     converted = model.swiftkv_config.is_baseline
     if converted:
         model = to_swiftkv(model, layout_from_args(args, model.config.num_hidden_layers), args.adapter_rank)

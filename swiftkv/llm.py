@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterator
-from dataclasses import replace
 
 from tqdm.auto import tqdm
 
@@ -34,9 +33,10 @@ class LLM:
                  dtype: str = "auto", max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  kv_cache_memory: int = 1 << 30, block_size: int = 16, max_model_len: int | None = None,
                  seed: int = 0, device: str = "cpu", enable_prefix_caching: bool = True) -> None:
-        from swiftkv.models.default import DEFAULT_SWIFTKV_MODEL
+        from swiftkv.builtin import resolve_model
+        from swiftkv.models.registry import DEFAULT_SWIFTKV_MODEL
 
-        self.model, self.model_path = load_model(DEFAULT_SWIFTKV_MODEL if model is None else model,
+        self.model, self.model_path = load_model(resolve_model(DEFAULT_SWIFTKV_MODEL if model is None else model),
                                                  dtype=dtype, device=device, swiftkv=swiftkv)
         self.tokenizer = load_tokenizer(self.model_path)
         config = EngineConfig(max_num_seqs, max_num_batched_tokens, kv_cache_memory, block_size, max_model_len, seed,
@@ -64,15 +64,17 @@ class LLM:
             return list(prompt), None
         raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
-    def _add(self, prompt, params: SamplingParams, rid: str) -> list[str]:
+    def _add(self, prompt, params: SamplingParams) -> str:
         ids, text = self._encode(prompt)
-        rids = []
-        for i in range(params.n):
-            p = params
-            if params.n > 1:  # n samples: independent requests, seeds offset per sample
-                p = replace(params, n=1, seed=None if params.seed is None else params.seed + i)
-            rids.append(self.engine.add_request(ids, p, f"{rid}-{i}", prompt=text))
-        return rids
+        return self.engine.add_request(ids, params, f"req{next(self._counter)}", prompt=text)
+
+    def set_swiftkv(self, enabled: bool) -> None:
+        """Switch between the SwiftKV model and the original one, rebuilding the engine (its KV
+        cache is sized for one layout). Refused while requests are in flight."""
+        if self.engine.has_unfinished_requests():
+            raise ValueError("requests are in flight; switch SwiftKV on or off between generate() calls")
+        self.model.set_swiftkv(enabled)
+        self.engine = LLMEngine(self.model, self.tokenizer, self.engine.config)
 
     def generate(self, prompts: str | list[str] | list[int] | list[list[int]] | None = None,
                  sampling_params: SamplingParams | None = None, *,
@@ -85,33 +87,22 @@ class LLM:
             raise ValueError("give prompts or prompt_token_ids")
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        groups = [self._add(p, params, f"req{next(self._counter)}") for p in prompts]
+        rids = [self._add(p, params) for p in prompts]
         done: dict[str, RequestOutput] = {}
-        total = sum(len(g) for g in groups)
-        with tqdm(total=total, disable=not use_tqdm, desc="generate") as bar:
+        with tqdm(total=len(rids), disable=not use_tqdm, desc="generate") as bar:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
                     if out.finished:
                         done[out.request_id] = out
                         bar.update(1)
-        results = []
-        for g in groups:
-            first = done[g[0]]
-            outputs = []
-            for i, rid in enumerate(g):
-                c = done[rid].outputs[0]
-                c.index = i
-                outputs.append(c)
-            results.append(RequestOutput(g[0].rsplit("-", 1)[0], first.prompt, first.prompt_token_ids, outputs,
-                                         True, first.prompt_logprobs))
-        return results
+        return [done[rid] for rid in rids]
 
     def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield the cumulative output of one request after every step that advanced it."""
         params = sampling_params or SamplingParams()
         if params.n != 1:
             raise ValueError("stream() supports n=1")
-        (rid,) = self._add(prompt, params, f"req{next(self._counter)}")
+        rid = self._add(prompt, params)
         try:
             while True:
                 for out in self.engine.step():

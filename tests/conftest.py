@@ -55,7 +55,7 @@ def tiny_chat_model_dir(tmp_path_factory):
     """A tiny random Llama with the default model's tokenizer and chat template (vocab 49152)."""
     import shutil
 
-    from swiftkv.models.default import default_model_dir
+    from swiftkv.builtin import default_model_dir
 
     src = default_model_dir()
     path = tmp_path_factory.mktemp("tiny-chat")

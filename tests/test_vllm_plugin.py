@@ -146,9 +146,9 @@ def test_entry_point_is_registered():
     ("smollm2-135m-instruct-swiftkv-g2", {}),  # AcrossKV G = 2, n = 2 below
 ])
 def test_greedy_matches_engine_on_shipped_models(name, engine_kw):
-    from swiftkv.models.loader import resolve_model_path
+    from swiftkv.builtin import resolve_model
 
-    path = resolve_model_path(name)
+    path = resolve_model(name)
     prompts = _prompts([7, 90], 49152, seed=1) + _chat_prompts(path)
     if engine_kw.get("enable_prefix_caching"):
         prompts.append(prompts[-1][:-3] + prompts[0][:5])  # shares a prefix with the chat before it

@@ -147,7 +147,7 @@ def gguf_for(model_dir: Path, gguf: str | None) -> Path:
         if not Path(gguf).is_file():
             raise ValueError(f"--gguf {gguf!r} is not a file")
         return Path(gguf)
-    from swiftkv.models.default import find_gguf
+    from swiftkv.builtin import find_gguf
 
     print(f"bench: llama.cpp runs the built-in model's GGUF; pass --gguf for {model_dir.name}", file=sys.stderr)
     return find_gguf()
@@ -159,7 +159,7 @@ def plain_checkpoint(model_dir: Path) -> Path:
     import torch
 
     from swiftkv.fileio import stamp_matches, write_stamp
-    from swiftkv.models.default import cache_dir
+    from swiftkv.models.registry import cache_dir
     from swiftkv.models.llama import LlamaForCausalLM
     from swiftkv.models.loader import load_config, read_tensors, save_checkpoint
     from swiftkv.transform import base_hf_config

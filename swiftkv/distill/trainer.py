@@ -160,7 +160,8 @@ class Trainer:
     # -- training -----------------------------------------------------------------------------
 
     def _autocast(self):
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16)
+        device = next(iter(self.params.values())).device  # the model's device: cpu or cuda
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
 
     def _local_rows(self, step: int) -> list[Row]:
         b = self.cfg.batch_size

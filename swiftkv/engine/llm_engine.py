@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from swiftkv.engine.block_manager import BlockManager
 from swiftkv.engine.detokenizer import IncrementalDetokenizer
 from swiftkv.engine.model_runner import ModelRunner
+from swiftkv.engine.request import Request
 from swiftkv.engine.scheduler import Scheduler
 from swiftkv.engine.sequence import Sequence
 from swiftkv.models.full_sequence import full_logits
 from swiftkv.models.llama import LlamaForCausalLM
-from swiftkv.outputs import CompletionOutput, Logprob, RequestOutput
+from swiftkv.outputs import Logprob, RequestOutput
 from swiftkv.sampling_params import SamplingParams
 
 
@@ -65,13 +66,11 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
-        self.seqs: dict[str, Sequence] = {}
-        self.prompts: dict[str, str | None] = {}
-        self.prompt_logprobs: dict[str, list[Logprob | None]] = {}
-        self.generators: dict[str, torch.Generator | None] = {}
-        self._global_gen = torch.Generator().manual_seed(config.seed)
+        self.requests: dict[str, Request] = {}
+        # generators live where the logits do (a CPU generator cannot sample CUDA tensors)
+        self._global_gen = torch.Generator(self.runner.device).manual_seed(config.seed)
         self._ids = itertools.count()
-        self.eos_token_ids = self._eos_ids()
+        self.eos_token_ids = self.runner.eos_token_ids = self._eos_ids()
 
     def _eos_ids(self) -> set[int]:
         ids = getattr(self.model.config, "eos_token_id", None)
@@ -88,22 +87,28 @@ class LLMEngine:
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, prompt: str | None = None) -> str:
-        """Queue a request; returns its id. Raises ``ValueError`` for impossible requests."""
+        """Queue a request (``params.n`` samples, one sequence each); returns its id. Raises
+        ``ValueError`` for impossible requests. Sample ``i`` of a seeded request uses seed + i."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else str(next(self._ids))
-        if request_id in self.seqs:
+        if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_request(prompt_token_ids, params)
-        seq = Sequence(request_id, list(prompt_token_ids), params, arrival=time.monotonic())
-        if self.tokenizer is not None:
-            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
-        self.scheduler.add(seq)
-        self.seqs[request_id] = seq
-        self.prompts[request_id] = prompt
-        self.generators[request_id] = (torch.Generator().manual_seed(params.seed) if params.seed is not None
-                                       else None if params.greedy else self._global_gen)
+        req = Request(request_id, prompt, list(prompt_token_ids), params)
         if params.prompt_logprobs is not None:
-            self.prompt_logprobs[request_id] = self._prompt_logprobs(seq.prompt_token_ids, params.prompt_logprobs)
+            req.prompt_logprobs = self._prompt_logprobs(req.prompt_token_ids, params.prompt_logprobs)
+        for i in range(params.n):
+            p = params if params.n == 1 else replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+            seq = Sequence(f"{request_id}#{i}", req.prompt_token_ids, p, arrival=time.monotonic(),
+                           request_id=request_id)
+            seq.generator = (torch.Generator(self.runner.device).manual_seed(p.seed) if p.seed is not None
+                             else None if p.greedy else self._global_gen)
+            if self.tokenizer is not None:
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens)
+            req.seqs.append(seq)
+        for seq in req.seqs:
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
         return request_id
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -127,14 +132,10 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now, free its KV blocks and forget it (unknown ids are ignored)."""
-        seq = self.seqs.get(request_id)
-        if seq is not None and not seq.is_finished:
-            self.scheduler.finish(seq, "abort")
-        self._release(request_id)
-
-    def _release(self, request_id: str) -> None:
-        for d in (self.seqs, self.prompts, self.prompt_logprobs, self.generators):
-            d.pop(request_id, None)
+        req = self.requests.pop(request_id, None)
+        for seq in req.seqs if req is not None else []:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (blocks in use stay valid; nothing is recomputed)."""
@@ -144,19 +145,24 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; return outputs of requests that advanced or finished."""
+        """Run one scheduler step; return the (cumulative) outputs of requests that advanced."""
+        if self.model.active_config != self.runner.skv:
+            raise RuntimeError("the model's SwiftKV mode changed after this engine sized its KV cache; switch modes "
+                               "with LLM.set_swiftkv(), which rebuilds the engine")
         out = self.scheduler.schedule()
         if not out:
             return []
         try:
-            results = self.runner.execute(out, self.generators)
+            results = self.runner.execute(out)
         except Exception as e:  # fail only the requests of this batch; the engine keeps serving
-            for seq in out.seqs:
-                self.scheduler.finish(seq, "error")
-                self._release(seq.seq_id)
-            raise EngineStepError([s.seq_id for s in out.seqs], e) from e
+            failed = list(dict.fromkeys(s.request_id for s in out.seqs))
+            for rid in failed:
+                for seq in self.requests.pop(rid).seqs:
+                    if not seq.is_finished:
+                        self.scheduler.finish(seq, "error")
+            raise EngineStepError(failed, e) from e
         self.scheduler.update_after_step(out)
-        outputs = []
+        advanced: dict[str, None] = {}
         for seq, token, lp in results:
             seq.token_ids.append(token)
             if lp is not None:
@@ -168,22 +174,15 @@ class LLMEngine:
                 self.scheduler.finish(seq, reason)
                 if seq.detokenizer is not None:
                     seq.detokenizer.flush()  # the final text equals a full decode of the output
-            outputs.append(self.output_of(seq.seq_id))
-        return outputs
+            advanced[seq.request_id] = None
+        return [self.output_of(rid) for rid in advanced]
 
     def output_of(self, request_id: str, release: bool = True) -> RequestOutput:
         """The current (cumulative) output of a request; finished requests are forgotten."""
-        seq = self.seqs[request_id]
-        text = self._text(seq)
-        logprobs = None
-        if seq.params.logprobs is not None:
-            toks = seq.output_token_ids
-            logprobs = [Logprob(t, lp, top) for t, (lp, top) in zip(toks, seq.logprobs)]
-        completion = CompletionOutput(0, text, list(seq.output_token_ids), seq.finish_reason, logprobs)
-        result = RequestOutput(request_id, self.prompts.get(request_id), seq.prompt_token_ids, [completion],
-                               seq.is_finished, self.prompt_logprobs.get(request_id))
-        if seq.is_finished and release:
-            self._release(request_id)
+        req = self.requests[request_id]
+        result = req.output([self._text(seq) for seq in req.seqs])
+        if req.is_finished and release:
+            del self.requests[request_id]
         return result
 
     # -- helpers ------------------------------------------------------------------------------

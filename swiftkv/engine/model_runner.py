@@ -39,6 +39,7 @@ class ModelRunner:
             dtype=self.dtype, device=self.device,
         )
         self.sampler = Sampler()
+        self.eos_token_ids: set[int] = set()  # set by the engine: masked before min_tokens
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -69,7 +70,7 @@ class ModelRunner:
         return torch.tensor(ids, device=self.device), positions.to(self.device), meta, needs_logits
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, generators: dict[str, torch.Generator | None]):
+    def execute(self, out: SchedulerOutput):
         """Run one step. Returns [(seq, token, logprobs)] for the sequences that sampled."""
         ids, positions, meta, rows = self.prepare(out)
         hidden = self.model(ids, positions, meta, logits_seq_ids=rows)
@@ -77,5 +78,17 @@ class ModelRunner:
             return []
         logits = self.model.compute_logits(hidden)
         seqs: list[Sequence] = [out.seqs[r] for r in rows]
-        tokens, logprobs = self.sampler(logits, [s.params for s in seqs], [generators.get(s.seq_id) for s in seqs])
+        self._mask_stops_before_min_tokens(logits, seqs)
+        tokens, logprobs = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
         return list(zip(seqs, tokens, logprobs))
+
+    def _mask_stops_before_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """Before a sequence has ``min_tokens`` outputs, its stop tokens (eos unless ``ignore_eos``,
+        and ``stop_token_ids``) cannot be sampled (vLLM's rule)."""
+        for r, seq in enumerate(seqs):
+            p = seq.params
+            if len(seq.output_token_ids) < p.min_tokens:
+                stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+                ids = [t for t in stops if 0 <= t < logits.shape[-1]]
+                if ids:
+                    logits[r, ids] = float("-inf")

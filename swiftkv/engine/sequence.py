@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+import torch
+
 from swiftkv.engine.detokenizer import IncrementalDetokenizer
 from swiftkv.sampling_params import SamplingParams
 
@@ -17,7 +19,8 @@ class SequenceStatus(enum.Enum):
 
 @dataclass
 class Sequence:
-    """Token ids (prompt + generated), KV blocks and progress of one generation."""
+    """Token ids (prompt + generated), KV blocks and progress of one generation (one of a
+    :class:`~swiftkv.engine.request.Request`'s ``n`` samples)."""
 
     seq_id: str
     prompt_token_ids: list[int]
@@ -33,6 +36,8 @@ class Sequence:
     # per generated token: (logprob of chosen token, {token_id: logprob} of the top alternatives)
     logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
     detokenizer: IncrementalDetokenizer | None = None  # output text, extended every step (engine-owned)
+    request_id: str = ""  # the request this sequence samples for
+    generator: torch.Generator | None = None  # seeded per sequence; None = greedy
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -46,11 +46,12 @@ def _row(name: str, metric: str, n: int, t: list[float], s: list[float], cfg: Ev
 
 def run_eval(cfg: EvalConfig, out_dir: str | os.PathLike | None = None) -> dict:
     """Evaluate teacher and SwiftKV; returns the results dict (also written as JSON + PNG)."""
-    from swiftkv.models.default import DEFAULT_SWIFTKV_MODEL
+    from swiftkv.builtin import resolve_model
     from swiftkv.models.loader import load_model, load_tokenizer
+    from swiftkv.models.registry import DEFAULT_SWIFTKV_MODEL
 
     start = time.perf_counter()
-    model, path = load_model(cfg.model or DEFAULT_SWIFTKV_MODEL, dtype=cfg.dtype, swiftkv=None)
+    model, path = load_model(resolve_model(cfg.model or DEFAULT_SWIFTKV_MODEL), dtype=cfg.dtype, swiftkv=None)
     if model.swiftkv_config.is_baseline:
         raise ValueError(f"{path} is not a SwiftKV model (no layer takes SingleInputKV), so SwiftKV and teacher would "
                          "score identically; convert or distill it first (swiftkv convert / swiftkv distill)")

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from swiftkv.fileio import STAMP_FILE, atomic_directory
-from swiftkv.models.default import DEFAULT_MODEL, SHIPPED_MODELS, default_model_dir, shipped_model_dir
+from swiftkv.models.registry import BUILTIN_MODELS, DEFAULT_MODEL
 from swiftkv.models.llama import LlamaForCausalLM, check_supported
 from swiftkv.platforms import DTYPES, resolve_dtype
 
@@ -30,13 +30,12 @@ def parse_dtype(dtype: str | torch.dtype, config=None, device: str | torch.devic
     return resolve_dtype(dtype, device)
 
 
-def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
-    """Local directory, a built-in model (``None`` = ``smollm2-135m-instruct``; the shipped SwiftKV
-    models ``smollm2-135m-instruct-swiftkv``, ``-swiftkv-l15`` and ``-swiftkv-g2``), or a hub id."""
-    if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
-        return default_model_dir()
-    if str(name_or_path) in SHIPPED_MODELS:
-        return shipped_model_dir(str(name_or_path))
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+    """A local model directory, or a hub id (downloaded). Built-in names are resolved a floor up,
+    by :func:`swiftkv.builtin.resolve_model`."""
+    if name_or_path is None or str(name_or_path) in BUILTIN_MODELS:
+        raise ValueError(f"{name_or_path!r} is a built-in model: resolve it with swiftkv.builtin.resolve_model "
+                         "(LLM() and the CLI do).")
     path = Path(name_or_path)
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -180,12 +179,13 @@ def load_state(model: LlamaForCausalLM, tensors: dict[str, torch.Tensor], source
 
 
 def load_model(
-    name_or_path: str | os.PathLike | None = None,
+    name_or_path: str | os.PathLike,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     swiftkv: bool | None = None,
 ) -> tuple[LlamaForCausalLM, Path]:
-    """Load a model for swiftkv's own runtime. Returns ``(model, resolved_directory)``.
+    """Load a model directory (or hub id) for swiftkv's own runtime. Returns ``(model, directory)``.
+    Built-in names: ``load_model(resolve_model(name))`` (:mod:`swiftkv.builtin`).
 
     ``swiftkv``: ``None`` keeps the checkpoint's mode, ``False`` runs the original model.
     """

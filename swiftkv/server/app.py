@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from swiftkv.outputs import RequestOutput
+from swiftkv.outputs import CompletionOutput
 from swiftkv.server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from swiftkv.server.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, error_body
 from swiftkv.server import responses as R
@@ -200,21 +200,21 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
 
 
 async def _run(engine: AsyncEngine, rid: str, jobs: list[tuple[list[int], str | None]], params, n: int,
-               request: Request, timeout: float) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Submit ``len(jobs) * n`` engine requests; yield (choice index, cumulative output) as they advance.
+               request: Request, timeout: float) -> AsyncIterator[tuple[int, CompletionOutput]]:
+    """Submit one engine request of ``n`` samples per prompt; yield (choice index, cumulative
+    completion) whenever a choice advances (choice ``j * n + i``: sample i of prompt j).
 
     Aborts every unfinished request when the client disconnects, the timeout passes, or the
     consumer stops early (e.g. a cancelled stream).
     """
     queue: asyncio.Queue = asyncio.Queue()
     sub_ids: dict[str, int] = {}
+    params = replace(params, n=n)
     try:
         for j, (ids, text) in enumerate(jobs):
-            for i in range(n):
-                p = params if n == 1 else replace(params, seed=None if params.seed is None else params.seed + i)
-                sid = f"{rid}-{j * n + i}"
-                engine.submit(sid, ids, p, text, queue)
-                sub_ids[sid] = j * n + i
+            sid = f"{rid}-{j}"
+            engine.submit(sid, ids, params, text, queue)
+            sub_ids[sid] = j
     except QueueFullError as e:
         for sid in sub_ids:
             engine.abort(sid)
@@ -227,6 +227,7 @@ async def _run(engine: AsyncEngine, rid: str, jobs: list[tuple[list[int], str | 
         raise APIError(400, str(e), param="prompt") from e
     deadline = time.monotonic() + timeout
     unfinished = set(sub_ids)
+    sent: dict[int, tuple[int, str | None]] = {}  # choice -> (tokens, finish reason) already yielded
     try:
         while unfinished:
             try:
@@ -244,7 +245,11 @@ async def _run(engine: AsyncEngine, rid: str, jobs: list[tuple[list[int], str | 
                                f"generation failed: {item}", "server_error")
             if item.finished:
                 unfinished.discard(item.request_id)
-            yield sub_ids[item.request_id], item
+            for c in item.outputs:
+                index = sub_ids[item.request_id] * n + c.index
+                if sent.get(index) != (len(c.token_ids), c.finish_reason):
+                    sent[index] = (len(c.token_ids), c.finish_reason)
+                    yield index, c
     finally:
         for sid in unfinished:
             engine.abort(sid)

@@ -27,6 +27,8 @@ class EngineDeadError(RuntimeError):
 class _Request:
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    n: int = 1  # sequences (samples) it runs
+    tokens: int = 0  # generated so far, all samples
     arrival: float = field(default_factory=time.monotonic)
     first_token: float | None = None
     last_token: float | None = None
@@ -56,12 +58,13 @@ class AsyncEngine:
         if not self._accepting:
             raise EngineDeadError("server is shutting down")
         self.engine.check_request(prompt_token_ids, params)  # ValueError -> 400
-        # in flight beyond the running slots = really waiting (requests still on their way to the
-        # scheduler count too; a burst must not be refused while running slots are free)
-        if len(self._requests) - self.engine.scheduler.max_num_seqs >= self.max_waiting:
+        # sequences in flight beyond the running slots = really waiting (requests still on their way
+        # to the scheduler count too; a burst must not be refused while running slots are free)
+        in_flight = sum(r.n for r in list(self._requests.values()))
+        if in_flight + params.n - self.engine.scheduler.max_num_seqs > self.max_waiting:
             self.metrics.rejected.inc()
-            raise QueueFullError(f"{self.max_waiting} requests already waiting")
-        req = _Request(queue or asyncio.Queue(), asyncio.get_running_loop())
+            raise QueueFullError(f"{self.max_waiting} sequences already waiting")
+        req = _Request(queue or asyncio.Queue(), asyncio.get_running_loop(), params.n)
         self._requests[request_id] = req
         self._pending.append(("add", request_id, (prompt_token_ids, params, prompt)))
         self.metrics.prompt_tokens.inc(len(prompt_token_ids))
@@ -144,7 +147,9 @@ class AsyncEngine:
             elif req.last_token is not None:
                 self.metrics.tpot.observe(now - req.last_token)
             req.last_token = now
-            self.metrics.generation_tokens.inc()
+            tokens = sum(len(c.token_ids) for c in out.outputs)
+            self.metrics.generation_tokens.inc(tokens - req.tokens)
+            req.tokens = tokens
             if out.finished:
                 del self._requests[out.request_id]
                 self.metrics.requests.labels(out.outputs[0].finish_reason or "stop").inc()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from swiftkv.outputs import CompletionOutput, RequestOutput
+from swiftkv.outputs import CompletionOutput
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -37,8 +37,8 @@ def _chat_logprobs(c: CompletionOutput, tokenizer, start: int = 0) -> dict | Non
                         for lp in c.logprobs[start:]]}
 
 
-def _finals(outs: list[tuple[int, RequestOutput]]) -> dict[int, CompletionOutput]:
-    return {i: o.outputs[0] for i, o in outs if o.finished}
+def _finals(outs: list[tuple[int, CompletionOutput]]) -> dict[int, CompletionOutput]:
+    return {i: c for i, c in outs if c.finish_reason is not None}
 
 
 def completion_response(rid, model, outs, tokenizer, jobs) -> dict:
@@ -65,8 +65,7 @@ async def _deltas(first, stream: AsyncIterator) -> AsyncIterator[tuple[int, Comp
     sent_tokens: dict[int, int] = {}
     item = first
     while item is not None:
-        i, out = item
-        c = out.outputs[0]
+        i, c = item
         t0, n0 = sent_text.get(i, 0), sent_tokens.get(i, 0)
         sent_text[i], sent_tokens[i] = max(t0, len(c.text)), len(c.token_ids)
         yield i, c, c.text[t0:], n0

@@ -84,6 +84,7 @@ def test_random_requests_with_aborts_do_not_leak():
     bm = BlockManager(num_blocks=64, block_size=4)
     sched = Scheduler(bm, max_num_seqs=16, max_num_batched_tokens=48)
     live: list[Sequence] = []
+    every: list[Sequence] = []
     finished = aborted = 0
     next_id = 0
     steps = 0
@@ -95,6 +96,7 @@ def test_random_requests_with_aborts_do_not_leak():
                 s = _seq(next_id, rng.randint(1, 60), max_tokens=rng.randint(1, 12))
                 sched.add(s)
                 live.append(s)
+                every.append(s)
                 next_id += 1
         if live and rng.random() < 0.1:  # abort a random live request
             victim = live.pop(rng.randrange(len(live)))
@@ -109,4 +111,6 @@ def test_random_requests_with_aborts_do_not_leak():
     assert finished + aborted == 1000
     assert bm.num_free_blocks == bm.num_blocks
     assert not sched.running and not sched.waiting
-    assert all(s.status == SequenceStatus.FINISHED for s in live) or not live
+    assert len(every) == 1000
+    assert all(s.status == SequenceStatus.FINISHED and not s.block_table for s in every)
+    assert sum(s.finish_reason == "abort" for s in every) == aborted

