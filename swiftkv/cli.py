@@ -92,7 +92,8 @@ def cmd_bench(args) -> None:
         run_prefill_bench(args.model, tuple(args.lengths), args.reps, args.decode_tokens, args.dtype, args.out,
                           with_transformers=not args.no_transformers, peers=_peer_spec(args), batch=args.decode_batch)
     else:
-        from swiftkv.bench.offline import Workload, run_offline_bench
+        from swiftkv.bench.offline import run_offline_bench
+        from swiftkv.bench.workloads import Workload
 
         w = args.workload
         if w == "custom" or args.num_requests or args.prompt_range or args.max_tokens:

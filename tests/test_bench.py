@@ -5,7 +5,8 @@ from __future__ import annotations
 from transformers import LlamaConfig
 
 from swiftkv.bench.flops import decode_flops, layer_flops, prefill_flops
-from swiftkv.bench.offline import Workload, summarise
+from swiftkv.bench.offline import summarise
+from swiftkv.bench.workloads import Workload
 from swiftkv.bench.report import format_table, ratio_lines
 from swiftkv.config import SwiftKVConfig
 
@@ -163,3 +164,33 @@ def test_prefill_report_with_peers():
     assert lines[1].split() == ["metric", "swiftkv", "baseline", "vllm", "llama.cpp"]
     assert lines[2].split()[-4:] == ["3000.0", "1500.0", "1000.0", "500.0"]
     assert lines[4].split()[-4:] == ["400.0", "nan", "500.0", "nan"]
+
+
+# -- the bench entry points, end to end on a tiny SwiftKV checkpoint (no peers) ------------------
+
+def test_bench_entry_points_on_a_tiny_model(tiny_chat_model_dir, tmp_path, capsys):
+    import json
+
+    from swiftkv.bench.offline import run_offline_bench
+    from swiftkv.bench.prefill import run_prefill_bench
+    from swiftkv.bench.workloads import Workload
+    from swiftkv.models.loader import load_model, save_checkpoint
+    from swiftkv.transform import to_swiftkv
+
+    ckpt = save_checkpoint(to_swiftkv(load_model(tiny_chat_model_dir)[0], SwiftKVConfig(6, 3, 3)), tmp_path / "skv",
+                           source_dir=tiny_chat_model_dir)
+    r = run_prefill_bench(str(ckpt), lengths=(48,), reps=1, decode_tokens=3, dtype="float32",
+                          out=str(tmp_path / "prefill.json"), batch=2)
+    for metric in (r["prefill"][48], r["decode"], r["decode_b2"]):
+        assert set(metric) == {"swiftkv", "baseline", "transformers"} and all(v > 0 for v in metric.values())
+    assert r["dtypes"] == {"swiftkv": "float32", "baseline": "float32", "transformers": "float32"}
+    assert r["kv_bytes_per_token"]["swiftkv"] * 6 == r["kv_bytes_per_token"]["baseline"] * 4  # AcrossKV G = 3
+    assert json.loads((tmp_path / "prefill.json").read_text())["ratios"] == r["ratios"]
+    w = Workload.make("shared-prefix", 49152, num_requests=3, prompt_len=(5, 9), max_tokens=3)
+    assert len({tuple(p[:1500]) for p in w.prompts}) == 1 and len(w.prompts[0]) >= 1505
+    w = Workload("custom", [p[-40:] for p in w.prompts], 3)
+    res = run_offline_bench(str(ckpt), w, reps=1, dtype="float32", out_dir=str(tmp_path / "out"), max_num_seqs=2)
+    assert set(res["systems"]) == {"swiftkv", "baseline", "transformers"}
+    assert all(s["output_tokens_per_s"] > 0 and len(s) > 5 for s in res["systems"].values())
+    assert (tmp_path / "out" / "bench_custom.json").exists() and (tmp_path / "out" / "bench_custom.png").exists()
+    assert "swiftkv/baseline" in capsys.readouterr().out

@@ -14,6 +14,7 @@ import torch
 from swiftkv.config import SwiftKVConfig
 from swiftkv.distill.data import iter_json_array, load_conversations, pack_rows, tokenize_with_mask
 from swiftkv.distill.data import Batch
+from swiftkv.models.full_sequence import full_logits
 from swiftkv.distill.loss import DistillModule, trainable_parameters
 from swiftkv.distill.trainer import DistillConfig, Trainer
 from swiftkv.models.loader import load_model, load_tokenizer
@@ -216,48 +217,72 @@ def test_least_squares_kv_init_fits_better_than_mean_init(setup, G):
         assert module(batch)["kl"] < mean_init(batch)["kl"]
 
 
-def test_low_rank_adapters_train_on_the_swiftkv_path_only_and_reload(setup, tmp_path):
-    """Adapters (off by default) start as a no-op, train with the SwiftKV tensors, never touch the
-    teacher, are recorded in config.json and reload; the engine's fast path matches full-sequence."""
-    from swiftkv.models.full_sequence import full_logits
-    from swiftkv.models.loader import save_checkpoint
+# -- low-rank adapters (off by default) --------------------------------------------------------
 
-    path, _, tok, rows, eval_rows = setup
-    seqs = [rows[0].docs[0][0][:20], rows[1].docs[0][0][:13]]
-    plain = _student(path, l=2, G=2)
+def _adapter_model(path, rank=4):
     base = load_model(path)[0]
-    model = to_swiftkv(base, SwiftKVConfig(base.config.num_hidden_layers, 2, 2), adapter_rank=4)
-    assert not hasattr(plain.config, "swiftkv_adapter_rank") and model.config.swiftkv_adapter_rank == 4
-    assert model.model.layers[1].mlp_adapter_swiftkv is None  # only layers >= l get adapters
-    for a, b in zip(full_logits(model, seqs), full_logits(plain, seqs)):
-        assert torch.equal(a, b)  # B = 0: a fresh adapter changes nothing
+    return to_swiftkv(base, SwiftKVConfig(base.config.num_hidden_layers, 2, 2), adapter_rank=rank)
+
+
+def _adapter_seqs(rows):
+    return [rows[0].docs[0][0][:20], rows[1].docs[0][0][:13]]
+
+
+@pytest.fixture
+def trained_adapters(setup, tmp_path):
+    """A l=2, G=2 student with rank-4 adapters after two training steps, and what it was before."""
+    path, _, tok, rows, eval_rows = setup
+    model = _adapter_model(path)
     model.set_swiftkv(False)
-    teacher_before = full_logits(model, seqs)
+    teacher_before = full_logits(model, _adapter_seqs(rows))
     model.set_swiftkv(True)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = Trainer(model, tok, _cfg(tmp_path), rows, eval_rows)
-    adapters = {n for n in trainer.params if "adapter_swiftkv" in n}
-    assert len(adapters) == 4 * (6 - 2) and set(trainer.params) == {n for n in before if "_swiftkv" in n}
     for _ in range(2):  # A's gradient is zero until B has moved off zero
         trainer.train_step()
+    return model, trainer, before, teacher_before
+
+
+def test_fresh_adapters_are_a_no_op_on_later_layers_only(setup):
+    path, _, _, rows, _ = setup
+    plain, model = _student(path, l=2, G=2), _adapter_model(path)
+    assert not hasattr(plain.config, "swiftkv_adapter_rank") and model.config.swiftkv_adapter_rank == 4
+    assert model.model.layers[1].mlp_adapter_swiftkv is None  # only layers >= l get adapters
+    for a, b in zip(full_logits(model, _adapter_seqs(rows)), full_logits(plain, _adapter_seqs(rows))):
+        assert torch.equal(a, b)  # B = 0: a fresh adapter changes nothing
+    with pytest.raises(ValueError, match="adapter_rank"):
+        to_swiftkv(load_model(path)[0], SwiftKVConfig(6, 2, 1), adapter_rank=-1)
+
+
+def test_adapters_train_with_the_swiftkv_tensors_only(trained_adapters):
+    model, trainer, before, _ = trained_adapters
+    adapters = {n for n in trainer.params if "adapter_swiftkv" in n}
+    assert len(adapters) == 4 * (6 - 2) and set(trainer.params) == {n for n in before if "_swiftkv" in n}
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) != (n in trainer.params), n
+
+
+def test_the_teacher_never_sees_the_adapters(setup, trained_adapters):
+    model, _, _, teacher_before = trained_adapters
     model.set_swiftkv(False)
-    for a, b in zip(full_logits(model, seqs), teacher_before):
-        assert torch.equal(a, b)  # the teacher never sees the adapters
-    model.set_swiftkv(True)
-    out = save_checkpoint(model, tmp_path / "ckpt", source_dir=path)
-    loaded = load_model(out)[0]
-    assert loaded.config.swiftkv_adapter_rank == 4
+    for a, b in zip(full_logits(model, _adapter_seqs(setup[3])), teacher_before):
+        assert torch.equal(a, b)
+
+
+def test_adapters_reload_and_the_fast_path_matches(setup, trained_adapters, tmp_path):
+    from swiftkv.layers.attention import AttentionMetadata
+    from swiftkv.models.loader import save_checkpoint
+
+    path, rows = setup[0], setup[3]
+    model = trained_adapters[0]
+    seqs = _adapter_seqs(rows)
+    loaded = load_model(save_checkpoint(model, tmp_path / "ckpt", source_dir=path))[0]
+    assert loaded.config.swiftkv_adapter_rank == 4  # recorded in config.json
     want = full_logits(model, seqs)
     for a, b in zip(full_logits(loaded, seqs), want):
         torch.testing.assert_close(a, b)
-    from swiftkv.layers.attention import AttentionMetadata
-
     ids = torch.tensor([t for s in seqs for t in s])
     pos = torch.cat([torch.arange(len(s)) for s in seqs])
     with torch.no_grad():  # fast path: later layers only for each sequence's last token
         fast = loaded.compute_logits(loaded(ids, pos, AttentionMetadata.full([len(s) for s in seqs]), [0, 1]))
     torch.testing.assert_close(fast, torch.stack([w[-1] for w in want]), atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match="adapter_rank"):
-        to_swiftkv(load_model(path)[0], SwiftKVConfig(6, 2, 1), adapter_rank=-1)

@@ -50,13 +50,13 @@ def _peer_env(backend: str, python: str, threads: int) -> dict[str, str]:
 
 
 class Peer:
-    """A running peer process; ``run(prompts, max_tokens)`` returns the runner dict of
-    ``swiftkv.bench.offline`` (``wall_s``, ``ttft``, ``tpot``)."""
+    """A running peer process, a :class:`~swiftkv.bench.systems.System`: ``run(prompts, max_tokens)``
+    returns ``wall_s``, ``ttft``, ``tpot`` measured by the peer's own clock (no IPC in them)."""
 
     def __init__(self, backend: str, python: str, model: str, threads: int, max_model_len: int = 4096,
                  max_num_seqs: int = 32, log_dir: str | None = None, dtype: str = "bfloat16",
                  prefix_caching: bool = False) -> None:
-        self.backend = backend
+        self.backend = self.name = backend
         worker = Path(__file__).with_name("peer_worker.py")
         log = Path(log_dir or tempfile.gettempdir()) / f"swiftkv-peer-{backend}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -134,11 +134,6 @@ def start_peers(spec: PeerSpec, model_dir: Path, threads: int, max_model_len: in
         except (RuntimeError, ValueError) as e:
             print(f"bench: {backend} skipped: {e}", file=sys.stderr)
     return peers
-
-
-def system_dtypes(systems, peers: dict[str, Peer], dtype: str) -> dict[str, str]:
-    """The dtype each benchmarked system ran: ``dtype`` for swiftkv's own systems, the peers' own."""
-    return {name: peers[name].dtype if name in peers else dtype for name in systems}
 
 
 def gguf_for(model_dir: Path, gguf: str | None) -> Path:

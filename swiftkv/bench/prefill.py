@@ -6,61 +6,20 @@ llama.cpp, interleaved so a noisy machine affects all alike. Reports tokens/s an
 from __future__ import annotations
 
 import json
+import random
 import statistics
-import time
 from pathlib import Path
 
-import torch
 
 from swiftkv.bench.env import environment, warn_if_busy
 from swiftkv.bench.interleave import interleave
+from swiftkv.bench.systems import TransformersSystem, load_transformers_model, swiftkv_systems
+from swiftkv.bench.workloads import random_token_prompts
 from swiftkv.platforms import dtype_name, resolve_dtype
-from swiftkv.sampling_params import SamplingParams
 
 
-def _hf_model(path: Path, dtype: torch.dtype):
-    """The original model in plain transformers (SwiftKV tensors, if any, are ignored)."""
-    from transformers import LlamaForCausalLM, Qwen2ForCausalLM, logging
-
-    from swiftkv.models.loader import load_config
-
-    config = load_config(path)
-    cls = Qwen2ForCausalLM if config.model_type.startswith("qwen2") else LlamaForCausalLM
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # unused *_swiftkv tensors are expected
-    try:
-        return cls.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
-    finally:
-        logging.set_verbosity(verbosity)
-
-
-def _engine_runner(llm):
-    def run(prompts: list[list[int]], n: int) -> None:
-        llm.generate(prompt_token_ids=prompts,
-                     sampling_params=SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-    return run
-
-
-def _hf_runner(hf):
-    def run(prompts: list[list[int]], n: int) -> None:
-        ids = torch.tensor(prompts)  # [B, T]: equal lengths, no padding
-        with torch.inference_mode():
-            if n == 1:  # prefill only: logits of the last token
-                hf(ids, logits_to_keep=1, use_cache=False)
-            else:
-                hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                            do_sample=False)
-    return run
-
-
-def _peer_runner(peer):
-    return lambda prompts, n: peer.run(prompts, n)["wall_s"]  # the peer's own clock, no IPC
-
-
-def _time(fn, prompts, n) -> float:
-    t = time.perf_counter()
-    reported = fn(prompts, n)
-    return reported if reported is not None else time.perf_counter() - t
+def _wall(system, prompts: list[list[int]], n: int) -> float:
+    return system.run(prompts, n)["wall_s"]
 
 
 def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512, 2048), reps: int = 3,
@@ -70,50 +29,47 @@ def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512,
     tokens/s and batch-``batch`` aggregate decode tokens/s (64-token prompts, ``decode_tokens``
     generated, prefill included as users see it), for swiftkv, its baseline mode, transformers
     and the installed peers (``peers``: a :class:`~swiftkv.bench.peers.PeerSpec`), interleaved."""
-    from swiftkv.bench.peers import start_peers, system_dtypes
-    from swiftkv.llm import LLM
+    from swiftkv.bench.peers import start_peers
 
     dtype = dtype_name(resolve_dtype(dtype))  # "auto" -> this machine's fastest; every system runs it
     env = environment(dtype)
     warn_if_busy(env)
     max_len = max(lengths)
     # prefix caching off: repeated runs of the same prompts must really prefill (as for the peers)
-    kw = dict(dtype=dtype, max_num_batched_tokens=max(max_len, 2048), max_num_seqs=max(8, batch),
-              enable_prefix_caching=False)
-    engines = {"swiftkv": LLM(model, swiftkv=True, **kw)}
-    engines["baseline"] = LLM(engines["swiftkv"].model_path, swiftkv=False, **kw)
-    path = engines["swiftkv"].model_path
-    runners = {name: _engine_runner(llm) for name, llm in engines.items()}
+    kw = dict(max_num_batched_tokens=max(max_len, 2048), max_num_seqs=max(8, batch), enable_prefix_caching=False)
+    engines = swiftkv_systems(model, dtype, **kw)
+    m, path = engines["swiftkv"].llm.model, engines["swiftkv"].llm.model_path
+    systems = dict(engines)
     if with_transformers:
-        runners["transformers"] = _hf_runner(_hf_model(path, engines["swiftkv"].model.model.embed_tokens.weight.dtype))
+        systems["transformers"] = TransformersSystem(load_transformers_model(path, m.model.embed_tokens.weight.dtype),
+                                                     dtype, batch_size=batch)
     running = start_peers(peers, path, env["threads"], max_len + decode_tokens + 64, max(8, batch), dtype=dtype) if peers else {}
-    runners.update({name: _peer_runner(p) for name, p in running.items()})
-    skv = engines["swiftkv"].model.swiftkv_config
-    g = torch.Generator().manual_seed(0)
-    vocab = engines["swiftkv"].model.config.vocab_size
+    systems.update(running)
+    skv = m.swiftkv_config
+    rng = random.Random(0)
     result = {"env": env, "model": str(path),
               "swiftkv": {"L": skv.num_layers, "l": skv.num_key_value_layers, "G": skv.key_value_group_size},
               "versions": {name: p.version for name, p in running.items()},
-              "dtypes": system_dtypes(runners, running, dtype),
-              "kv_bytes_per_token": {name: llm.engine.kv_bytes_per_token for name, llm in engines.items()},
+              "dtypes": {name: s.dtype for name, s in systems.items()},
+              "kv_bytes_per_token": {name: s.llm.engine.kv_bytes_per_token for name, s in engines.items()},
               "prefill": {}, "decode": {}, f"decode_b{batch}": {}}
 
     def measure(prompts, n, repeats, desc, pick=statistics.median) -> dict[str, float]:
-        calls = {name: (lambda fn=fn: _time(fn, prompts, n)) for name, fn in runners.items()}
+        calls = {name: (lambda s=s: _wall(s, prompts, n)) for name, s in systems.items()}
         return {name: pick(t) for name, t in interleave(calls, repeats, desc).items()}
 
     try:
         for n in lengths:
-            prompt = torch.randint(100, vocab, (n,), generator=g).tolist()
-            result["prefill"][n] = {k: n / t for k, t in measure([prompt], 1, reps, f"prefill @ {n}").items()}
-        prompts = torch.randint(100, vocab, (batch, 64), generator=g).tolist()
+            prompt = random_token_prompts(rng, 1, (n, n), m.config.vocab_size)
+            result["prefill"][n] = {k: n / t for k, t in measure(prompt, 1, reps, f"prefill @ {n}").items()}
+        prompts = random_token_prompts(rng, batch, (64, 64), m.config.vocab_size)
         result["decode"] = {k: decode_tokens / t
                             for k, t in measure(prompts[:1], decode_tokens, 2, "decode b1", min).items()}
         result[f"decode_b{batch}"] = {k: batch * decode_tokens / t
                                       for k, t in measure(prompts, decode_tokens, 2, f"decode b{batch}", min).items()}
     finally:
-        for p in running.values():
-            p.close()
+        for s in systems.values():
+            s.close()
     result["ratios"] = _ratios(result)
     print(format_report(result))
     if out:

@@ -1,8 +1,59 @@
-"""Synthetic prompt-heavy workloads: varied, seeded English-like prompts of a target length."""
+"""Every prompt the benchmarks send: named offline workloads of random token prompts (seeded),
+the prefill/decode bench's prompts, and English-like text prompts for the online load test."""
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
+
+WORKLOADS = {  # (num requests, prompt tokens range, output tokens)
+    "prompt-heavy": (16, (1024, 2048), 32),
+    "chat": (16, (64, 256), 128),
+    "shared-prefix": (32, (200, 200), 32),  # + one 1,500-token prefix shared by all (RAG / classification)
+}
+SHARED_PREFIX_TOKENS = 1500
+FIRST_TOKEN = 100  # random prompts avoid the low ids (special tokens in most vocabularies)
+
+
+def uses_prefix_caching(workload: str) -> bool:
+    """Systems run with prefix caching on the shared-prefix workload only; elsewhere it is off so that
+    repeated runs of the same prompts really prefill. Either way the cache is emptied before every run."""
+    return workload == "shared-prefix"
+
+
+def random_token_prompts(rng: random.Random, n: int, lengths: tuple[int, int], vocab: int) -> list[list[int]]:
+    """``n`` prompts of random token ids, each of a length drawn from ``lengths`` (inclusive)."""
+    return [[rng.randrange(FIRST_TOKEN, vocab) for _ in range(rng.randint(*lengths))] for _ in range(n)]
+
+
+@dataclass
+class Workload:
+    name: str
+    prompts: list[list[int]]
+    max_tokens: int
+
+    @classmethod
+    def make(cls, name: str, vocab: int, seed: int = 0, num_requests: int | None = None,
+             prompt_len: tuple[int, int] | None = None, max_tokens: int | None = None) -> Workload:
+        if name not in WORKLOADS and name != "custom":
+            raise ValueError(f"unknown workload {name!r}; choose {', '.join(WORKLOADS)} or custom")
+        n, lens, out = WORKLOADS.get(name, (16, (512, 512), 32))
+        n, lens, out = num_requests or n, prompt_len or lens, max_tokens or out
+        rng = random.Random(seed)
+        prompts = random_token_prompts(rng, n, lens, vocab)
+        if name == "shared-prefix":  # one system prompt, then each request's own tail
+            shared = random_token_prompts(rng, 1, (SHARED_PREFIX_TOKENS, SHARED_PREFIX_TOKENS), vocab)[0]
+            prompts = [shared + p for p in prompts]
+        return cls(name, prompts, out)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def output_tokens(self) -> int:
+        return len(self.prompts) * self.max_tokens
+
 
 _WORDS = ("the report notes that revenue grew in the third quarter while costs fell and the team "
           "shipped a new data pipeline for customer analytics with lower latency and better accuracy "
@@ -10,7 +61,7 @@ _WORDS = ("the report notes that revenue grew in the third quarter while costs f
 
 
 def make_prompts(n: int, approx_tokens: int, seed: int = 0) -> list[str]:
-    """``n`` distinct prompts of about ``approx_tokens`` tokens (~1 token per word), ending in a question."""
+    """``n`` distinct text prompts of about ``approx_tokens`` tokens (~1 token per word), ending in a question."""
     rng = random.Random(seed)
     prompts = []
     for i in range(n):
