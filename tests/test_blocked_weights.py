@@ -1,0 +1,119 @@
+"""Exact 8-bit blocked weights: found only where they reproduce the fp32 weights bit for bit, the
+kernel against F.linear, and the engine's greedy output with them against the full-sequence model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from swiftkv.layers import blocked_weights
+from swiftkv.layers.blocked_weights import MAX_ROWS, blocked_matmul, to_blocked
+
+needs_kernel = pytest.mark.skipif(blocked_weights.kernel() is None,
+                                  reason="no AVX2/FMA or no C compiler: the blocked kernel cannot run here")
+
+
+def gguf_like(out_features: int, in_features: int, kind: str, seed: int = 0) -> torch.Tensor:
+    """fp32 weights as GGUF dequantizes them: Q4_1 (fp16 scale * q + fp16 min, q in 0..15) or
+    Q8_0 (fp16 scale * q, q in -127..127), blocks of 32 inputs."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = (out_features, in_features // 32)
+    d = (torch.rand(*blocks, 1, generator=g) * 0.02 + 1e-3).half().float()
+    if kind == "q4_1":
+        q = torch.randint(0, 16, (*blocks, 32), generator=g).float()
+        q[..., 0], q[..., 1] = 0, 15  # the block's min and max, as quantization makes them
+        m = (-d * (7 + torch.rand(*blocks, 1, generator=g))).half().float()  # roughly zero-mean blocks
+        w = d * q + m
+    else:
+        q = torch.randint(-127, 128, (*blocks, 32), generator=g).float()
+        q[..., 0] = 127
+        w = d * q
+    return w.reshape(out_features, in_features)
+
+
+def quantize_q4_1(w: torch.Tensor) -> torch.Tensor:
+    """``w`` rounded to GGUF Q4_1 and dequantized back to fp32, as llama.cpp's quantizer does."""
+    b = w.reshape(w.shape[0], -1, 32)
+    m = b.amin(-1, keepdim=True).half().float()
+    d = ((b.amax(-1, keepdim=True) - m) / 15).half().float()
+    q = torch.round((b - m) / d).clamp(0, 15)
+    return (d * q + m).reshape(w.shape)
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+def test_blocked_form_is_exact_where_it_exists(kind):
+    w = gguf_like(96, 128, kind)
+    bw = to_blocked(w)
+    assert bw is not None and bw.q.dtype == torch.uint8 and bw.scale.shape == (96, 4)
+    recon = bw.q.float().view(96, 4, 32) * bw.scale[..., None] + bw.offset[..., None]
+    assert torch.equal(recon.reshape(96, 128), w)  # bit for bit
+
+
+def test_no_blocked_form_for_ordinary_weights():
+    assert to_blocked(torch.randn(64, 128)) is None  # random fp32
+    assert to_blocked(torch.randn(64, 128).bfloat16().float()) is None  # bf16 values: not 8-bit blocks
+    assert to_blocked(gguf_like(64, 96, "q4_1")[:, :80]) is None  # inputs not a multiple of 32
+    w = gguf_like(64, 128, "q4_1")
+    w[3, 7] += 1e-7  # one value off the grid disqualifies the tensor
+    assert to_blocked(w) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", list(range(1, MAX_ROWS + 1)))
+def test_kernel_matches_f_linear(rows):
+    w, b = gguf_like(200, 576, "q4_1", seed=rows), torch.randn(200)
+    x = torch.randn(rows, 576)
+    torch.testing.assert_close(blocked_matmul(x, to_blocked(w), b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="1..8 rows"):
+        blocked_matmul(torch.randn(MAX_ROWS + 1, 576), to_blocked(w))
+
+
+@needs_kernel
+def test_inference_linear_uses_it_for_small_batches_only(monkeypatch):
+    from swiftkv.layers.linear import InferenceLinear
+
+    w = gguf_like(64, 96, "q8_0")
+    lin = InferenceLinear(w, None)
+    assert lin.blocked is not None
+    calls = []
+    monkeypatch.setattr(blocked_weights, "blocked_matmul", lambda *a: calls.append(a) or torch.zeros(a[0].shape[0], 64))
+    for rows in (1, MAX_ROWS, MAX_ROWS + 1):
+        lin(torch.randn(rows, 96))
+    assert [a[0].shape[0] for a in calls] == [1, MAX_ROWS]
+    monkeypatch.setenv("SWIFTKV_BLOCKED_WEIGHTS", "0")
+    assert InferenceLinear(w, None).blocked is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("l,G", [(6, 1), (3, 1), (2, 2)])
+def test_engine_greedy_with_blocked_weights_matches_full_sequence(l, G):
+    from conftest import tiny_hf_model
+    from swiftkv.config import SwiftKVConfig
+    from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
+    from swiftkv.models.full_sequence import greedy_generate
+    from swiftkv.models.llama import LlamaForCausalLM
+    from swiftkv.transform import to_swiftkv
+
+    hf = tiny_hf_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=6)
+    base = LlamaForCausalLM(hf.config)
+    base.load_state_dict(hf.state_dict(), strict=False)
+    with torch.no_grad():  # every projection GGUF-like, so the engine's decode reads blocked weights
+        for name, p in base.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.copy_(quantize_q4_1(p))
+    model = base if l == 6 else to_swiftkv(base, SwiftKVConfig(6, l, G))
+    refs = [greedy_generate(model, p, 12) for p in ([5, 9, 17, 3], list(range(1, 13)))]
+    assert sum(len(set(r)) for r in refs) >= 5  # varied outputs, so equality means something
+    engine = LLMEngine(model, config=EngineConfig(kv_cache_memory=4 << 20))
+    assert model.model.layers[0].mlp.gate_up.blocked is not None
+    from swiftkv.sampling_params import SamplingParams
+
+    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+           for p in ([5, 9, 17, 3], list(range(1, 13)))]
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    assert [done[i] for i in ids] == refs
