@@ -259,6 +259,15 @@ class SwiftKVCausalLM:
         """SingleInputKV: K/V of every later KV owner from the residual stream entering layer l."""
         skv, n = self.swiftkv_config, h_l.shape[0]
         x = self.model.norm_swiftkv(h_l)
+        fused = getattr(self.model, "kv_proj_swiftkv_fused", None)
+        if fused is not None:  # inference: every leader's K and V in one matmul (they share the input)
+            attn = self.model.layers[skv.num_key_value_layers].self_attn
+            kv = fused(x).view(n, -1, 2, attn.num_kv_heads, attn.head_dim)  # [N, leaders, K/V, Hkv, D]
+            k = apply_rotary(kv[:, :, 0].reshape(n, -1, attn.head_dim), cos, sin).view(n, -1, attn.num_kv_heads,
+                                                                                        attn.head_dim)
+            for j, i in enumerate(skv.group_leaders):
+                meta.store(skv.kv_owner(i), k[:, j], kv[:, j, 1])
+            return
         for i in skv.group_leaders:
             attn = self.model.layers[i].self_attn
             k = attn.k_proj_swiftkv(x).view(n, attn.num_kv_heads, attn.head_dim)  # [N, Hkv, D]
@@ -302,6 +311,13 @@ class SwiftKVCausalLM:
             layer.self_attn.fuse()
             layer.mlp.fuse()
         route_through_inference_linear(self.lm_head)
+        if not self.swiftkv_config.is_baseline:  # [k_0; v_0; k_1; v_1; ...] of the group leaders
+            attns = [self.model.layers[i].self_attn for i in self.swiftkv_config.group_leaders]
+            weight = torch.cat([p.weight.detach() for a in attns for p in (a.k_proj_swiftkv, a.v_proj_swiftkv)])
+            has_bias = attns[0].k_proj_swiftkv.bias is not None
+            bias = torch.cat([p.bias.detach() for a in attns for p in (a.k_proj_swiftkv, a.v_proj_swiftkv)]) \
+                if has_bias else None
+            self.model.kv_proj_swiftkv_fused = InferenceLinear(weight, bias)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of final-normed hidden states (what :meth:`forward` returns)."""
