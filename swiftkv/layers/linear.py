@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swiftkv.layers import blocked_weights
+from swiftkv.layers import compact_weights
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -31,21 +31,21 @@ def can_pack(weight: torch.Tensor) -> bool:
 class InferenceLinear:
     """``y = x W^T + b`` for a frozen ``W`` (not an ``nn.Module``: it adds nothing to a state dict).
 
-    Where ``W`` has an exact 8-bit blocked form (:mod:`swiftkv.layers.blocked_weights`: weights
-    that came from GGUF Q4_1/Q8_0), batches of up to ``MAX_ROWS`` rows read that instead.
+    Where ``W`` has an exact compact form (:mod:`swiftkv.layers.compact_weights`: weights that came
+    from GGUF Q4_1/Q8_0, or bf16 values), batches of up to ``MAX_ROWS`` rows read that instead.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool | None = None) -> None:
         weight = weight.detach().contiguous()
         self.bias = None if bias is None else bias.detach()
         self.out_features = weight.shape[0]
-        self.blocked = blocked_weights.to_blocked(weight) if blocked_weights.enabled() else None
+        self.compact = compact_weights.to_compact(weight) if compact_weights.enabled() else None
         self.packed = _packed(weight) if (can_pack(weight) if pack is None else pack) else None
         self.weight = weight if self.packed is None else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.blocked is not None and x.dtype == torch.float32 and 0 < x.numel() <= blocked_weights.MAX_ROWS * x.shape[-1]:
-            y = blocked_weights.blocked_matmul(x.reshape(-1, x.shape[-1]), self.blocked, self.bias)
+        if self.compact is not None and x.dtype == torch.float32 and 0 < x.numel() <= compact_weights.MAX_ROWS * x.shape[-1]:
+            y = compact_weights.compact_matmul(x.reshape(-1, x.shape[-1]), self.compact, self.bias)
             return y.view(*x.shape[:-1], self.out_features)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)

@@ -1,4 +1,6 @@
-/* y[M, O] = x[M, I] @ W^T (+ bias) for weights stored as 8-bit codes in blocks of 32 inputs:
+/* Matmuls of a few rows (decode) over weights stored exactly in fewer bytes (see compact_weights.py).
+ *
+ * blocked8: y[M, O] = x[M, I] @ W^T for weights stored as 8-bit codes in blocks of 32 inputs:
  *   W[o, 32 b + j] = scale[o, b] * q[o, 32 b + j] + offset[o, b]
  * (exactly how GGUF's Q4_1 / Q8_0 weights dequantize), computed in fp32 as
  *   y[m, o] = sum_b scale[o, b] * (sum_j x[m, 32 b + j] * q[o, 32 b + j]) + sum_b offset[o, b] * xsum[m, b].
@@ -62,6 +64,43 @@ int blocked_gemv(const float *x, const float *xsum, int64_t M, int64_t I, const 
         case 6: ROWS(6) break;
         case 7: ROWS(7) break;
         default: ROWS(8) break;
+    }
+    return 0;
+}
+
+/* ---- bf16 weights (exact for checkpoints stored in bf16): y[m, o] = sum_k x[m, k] * float(W[o, k]) ---- */
+
+static inline __m256 bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+static inline __attribute__((always_inline)) void bf16_row(const float *x, int64_t I, const uint16_t *w, float *y,
+                                                          int64_t O, int64_t o, const int M) {
+    __m256 acc[8];
+    for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < I; k += 8) {
+        __m256 wv = bf16x8(w + k);
+        for (int m = 0; m < M; m++) acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * I + k), wv, acc[m]);
+    }
+    for (int m = 0; m < M; m++) y[m * O + o] = hsum(acc[m]);
+}
+
+#define BF16_ROWS(MM)                                                                                     \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t o = 0; o < O; o++)    \
+        bf16_row(x, I, w + o * I, y, O, o, MM);
+
+/* x [M, I], w [O, I] (bf16 bits), y [M, O]; 1 <= M <= 8, I % 8 == 0 */
+int bf16_gemv(const float *x, int64_t M, int64_t I, const uint16_t *w, float *y, int64_t O, int nthreads) {
+    if (M < 1 || M > 8 || I % 8) return -1;
+    switch (M) {
+        case 1: BF16_ROWS(1) break;
+        case 2: BF16_ROWS(2) break;
+        case 3: BF16_ROWS(3) break;
+        case 4: BF16_ROWS(4) break;
+        case 5: BF16_ROWS(5) break;
+        case 6: BF16_ROWS(6) break;
+        case 7: BF16_ROWS(7) break;
+        default: BF16_ROWS(8) break;
     }
     return 0;
 }

@@ -1,5 +1,6 @@
-"""Exact 8-bit blocked weights: found only where they reproduce the fp32 weights bit for bit, the
-kernel against F.linear, and the engine's greedy output with them against the full-sequence model."""
+"""Exact compact weights (8-bit blocks, bf16): found only where they reproduce the fp32 weights bit
+for bit, the kernels against F.linear, and the engine's greedy output with them against the
+full-sequence model."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from swiftkv.layers import blocked_weights
-from swiftkv.layers.blocked_weights import MAX_ROWS, blocked_matmul, to_blocked
+from swiftkv.layers import compact_weights
+from swiftkv.layers.compact_weights import MAX_ROWS, compact_matmul, to_compact
 
-needs_kernel = pytest.mark.skipif(blocked_weights.kernel() is None,
-                                  reason="no AVX2/FMA or no C compiler: the blocked kernel cannot run here")
+needs_kernel = pytest.mark.skipif(compact_weights.kernel() is None,
+                                  reason="no AVX2/FMA or no C compiler: the compact-weight kernel cannot run here")
 
 
 def gguf_like(out_features: int, in_features: int, kind: str, seed: int = 0) -> torch.Tensor:
@@ -44,29 +45,35 @@ def quantize_q4_1(w: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
 def test_blocked_form_is_exact_where_it_exists(kind):
     w = gguf_like(96, 128, kind)
-    bw = to_blocked(w)
-    assert bw is not None and bw.q.dtype == torch.uint8 and bw.scale.shape == (96, 4)
-    recon = bw.q.float().view(96, 4, 32) * bw.scale[..., None] + bw.offset[..., None]
+    cw = to_compact(w)
+    assert cw.kind == "blocked8" and cw.data.dtype == torch.uint8 and cw.scale.shape == (96, 4)
+    recon = cw.data.float().view(96, 4, 32) * cw.scale[..., None] + cw.offset[..., None]
     assert torch.equal(recon.reshape(96, 128), w)  # bit for bit
 
 
-def test_no_blocked_form_for_ordinary_weights():
-    assert to_blocked(torch.randn(64, 128)) is None  # random fp32
-    assert to_blocked(torch.randn(64, 128).bfloat16().float()) is None  # bf16 values: not 8-bit blocks
-    assert to_blocked(gguf_like(64, 96, "q4_1")[:, :80]) is None  # inputs not a multiple of 32
+def test_bf16_form_and_none_for_ordinary_weights():
+    w = torch.randn(64, 128).bfloat16().float()
+    cw = to_compact(w)
+    assert cw.kind == "bf16" and torch.equal(cw.data.float(), w)
+    assert to_compact(torch.randn(64, 128)) is None  # random fp32
+    assert to_compact(torch.randn(64, 84)) is None  # inputs not a multiple of 8
+    assert to_compact(gguf_like(64, 96, "q4_1")[:, :80]) is None  # 80 inputs: not blocks of 32, not bf16 values
     w = gguf_like(64, 128, "q4_1")
-    w[3, 7] += 1e-7  # one value off the grid disqualifies the tensor
-    assert to_blocked(w) is None
+    w[3, 7] += 1e-7  # one value off the grid (and off bf16) disqualifies the tensor
+    assert to_compact(w) is None
 
 
 @needs_kernel
+@pytest.mark.parametrize("kind", ["q4_1", "bf16"])
 @pytest.mark.parametrize("rows", list(range(1, MAX_ROWS + 1)))
-def test_kernel_matches_f_linear(rows):
-    w, b = gguf_like(200, 576, "q4_1", seed=rows), torch.randn(200)
-    x = torch.randn(rows, 576)
-    torch.testing.assert_close(blocked_matmul(x, to_blocked(w), b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+def test_kernel_matches_f_linear(rows, kind):
+    w = gguf_like(200, 576, "q4_1", seed=rows) if kind == "q4_1" else torch.randn(200, 576).bfloat16().float()
+    b, x = torch.randn(200), torch.randn(rows, 576)
+    cw = to_compact(w)
+    assert cw.kind == ("blocked8" if kind == "q4_1" else "bf16")
+    torch.testing.assert_close(compact_matmul(x, cw, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)  # outputs ~24
     with pytest.raises(ValueError, match="1..8 rows"):
-        blocked_matmul(torch.randn(MAX_ROWS + 1, 576), to_blocked(w))
+        compact_matmul(torch.randn(MAX_ROWS + 1, 576), cw)
 
 
 @needs_kernel
@@ -75,19 +82,19 @@ def test_inference_linear_uses_it_for_small_batches_only(monkeypatch):
 
     w = gguf_like(64, 96, "q8_0")
     lin = InferenceLinear(w, None)
-    assert lin.blocked is not None
+    assert lin.compact is not None
     calls = []
-    monkeypatch.setattr(blocked_weights, "blocked_matmul", lambda *a: calls.append(a) or torch.zeros(a[0].shape[0], 64))
+    monkeypatch.setattr(compact_weights, "compact_matmul", lambda *a: calls.append(a) or torch.zeros(a[0].shape[0], 64))
     for rows in (1, MAX_ROWS, MAX_ROWS + 1):
         lin(torch.randn(rows, 96))
     assert [a[0].shape[0] for a in calls] == [1, MAX_ROWS]
-    monkeypatch.setenv("SWIFTKV_BLOCKED_WEIGHTS", "0")
-    assert InferenceLinear(w, None).blocked is None
+    monkeypatch.setenv("SWIFTKV_COMPACT_WEIGHTS", "0")
+    assert InferenceLinear(w, None).compact is None
 
 
 @needs_kernel
 @pytest.mark.parametrize("l,G", [(6, 1), (3, 1), (2, 2)])
-def test_engine_greedy_with_blocked_weights_matches_full_sequence(l, G):
+def test_engine_greedy_with_compact_weights_matches_full_sequence(l, G):
     from conftest import tiny_hf_model
     from swiftkv.config import SwiftKVConfig
     from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
@@ -98,15 +105,19 @@ def test_engine_greedy_with_blocked_weights_matches_full_sequence(l, G):
     hf = tiny_hf_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=6)
     base = LlamaForCausalLM(hf.config)
     base.load_state_dict(hf.state_dict(), strict=False)
-    with torch.no_grad():  # every projection GGUF-like, so the engine's decode reads blocked weights
+    with torch.no_grad():  # every projection GGUF-like (8-bit blocks), the SwiftKV ones bf16 below
         for name, p in base.named_parameters():
             if p.dim() == 2 and "embed" not in name:
                 p.copy_(quantize_q4_1(p))
     model = base if l == 6 else to_swiftkv(base, SwiftKVConfig(6, l, G))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "_swiftkv" in name and p.dim() == 2:  # as distillation ships them: bf16 values
+                p.add_(torch.randn_like(p) * 0.02).copy_(p.bfloat16().float())
     refs = [greedy_generate(model, p, 12) for p in ([5, 9, 17, 3], list(range(1, 13)))]
     assert sum(len(set(r)) for r in refs) >= 5  # varied outputs, so equality means something
     engine = LLMEngine(model, config=EngineConfig(kv_cache_memory=4 << 20))
-    assert model.model.layers[0].mlp.gate_up.blocked is not None
+    assert model.model.layers[0].mlp.gate_up.compact.kind == "blocked8"
     from swiftkv.sampling_params import SamplingParams
 
     ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
