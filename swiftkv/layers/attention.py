@@ -130,16 +130,17 @@ class AttentionMetadata:
             self._gather_buf = (kc.new_empty(h, flat.numel(), block_size, d), vc.new_empty(h, flat.numel(), block_size, d))
             kv_lens = torch.tensor(self.kv_lens, device=q.device)
             pos = torch.arange(self.block_tables.shape[1] * block_size, device=q.device)
-            self._decode_mask = pos[None, :] < kv_lens[:, None]  # [B, S] True = attend
+            attend = pos[None, :] < kv_lens[:, None]  # [B, S]; kept in the form this step's path uses
+            self._decode_mask = attend.view(b, 1, 1, -1) if b <= 8 else ~attend.view(1, b, 1, -1)
         k = torch.index_select(kc, 1, flat, out=self._gather_buf[0]).view(h, b, -1, d)  # [Hkv, B, S, D]
         v = torch.index_select(vc, 1, flat, out=self._gather_buf[1]).view(h, b, -1, d)
-        if b <= 8:
+        if b <= 8:  # mask: True = attend
             out = F.scaled_dot_product_attention(q.view(b, heads, 1, d), k.transpose(0, 1), v.transpose(0, 1),
-                                                 attn_mask=self._decode_mask.view(b, 1, 1, -1), enable_gqa=True)
+                                                 attn_mask=self._decode_mask, enable_gqa=True)
             return out.view(b, heads, d)  # [B, H, 1, D] -> [B, H, D]
         qh = q.view(b, h, heads // h, d).transpose(0, 1)  # [Hkv, B, group, D]
         scores = torch.matmul(qh, k.transpose(-1, -2)).float() * d**-0.5  # [Hkv, B, group, S]
-        probs = scores.masked_fill_(~self._decode_mask.view(1, b, 1, -1), float("-inf")).softmax(-1).to(q.dtype)
+        probs = scores.masked_fill_(self._decode_mask, float("-inf")).softmax(-1).to(q.dtype)  # mask: True = masked
         return torch.matmul(probs, v).transpose(0, 1).reshape(b, heads, d)
 
 

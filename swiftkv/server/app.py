@@ -10,7 +10,6 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import replace
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -145,7 +144,7 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_waiting: int
         check_admissible(len(prompts) * req.n)
         jobs = await in_pool(lambda: [(encode(p), p if isinstance(p, str) else None) for p in prompts])
         rid = f"cmpl-{uuid.uuid4().hex}"
-        stream = _run(engine, rid, jobs, params, req.n, request, request_timeout)
+        stream = _run(engine, rid, jobs, params, request, request_timeout)
         if req.stream:
             first = await _first(stream)
             return _sse(R.completion_chunks(rid, model_name, first, stream, tokenizer, req, jobs))
@@ -163,7 +162,7 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_waiting: int
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = _run(engine, rid, [(ids, None)], params, req.n, request, request_timeout)
+        stream = _run(engine, rid, [(ids, None)], params, request, request_timeout)
         if req.stream:
             first = await _first(stream)
             return _sse(R.chat_chunks(rid, model_name, first, stream, tokenizer, req, len(ids)))
@@ -199,7 +198,7 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream")
 
 
-async def _run(engine: AsyncEngine, rid: str, jobs: list[tuple[list[int], str | None]], params, n: int,
+async def _run(engine: AsyncEngine, rid: str, jobs: list[tuple[list[int], str | None]], params,
                request: Request, timeout: float) -> AsyncIterator[tuple[int, CompletionOutput]]:
     """Submit one engine request of ``n`` samples per prompt; yield (choice index, cumulative
     completion) whenever a choice advances (choice ``j * n + i``: sample i of prompt j).
@@ -209,7 +208,7 @@ async def _run(engine: AsyncEngine, rid: str, jobs: list[tuple[list[int], str | 
     """
     queue: asyncio.Queue = asyncio.Queue()
     sub_ids: dict[str, int] = {}
-    params = replace(params, n=n)
+    n = params.n
     try:
         for j, (ids, text) in enumerate(jobs):
             sid = f"{rid}-{j}"

@@ -57,7 +57,7 @@ class _Common(BaseModel):
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         greedy_top_p = self.top_p == 0  # OpenAI allows 0: only the most likely token
         return SamplingParams(
-            n=1, temperature=self.temperature, top_p=1.0 if greedy_top_p else self.top_p,
+            n=self.n, temperature=self.temperature, top_p=1.0 if greedy_top_p else self.top_p,
             top_k=1 if greedy_top_p else self.top_k, seed=self.seed,
             max_tokens=max_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids or [],
             ignore_eos=self.ignore_eos, logprobs=logprobs,

@@ -20,6 +20,19 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* ROWS(M) with M a compile-time constant 1..8, so each row loop keeps its accumulators in registers */
+#define FOR_EACH_M(ROWS)                                                                                  \
+    switch (M) {                                                                                          \
+        case 1: ROWS(1) break;                                                                            \
+        case 2: ROWS(2) break;                                                                            \
+        case 3: ROWS(3) break;                                                                            \
+        case 4: ROWS(4) break;                                                                            \
+        case 5: ROWS(5) break;                                                                            \
+        case 6: ROWS(6) break;                                                                            \
+        case 7: ROWS(7) break;                                                                            \
+        default: ROWS(8) break;                                                                           \
+    }
+
 /* one output row o for M (compile-time) input rows */
 static inline __attribute__((always_inline)) void row(const float *x, const float *xsum, int64_t I, int64_t nb,
         const uint8_t *q, const float *scale, const float *offset, float *y, int64_t O, int64_t o, const int M) {
@@ -55,16 +68,7 @@ int blocked_gemv(const float *x, const float *xsum, int64_t M, int64_t I, const 
                  const float *offset, float *y, int64_t O, int nthreads) {
     const int64_t nb = I / 32;
     if (M < 1 || M > 8 || I % 32) return -1;
-    switch (M) {
-        case 1: ROWS(1) break;
-        case 2: ROWS(2) break;
-        case 3: ROWS(3) break;
-        case 4: ROWS(4) break;
-        case 5: ROWS(5) break;
-        case 6: ROWS(6) break;
-        case 7: ROWS(7) break;
-        default: ROWS(8) break;
-    }
+    FOR_EACH_M(ROWS)
     return 0;
 }
 
@@ -92,15 +96,6 @@ static inline __attribute__((always_inline)) void bf16_row(const float *x, int64
 /* x [M, I], w [O, I] (bf16 bits), y [M, O]; 1 <= M <= 8, I % 8 == 0 */
 int bf16_gemv(const float *x, int64_t M, int64_t I, const uint16_t *w, float *y, int64_t O, int nthreads) {
     if (M < 1 || M > 8 || I % 8) return -1;
-    switch (M) {
-        case 1: BF16_ROWS(1) break;
-        case 2: BF16_ROWS(2) break;
-        case 3: BF16_ROWS(3) break;
-        case 4: BF16_ROWS(4) break;
-        case 5: BF16_ROWS(5) break;
-        case 6: BF16_ROWS(6) break;
-        case 7: BF16_ROWS(7) break;
-        default: BF16_ROWS(8) break;
-    }
+    FOR_EACH_M(BF16_ROWS)
     return 0;
 }
