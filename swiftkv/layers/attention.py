@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+from swiftkv.layers import paged_attention
+
 
 @dataclass
 class AttentionMetadata:
@@ -35,6 +37,7 @@ class AttentionMetadata:
     # the context and themselves (evaluation packs multiple-choice items this way). None = causal.
     masks: list[torch.Tensor | None] | None = None
     _decode_mask: torch.Tensor | None = None
+    _kv_lens: torch.Tensor | None = None  # kv_lens as a tensor, made once per step for the decode kernel
     _gather_buf: tuple[torch.Tensor, torch.Tensor] | None = None  # reused by every layer's decode
 
     def __post_init__(self) -> None:
@@ -66,6 +69,7 @@ class AttentionMetadata:
             slot_mapping=None,
             fresh={} if paged else self.fresh,  # paged: later layers read the cache
             _decode_mask=None,
+            _kv_lens=None,
             _gather_buf=None,
         )
 
@@ -120,9 +124,14 @@ class AttentionMetadata:
         return torch.cat(outs)
 
     def _attend_decode(self, owner: int, q: torch.Tensor) -> torch.Tensor:
-        """One query per sequence over its cached blocks: one gather per K and V, then one SDPA call
+        """One query per sequence over its cached blocks: in place where the native kernel runs
+        (:mod:`swiftkv.layers.paged_attention`); otherwise one gather per K and V, then one SDPA call
         (small batches: fewest ops) or two matmuls around a masked softmax (faster from ~8 rows)."""
         kc, vc = self.kv_cache[owner, 0], self.kv_cache[owner, 1]  # [Hkv, blocks, block_size, D]
+        if paged_attention.can_run(q, kc):  # in place: no gathered copy
+            if self._kv_lens is None:
+                self._kv_lens = torch.tensor(self.kv_lens)
+            return paged_attention.decode_attention(q, kc, vc, self.block_tables, self._kv_lens)
         b, heads, d = q.shape
         h, block_size = kc.shape[0], kc.shape[2]
         flat = self.block_tables.flatten()
@@ -158,7 +167,23 @@ def _sdpa(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, mask: torch.Tens
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
     elif ql == 1:
         out = F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+    elif qt.device.type == "cpu" and _FLASH_CPU is not None:  # bottom-right causal, masked half skipped
+        out = _prior_then_causal(qt, kt, vt)
     else:  # bottom-right aligned causal mask
         mask = torch.ones(ql, kl, dtype=torch.bool, device=qt.device).tril(kl - ql)
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
     return out[0]  # [H, ql, D]
+
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)  # returns the LSE too
+
+
+def _prior_then_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q [1, H, ql, D], the last ql of kl keys [1, Hkv, kl, D]: attention over the kl - ql earlier keys
+    (no mask) and over the ql own keys (causal), merged exactly by their log-sum-exps. Equals the
+    bottom-right causal mask without computing its masked part (a chunked prompt's continuation)."""
+    p = k.shape[2] - q.shape[2]
+    o_prior, lse_prior = _FLASH_CPU(q, k[:, :, :p], v[:, :, :p], 0.0, False)
+    o_own, lse_own = _FLASH_CPU(q, k[:, :, p:], v[:, :, p:], 0.0, True)
+    w = torch.sigmoid(lse_prior - lse_own)[..., None]  # e^lse_prior / (e^lse_prior + e^lse_own): [1, H, ql, 1]
+    return o_own + (o_prior - o_own) * w

@@ -11,26 +11,22 @@ the summation order of the matmul, as between any two GEMM kernels):
   and swiftkv's distilled tensors) loaded as float32: 2 bytes per weight.
 
 :func:`to_compact` finds such a form (or returns None), and :func:`compact_matmul` runs a small C
-kernel (``csrc/compact_gemv.c``, compiled once into the cache with the system C compiler) for
+kernel (``csrc/compact_gemv.c``, built by :mod:`swiftkv.layers.native`) for
 batches of up to :data:`MAX_ROWS` rows; larger batches are compute bound and stay on oneDNN's fp32
 path. ``SWIFTKV_COMPACT_WEIGHTS=0`` switches it off.
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from swiftkv.layers import native
+
 BLOCK = 32
 MAX_ROWS = 8  # the kernel's batch limit
-_SOURCE = Path(__file__).with_name("csrc") / "compact_gemv.c"
 
 
 @dataclass
@@ -112,57 +108,20 @@ def compact_matmul(x: torch.Tensor, cw: CompactWeight, bias: torch.Tensor | None
     return y if bias is None else y + bias
 
 
-_LIB: ctypes.CDLL | None | bool = False  # False: not tried yet
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+_FUNCTIONS = {
+    "blocked_gemv": (ctypes.c_int, [_P, _P, _I64, _I64, _P, _P, _P, _P, _I64, ctypes.c_int]),
+    "bf16_gemv": (ctypes.c_int, [_P, _I64, _I64, _P, _P, _I64, ctypes.c_int]),
+}
 
 
 def kernel() -> ctypes.CDLL | None:
     """The compiled kernel (built on first use into the cache), or None where it cannot run:
     switched off, no AVX2/FMA, no C compiler (said once on stderr)."""
-    global _LIB
-    if _LIB is False:
-        _LIB = _load()
-    return _LIB
+    if os.environ.get("SWIFTKV_COMPACT_WEIGHTS", "1") == "0":
+        return None
+    return native.load("compact_gemv.c", _FUNCTIONS)
 
 
 def enabled() -> bool:
-    return os.environ.get("SWIFTKV_COMPACT_WEIGHTS", "1") != "0" and kernel() is not None
-
-
-def _load() -> ctypes.CDLL | None:
-    from swiftkv.fileio import atomic_write
-    from swiftkv.models.registry import cache_dir
-    from swiftkv.platforms import cpu_flags
-
-    if os.environ.get("SWIFTKV_COMPACT_WEIGHTS", "1") == "0":
-        return None
-    if not {"avx2", "fma"} <= cpu_flags():
-        return None
-    source = _SOURCE.read_bytes()
-    flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
-    digest = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
-    path = cache_dir() / "kernels" / f"compact_gemv-{digest}.so"
-    if not path.exists():
-        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-        if cc is None:
-            print("swiftkv: no C compiler found; decode reads fp32 weights (exact compact weights off)",
-                  file=sys.stderr)
-            return None
-
-        def build(tmp: Path) -> None:
-            subprocess.run([cc, *flags, str(_SOURCE), "-o", str(tmp)], check=True, capture_output=True, text=True)
-
-        try:
-            atomic_write(path, build)
-        except (subprocess.CalledProcessError, OSError) as e:
-            detail = getattr(e, "stderr", "") or str(e)
-            print(f"swiftkv: could not compile {_SOURCE.name} ({detail.strip()[:200]}); decode reads fp32 weights",
-                  file=sys.stderr)
-            return None
-    lib = ctypes.CDLL(str(path))  # after torch: its libgomp is the one this library's OpenMP uses
-    lib.blocked_gemv.restype = ctypes.c_int
-    lib.blocked_gemv.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
-    lib.bf16_gemv.restype = ctypes.c_int
-    lib.bf16_gemv.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                              ctypes.c_int64, ctypes.c_int]
-    return lib
+    return kernel() is not None

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from swiftkv.layers import cpu_ops
+
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, config) -> None:
@@ -43,3 +45,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rotary`, in place where the CPU kernel takes it (inference, fp32): only for an
+    ``x`` nobody else reads afterwards, e.g. a fresh projection's output. Returns the rotated x."""
+    if x.shape[-1] % 16 == 0 and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] and cpu_ops.applies(x, cos, sin):
+        cpu_ops.rotary_inplace(x, x.shape[1], cos, sin)
+        return x
+    return apply_rotary(x, cos, sin)

@@ -17,10 +17,11 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from swiftkv.config import SwiftKVConfig
+from swiftkv.layers import cpu_ops
 from swiftkv.layers.attention import AttentionMetadata
 from swiftkv.layers.linear import InferenceLinear, route_through_inference_linear
 from swiftkv.layers.norm import RMSNorm
-from swiftkv.layers.rotary import RotaryEmbedding, apply_rotary
+from swiftkv.layers.rotary import RotaryEmbedding, apply_rotary_
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "llama_swiftkv", "qwen2_swiftkv")
 
@@ -100,7 +101,10 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
-            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            gate_up = self.gate_up(x)
+            if self.act is F.silu and gate_up.dim() == 2 and gate_up.shape[1] % 16 == 0 and cpu_ops.applies(gate_up):
+                return self.down_proj(cpu_ops.silu_and_mul(gate_up))
+            gate, up = gate_up.chunk(2, dim=-1)
             return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
@@ -152,13 +156,13 @@ class LlamaAttention(nn.Module):
     def forward(self, x, cos, sin, meta: AttentionMetadata, owner: int, swiftkv: bool) -> torch.Tensor:
         n, H, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         if swiftkv:  # K/V of this owner were stored from the SingleInputKV projections
-            q = apply_rotary(self.q_proj_swiftkv(x).view(n, H, D), cos, sin)
+            q = apply_rotary_(self.q_proj_swiftkv(x).view(n, H, D), cos, sin)
         else:
             if self.qkv is not None:
                 qkv = self.qkv(x).view(n, H + 2 * Hkv, D)
             else:
                 qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1).view(n, H + 2 * Hkv, D)
-            qk = apply_rotary(qkv[:, : H + Hkv], cos, sin)  # rotate q and k heads together
+            qk = apply_rotary_(qkv[:, : H + Hkv], cos, sin)  # rotate q and k heads together
             q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv :]  # [N, H, D], [N, Hkv, D], [N, Hkv, D]
             meta.store(owner, k, v)
         out = meta.attend(owner, q).reshape(n, -1)  # [N, H, D] -> [N, H*D]
@@ -263,16 +267,14 @@ class SwiftKVCausalLM:
         if fused is not None:  # inference: every leader's K and V in one matmul (they share the input)
             attn = self.model.layers[skv.num_key_value_layers].self_attn
             kv = fused(x).view(n, -1, 2, attn.num_kv_heads, attn.head_dim)  # [N, leaders, K/V, Hkv, D]
-            k = apply_rotary(kv[:, :, 0].reshape(n, -1, attn.head_dim), cos, sin).view(n, -1, attn.num_kv_heads,
-                                                                                        attn.head_dim)
             for j, i in enumerate(skv.group_leaders):
-                meta.store(skv.kv_owner(i), k[:, j], kv[:, j, 1])
+                meta.store(skv.kv_owner(i), apply_rotary_(kv[:, j, 0], cos, sin), kv[:, j, 1])
             return
         for i in skv.group_leaders:
             attn = self.model.layers[i].self_attn
             k = attn.k_proj_swiftkv(x).view(n, attn.num_kv_heads, attn.head_dim)  # [N, Hkv, D]
             v = attn.v_proj_swiftkv(x).view(n, attn.num_kv_heads, attn.head_dim)
-            meta.store(skv.kv_owner(i), apply_rotary(k, cos, sin), v)
+            meta.store(skv.kv_owner(i), apply_rotary_(k, cos, sin), v)
 
     def forward(
         self,

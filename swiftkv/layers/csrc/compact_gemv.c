@@ -9,15 +9,10 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "vec_math.h"
+
 static inline __m256 q8(const uint8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
 }
 
 /* ROWS(M) with M a compile-time constant 1..8, so each row loop keeps its accumulators in registers */

@@ -1,0 +1,139 @@
+/* Decode attention over a paged KV cache, in place (see paged_attention.py).
+ *
+ * One query token per sequence attends over that sequence's cached keys and values, read straight
+ * from its blocks: no gathered copy of the K/V:
+ *   scores[g, t] = scale * q[b, h, :] . K[kvh, slot(b, t), :]      (h = kvh * group + g)
+ *   out[b, h, :] = sum_t softmax(scores[g, :])[t] * V[kvh, slot(b, t), :]
+ * with slot(b, t) = block_tables[b, t / block_size] * block_size + t % block_size.
+ * fp32, AVX2 + FMA for head_dim % 8 == 0: scores eight keys at a time, a vectorized exp, the weighted
+ * sum of values in registers. (sequence, KV head) pairs are split across OpenMP threads; the query heads
+ * sharing a KV head read each cached row from memory once. */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "vec_math.h"
+
+/* [sum(a[0]), ..., sum(a[7])]: eight horizontal sums at once */
+static inline __m256 hsum8(const __m256 *a) {
+    __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+static inline float dot(const float *a, const float *b, int64_t D) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+    return hsum(acc);
+}
+
+#define ROW(base, t) ((base) + (table[(t) / block_size] * block_size + (t) % block_size) * D)
+
+/* scores s[g * n + t] = q[g] . K[t] for the group's query heads g and t < n, eight keys at a time (no
+ * horizontal sum per key); the eight rows stay in L1 while every head of the group uses them */
+static void scores_of(const float *q, int64_t group, const float *kh, const int64_t *table, int64_t block_size,
+                      int64_t D, int64_t n, float *s) {
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) {
+        const float *k[8];
+        for (int j = 0; j < 8; j++) k[j] = ROW(kh, t + j);
+        for (int64_t g = 0; g < group; g++) {
+            const float *qg = q + g * D;
+            __m256 acc[8];
+            for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+            for (int64_t d = 0; d < D; d += 8) {
+                const __m256 qd = _mm256_loadu_ps(qg + d);
+                for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k[j] + d), acc[j]);
+            }
+            _mm256_storeu_ps(s + g * n + t, hsum8(acc));
+        }
+    }
+    for (; t < n; t++)
+        for (int64_t g = 0; g < group; g++) s[g * n + t] = dot(q + g * D, ROW(kh, t), D);
+}
+
+/* s[t] = e^(s[t] - max s) for t < n; returns the sum */
+static float softmax_numerators(float *s, int64_t n) {
+    float mx = s[0];
+    for (int64_t t = 1; t < n; t++) mx = s[t] > mx ? s[t] : mx;
+    const __m256 vmx = _mm256_set1_ps(mx);
+    __m256 vsum = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) {
+        __m256 e = vexp(_mm256_sub_ps(_mm256_loadu_ps(s + t), vmx));
+        _mm256_storeu_ps(s + t, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    float sum = hsum(vsum);
+    for (; t < n; t++) sum += (s[t] = expf(s[t] - mx));
+    return sum;
+}
+
+#define CHUNK 32 /* value rows per pass: they stay in L1 while every head of the group uses them */
+
+/* acc[g, 0:D] += sum_{t in [t0, t1)} p[g * n + t] V[t], 64 dims at a time in registers */
+static void weighted_values(const float *p, int64_t group, int64_t n, const float *vh, const int64_t *table,
+                            int64_t block_size, int64_t D, int64_t t0, int64_t t1, float *acc) {
+    for (int64_t g = 0; g < group; g++)
+        for (int64_t c = 0; c < D; c += 64) {
+            const int width = D - c < 64 ? (int)(D - c) / 8 : 8;
+            float *a = acc + g * D + c;
+            __m256 r[8];
+            for (int i = 0; i < width; i++) r[i] = _mm256_loadu_ps(a + 8 * i);
+            for (int64_t t = t0; t < t1; t++) {
+                const float *v = ROW(vh, t) + c;
+                const __m256 pt = _mm256_set1_ps(p[g * n + t]);
+                if (width == 8)
+                    for (int i = 0; i < 8; i++) r[i] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + 8 * i), r[i]);
+                else
+                    for (int i = 0; i < width; i++) r[i] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + 8 * i), r[i]);
+            }
+            for (int i = 0; i < width; i++) _mm256_storeu_ps(a + 8 * i, r[i]);
+        }
+}
+
+/* q, out [B, H, D]; k_cache, v_cache [Hkv, num_blocks, block_size, D] (one KV owner's K and V);
+ * block_tables [B, max_blocks]; kv_lens [B] (>= 1). Returns 0, or -1 for shapes it cannot take,
+ * -2 when out of memory. */
+int paged_decode_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *block_tables,
+                           const int64_t *kv_lens, float *out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                           int64_t num_blocks, int64_t block_size, int64_t max_blocks, float scale, int nthreads) {
+    if (B < 1 || Hkv < 1 || H % Hkv || D % 8 || block_size < 1) return -1;
+    const int64_t group = H / Hkv, head_stride = num_blocks * block_size * D;
+    int64_t longest = 0;
+    for (int64_t b = 0; b < B; b++) {
+        if (kv_lens[b] < 1 || kv_lens[b] > max_blocks * block_size) return -1;
+        if (kv_lens[b] > longest) longest = kv_lens[b];
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *scores = malloc(sizeof(float) * group * longest); /* [group, kv_len] */
+        float *work = malloc(sizeof(float) * 2 * group * D);     /* scaled queries, accumulators: [group, D] each */
+        if (!scores || !work) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < B * Hkv; item++) {
+            if (!scores || !work) continue;
+            const int64_t b = item / Hkv, kvh = item % Hkv, n = kv_lens[b];
+            const int64_t *table = block_tables + b * max_blocks;
+            const float *kh = k_cache + kvh * head_stride, *vh = v_cache + kvh * head_stride;
+            float *qs = work, *acc = work + group * D;
+            for (int64_t i = 0; i < group * D; i++) qs[i] = scale * q[item * group * D + i], acc[i] = 0.f;
+            scores_of(qs, group, kh, table, block_size, D, n, scores);
+            float total[group];
+            for (int64_t g = 0; g < group; g++) total[g] = softmax_numerators(scores + g * n, n);
+            for (int64_t t0 = 0; t0 < n; t0 += CHUNK)
+                weighted_values(scores, group, n, vh, table, block_size, D, t0, t0 + CHUNK < n ? t0 + CHUNK : n, acc);
+            for (int64_t g = 0; g < group; g++)
+                for (int64_t d = 0; d < D; d++) out[(item * group + g) * D + d] = acc[g * D + d] / total[g];
+        }
+        free(scores);
+        free(work);
+    }
+    return failed ? -2 : 0;
+}
