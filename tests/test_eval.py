@@ -14,12 +14,15 @@ from swiftkv.eval import runner
 from swiftkv.eval.instructions import INSTRUCTIONS
 from swiftkv.eval.loglik import Scored, encode_pair, score_pairs
 from swiftkv.eval.metrics import (
+    chance_score,
+    clearly_above,
     extract_number,
     gsm8k_exact_match,
     paired_bootstrap,
     score_mc,
 )
-from swiftkv.eval.tasks import MCItem, load_lambada, load_task, subset
+from swiftkv.eval.packing import build_trees
+from swiftkv.eval.tasks import GenItem, MCItem, load_lambada, load_task, subset
 from swiftkv.models.full_sequence import full_logits
 from swiftkv.models.loader import load_model, load_tokenizer, save_checkpoint
 from swiftkv.transform import to_swiftkv
@@ -135,6 +138,30 @@ def test_packed_loglikelihoods_match_full_sequence(models):
     assert encode_pair(tok, "x ", "y") == encode_pair(tok, "x", " y")  # trailing space moves
 
 
+def test_shared_prefix_scoring_equals_unshared(models):
+    """Few-shot questions behind one copy of their common prefix (a tree mask) score exactly as each
+    question alone; a small token budget splits them into several trees, each with the prefix."""
+    _, student, tok, _ = models
+    head = "Examples follow. alpha beta gamma delta, river stone cloud. " * 4
+    contexts = [head + f"Question {q}: which word comes next?\nAnswer:" for q in range(6)]
+    pairs = [encode_pair(tok, c, x) for c in contexts for x in (" A", " B", " river")]
+    pairs.append(encode_pair(tok, "Nothing shared here", " ok"))
+    groups = {}
+    for ctx, cont in pairs:
+        groups.setdefault(tuple(ctx), []).append(tuple(cont))
+    shared_tokens = sum(len(t.tokens) for t in build_trees(groups, 256, 4096))
+    plain_tokens = sum(len(t.tokens) for t in build_trees(groups, 256, 4096, share=False))
+    assert shared_tokens < plain_tokens / 2  # the prefix really is computed once
+    assert len(build_trees(groups, 256, 120)) > 2  # the budget splits the shared questions
+    for budget in (4096, 120):
+        shared = score_pairs(student, pairs, max_batch_tokens=budget)
+        plain = score_pairs(student, pairs, share_prefixes=False)
+        for mode in ("teacher", "swiftkv"):
+            for a, b in zip(shared[mode], plain[mode]):
+                torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
+                assert torch.equal(a.greedy, b.greedy)
+
+
 def test_teacher_and_l_equals_L_score_identically(models):
     base, _, tok, _ = models
     same = to_swiftkv(base, SwiftKVConfig(6, 6, 1))
@@ -152,8 +179,52 @@ def test_task_scores_from_given_loglikelihoods(monkeypatch, models):
     given = {"teacher": [-1.0, -2.0, -1.0, -2.0], "swiftkv": [-1.0, -2.0, -3.0, -2.0]}
     monkeypatch.setattr(runner, "score_pairs", lambda m, pairs, *a, **k: {
         mode: [Scored(torch.tensor([v]), torch.tensor([True])) for v in vals] for mode, vals in given.items()})
-    n, scores = runner._task_scores(student, tok, "boolq", runner.EvalConfig(limit=0))
-    assert n == 2 and scores == {"teacher": [1.0, 0.0], "swiftkv": [1.0, 1.0]}
+    n, chance, scores = runner._task_scores(student, tok, "boolq", runner.EvalConfig(limit=0))
+    assert n == 2 and chance == 0.5 and scores == {"teacher": [1.0, 0.0], "swiftkv": [1.0, 1.0]}
+
+
+def test_chance_levels_and_clearly_above():
+    mc = MCItem("a", ["Q:"] * 4, [" a", " b", " c", " d"], gold=0)
+    mc2 = MCItem("b", ["Q:"] * 5, [" a", " b", " c", " d", " e"], gold=0, labels=[1, 1, 0, 0, 0])
+    assert chance_score(mc, "acc") == chance_score(mc, "acc_norm") == 0.25
+    assert chance_score(mc2, "mc2") == 0.4
+    assert chance_score(GenItem("g", "2+2=", "4"), "exact_match") == 0.0
+    # 60% right over 400 items: SE 2.4 points, so clearly above 50% but not above 56%
+    scores = [1.0] * 240 + [0.0] * 160
+    assert clearly_above(scores, 0.5) and not clearly_above(scores, 0.56)
+    assert not clearly_above([1.0], 0.0)  # one item says nothing
+
+
+def test_judge_averages_only_tasks_where_the_teacher_is_above_chance(monkeypatch, models, tmp_path):
+    """Given per-item scores: the judge row is the average over the above-chance tasks, its interval
+    the paired bootstrap of those tasks; the plain average keeps every task."""
+    _, student, _, src = models
+    per_task = {"arc_easy": ([1.0] * 80 + [0.0] * 20, [1.0] * 78 + [0.0] * 22, 0.25),  # clearly above chance
+                "boolq": ([1.0] * 50 + [0.0] * 50, [1.0] * 40 + [0.0] * 60, 0.5)}  # at chance: left out
+    monkeypatch.setattr(runner, "_task_scores", lambda m, t, task, cfg: (
+        100, per_task[task][2], {"teacher": per_task[task][0], "swiftkv": per_task[task][1]}))
+    monkeypatch.setattr(runner, "_extra_checks", lambda *a: {})
+    ckpt = save_checkpoint(student, tmp_path / "skv", source_dir=src)
+    result = runner.run_eval(runner.EvalConfig(model=str(ckpt), tasks=["arc_easy", "boolq"], dtype="float32"))
+    assert [r["teacher_above_chance"] for r in result["tasks"]] == [True, False]
+    judge, avg = result["judge"], result["average"]
+    assert judge["tasks"] == ["arc_easy"] and judge["diff"] == pytest.approx(-0.02)
+    assert avg["diff"] == pytest.approx((-0.02 - 0.10) / 2)
+    lo, hi = paired_bootstrap([(np.array(per_task["arc_easy"][0]), np.array(per_task["arc_easy"][1]))], 1000, 0)
+    assert judge["ci95"] == [lo, hi]
+    assert "judge" in runner.format_table({**result, "wall_time_s": 1.0})
+
+
+def test_budgets():
+    quick, judge = runner.EvalConfig.from_budget("quick"), runner.EvalConfig.from_budget("judge")
+    assert quick.limit_for("hellaswag") == 100 and quick.limit_for("arc_easy") == 100
+    assert judge.limit_for("hellaswag") == 2000 and judge.limit_for("arc_easy") == 0 and judge.budget == "judge"
+    mine = runner.EvalConfig.from_budget("judge", limit=50, task_limits={})  # an explicit --limit: every task
+    assert mine.limit_for("hellaswag") == 50 and mine.gsm8k_limit == 200
+    with pytest.raises(ValueError, match="unknown budget"):
+        runner.EvalConfig.from_budget("huge")
+    with pytest.raises(ValueError, match="task limit"):
+        runner.EvalConfig(task_limits={"hellaswag": -1})
 
 
 def test_eval_end_to_end_writes_table_json_and_png(models, tmp_path):

@@ -1,8 +1,9 @@
 """Log-likelihoods of continuations under the teacher and the SwiftKV model, in one pass.
 
 The first ``l`` layers are identical for both, so each batch runs them once and then the two
-tails (full-sequence, batched in the flat layout, no per-token Python loops). The LM head runs
-only at the positions whose next token is scored.
+tails (full-sequence, batched in the flat layout, no per-token Python loops). Shared context
+tokens run once (:mod:`swiftkv.eval.packing`). The LM head runs only at the positions whose next
+token is scored.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from swiftkv.eval.packing import build_trees
 from swiftkv.models.llama import LlamaForCausalLM
 from swiftkv.models.paired import paired_forward
 
@@ -57,41 +59,6 @@ def _batches(order: list[int], lengths: list[int], max_tokens: int) -> list[list
     return out + ([cur] if cur else [])
 
 
-@dataclass
-class _Packed:
-    """One shared context followed by its distinct continuations, each seeing only the context
-    and itself (a tree mask); ``rows[c]`` are the positions predicting continuation ``c``."""
-
-    tokens: list[int]
-    positions: list[int]
-    mask: torch.Tensor | None
-    rows: dict[tuple[int, ...], list[int]]
-
-
-def _pack(ctx: list[int], conts: list[tuple[int, ...]], max_len: int) -> _Packed:
-    longest = max(len(c) for c in conts)
-    if longest >= max_len:
-        raise ValueError(f"a continuation of {longest} tokens does not fit max_len={max_len}")
-    ctx = ctx[-(max_len - longest):]  # left-truncate the context so every branch fits
-    c = len(ctx)
-    tokens, positions, rows = list(ctx), list(range(c)), {}
-    for cont in conts:
-        start = len(tokens)
-        # position c-1 predicts cont[0]; this branch's token j predicts cont[j+1]
-        rows[cont] = [c - 1] + [start + j for j in range(len(cont) - 1)]
-        tokens += cont
-        positions += range(c, c + len(cont))
-    mask = None
-    if len(conts) > 1:
-        n = len(tokens)
-        mask = torch.ones(n, n, dtype=torch.bool).tril()
-        start = c
-        for cont in conts:  # a branch must not see earlier branches
-            mask[start : start + len(cont), c:start] = False
-            start += len(cont)
-    return _Packed(tokens, positions, mask, rows)
-
-
 @torch.no_grad()
 def score_pairs(
     model: LlamaForCausalLM,
@@ -99,12 +66,14 @@ def score_pairs(
     max_batch_tokens: int = 4096,
     max_len: int | None = None,
     desc: str = "loglik",
+    share_prefixes: bool = True,
 ) -> dict[str, list[Scored]]:
     """Score ``(context_ids, continuation_ids)`` pairs under the teacher and SwiftKV.
 
-    Pairs with the same context share one packed sequence: the context once, then each distinct
-    continuation behind a tree mask (a 10-choice question costs one context, not ten).
-    Contexts are left-truncated to ``max_len``. Returns ``{"teacher": [...], "swiftkv": [...]}``
+    Shared tokens are computed once (:mod:`swiftkv.eval.packing`): a context's continuations sit
+    behind one copy of it, and with ``share_prefixes`` contexts with a common few-shot prefix (MMLU's
+    per-subject 5 shots, TruthfulQA's) sit behind one copy of that prefix; the scores equal unshared
+    scoring. Contexts are left-truncated to ``max_len``. Returns ``{"teacher": [...], "swiftkv": [...]}``
     in input order.
     """
     max_len = max_len or model.config.max_position_embeddings
@@ -114,34 +83,27 @@ def score_pairs(
         if not ctx or not cont:
             raise ValueError("every pair needs context and continuation tokens (see encode_pair)")
         groups.setdefault(tuple(ctx), {})[tuple(cont)] = None
-    keys = list(groups)
-    packed = [_pack(list(k), list(groups[k]), max_len) for k in keys]
-    found: dict[tuple[str, int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
-    lengths = [len(pk.tokens) for pk in packed]
-    order = sorted(range(len(packed)), key=lambda i: -lengths[i])
+    trees = build_trees({k: list(v) for k, v in groups.items()}, max_len, max_batch_tokens, share_prefixes)
+    found: dict[tuple[str, tuple[int, ...], tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
+    lengths = [len(t.tokens) for t in trees]
+    order = sorted(range(len(trees)), key=lambda i: -lengths[i])
     for batch in tqdm(_batches(order, lengths, max_batch_tokens), desc=desc, unit="batch", leave=False):
-        seqs = [packed[i] for i in batch]
-        seq_lens = [len(pk.tokens) for pk in seqs]
+        seqs = [trees[i] for i in batch]
+        seq_lens = [len(t.tokens) for t in seqs]
         offsets = torch.tensor([0] + seq_lens[:-1]).cumsum(0).tolist()
-        ids = torch.tensor([t for pk in seqs for t in pk.tokens], device=dev)
-        positions = torch.tensor([p for pk in seqs for p in pk.positions], device=dev)
-        masks = [pk.mask for pk in seqs] if any(pk.mask is not None for pk in seqs) else None
-        # every (sequence, continuation): flat rows of its predicting positions and its targets
-        todo = [(i, cont, [o + r for r in pk.rows[cont]]) for i, pk, o in zip(batch, seqs, offsets) for cont in pk.rows]
-        idx = torch.tensor([r for _, _, rows in todo for r in rows], device=dev)
-        tgt = torch.tensor([t for _, cont, _ in todo for t in cont], device=dev)
+        ids = torch.tensor([tok for t in seqs for tok in t.tokens], device=dev)
+        positions = torch.tensor([p for t in seqs for p in t.positions], device=dev)
+        masks = [t.mask for t in seqs] if any(t.mask is not None for t in seqs) else None
+        # every (context, continuation): flat rows of its predicting positions and its targets
+        todo = [(key, [o + r for r in rows]) for t, o in zip(seqs, offsets) for key, rows in t.rows.items()]
+        idx = torch.tensor([r for _, rows in todo for r in rows], device=dev)
+        tgt = torch.tensor([tok for (_, cont), _ in todo for tok in cont], device=dev)
+        sizes = [len(cont) for (_, cont), _ in todo]
         states = paired_forward(model, ids, positions, seq_lens, masks)
         for mode, hid in (("teacher", states.teacher), ("swiftkv", states.swiftkv)):
             logp = model.logits_at(hid, idx).float().log_softmax(-1)
             lp = logp.gather(1, tgt[:, None]).squeeze(1)
             top = logp.argmax(-1) == tgt
-            for (i, cont, _), a, b in zip(todo, lp.split([len(c) for _, c, _ in todo]),
-                                          top.split([len(c) for _, c, _ in todo])):
-                found[(mode, i, cont)] = (a, b)
-    index = {k: i for i, k in enumerate(keys)}
-    out: dict[str, list[Scored]] = {m: [] for m in MODES}
-    for ctx, cont in pairs:
-        i = index[tuple(ctx)]
-        for mode in MODES:
-            out[mode].append(Scored(*found[(mode, i, tuple(cont))]))
-    return out
+            for (key, _), a, b in zip(todo, lp.split(sizes), top.split(sizes)):
+                found[(mode, *key)] = (a, b)
+    return {mode: [Scored(*found[(mode, tuple(ctx), tuple(cont))]) for ctx, cont in pairs] for mode in MODES}

@@ -10,7 +10,7 @@ import re
 
 import numpy as np
 
-from swiftkv.eval.tasks import MCItem
+from swiftkv.eval.tasks import GenItem, MCItem
 
 # primary metric per task (the one averaged and charted), following lm-eval / the Open LLM Leaderboard
 PRIMARY_METRIC = {
@@ -42,6 +42,25 @@ def score_mc(item: MCItem, lls: list[float]) -> dict[str, float]:
         p = np.exp(ll - m)  # stable: the common factor exp(m) cancels in the ratio
         out["mc2"] = float(p[labels].sum() / p.sum())
     return out
+
+
+def chance_score(item: MCItem | GenItem, metric: str) -> float:
+    """The expected score of a uniform random guess on ``item`` under ``metric``: 1 / choices for
+    ``acc`` / ``acc_norm``, the share of true choices for ``mc2``, 0 for generation."""
+    if isinstance(item, GenItem):
+        return 0.0
+    if metric == "mc2":
+        return sum(item.labels) / len(item.labels)
+    return 1.0 / len(item.continuations)
+
+
+def clearly_above(scores: list[float], level: float, z: float = 1.96) -> bool:
+    """Whether the mean of per-item ``scores`` exceeds ``level`` by more than ``z`` standard errors
+    (the lower end of its 95% interval, normal approximation)."""
+    a = np.asarray(scores, dtype=np.float64)
+    if a.size < 2:
+        return False
+    return bool(a.mean() - z * a.std(ddof=1) / math.sqrt(a.size) > level)
 
 
 _ANSWER_RE = re.compile(r"answer is \$?(-?[0-9][0-9,]*(?:\.[0-9]+)?)", re.IGNORECASE)

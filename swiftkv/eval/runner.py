@@ -15,33 +15,42 @@ from swiftkv.fileio import atomic_write_json
 from swiftkv.eval.config import EvalConfig
 from swiftkv.eval.instructions import INSTRUCTIONS
 from swiftkv.eval.loglik import MODES, encode_pair, score_pairs
-from swiftkv.eval.metrics import PRIMARY_METRIC, paired_bootstrap, score_mc
+from swiftkv.eval.metrics import PRIMARY_METRIC, chance_score, clearly_above, paired_bootstrap, score_mc
 from swiftkv.eval.tasks import GEN_TASKS, load_lambada, load_task, subset
 
 
-def _task_scores(model, tokenizer, task: str, cfg: EvalConfig) -> tuple[int, dict[str, list[float]]]:
-    """Per-item primary-metric scores ``{"teacher": [...], "swiftkv": [...]}`` of one task."""
+def _task_scores(model, tokenizer, task: str, cfg: EvalConfig) -> tuple[int, float, dict[str, list[float]]]:
+    """``(items, chance level, per-item primary-metric scores {"teacher": [...], "swiftkv": [...]})`` of one task."""
+    metric = PRIMARY_METRIC[task]
     if task in GEN_TASKS:
         items = subset(load_task(task), cfg.gsm8k_limit, cfg.seed)
-        return len(items), generation.run_gsm8k(model, tokenizer, items)
-    items = subset(load_task(task), cfg.limit, cfg.seed)
+        return len(items), 0.0, generation.run_gsm8k(model, tokenizer, items)
+    items = subset(load_task(task), cfg.limit_for(task), cfg.seed)
     pairs, spans = [], []
     for it in items:
         spans.append((len(pairs), len(it.continuations)))
         pairs += [encode_pair(tokenizer, c, x) for c, x in zip(it.contexts, it.continuations)]
     scored = score_pairs(model, pairs, cfg.max_batch_tokens, desc=task)
-    metric = PRIMARY_METRIC[task]
     out = {}
     for mode in MODES:
         out[mode] = [score_mc(it, [s.sum for s in scored[mode][a : a + n]])[metric] for it, (a, n) in zip(items, spans)]
-    return len(items), out
+    return len(items), float(np.mean([chance_score(it, metric) for it in items])), out
 
 
-def _row(name: str, metric: str, n: int, t: list[float], s: list[float], cfg: EvalConfig) -> dict:
+def _row(name: str, metric: str, n: int, chance: float, t: list[float], s: list[float], cfg: EvalConfig) -> dict:
     lo, hi = paired_bootstrap([(np.array(t), np.array(s))], cfg.bootstrap_samples, cfg.seed)
     mt, ms = float(np.mean(t)), float(np.mean(s))
     return {"task": name, "metric": metric, "n": n, "teacher": mt, "swiftkv": ms, "diff": ms - mt,
-            "ci95": [lo, hi], "per_item": {"teacher": t, "swiftkv": s}}
+            "ci95": [lo, hi], "chance": chance, "teacher_above_chance": clearly_above(t, chance),
+            "per_item": {"teacher": t, "swiftkv": s}}
+
+
+def _average(rows: list[dict], cfg: EvalConfig) -> dict:
+    """Mean over ``rows`` of teacher, SwiftKV and their difference, with the paired bootstrap interval."""
+    pairs = [(np.array(r["per_item"]["teacher"]), np.array(r["per_item"]["swiftkv"])) for r in rows]
+    lo, hi = paired_bootstrap(pairs, cfg.bootstrap_samples, cfg.seed)
+    t, s = float(np.mean([r["teacher"] for r in rows])), float(np.mean([r["swiftkv"] for r in rows]))
+    return {"teacher": t, "swiftkv": s, "diff": s - t, "ci95": [lo, hi], "tasks": [r["task"] for r in rows]}
 
 
 def run_eval(cfg: EvalConfig, out_dir: str | os.PathLike | None = None) -> dict:
@@ -64,19 +73,22 @@ def run_eval(cfg: EvalConfig, out_dir: str | os.PathLike | None = None) -> dict:
           f"vs its teacher, {cfg.dtype}", file=sys.stderr)
     rows = []
     for task in cfg.tasks:
-        n, scores = _task_scores(model, tokenizer, task, cfg)
-        rows.append(_row(task, PRIMARY_METRIC[task], n, scores["teacher"], scores["swiftkv"], cfg))
+        t0 = time.perf_counter()
+        n, chance, scores = _task_scores(model, tokenizer, task, cfg)
+        rows.append(_row(task, PRIMARY_METRIC[task], n, chance, scores["teacher"], scores["swiftkv"], cfg))
+        rows[-1]["wall_time_s"] = time.perf_counter() - t0
         r = rows[-1]
-        print(f"  {task}: teacher {100 * r['teacher']:.1f}  swiftkv {100 * r['swiftkv']:.1f}  (n={n})", file=sys.stderr)
+        print(f"  {task}: teacher {100 * r['teacher']:.1f}  swiftkv {100 * r['swiftkv']:.1f}  (n={n}, "
+              f"{r['wall_time_s']:.0f} s)", file=sys.stderr)
     result: dict = {"model": str(path), "swiftkv_config": {"num_layers": skv.num_layers,
                     "num_key_value_layers": skv.num_key_value_layers,
                     "key_value_group_size": skv.key_value_group_size},
                     "config": asdict(cfg), "tasks": rows}
     if rows:
-        pairs = [(np.array(r["per_item"]["teacher"]), np.array(r["per_item"]["swiftkv"])) for r in rows]
-        lo, hi = paired_bootstrap(pairs, cfg.bootstrap_samples, cfg.seed)
-        t, s = float(np.mean([r["teacher"] for r in rows])), float(np.mean([r["swiftkv"] for r in rows]))
-        result["average"] = {"teacher": t, "swiftkv": s, "diff": s - t, "ci95": [lo, hi]}
+        result["average"] = _average(rows, cfg)
+        above = [r for r in rows if r["teacher_above_chance"]]
+        if above:  # the judge: tasks where the teacher is clearly above chance (elsewhere both guess)
+            result["judge"] = _average(above, cfg)
     result.update(_extra_checks(model, tokenizer, cfg))
     result["wall_time_s"] = time.perf_counter() - start
     if out_dir is not None:
@@ -115,13 +127,18 @@ def _extra_checks(model, tokenizer, cfg: EvalConfig) -> dict:
 
 def format_table(result: dict) -> str:
     """The side-by-side table (percent points) plus the extra checks, as plain text."""
-    lines = [f"{'task':<16}{'metric':<12}{'n':>6}{'teacher':>9}{'swiftkv':>9}{'diff':>8}  95% CI (diff)"]
-    rows = result["tasks"] + ([{"task": "average", "metric": "", "n": "", **result["average"]}]
-                              if "average" in result else [])
+    lines = [f"{'task':<16}{'metric':<12}{'n':>6}{'chance':>8}{'teacher':>9}{'swiftkv':>9}{'diff':>8}  95% CI (diff)"]
+    rows = result["tasks"] + [{"task": name, "metric": "", "n": "", **result[name]} for name in ("average", "judge")
+                              if name in result]
     for r in rows:
         lo, hi = r["ci95"]
-        lines.append(f"{r['task']:<16}{r['metric']:<12}{r['n']!s:>6}{100 * r['teacher']:>9.1f}{100 * r['swiftkv']:>9.1f}"
-                     f"{100 * r['diff']:>+8.1f}  [{100 * lo:+.1f}, {100 * hi:+.1f}]")
+        chance = f"{100 * r['chance']:.1f}" + ("" if r["teacher_above_chance"] else "*") if "chance" in r else ""
+        lines.append(f"{r['task']:<16}{r['metric']:<12}{r['n']!s:>6}{chance:>8}{100 * r['teacher']:>9.1f}"
+                     f"{100 * r['swiftkv']:>9.1f}{100 * r['diff']:>+8.1f}  [{100 * lo:+.1f}, {100 * hi:+.1f}]")
+    if "judge" in result:
+        below = [r["task"] for r in result["tasks"] if not r["teacher_above_chance"]]
+        lines.append("judge = average over the tasks where the teacher is clearly above chance"
+                     + (f"; * not: {', '.join(below)}" if below else ""))
     if "held_out" in result:
         h = result["held_out"]
         lines.append(f"held-out chats: KL(teacher||swiftkv) {h['kl']:.3f}, top-1 agreement "
@@ -156,7 +173,7 @@ def plot_results(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["tasks"] + ([{"task": "average", **result["average"]}] if "average" in result else [])
+    rows = result["tasks"] + [{"task": name, **result[name]} for name in ("average", "judge") if name in result]
     if not rows:
         return
     x = np.arange(len(rows))
