@@ -125,11 +125,15 @@ def cmd_distill(args) -> None:
     from swiftkv.builtin import resolve_model
     from swiftkv.models.llama import adapter_rank_of
     from swiftkv.models.loader import load_model, load_tokenizer, save_checkpoint
-    from swiftkv.platforms import resolve_dtype
+    from swiftkv.platforms import resolve_device, resolve_dtype
     from swiftkv.transform import to_swiftkv
 
+    device = resolve_device(args.device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")  # torchrun --nproc-per-node N: data-parallel (DDP)
+        # torchrun --nproc-per-node N: data-parallel (DDP), one GPU per process on CUDA
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     torch.manual_seed(args.seed)
     model, path = load_model(resolve_model(args.model), dtype="float32")
     converted = model.swiftkv_config.is_baseline
@@ -138,11 +142,13 @@ def cmd_distill(args) -> None:
     elif args.adapter_rank != adapter_rank_of(model.config):
         raise ValueError(f"{path} is already a SwiftKV checkpoint with adapter rank {adapter_rank_of(model.config)}; "
                          f"--adapter-rank {args.adapter_rank} applies only when converting a base model.")
+    model = model.to(device)
     skv = model.swiftkv_config
     cfg = DistillConfig(out=args.out, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
                         lr=args.lr, schedule=args.schedule, temperature=args.temperature, mse_weight=args.mse_weight,
                         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, data=args.data,
-                        held_out_fraction=args.held_out_fraction, bf16=resolve_dtype(args.dtype) == torch.bfloat16)
+                        held_out_fraction=args.held_out_fraction,
+                        bf16=resolve_dtype(args.dtype, device) == torch.bfloat16)
     tokenizer = load_tokenizer(path)
     if args.kv_init == "lstsq" and converted and not (args.resume and (Path(args.out) / "trainer_state.pt").exists()):
         from swiftkv.distill.init import fit_kv_projections, calibration_batch
@@ -153,7 +159,7 @@ def cmd_distill(args) -> None:
     if args.resume and trainer.resume():
         print(f"resumed at step {trainer.step}/{trainer.total_steps}", file=sys.stderr)
     print(f"distilling l={skv.num_key_value_layers} of L={skv.num_layers}, G={skv.key_value_group_size}, "
-          f"adapter rank {adapter_rank_of(model.config)}: "
+          f"adapter rank {adapter_rank_of(model.config)}, on {device} x {trainer.world}: "
           f"{trainer.total_steps} steps x {cfg.batch_size} rows x {cfg.seq_len} tokens, "
           f"{sum(p.numel() for p in trainer.params.values()):,} trainable parameters", file=sys.stderr)
     log = trainer.train()
@@ -163,7 +169,16 @@ def cmd_distill(args) -> None:
                              {"num_key_value_layers": skv.num_key_value_layers,
                               "key_value_group_size": skv.key_value_group_size,
                               "adapter_rank": adapter_rank_of(model.config), "base": str(path)})
-        save_checkpoint(model, out / "model", source_dir=path)
+        # model/: the base as loaded + the trained tensors (the frozen weights ran in bf16 when training did)
+        trained = {n: p.detach().float().cpu() for n, p in trainer.params.items()}
+        fresh, _ = load_model(path, dtype="float32")
+        if fresh.swiftkv_config.is_baseline:
+            fresh = to_swiftkv(fresh, skv, adapter_rank_of(model.config))
+        missing = set(trained) - set(dict(fresh.named_parameters()))
+        if missing:
+            raise RuntimeError(f"trained tensors without a place in the reloaded model: {sorted(missing)[:3]}")
+        fresh.load_state_dict(trained, strict=False)
+        save_checkpoint(fresh, out / "model", source_dir=path)
         plot_logs({out.name: log}, out / "distill.png")
         last = [e for e in log if "eval_agree" in e]
         if last:
@@ -251,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--held-out-fraction", type=float, default=0.01, help="conversations held out for eval")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                    help="autocast dtype (auto: bf16 only where the CPU/GPU has native bf16)")
+    p.add_argument("--device", default="auto", help="auto (a GPU when one is visible), cpu or cuda; under torchrun "
+                   "each process takes GPU LOCAL_RANK (scripts/distill_gpu.sh)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/trainer_state.pt")
     p.add_argument("--kv-init", choices=["lstsq", "mean"], default="lstsq",
                    help="K/V projection init when converting: least-squares fit on calibration tokens "

@@ -79,3 +79,22 @@ def _say_once(device, chosen: torch.dtype, flags) -> None:
     else:
         why = f"{dev.type} device"
     print(f"swiftkv: dtype auto -> {dtype_name(chosen)} ({why}; pass --dtype to override)", file=sys.stderr)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``"auto"``/``None`` -> CUDA when a GPU is visible, else CPU; ``"cuda"`` without one is a
+    ``ValueError``. Under torchrun each process takes GPU ``LOCAL_RANK``."""
+    import os
+
+    name = device or "auto"
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this PyTorch sees no CUDA GPU (torch {torch.__version__}); "
+                             "use --device cpu, or install a CUDA build of torch on a GPU machine")
+        if name == "cuda":
+            name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    elif name != "cpu":
+        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(name)

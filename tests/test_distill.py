@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from swiftkv.config import SwiftKVConfig
-from swiftkv.distill.data import iter_json_array, load_conversations, pack_rows, tokenize_with_mask
+from swiftkv.distill.data import iter_json_array, load_conversations, pack_rows, tokenize_with_mask, training_rows
 from swiftkv.distill.data import Batch
 from swiftkv.models.full_sequence import full_logits
 from swiftkv.distill.loss import DistillModule, trainable_parameters
@@ -286,3 +286,51 @@ def test_adapters_reload_and_the_fast_path_matches(setup, trained_adapters, tmp_
     with torch.no_grad():  # fast path: later layers only for each sequence's last token
         fast = loaded.compute_logits(loaded(ids, pos, AttentionMetadata.full([len(s) for s in seqs]), [0, 1]))
     torch.testing.assert_close(fast, torch.stack([w[-1] for w in want]), atol=1e-4, rtol=1e-4)
+
+
+def test_training_rows_repeat_the_split_in_new_orders_when_the_budget_exceeds_it(setup):
+    _, data, tok, _, _ = setup
+    convs = load_conversations(str(data))
+    one_epoch = pack_rows(tok, convs, 64, None, 0, held_out=False, fraction=0.2)
+    split_tokens = sum(r.num_tokens for r in one_epoch)
+    three = training_rows(tok, convs, 64, 3 * split_tokens, 0, fraction=0.2)
+    assert sum(r.num_tokens for r in three) >= 3 * split_tokens
+    assert [r.docs for r in three[: len(one_epoch)]] == [r.docs for r in one_epoch]  # epoch 1 as before
+    second = [d for r in three[len(one_epoch) : 2 * len(one_epoch)] for d in r.docs]
+    first = [d for r in one_epoch for d in r.docs]
+    assert second != first and sorted(map(str, second[:5])) != sorted(map(str, first[:5]))  # a new order
+    assert training_rows(tok, convs, 64, 100, 0, fraction=0.2) == pack_rows(tok, convs, 64, 100, 0, False, 0.2)
+
+
+def test_device_resolution():
+    from swiftkv.platforms import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_bf16_run_writes_the_base_weights_unchanged_beside_the_trained_tensors(setup, tmp_path):
+    """Training runs the frozen weights in bf16; model/ must still hold the base's exact weights
+    (plus the trained SwiftKV tensors), on whatever device the run used."""
+    from safetensors.torch import load_file
+
+    from swiftkv.cli import main
+
+    path, data, _, _, _ = setup
+    out = tmp_path / "run"
+    assert main(["distill", str(path), "--data", str(data), "-l", "3", "--max-tokens", "300", "--seq-len", "64",
+                 "--batch-size", "2", "--dtype", "bfloat16", "--device", "cpu", "--held-out-fraction", "0.2",
+                 "--kv-init", "mean", "--out", str(out)]) == 0
+    base = dict(load_model(path)[0].named_parameters())
+    saved = load_model(out / "model")[0]
+    trained = load_file(out / "swiftkv_tensors.safetensors")
+    for name, p in saved.named_parameters():
+        if "_swiftkv" in name:
+            assert torch.equal(p.detach().bfloat16(), trained[name])
+        else:
+            assert torch.equal(p.detach(), base[name].detach()), name

@@ -122,17 +122,47 @@ def pack_rows(tokenizer, convs: list[tuple[str, list[dict]]], seq_len: int, max_
     """Deterministically shuffle, tokenize and pack conversations of one split into rows."""
     order = list(range(len(convs)))
     random.Random(seed).shuffle(order)
+
+    def docs():
+        for idx in order:
+            cid, msgs = convs[idx]
+            if is_held_out(cid, fraction) != held_out:
+                continue
+            try:
+                doc = tokenize_with_mask(tokenizer, msgs, seq_len)
+            except Exception:  # a template that rejects this conversation (e.g. role order): skip it
+                doc = None
+            if doc is not None:
+                yield doc
+
+    return _pack(docs(), seq_len, max_tokens)
+
+
+def training_rows(tokenizer, convs: list[tuple[str, list[dict]]], seq_len: int, max_tokens: int, seed: int,
+                  fraction: float = 0.01) -> list[Row]:
+    """Rows of the training split totalling ``max_tokens``: packed in a seeded order, then, while the
+    budget lasts, the same tokenized conversations again in another seeded order (one more epoch)."""
+    rows = pack_rows(tokenizer, convs, seq_len, max_tokens, seed, held_out=False, fraction=fraction)
+    total = sum(r.num_tokens for r in rows)
+    if total >= max_tokens or not rows:
+        return rows
+    docs = [d for r in rows for d in r.docs]  # the whole split, tokenized once
+    epoch = 1
+    while total < max_tokens:
+        order = list(docs)
+        random.Random(seed + epoch).shuffle(order)
+        more = _pack(iter(order), seq_len, max_tokens - total)
+        rows += more
+        total += sum(r.num_tokens for r in more)
+        epoch += 1
+    return rows
+
+
+def _pack(docs, seq_len: int, max_tokens: int | None) -> list[Row]:
+    """Greedy packing of ``docs`` (in order) into rows of at most ``seq_len`` tokens, stopping once
+    ``max_tokens`` are packed."""
     rows, cur, cur_len, total = [], [], 0, 0
-    for idx in order:
-        cid, msgs = convs[idx]
-        if is_held_out(cid, fraction) != held_out:
-            continue
-        try:
-            doc = tokenize_with_mask(tokenizer, msgs, seq_len)
-        except Exception:  # a template that rejects this conversation (e.g. role order): skip it
-            doc = None
-        if doc is None:
-            continue
+    for doc in docs:
         if cur_len + len(doc[0]) > seq_len and cur:
             rows.append(Row(cur))
             total += cur_len
@@ -168,3 +198,7 @@ class Batch:
     @property
     def num_loss_tokens(self) -> int:
         return int(self.loss_mask.sum())
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch with its tensors on ``device`` (the model's)."""
+        return Batch(self.input_ids.to(device), self.positions.to(device), self.seq_lens, self.loss_mask.to(device))

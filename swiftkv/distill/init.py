@@ -20,7 +20,7 @@ from swiftkv.models.paired import paired_forward
 def _ridge(x: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
     """W minimising ||x W - y||^2 + ridge * mean(diag(x^T x)) * ||W||^2; x [N, d], y [N, k]."""
     xtx = x.T @ x
-    reg = ridge * xtx.diagonal().mean() * torch.eye(xtx.shape[0], dtype=x.dtype)
+    reg = ridge * xtx.diagonal().mean() * torch.eye(xtx.shape[0], dtype=x.dtype, device=x.device)
     return torch.linalg.solve(xtx + reg, x.T @ y)  # [d, k]
 
 
@@ -32,6 +32,7 @@ def fit_kv_projections(model: LlamaForCausalLM, batch: Batch, ridge: float = 1e-
     """
     skv = model.swiftkv_config
     L, l = skv.num_layers, skv.num_key_value_layers
+    batch = batch.to(model.model.embed_tokens.weight.device)
     captured: dict[tuple[int, str], torch.Tensor] = {}
     hooks = []
     for i in range(l, L):
@@ -47,7 +48,7 @@ def fit_kv_projections(model: LlamaForCausalLM, batch: Batch, ridge: float = 1e-
     x = model.model.norm_swiftkv(h_l).float()
     has_bias = model.model.layers[l].self_attn.k_proj.bias is not None
     if has_bias:
-        x = torch.cat([x, torch.ones(x.shape[0], 1)], 1)
+        x = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
     residuals = {}
     for leader in skv.group_leaders:
         group = range(leader, leader + skv.key_value_group_size)

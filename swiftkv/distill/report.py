@@ -13,7 +13,7 @@ from swiftkv.fileio import atomic_write
 
 def save_trained_tensors(params: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     """The trained SwiftKV tensors only (bf16), atomically: what a shipped model adds to its base."""
-    tensors = {n: p.detach().to(torch.bfloat16).contiguous() for n, p in params.items()}
+    tensors = {n: p.detach().to("cpu", torch.bfloat16).contiguous() for n, p in params.items()}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()}))
 
 

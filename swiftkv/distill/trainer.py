@@ -3,7 +3,8 @@
 Long runs are first-class: tqdm progress (tokens/s, ETA), periodic held-out KL / top-1 agreement,
 atomic checkpoints every ``--save-every`` steps, ``--resume`` that continues exactly (same data
 order, optimizer, scheduler and RNG state), a JSON log and a PNG plot. Under
-``torchrun --nproc-per-node N`` it trains data-parallel with PyTorch DDP (gloo on CPU).
+``torchrun --nproc-per-node N`` it trains data-parallel with PyTorch DDP (gloo on CPU, NCCL with one
+GPU per process).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from swiftkv.fileio import atomic_write, atomic_write_json, clean_stale_temps
-from swiftkv.distill.data import Batch, Row, load_conversations, pack_rows
+from swiftkv.distill.data import Batch, Row, load_conversations, pack_rows, training_rows
 from swiftkv.distill.loss import DistillModule, trainable_parameters
 
 
@@ -85,12 +86,17 @@ class Trainer:
             for p in model.parameters():
                 if not p.requires_grad:
                     p.data = p.data.to(torch.bfloat16)
+        self.device = next(iter(self.params.values())).device  # the model's: cpu or cuda:<local rank>
         self.module = DistillModule(model, cfg.temperature, cfg.mse_weight)
-        self.ddp = torch.nn.parallel.DistributedDataParallel(self.module) if self.distributed else self.module
+        if self.distributed:  # gloo on CPU, nccl on GPUs (one per process)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
+        else:
+            self.ddp = self.module
         if rows is None or eval_rows is None:
             convs = load_conversations(cfg.data)
             f = cfg.held_out_fraction
-            rows = pack_rows(tokenizer, convs, cfg.seq_len, cfg.max_tokens, cfg.seed, held_out=False, fraction=f)
+            rows = training_rows(tokenizer, convs, cfg.seq_len, cfg.max_tokens, cfg.seed, fraction=f)  # epochs if short
             eval_rows = pack_rows(tokenizer, convs, cfg.seq_len, None, cfg.seed, held_out=True, fraction=f)[: cfg.eval_rows]
         if len(rows) < cfg.batch_size:
             raise ValueError(f"only {len(rows)} packed rows of training data; need at least batch_size={cfg.batch_size}")
@@ -135,7 +141,7 @@ class Trainer:
         path = self.out / "trainer_state.pt"
         if not path.exists():
             return False
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=False, map_location="cpu")  # a GPU run resumes anywhere
         diffs = self._resume_differences(state)
         if diffs:
             raise ValueError(f"{path} was saved by a run with other settings ({'; '.join(diffs)}); resume with the "
@@ -160,8 +166,7 @@ class Trainer:
     # -- training -----------------------------------------------------------------------------
 
     def _autocast(self):
-        device = next(iter(self.params.values())).device  # the model's device: cpu or cuda
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
 
     def _local_rows(self, step: int) -> list[Row]:
         b = self.cfg.batch_size
@@ -171,7 +176,7 @@ class Trainer:
     def train_step(self) -> dict:
         step_rows = self.rows[self.step * self.cfg.batch_size : (self.step + 1) * self.cfg.batch_size]
         global_tokens = Batch.from_rows(step_rows).num_loss_tokens
-        batch = Batch.from_rows(self._local_rows(self.step))
+        batch = Batch.from_rows(self._local_rows(self.step)).to(self.device)
         with self._autocast():
             # DDP averages gradients over processes: scale so the result is the global mean
             out = self.ddp(batch, loss_scale=self.world / max(1, global_tokens))
@@ -184,7 +189,7 @@ class Trainer:
         self.tokens_seen += sum(r.num_tokens for r in step_rows)
         stats = {k: float(v.detach()) / self.world for k, v in out.items()}
         if self.distributed:
-            t = torch.tensor([stats["kl"], stats["agree"]])
+            t = torch.tensor([stats["kl"], stats["agree"]], device=self.device)  # nccl reduces GPU tensors
             dist.all_reduce(t)
             stats["kl"], stats["agree"] = float(t[0]), float(t[1])
         return {**stats, "grad_norm": float(grad_norm), "lr": self.sched.get_last_lr()[0]}
@@ -197,7 +202,7 @@ class Trainer:
         module = DistillModule(self.model, temperature=1.0)
         kl = agree = n = 0.0
         for i in range(0, len(self.eval_rows), self.cfg.batch_size):
-            batch = Batch.from_rows(self.eval_rows[i : i + self.cfg.batch_size])
+            batch = Batch.from_rows(self.eval_rows[i : i + self.cfg.batch_size]).to(self.device)
             with self._autocast():
                 out = module(batch)
             kl, agree, n = kl + float(out["kl"]), agree + float(out["agree"]), n + batch.num_loss_tokens
