@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import LlamaConfig
 
 from swiftkv.bench.flops import decode_flops, layer_flops, prefill_flops
-from swiftkv.bench.offline import summarise
+from swiftkv.bench.offline import summarise, workload_flops
 from swiftkv.bench.workloads import Workload
 from swiftkv.bench.report import format_table, ratio_lines
 from swiftkv.config import SwiftKVConfig
@@ -31,6 +31,19 @@ def test_prefill_flops_baseline_and_swiftkv():
                 + 2 * (layer_flops(CFG, n) - kv) + 2 * 8 * 10)
     assert prefill_flops(CFG, skv, n, swiftkv=True) == expected
     assert prefill_flops(CFG, skv, n, swiftkv=True) < base
+
+
+def test_prefill_flops_skip_cached_tokens_and_shared_prefixes_count_once():
+    n, c = 40, 16
+    base = SwiftKVConfig(4, 4)
+    by_hand = sum(4 * layer_flops(CFG, p + 1) for p in range(c, n)) + 2 * 8 * 10  # positions c..n-1 computed
+    assert prefill_flops(CFG, base, n, swiftkv=False, cached=c) == by_hand
+    shared = [1] * 40
+    w = Workload("shared-prefix", [[*shared, 7, 8], [*shared, 9, 9, 9], [5] * 20], 2)
+    plain = Workload("custom", w.prompts, 2)  # the same prompts, no prefix caching
+    saved = workload_flops(CFG, base, plain, False) - workload_flops(CFG, base, w, False)
+    # the second prompt finds 32 of its tokens (2 full blocks of 16) cached; nothing else is shared
+    assert saved == prefill_flops(CFG, base, 43, False) - prefill_flops(CFG, base, 43, False, cached=32) > 0
 
 
 def test_summarise_mfu_and_rates():

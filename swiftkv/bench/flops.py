@@ -28,16 +28,18 @@ def layer_flops(config, context: int) -> float:
     return 2.0 * proj + 4.0 * hq * d * context
 
 
-def prefill_flops(config, skv: SwiftKVConfig, prompt_len: int, swiftkv: bool) -> float:
-    """FLOPs to prefill one prompt of ``n`` tokens and produce the logits of its last token."""
+def prefill_flops(config, skv: SwiftKVConfig, prompt_len: int, swiftkv: bool, cached: int = 0) -> float:
+    """FLOPs to prefill one prompt of ``n`` tokens and produce the logits of its last token; the
+    first ``cached`` tokens' K/V come from the prefix cache (not computed)."""
     h, hq, hkv, d, _, v = _dims(config)
     L, n = config.num_hidden_layers, prompt_len
+    new = n - cached
     l = skv.num_key_value_layers if swiftkv else L
     kv_proj = 2.0 * 2 * h * hkv * d  # one token's K and V projections for one layer
-    # token at position p attends p + 1 keys: sum over the prompt is n (n + 1) / 2
-    total = l * (n * layer_flops(config, 0) + 4.0 * hq * d * n * (n + 1) / 2)
+    # token at position p attends p + 1 keys: summed over the computed positions cached..n-1
+    total = l * (new * layer_flops(config, 0) + 4.0 * hq * d * (n * (n + 1) - cached * (cached + 1)) / 2)
     if swiftkv:
-        total += n * len(skv.group_leaders) * kv_proj  # SingleInputKV K/V of every token
+        total += new * len(skv.group_leaders) * kv_proj  # SingleInputKV K/V of every computed token
         total += (L - l) * (layer_flops(config, n) - kv_proj)  # the last token's later layers
     return total + 2.0 * h * v
 

@@ -9,11 +9,28 @@ import statistics
 from swiftkv.bench.flops import decode_flops, prefill_flops
 from swiftkv.bench.workloads import Workload, uses_prefix_caching
 
-def workload_flops(config, skv, w: Workload, swiftkv: bool) -> float:
-    total = sum(prefill_flops(config, skv, len(p), swiftkv) for p in w.prompts)
+def workload_flops(config, skv, w: Workload, swiftkv: bool, block_size: int = 16) -> float:
+    """FLOPs the workload needs; with prefix caching (shared-prefix) the full blocks a prompt shares
+    with an earlier one are counted once, as a cache computes them."""
+    caching = uses_prefix_caching(w.name)
+    total = sum(prefill_flops(config, skv, len(p), swiftkv, _cached(w.prompts[:i], p, block_size) if caching else 0)
+                for i, p in enumerate(w.prompts))
     for p in w.prompts:  # decode tokens after the first (sampled from the prefill logits)
         total += sum(decode_flops(config, len(p) + i) for i in range(1, w.max_tokens))
     return total
+
+
+def _cached(earlier: list[list[int]], prompt: list[int], block_size: int) -> int:
+    """Tokens of ``prompt`` in full blocks it shares with an earlier prompt (at most all but the last)."""
+    best = 0
+    for e in earlier:
+        n = 0
+        for a, b in zip(e, prompt):
+            if a != b:
+                break
+            n += 1
+        best = max(best, n)
+    return min(best, len(prompt) - 1) // block_size * block_size
 
 
 def summarise(raw: list[dict], w: Workload, flops: float, peak: float) -> dict:
