@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from swiftkv.layers import compact_weights
-from swiftkv.layers.compact_weights import MAX_ROWS, compact_matmul, to_compact
+from swiftkv.layers.compact_weights import GEMM_MAX_ROWS, GEMV_ROWS, MAX_ROWS, compact_gemm, compact_matmul, to_compact
 
 needs_kernel = pytest.mark.skipif(compact_weights.kernel() is None,
                                   reason="no AVX2/FMA or no C compiler: the compact-weight kernel cannot run here")
@@ -77,17 +77,30 @@ def test_kernel_matches_f_linear(rows, kind):
 
 
 @needs_kernel
-def test_inference_linear_uses_it_for_small_batches_only(monkeypatch):
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0", "bf16"])
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 32, 130])  # every micro-tile remainder, one above the limit
+def test_gemm_kernel_matches_f_linear(rows, kind):
+    out = 203  # not a multiple of the 8-row panel or the 4-row tile
+    w = gguf_like(out, 576, kind, seed=rows) if kind != "bf16" else torch.randn(out, 576).bfloat16().float()
+    b, x = torch.randn(out), torch.randn(rows, 576)
+    torch.testing.assert_close(compact_gemm(x, to_compact(w), b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+
+
+@needs_kernel
+def test_inference_linear_picks_gemv_gemm_or_onednn_by_rows(monkeypatch):
     from swiftkv.layers.linear import InferenceLinear
 
     w = gguf_like(64, 96, "q8_0")
     lin = InferenceLinear(w, None)
     assert lin.compact is not None
     calls = []
-    monkeypatch.setattr(compact_weights, "compact_matmul", lambda *a: calls.append(a) or torch.zeros(a[0].shape[0], 64))
-    for rows in (1, MAX_ROWS, MAX_ROWS + 1):
+    for name in ("compact_matmul", "compact_gemm"):
+        monkeypatch.setattr(compact_weights, name,
+                            lambda *a, _n=name: calls.append((_n, a[0].shape[0])) or torch.zeros(a[0].shape[0], 64))
+    for rows in (1, GEMV_ROWS, GEMV_ROWS + 1, GEMM_MAX_ROWS, GEMM_MAX_ROWS + 1):
         lin(torch.randn(rows, 96))
-    assert [a[0].shape[0] for a in calls] == [1, MAX_ROWS]
+    assert calls == [("compact_matmul", 1), ("compact_matmul", GEMV_ROWS), ("compact_gemm", GEMV_ROWS + 1),
+                     ("compact_gemm", GEMM_MAX_ROWS)]  # above the limit: oneDNN's fp32 path
     monkeypatch.setenv("SWIFTKV_COMPACT_WEIGHTS", "0")
     assert InferenceLinear(w, None).compact is None
 

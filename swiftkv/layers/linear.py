@@ -32,7 +32,7 @@ class InferenceLinear:
     """``y = x W^T + b`` for a frozen ``W`` (not an ``nn.Module``: it adds nothing to a state dict).
 
     Where ``W`` has an exact compact form (:mod:`swiftkv.layers.compact_weights`: weights that came
-    from GGUF Q4_1/Q8_0, or bf16 values), batches of up to ``MAX_ROWS`` rows read that instead.
+    from GGUF Q4_1/Q8_0, or bf16 values), batches of up to ``GEMM_MAX_ROWS`` rows read that instead.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool | None = None) -> None:
@@ -44,9 +44,10 @@ class InferenceLinear:
         self.weight = weight if self.packed is None else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.compact is not None and x.dtype == torch.float32 and 0 < x.numel() <= compact_weights.MAX_ROWS * x.shape[-1]:
-            y = compact_weights.compact_matmul(x.reshape(-1, x.shape[-1]), self.compact, self.bias)
-            return y.view(*x.shape[:-1], self.out_features)
+        if self.compact is not None and x.dtype == torch.float32 and x.numel():
+            y = compact_weights.matmul(x.reshape(-1, x.shape[-1]), self.compact, self.bias)
+            if y is not None:
+                return y.view(*x.shape[:-1], self.out_features)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.bias, "none", [], "")
