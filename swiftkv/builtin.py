@@ -83,7 +83,7 @@ def shipped_model_dir(name: str = DEFAULT_SWIFTKV_MODEL) -> Path:
 
     from swiftkv.config import SwiftKVConfig
 
-    base, base_dir = load_model(DEFAULT_MODEL)
+    base, base_dir = load_model(default_model_dir())
     print(f"swiftkv: assembling {name} (l={spec.num_key_value_layers}, G={spec.key_value_group_size}) in {out} "
           "(once)...", file=sys.stderr, flush=True)
     model = to_swiftkv(base, SwiftKVConfig(base.config.num_hidden_layers, spec.num_key_value_layers,

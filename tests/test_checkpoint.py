@@ -273,3 +273,33 @@ def test_non_float_and_non_finite_tensors_refused(hf_dir, damage, match):
     save_file(tensors, path / "model.safetensors")
     with pytest.raises(ValueError, match=match):
         load_model(path)
+
+
+def test_shipped_model_assembles_into_a_fresh_cache(hf_dir, tmp_path, monkeypatch):
+    """A shipped model is the default base + its trained tensors, built once into an empty cache
+    (a fresh machine), and rebuilt when the tensors change."""
+    from swiftkv import builtin
+    from swiftkv.models.registry import ShippedModel
+
+    base_dir, _ = hf_dir("llama")
+    base = load_model(base_dir)[0]
+    trained = {n: p.detach().clone() + 0.5 for n, p in to_swiftkv(base, SwiftKVConfig(6, 3, 1)).named_parameters()
+               if "_swiftkv" in n}
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    save_file(trained, str(shipped / "t.safetensors"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(builtin, "default_model_dir", lambda: base_dir)
+    monkeypatch.setattr(builtin, "SHIPPED_DIR", shipped)
+    monkeypatch.setitem(builtin.SHIPPED_MODELS, "tiny-swiftkv", ShippedModel(3, 1, "t.safetensors", 0))
+    out = builtin.resolve_model("tiny-swiftkv")
+    assert out == tmp_path / "cache" / "swiftkv" / "models" / "tiny-swiftkv"
+    model = load_model(out)[0]
+    params = dict(model.named_parameters())
+    assert model.swiftkv_config.num_key_value_layers == 3
+    assert all(torch.equal(params[n], t) for n, t in trained.items())
+    assert builtin.resolve_model("tiny-swiftkv") == out  # cached: not rebuilt
+    save_file({n: t + 1 for n, t in trained.items()}, str(shipped / "t.safetensors"))
+    model = load_model(builtin.resolve_model("tiny-swiftkv"))[0]
+    assert torch.equal(dict(model.named_parameters())["model.layers.3.self_attn.q_proj_swiftkv.weight"],
+                       trained["model.layers.3.self_attn.q_proj_swiftkv.weight"] + 1)
