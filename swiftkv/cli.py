@@ -174,10 +174,9 @@ def cmd_distill(args) -> None:
         fresh, _ = load_model(path, dtype="float32")
         if fresh.swiftkv_config.is_baseline:
             fresh = to_swiftkv(fresh, skv, adapter_rank_of(model.config))
-        missing = set(trained) - set(dict(fresh.named_parameters()))
-        if missing:
-            raise RuntimeError(f"trained tensors without a place in the reloaded model: {sorted(missing)[:3]}")
-        fresh.load_state_dict(trained, strict=False)
+        unexpected = fresh.load_state_dict(trained, strict=False).unexpected_keys
+        if unexpected:
+            raise RuntimeError(f"trained tensors without a place in the reloaded model: {unexpected[:3]}")
         save_checkpoint(fresh, out / "model", source_dir=path)
         plot_logs({out.name: log}, out / "distill.png")
         last = [e for e in log if "eval_agree" in e]

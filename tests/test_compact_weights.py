@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from swiftkv.layers import compact_weights
-from swiftkv.layers.compact_weights import GEMM_MAX_ROWS, GEMV_ROWS, MAX_ROWS, compact_gemm, compact_matmul, to_compact
+from swiftkv.layers.compact_weights import (
+    GEMM_MAX_ROWS,
+    GEMV_ROWS,
+    MAX_ROWS,
+    compact_gemm,
+    compact_matmul,
+    to_compact,
+)
 
 needs_kernel = pytest.mark.skipif(compact_weights.kernel() is None,
                                   reason="no AVX2/FMA or no C compiler: the compact-weight kernel cannot run here")
@@ -109,6 +116,7 @@ def test_inference_linear_picks_gemv_gemm_or_onednn_by_rows(monkeypatch):
 @pytest.mark.parametrize("l,G", [(6, 1), (3, 1), (2, 2)])
 def test_engine_greedy_with_compact_weights_matches_full_sequence(l, G):
     from conftest import tiny_hf_model
+
     from swiftkv.config import SwiftKVConfig
     from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
     from swiftkv.models.full_sequence import greedy_generate

@@ -80,7 +80,8 @@ def test_rotary_in_place_touches_only_the_given_heads():
     x, cos, sin = torch.randn(21, 7, 32, generator=g), torch.randn(21, 32, generator=g), torch.randn(21, 32, generator=g)
     expected = torch.cat([apply_rotary(x[:, :5], cos, sin), x[:, 5:]], 1)
     y = x.clone()
-    cpu_ops.rotary_inplace(y, 5, cos, sin)
+    with torch.inference_mode():
+        assert cpu_ops.rotary_inplace(y[:, :5], cos, sin)
     torch.testing.assert_close(y, expected)
     assert torch.equal(y[:, 5:], x[:, 5:])
 
@@ -129,8 +130,10 @@ def test_engine_greedy_matches_full_sequence_on_torch_ops(monkeypatch, l, G, ker
     for module, name in ((paged_attention, "decode_attention"), (cpu_ops, "rms_norm"), (cpu_ops, "silu_and_mul"),
                          (cpu_ops, "rotary_inplace")):
         def counted(*a, _f=getattr(module, name), _n=name):
-            calls[_n] = calls.get(_n, 0) + 1
-            return _f(*a)
+            out = _f(*a)
+            if out is not None and out is not False:  # the kernel ran (the ops say None/False when it does not)
+                calls[_n] = calls.get(_n, 0) + 1
+            return out
         monkeypatch.setattr(module, name, counted)
     engine = LLMEngine(model, config=EngineConfig(kv_cache_memory=4 << 20, block_size=4, max_num_batched_tokens=16))
     ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)) for p in prompts]

@@ -219,7 +219,7 @@ def test_budgets():
     quick, judge = runner.EvalConfig.from_budget("quick"), runner.EvalConfig.from_budget("judge")
     assert quick.limit_for("hellaswag") == 100 and quick.limit_for("arc_easy") == 100
     assert judge.limit_for("hellaswag") == 2000 and judge.limit_for("arc_easy") == 0 and judge.budget == "judge"
-    mine = runner.EvalConfig.from_budget("judge", limit=50, task_limits={})  # an explicit --limit: every task
+    mine = runner.EvalConfig.from_budget("judge", limit=50)  # an explicit --limit: every task
     assert mine.limit_for("hellaswag") == 50 and mine.gsm8k_limit == 200
     with pytest.raises(ValueError, match="unknown budget"):
         runner.EvalConfig.from_budget("huge")

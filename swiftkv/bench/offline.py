@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 
@@ -22,14 +23,7 @@ def workload_flops(config, skv, w: Workload, swiftkv: bool, block_size: int = 16
 
 def _cached(earlier: list[list[int]], prompt: list[int], block_size: int) -> int:
     """Tokens of ``prompt`` in full blocks it shares with an earlier prompt (at most all but the last)."""
-    best = 0
-    for e in earlier:
-        n = 0
-        for a, b in zip(e, prompt):
-            if a != b:
-                break
-            n += 1
-        best = max(best, n)
+    best = max((len(os.path.commonprefix([e, prompt])) for e in earlier), default=0)  # works on any sequences
     return min(best, len(prompt) - 1) // block_size * block_size
 
 

@@ -18,8 +18,7 @@ def cmd_eval(args) -> None:
                                  gsm8k_limit=args.gsm8k_limit, lambada_limit=args.lambada_limit,
                                  chat_prompts=args.chat_prompts, seed=args.seed, dtype=args.dtype,
                                  max_batch_tokens=args.max_batch_tokens, distribution=not args.no_distribution,
-                                 generation=not args.no_generation, data=args.data,
-                                 task_limits={} if args.limit is not None else None)
+                                 generation=not args.no_generation, data=args.data)
     out = Path(args.out) if args.out else Path("eval_results") / Path(args.model or "default-swiftkv").name
     result = run_eval(cfg, out)
     print(format_table(result))

@@ -37,14 +37,16 @@ class EvalConfig:
 
     @classmethod
     def from_budget(cls, budget: str = "quick", **overrides) -> EvalConfig:
-        """A config with ``budget``'s limits (:data:`BUDGETS`); ``overrides`` that are not None win."""
+        """A config with ``budget``'s limits (:data:`BUDGETS`); ``overrides`` that are not None win, and
+        an explicit ``limit`` applies to every task (the budget's per-task limits are dropped)."""
         if budget not in BUDGETS:
             raise ValueError(f"unknown budget {budget!r}; choose from {', '.join(BUDGETS)}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(overrides) - known
+        unknown = set(overrides) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown eval setting(s): {', '.join(sorted(unknown))}")
-        return cls(**{**BUDGETS[budget], "budget": budget, **{k: v for k, v in overrides.items() if v is not None}})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        preset = {**BUDGETS[budget], **({"task_limits": {}} if "limit" in given else {})}
+        return cls(**{**preset, "budget": budget, **given})
 
     def limit_for(self, task: str) -> int:
         """Items of ``task`` to score (0 = all)."""

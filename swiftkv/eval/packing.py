@@ -10,6 +10,7 @@ so the scores equal unshared scoring.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,7 @@ def build_trees(groups: dict[tuple[int, ...], list[tuple[int, ...]]], max_len: i
         buckets.setdefault(key, []).append(ctx)
     trees = []
     for ctxs in buckets.values():
-        p = _common_prefix_len(ctxs) if len(ctxs) > 1 else 0
+        p = len(os.path.commonprefix(ctxs)) if len(ctxs) > 1 else 0  # element-wise on any sequences
         if len(ctxs) > 1 and p >= SHARE_MIN_TOKENS:
             p = min(p, min(len(c) for c in ctxs) - 1)  # every branch keeps its last context token
             fits = p + max(len(c) - p + max(len(x) for x in groups[c]) for c in ctxs) <= max_len
@@ -49,16 +50,6 @@ def build_trees(groups: dict[tuple[int, ...], list[tuple[int, ...]]], max_len: i
                 continue
         trees += [_single(c, groups[c], max_len) for c in ctxs]
     return trees
-
-
-def _common_prefix_len(seqs: list[tuple[int, ...]]) -> int:
-    first, n = seqs[0], min(len(s) for s in seqs)
-    for s in seqs[1:]:
-        i = 0
-        while i < n and s[i] == first[i]:
-            i += 1
-        n = i
-    return n
 
 
 def _shared_trees(prefix: tuple[int, ...], branches: list[Branch], max_tokens: int) -> list[Tree]:

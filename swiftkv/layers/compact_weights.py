@@ -29,8 +29,10 @@ from swiftkv.layers import native
 
 BLOCK = 32
 MAX_ROWS = 8  # the gemv kernel's batch limit
-GEMV_ROWS = 4  # up to here the gemv kernel is fastest; then the panel GEMM (2-core Zen 3, cold weights:
-GEMM_MAX_ROWS = 128  # 30 layers at 32 rows 45 ms vs oneDNN fp32 66 ms; even with oneDNN at 256 rows)
+# Which kernel by rows (2-core Zen 3, 20 layers of weights from DRAM): gemv is fastest up to 4 rows; the
+# panel GEMM from there (32 rows: 45 ms vs oneDNN fp32 66 ms) until oneDNN catches up (equal at 256).
+GEMV_ROWS = 4
+GEMM_MAX_ROWS = 128
 
 
 @dataclass
@@ -134,7 +136,7 @@ _GEMM_FUNCTIONS = {"compact_gemm": (ctypes.c_int, [ctypes.c_int, _P, _I64, _I64,
 
 
 def compact_gemm(x: torch.Tensor, cw: CompactWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [M, I] @ W^T (+ bias)`` for any ``M`` (float32): weights dequantized per panel of 16 outputs
+    """``x [M, I] @ W^T (+ bias)`` for any ``M`` (float32): weights dequantized per panel of 8 outputs
     into a cache-resident buffer, then a register-tiled micro-kernel (``csrc/compact_gemm.c``)."""
     lib = gemm_kernel()
     if lib is None:
@@ -151,19 +153,19 @@ def compact_gemm(x: torch.Tensor, cw: CompactWeight, bias: torch.Tensor | None =
     return y if bias is None else y + bias
 
 
+def kernel() -> ctypes.CDLL | None:
+    """The compiled gemv kernel (built on first use into the cache), or None where it cannot run:
+    switched off, no AVX2/FMA, no C compiler (said once on stderr)."""
+    return native.load("compact_gemv.c", _FUNCTIONS) if _switched_on() else None
+
+
 def gemm_kernel() -> ctypes.CDLL | None:
     """The compiled GEMM kernel, or None where it cannot run (as :func:`kernel`)."""
-    if os.environ.get("SWIFTKV_COMPACT_WEIGHTS", "1") == "0":
-        return None
-    return native.load("compact_gemm.c", _GEMM_FUNCTIONS)
+    return native.load("compact_gemm.c", _GEMM_FUNCTIONS) if _switched_on() else None
 
 
-def kernel() -> ctypes.CDLL | None:
-    """The compiled kernel (built on first use into the cache), or None where it cannot run:
-    switched off, no AVX2/FMA, no C compiler (said once on stderr)."""
-    if os.environ.get("SWIFTKV_COMPACT_WEIGHTS", "1") == "0":
-        return None
-    return native.load("compact_gemv.c", _FUNCTIONS)
+def _switched_on() -> bool:
+    return os.environ.get("SWIFTKV_COMPACT_WEIGHTS", "1") != "0"
 
 
 def enabled() -> bool:

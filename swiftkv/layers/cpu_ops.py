@@ -2,8 +2,8 @@
 fused), rotary embedding in place (``csrc/elementwise.c``, built by :mod:`swiftkv.layers.native`).
 
 vLLM's CPU backend has the same three custom ops. They run only where nothing needs gradients
-(inference), on contiguous fp32 CPU rows; the layers keep their PyTorch code for everything else
-(training, bf16, GPUs). ``SWIFTKV_CPU_OPS=0`` switches them off.
+(inference), on fp32 CPU rows; elsewhere (training, bf16, GPUs, odd shapes) each op returns None
+(rotary: False) and the layer runs its PyTorch code. ``SWIFTKV_CPU_OPS=0`` switches them off.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def kernel() -> ctypes.CDLL | None:
     return native.load("elementwise.c", _FUNCTIONS)
 
 
-def applies(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels take these tensors: fp32 on CPU, no gradient wanted, kernels built."""
+def _takes(*tensors: torch.Tensor) -> bool:
+    """fp32 on CPU, no gradient wanted, kernels built."""
     return (not torch.is_grad_enabled() and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
             and kernel() is not None)
 
@@ -41,9 +41,12 @@ def _check(rc: int, op: str) -> None:
         raise RuntimeError(f"{op}: shapes the CPU kernel cannot take")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [..., N] (last dim contiguous, N % 8 == 0) -> normalised [..., N], scaled by ``weight``."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """x [..., N] -> normalised [..., N], scaled by ``weight``; None where the kernel does not take it
+    (gradients wanted, not fp32 CPU, N % 8, last dim strided, kernel not built)."""
     n = x.shape[-1]
+    if n % 8 or x.stride(-1) != 1 or not _takes(x, weight):
+        return None
     x2 = x.reshape(-1, n)  # [M, N]; a view when rows are evenly spaced
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
@@ -53,8 +56,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out.view(x.shape)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x [M, 2I] (gate then up) -> silu(gate) * up [M, I]."""
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
+    """x [M, 2I] (gate then up) -> silu(gate) * up [M, I]; None where the kernel does not take it."""
+    if x.dim() != 2 or x.shape[1] % 16 or not _takes(x):
+        return None
     x = x.contiguous()
     m, i = x.shape[0], x.shape[1] // 2
     out = torch.empty(m, i, dtype=x.dtype)
@@ -62,12 +67,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def rotary_inplace(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """Rotate the first ``heads`` heads of x [N, heads_total, D] (token rows evenly spaced, heads
-    contiguous) in place; cos, sin [N, D]."""
-    n, _, d = x.shape
-    if x.stride(2) != 1 or x.stride(1) != d:
-        raise ValueError("rotary_inplace needs each token's heads contiguous")
+def rotary_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Rotate every head of x [N, heads, D] (token rows evenly spaced, a token's heads contiguous,
+    D % 16 == 0) in place; cos, sin [N, D]. False (x untouched) where the kernel does not take it."""
+    n, heads, d = x.shape
+    if d % 16 or x.stride(2) != 1 or x.stride(1) != d or not _takes(x, cos, sin):
+        return False
     cos, sin = cos.contiguous(), sin.contiguous()
     _check(kernel().rotary_inplace(x.data_ptr(), n, heads, d, x.stride(0), cos.data_ptr(), sin.data_ptr(),
                                    torch.get_num_threads()), "rotary_inplace")
+    return True

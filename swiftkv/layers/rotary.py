@@ -50,7 +50,4 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """:func:`apply_rotary`, in place where the CPU kernel takes it (inference, fp32): only for an
     ``x`` nobody else reads afterwards, e.g. a fresh projection's output. Returns the rotated x."""
-    if x.shape[-1] % 16 == 0 and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] and cpu_ops.applies(x, cos, sin):
-        cpu_ops.rotary_inplace(x, x.shape[1], cos, sin)
-        return x
-    return apply_rotary(x, cos, sin)
+    return x if cpu_ops.rotary_inplace(x, cos, sin) else apply_rotary(x, cos, sin)

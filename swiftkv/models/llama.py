@@ -102,8 +102,8 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
             gate_up = self.gate_up(x)
-            if self.act is F.silu and gate_up.dim() == 2 and gate_up.shape[1] % 16 == 0 and cpu_ops.applies(gate_up):
-                return self.down_proj(cpu_ops.silu_and_mul(gate_up))
+            if self.act is F.silu and (act := cpu_ops.silu_and_mul(gate_up)) is not None:  # inference on CPU
+                return self.down_proj(act)
             gate, up = gate_up.chunk(2, dim=-1)
             return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
