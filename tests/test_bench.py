@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from transformers import LlamaConfig
 
+from swiftkv.bench.env import KV_CACHE_GIB
 from swiftkv.bench.flops import decode_flops, layer_flops, prefill_flops
 from swiftkv.bench.offline import summarise, workload_flops
-from swiftkv.bench.workloads import Workload
 from swiftkv.bench.report import format_table, ratio_lines
+from swiftkv.bench.workloads import Workload
 from swiftkv.config import SwiftKVConfig
 
 CFG = LlamaConfig(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=4,
@@ -135,6 +136,27 @@ def test_peer_process_protocol_with_fake_backends(tmp_path, monkeypatch):
         find_peer_python("vllm", str(tmp_path / "no-such-python"))
 
 
+def test_every_engine_gets_the_same_kv_cache_space(tiny_chat_model_dir, tmp_path):
+    """With less KV cache one system admits fewer requests at once (prompt-heavy: 14 of 16 with 1 GiB
+    against vLLM's 4), and the comparison measures memory instead of speed."""
+    import sys
+
+    from swiftkv.bench.peers import _peer_env
+    from swiftkv.bench.systems import swiftkv_systems
+    from swiftkv.models.loader import load_model, save_checkpoint
+    from swiftkv.transform import to_swiftkv
+
+    assert _peer_env("vllm", sys.executable, 2)["VLLM_CPU_KVCACHE_SPACE"] == str(KV_CACHE_GIB)
+    ckpt = save_checkpoint(to_swiftkv(load_model(tiny_chat_model_dir)[0], SwiftKVConfig(6, 3, 1)), tmp_path / "skv",
+                           source_dir=tiny_chat_model_dir)
+    systems = swiftkv_systems(str(ckpt), "float32")
+    try:
+        assert {s.llm.engine.config.kv_cache_memory for s in systems.values()} == {KV_CACHE_GIB << 30}
+    finally:
+        for s in systems.values():
+            s.close()
+
+
 def test_plain_checkpoint_is_the_teacher_for_other_engines(tiny_chat_model_dir, tmp_path, monkeypatch):
     """What vLLM is given: the SwiftKV checkpoint's original model, loadable by plain transformers,
     with the same logits as swiftkv's teacher path."""
@@ -197,6 +219,7 @@ def test_bench_entry_points_on_a_tiny_model(tiny_chat_model_dir, tmp_path, capsy
     for metric in (r["prefill"][48], r["decode"], r["decode_b2"]):
         assert set(metric) == {"swiftkv", "baseline", "transformers"} and all(v > 0 for v in metric.values())
     assert r["dtypes"] == {"swiftkv": "float32", "baseline": "float32", "transformers": "float32"}
+    assert r["env"]["kv_cache_gib"] == KV_CACHE_GIB
     assert r["kv_bytes_per_token"]["swiftkv"] * 6 == r["kv_bytes_per_token"]["baseline"] * 4  # AcrossKV G = 3
     assert json.loads((tmp_path / "prefill.json").read_text())["ratios"] == r["ratios"]
     w = Workload.make("shared-prefix", 49152, num_requests=3, prompt_len=(5, 9), max_tokens=3)

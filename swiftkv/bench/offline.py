@@ -107,7 +107,7 @@ def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2
               "systems": stats}
     title = (f"{w.name}: {len(w.prompts)} requests, {w.prompt_tokens} prompt / {w.output_tokens} output tokens, "
              f"SwiftKV l={skv.num_key_value_layers}/{skv.num_layers} G={skv.key_value_group_size}; "
-             f"{env['dtype']}, {env['threads']} threads, load {env['loadavg_1m']}")
+             f"{env['dtype']}, {env['threads']} threads, KV cache {env.get('kv_cache_gib', '?')} GiB each, load {env['loadavg_1m']}")
     print(title)
     print("dtypes: " + ", ".join(f"{k} {v}" for k, v in result["dtypes"].items()))
     print(format_table(stats))

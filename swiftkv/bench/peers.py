@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from swiftkv.bench.env import KV_CACHE_GIB
 from swiftkv.bench.peer_worker import TAG
 
 _MODULES = {"vllm": "vllm", "vllm-swiftkv": "vllm", "llama.cpp": "llama_cpp"}
@@ -42,7 +43,7 @@ def _peer_env(backend: str, python: str, threads: int) -> dict[str, str]:
         # all `threads` cores for the model (vLLM reserves one for its front end by default)
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
         env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(KV_CACHE_GIB)  # what our engines get (bench/env.py)
         iomp = next(Path(python).resolve().parent.parent.glob("lib/libiomp5.so"), None)
         if iomp is not None and "LD_PRELOAD" not in env:  # vLLM's documented CPU setup
             env["LD_PRELOAD"] = str(iomp)

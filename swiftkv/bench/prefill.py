@@ -105,7 +105,7 @@ def format_report(r: dict) -> str:
     rows = _rows(r)
     systems = list(dict.fromkeys(k for _, tps in rows for k in tps))
     lines = [f"model {r['model']} (SwiftKV l={s['l']} of L={s['L']}, G={s['G']}), dtype {e['dtype']}, "
-             f"threads {e['threads']}, torch {e['torch']}, load {e['loadavg_1m']}"
+             f"threads {e['threads']}, torch {e['torch']}, KV cache {e.get('kv_cache_gib', '?')} GiB each, load {e['loadavg_1m']}"
              + "".join(f", {k} {v}" for k, v in r.get("versions", {}).items())
              + ("; dtypes: " + ", ".join(f"{k} {v}" for k, v in r["dtypes"].items()) if r.get("dtypes") else ""),
              f"{'metric':<28}" + "".join(f"{name:>14}" for name in systems)]

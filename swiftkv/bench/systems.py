@@ -113,8 +113,10 @@ class TransformersSystem:
 
 def swiftkv_systems(model, dtype: str, **llm_kw) -> dict[str, EngineSystem]:
     """swiftkv in SwiftKV mode and in baseline mode (the same engine with l = L), one checkpoint."""
+    from swiftkv.bench.env import KV_CACHE_GIB
     from swiftkv.llm import LLM
 
+    llm_kw.setdefault("kv_cache_memory", KV_CACHE_GIB << 30)  # as much as the peers get
     swift = LLM(model, swiftkv=True, dtype=dtype, **llm_kw)
     base = LLM(swift.model_path, swiftkv=False, dtype=dtype, **llm_kw)
     return {"swiftkv": EngineSystem("swiftkv", swift, dtype), "baseline": EngineSystem("baseline", base, dtype)}

@@ -39,7 +39,8 @@ def _build_and_load(src: Path, functions: Signatures) -> ctypes.CDLL | None:
 
     if not {"avx2", "fma"} <= cpu_flags():
         return None
-    code = src.read_bytes() + b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))  # with its headers
+    # with every file it may include (headers, and the kernels fused_decode.c builds on)
+    code = src.read_bytes() + b"".join(f.read_bytes() for f in sorted(CSRC.glob("*.[ch]")))
     digest = hashlib.sha256(code + " ".join(FLAGS).encode()).hexdigest()[:16]
     path = cache_dir() / "kernels" / f"{src.stem}-{digest}.so"
     if not path.exists():

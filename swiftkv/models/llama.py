@@ -19,6 +19,7 @@ from transformers.activations import ACT2FN
 from swiftkv.config import SwiftKVConfig
 from swiftkv.layers import cpu_ops
 from swiftkv.layers.attention import AttentionMetadata
+from swiftkv.layers.fused_decode import FusedDecoder
 from swiftkv.layers.linear import InferenceLinear, route_through_inference_linear
 from swiftkv.layers.norm import RMSNorm
 from swiftkv.layers.rotary import RotaryEmbedding, apply_rotary_
@@ -246,6 +247,9 @@ class SwiftKVCausalLM:
                    skv: SwiftKVConfig | None = None) -> torch.Tensor:
         """Layers ``start..end-1``; ``skv`` overrides the active layout (distillation runs both)."""
         skv = skv or self.active_config
+        fused = getattr(self, "fused_decoder", None)  # decode steps: the layers in one native call
+        if fused is not None and (out := fused.run(h, cos, sin, meta, skv, start, end, swiftkv)) is not None:
+            return out
         for i in range(start, end):
             owner = skv.kv_owner(i)
             h = self.model.layers[i](h, cos, sin, meta, owner, swiftkv and skv.is_swiftkv_layer(i))
@@ -307,8 +311,9 @@ class SwiftKVCausalLM:
 
     def fuse_for_inference(self) -> None:
         """Inference only (the engine calls it; weights must not change afterwards): fuse q/k/v and
-        gate/up, and run every projection and the LM head through oneDNN-prepacked weights on CPU
-        (:mod:`swiftkv.layers.linear`). Call after ``.to(dtype)``."""
+        gate/up, run every projection and the LM head through oneDNN-prepacked weights on CPU
+        (:mod:`swiftkv.layers.linear`), and decode steps' layers in one native call where they can
+        (:mod:`swiftkv.layers.fused_decode`). Call after ``.to(dtype)``."""
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
@@ -320,6 +325,7 @@ class SwiftKVCausalLM:
             bias = torch.cat([p.bias.detach() for a in attns for p in (a.k_proj_swiftkv, a.v_proj_swiftkv)]) \
                 if has_bias else None
             self.model.kv_proj_swiftkv_fused = InferenceLinear(weight, bias)
+        self.fused_decoder = FusedDecoder.build(self)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of final-normed hidden states (what :meth:`forward` returns)."""

@@ -1,0 +1,152 @@
+"""Decoder layers of a decode step in one native call (CPU, fp32 activations, compact weights).
+
+Eager decode runs ~20 small ops per layer from Python. On the default model at batch 1 that costs
+~13 ms of a ~34 ms step (measured: the same 30 layers at tiny widths still take 13 ms a step). What
+CUDA graphs do for vLLM on a GPU, :class:`FusedDecoder` does here: it hands a run of layers to one C
+function (``csrc/fused_decode.c``) that calls the same kernels the layers call one by one (compact
+gemv / panel GEMM, RMSNorm, rotary, the K/V store, paged attention, SiLU-and-mul) in the same order,
+so its output equals eager decode up to float rounding.
+
+It applies to steps whose queries are one token per sequence over the paged cache (decode, and
+SwiftKV's later layers of any step), up to ``GEMM_MAX_ROWS`` sequences, when no gradient is wanted,
+and to models whose every projection has a compact form, with SiLU and no SwiftKV adapters
+(:meth:`FusedDecoder.build` returns None otherwise). Elsewhere the Python layers run (eager mode).
+``SWIFTKV_FUSED_DECODE=0`` switches it off; so does switching off any kernel it is made of.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+import torch.nn.functional as F
+
+from swiftkv.config import SwiftKVConfig
+from swiftkv.layers import compact_weights, cpu_ops, native, paged_attention
+from swiftkv.layers.linear import InferenceLinear
+
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+
+
+class _Weight(ctypes.Structure):
+    _fields_ = [("kind", _I64), ("q", _P), ("scale", _P), ("offset", _P), ("bias", _P),
+                ("out_features", _I64), ("in_features", _I64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("input_norm", _P), ("post_norm", _P), ("qkv", _Weight), ("o", _Weight), ("gate_up", _Weight),
+                ("down", _Weight), ("owner", _I64), ("swiftkv", _I64)]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [("M", _I64), ("hidden", _I64), ("H", _I64), ("Hkv", _I64), ("D", _I64), ("intermediate", _I64),
+                ("eps", ctypes.c_float), ("h", _P), ("cos", _P), ("sin", _P), ("kv_cache", _P),
+                ("num_blocks", _I64), ("block_size", _I64), ("max_blocks", _I64), ("slots", _P),
+                ("block_tables", _P), ("kv_lens", _P), ("scratch", _P), ("gemv_rows", _I64), ("nthreads", ctypes.c_int)]
+
+
+_FUNCTIONS = {
+    "fused_decode_layers": (ctypes.c_int, [_P, _I64, _P]),
+    "fused_decode_scratch_floats": (_I64, [_I64] * 6),
+}
+
+
+def kernel() -> ctypes.CDLL | None:
+    """The compiled layers, or None where they cannot run: switched off (itself or any kernel it is
+    made of), no AVX2/FMA, no compiler."""
+    if os.environ.get("SWIFTKV_FUSED_DECODE", "1") == "0":
+        return None
+    if not (compact_weights.enabled() and compact_weights.gemm_kernel() and cpu_ops.kernel() and paged_attention.kernel()):
+        return None
+    return native.load("fused_decode.c", _FUNCTIONS)
+
+
+def _weight(lin) -> _Weight | None:
+    """The C view of an inference projection, or None if it has no compact form."""
+    if not isinstance(lin, InferenceLinear) or lin.compact is None:
+        return None
+    if lin.bias is not None and (lin.bias.dtype != torch.float32 or not lin.bias.is_contiguous()):
+        return None
+    cw = lin.compact
+    blocked = cw.kind == "blocked8"
+    return _Weight(0 if blocked else 1, cw.data.data_ptr(), cw.scale.data_ptr() if blocked else None,
+                   cw.offset.data_ptr() if blocked else None, None if lin.bias is None else lin.bias.data_ptr(),
+                   cw.data.shape[0], cw.data.shape[1])
+
+
+class FusedDecoder:
+    """The model's decoder layers as C descriptors (built once; the weights must not change after)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        cfg, attn = model.config, model.model.layers[0].self_attn
+        self.dims = (cfg.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim, cfg.intermediate_size)
+        self.eps = float(model.model.layers[0].input_layernorm.eps)
+        self._arrays: dict[tuple, ctypes.Array | None] = {}
+
+    @classmethod
+    def build(cls, model) -> FusedDecoder | None:
+        """A decoder for ``model`` (after ``fuse_for_inference``), or None where it does not apply."""
+        if kernel() is None:
+            return None
+        layers, decoder = model.model.layers, cls(model)
+        hidden, _, _, d, inter = decoder.dims
+        if hidden % 8 or d % 16 or inter % 8:
+            return None
+        if any(layer.mlp.act is not F.silu or layer.mlp_adapter_swiftkv is not None
+               or layer.self_attn.o_adapter_swiftkv is not None for layer in layers):
+            return None
+        norms = [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        if any(n.weight.dtype != torch.float32 or n.weight.device.type != "cpu" or n.eps != norms[0].eps for n in norms):
+            return None
+        return decoder if decoder._layers(model.swiftkv_config, True) is not None else None
+
+    def _layers(self, skv: SwiftKVConfig, swiftkv: bool) -> ctypes.Array | None:
+        """Every layer's descriptor for layout ``skv`` (SwiftKV layers on their SingleInputKV path when
+        ``swiftkv``), or None if a projection it needs has no compact form."""
+        key = (skv.num_layers, skv.num_key_value_layers, skv.key_value_group_size, swiftkv)
+        if key not in self._arrays:
+            descs = []
+            for i, layer in enumerate(self.model.model.layers):
+                attn, mlp, swift = layer.self_attn, layer.mlp, swiftkv and skv.is_swiftkv_layer(i)
+                ws = [_weight(attn.q_proj_swiftkv.forward if swift else attn.qkv), _weight(attn.o_proj.forward),
+                      _weight(mlp.gate_up), _weight(mlp.down_proj.forward)]
+                if any(w is None for w in ws):
+                    descs = None
+                    break
+                descs.append(_Layer(layer.input_layernorm.weight.data_ptr(),
+                                    layer.post_attention_layernorm.weight.data_ptr(), *ws, skv.kv_owner(i), int(swift)))
+            self._arrays[key] = None if descs is None else (_Layer * len(descs))(*descs)
+        return self._arrays[key]
+
+    def run(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta, skv: SwiftKVConfig, start: int,
+            end: int, swiftkv: bool) -> torch.Tensor | None:
+        """Layers ``start..end-1`` on ``h [M, hidden]`` (one query per sequence over the paged cache);
+        None (nothing done) where the step is not one it takes."""
+        cache = meta.kv_cache
+        m = h.shape[0]
+        if (cache is None or torch.is_grad_enabled() or not 1 <= m <= compact_weights.GEMM_MAX_ROWS
+                or h.dtype != torch.float32 or cache.dtype != torch.float32 or h.device.type != "cpu"
+                or not cache.is_contiguous() or any(n != 1 for n in meta.q_lens) or (lib := kernel()) is None):
+            return None
+        layers = self._layers(skv, swiftkv)
+        stores = any(not (swiftkv and skv.is_swiftkv_layer(i)) for i in range(start, end))
+        if layers is None or (stores and meta.slot_mapping is None):
+            return None
+        hidden, heads, kv_heads, d, inter = self.dims
+        h, cos, sin = h.contiguous().clone(), cos.contiguous(), sin.contiguous()  # h: updated in place
+        if meta._kv_lens is None:
+            meta._kv_lens = torch.tensor(meta.kv_lens)
+        tables = meta.block_tables.contiguous()
+        slots = meta.slot_mapping.contiguous() if stores else None
+        scratch = torch.empty(lib.fused_decode_scratch_floats(m, hidden, heads, kv_heads, d, inter))
+        step = _Step(m, hidden, heads, kv_heads, d, inter, self.eps, h.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                     cache.data_ptr(), cache.shape[3], cache.shape[4], tables.shape[1],
+                     None if slots is None else slots.data_ptr(), tables.data_ptr(), meta._kv_lens.data_ptr(),
+                     scratch.data_ptr(), compact_weights.GEMV_ROWS, torch.get_num_threads())
+        rc = lib.fused_decode_layers(ctypes.byref(layers, start * ctypes.sizeof(_Layer)), end - start,
+                                     ctypes.byref(step))
+        if rc != 0:
+            raise RuntimeError(f"fused decode layers failed ({'out of memory' if rc == -2 else 'bad shapes'})")
+        return h

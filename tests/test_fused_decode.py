@@ -1,0 +1,120 @@
+"""Decode layers in one native call (``layers/fused_decode.py``) against eager decode and against the
+full-sequence model run on PyTorch's ops alone: greedy tokens equal, log-probs close, for the
+baseline and SwiftKV (AcrossKV G = 1, 2, 3), Llama and Qwen2 (q/k/v biases), gemv (<= 4 sequences)
+and panel-GEMM batches, chunked prompts and prefix-cache hits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_hf_model
+from test_compact_weights import quantize_q4_1
+
+from swiftkv.layers import fused_decode
+
+needs_kernels = pytest.mark.skipif(fused_decode.kernel() is None,
+                                   reason="no AVX2/FMA or no C compiler: the fused decode layers cannot run here")
+KERNEL_SWITCHES = ("SWIFTKV_PAGED_ATTENTION", "SWIFTKV_CPU_OPS", "SWIFTKV_COMPACT_WEIGHTS", "SWIFTKV_FUSED_DECODE")
+
+
+def _compact_model(arch: str, l: int, G: int):
+    """A tiny model whose projections have compact forms, as the built-in model's do: GGUF-like Q4_1
+    blocks for the original ones, bf16 values for the SwiftKV ones (as distillation ships them)."""
+    from swiftkv.config import SwiftKVConfig
+    from swiftkv.models.llama import LlamaForCausalLM
+    from swiftkv.transform import to_swiftkv
+
+    hf = tiny_hf_model(arch, seed=2, hidden_size=64, intermediate_size=128, num_hidden_layers=6)  # varied greedy outputs
+    model = LlamaForCausalLM(hf.config)
+    model.load_state_dict(hf.state_dict(), strict=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.copy_(quantize_q4_1(p))
+    if l < 6:
+        model = to_swiftkv(model, SwiftKVConfig(6, l, G))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "_swiftkv" in name:
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.05)
+                    p.copy_(p.bfloat16().float())
+    return model
+
+
+def _run_engine(model, prompts, max_tokens, monkeypatch, fused: bool):
+    from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
+    from swiftkv.sampling_params import SamplingParams
+
+    monkeypatch.setenv("SWIFTKV_FUSED_DECODE", "1" if fused else "0")
+    ran = []
+    run = fused_decode.FusedDecoder.run
+
+    def counted(self, h, *a):
+        out = run(self, h, *a)
+        if out is not None:
+            ran.append(h.shape[0])
+        return out
+
+    monkeypatch.setattr(fused_decode.FusedDecoder, "run", counted)
+    engine = LLMEngine(model, config=EngineConfig(kv_cache_memory=4 << 20, block_size=4, max_num_batched_tokens=24))
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
+    ids = [engine.add_request(p, params) for p in prompts]
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            done[out.request_id] = out.outputs[0]
+    return [done[i] for i in ids], ran
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch,l,G", [("llama", 6, 1), ("llama", 3, 1), ("llama", 2, 2), ("llama", 3, 3),
+                                      ("qwen2", 6, 1), ("qwen2", 2, 2), ("qwen2", 3, 3)])  # (qwen2 3/1: one token)
+def test_engine_greedy_with_fused_decode_matches_eager_and_full_sequence(monkeypatch, arch, l, G):
+    from swiftkv.models.full_sequence import greedy_generate
+
+    model = _compact_model(arch, l, G)
+    shared = list(range(20, 33))  # 13 tokens: three full 4-token blocks cached and hit by the later prompts
+    prompts = [[5, 9, 17, 3], shared + [7, 1], list(range(1, 30)), shared + [2], [100] * 11, shared + [8, 8, 8]]
+    for var in KERNEL_SWITCHES:
+        monkeypatch.setenv(var, "0")
+    refs = [greedy_generate(model, p, 8) for p in prompts]
+    assert len({t for r in refs for t in r}) >= 4, refs  # varied outputs, so equality means something
+    for var in KERNEL_SWITCHES:
+        monkeypatch.delenv(var)
+
+    fused, ran = _run_engine(model, prompts, 8, monkeypatch, fused=True)
+    assert model.fused_decoder is not None
+    assert [o.token_ids for o in fused] == refs
+    assert any(m > 4 for m in ran) and any(m <= 4 for m in ran), ran  # both the panel GEMM and the gemv ran
+
+    eager, ran = _run_engine(model, prompts, 8, monkeypatch, fused=False)
+    assert ran == [] and [o.token_ids for o in eager] == refs
+    for f, e in zip(fused, eager):
+        torch.testing.assert_close([lp.logprob for lp in f.logprobs], [lp.logprob for lp in e.logprobs],
+                                   atol=1e-4, rtol=0)
+
+
+@needs_kernels
+def test_fused_decoder_applies_only_where_it_can(monkeypatch):
+    """None (eager layers) for weights without a compact form, SwiftKV adapters, or switched off."""
+    from swiftkv.config import SwiftKVConfig
+    from swiftkv.models.llama import LlamaForCausalLM
+    from swiftkv.transform import to_swiftkv
+
+    model = _compact_model("llama", 3, 1)
+    model.fuse_for_inference()
+    assert model.fused_decoder is not None
+
+    plain = LlamaForCausalLM(tiny_hf_model("llama").config)  # random fp32 weights: no compact form
+    plain.fuse_for_inference()
+    assert plain.fused_decoder is None
+
+    adapted = to_swiftkv(_compact_model("llama", 6, 1), SwiftKVConfig(6, 3, 1), adapter_rank=2)
+    adapted.fuse_for_inference()
+    assert adapted.fused_decoder is None
+
+    monkeypatch.setenv("SWIFTKV_FUSED_DECODE", "0")
+    assert fused_decode.kernel() is None
+    monkeypatch.setenv("SWIFTKV_FUSED_DECODE", "1")
+    monkeypatch.setenv("SWIFTKV_CPU_OPS", "0")  # one of the kernels it is made of
+    assert fused_decode.kernel() is None
