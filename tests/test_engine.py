@@ -9,6 +9,7 @@ from conftest import tiny_hf_model
 from swiftkv.config import SwiftKVConfig
 from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
 from swiftkv.engine.model_runner import kv_bytes_per_token
+from swiftkv.layers import fused_decode
 from swiftkv.models.full_sequence import full_logits, greedy_generate
 from swiftkv.models.loader import load_model
 from swiftkv.sampling_params import SamplingParams
@@ -21,7 +22,18 @@ L = 6
 def base(tmp_path_factory):
     path = tmp_path_factory.mktemp("base")
     tiny_hf_model("llama", num_hidden_layers=L).save_pretrained(path)
-    return load_model(path)[0]
+    model = load_model(path)[0]
+    _bf16_values(model)
+    return model
+
+
+def _bf16_values(model) -> None:
+    """Projections with bf16 values (as a bf16 checkpoint loads): they have a compact form, so on a CPU
+    with the kernels every test here also runs decode through the fused layers (layers/fused_decode.py)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in n:
+                p.copy_(p.bfloat16().float())
 
 
 def _model(base, l, G):
@@ -33,6 +45,7 @@ def _model(base, l, G):
         for n, p in model.named_parameters():
             if "swiftkv" in n:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    _bf16_values(model)
     return model
 
 
@@ -53,7 +66,9 @@ def _run(engine, prompts, params):
 
 def _engine(model, blocks=512, block_size=4, **kw):
     bytes_per_block = kv_bytes_per_token(model.config, model.active_config, torch.float32) * block_size
-    return LLMEngine(model, None, EngineConfig(kv_cache_memory=blocks * bytes_per_block, block_size=block_size, **kw))
+    engine = LLMEngine(model, None, EngineConfig(kv_cache_memory=blocks * bytes_per_block, block_size=block_size, **kw))
+    assert model.fused_decoder is not None or fused_decode.kernel() is None  # decode really runs fused here
+    return engine
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -111,7 +126,8 @@ def test_engine_cache_really_shrinks(base):
     assert e_skv.kv_bytes_per_token * 6 == e_base.kv_bytes_per_token * 4
 
 
-def test_later_layers_and_lm_head_only_see_logits_tokens(base):
+def test_later_layers_and_lm_head_only_see_logits_tokens(base, monkeypatch):
+    monkeypatch.setenv("SWIFTKV_FUSED_DECODE", "0")  # eager layers, so the module hooks see every call
     model = _model(base, 3, 1)
     rows = {"layer3": [], "layer2": [], "lm_head": []}
     hooks = [
@@ -320,3 +336,24 @@ def test_set_swiftkv_with_a_live_engine(base):
     assert llm.engine.runner.kv_cache.shape[0] == L  # one KV owner per layer again
     llm.set_swiftkv(True)
     assert llm.generate([prompt], params)[0].outputs[0].token_ids == swiftkv_out
+
+
+def test_kv_cache_takes_memory_as_its_blocks_fill(base):
+    """A large KV cache (2 GiB here) is reserved, not written: the process grows by what the requests
+    use, so a generous ``kv_cache_memory`` (the benchmarks give every engine 4 GiB) costs nothing idle."""
+    import os
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    if not os.path.exists("/proc/self/statm"):
+        pytest.skip("needs Linux's /proc to read the resident set size")
+    before = rss()
+    engine = LLMEngine(base, None, EngineConfig(kv_cache_memory=2 << 30, block_size=4))
+    assert engine.runner.kv_cache.numel() * 4 > (2 << 30) - (1 << 20)
+    assert rss() - before < 256 << 20
+    prompts = _prompts([5, 23])
+    outs = _run(engine, prompts, GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == [greedy_generate(base, p, 8) for p in prompts]
+    assert float(engine.runner.kv_cache[:, :, :, -1].abs().sum()) == 0.0  # unused blocks read as zeros

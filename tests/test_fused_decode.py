@@ -56,6 +56,15 @@ def _run_engine(model, prompts, max_tokens, monkeypatch, fused: bool):
         return out
 
     monkeypatch.setattr(fused_decode.FusedDecoder, "run", counted)
+    store = fused_decode.FusedDecoder.store_swiftkv
+
+    def counted_store(self, h, *a):
+        done = store(self, h, *a)
+        if done:
+            ran.append("store")
+        return done
+
+    monkeypatch.setattr(fused_decode.FusedDecoder, "store_swiftkv", counted_store)
     engine = LLMEngine(model, config=EngineConfig(kv_cache_memory=4 << 20, block_size=4, max_num_batched_tokens=24))
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
     ids = [engine.add_request(p, params) for p in prompts]
@@ -85,7 +94,9 @@ def test_engine_greedy_with_fused_decode_matches_eager_and_full_sequence(monkeyp
     fused, ran = _run_engine(model, prompts, 8, monkeypatch, fused=True)
     assert model.fused_decoder is not None
     assert [o.token_ids for o in fused] == refs
-    assert any(m > 4 for m in ran) and any(m <= 4 for m in ran), ran  # both the panel GEMM and the gemv ran
+    rows = [m for m in ran if m != "store"]
+    assert any(m > 4 for m in rows) and any(m <= 4 for m in rows), ran  # both the panel GEMM and the gemv ran
+    assert ("store" in ran) == (l < 6)  # SingleInputKV's K/V stored in the same native way
 
     eager, ran = _run_engine(model, prompts, 8, monkeypatch, fused=False)
     assert ran == [] and [o.token_ids for o in eager] == refs

@@ -6,6 +6,9 @@ AcrossKV it is really smaller, not just shared.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from swiftkv.config import SwiftKVConfig
@@ -23,6 +26,15 @@ def kv_bytes_per_token(config, skv: SwiftKVConfig, dtype: torch.dtype) -> int:
     return skv.num_kv_owners * 2 * config.num_key_value_heads * head_dim * elem
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros; on CPU from ``calloc`` (numpy's zeros), whose pages the OS maps on first write: a large KV
+    cache takes memory as its blocks fill, not all at once (``torch.zeros`` writes every page)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int) -> None:
         self.model = model
@@ -34,10 +46,8 @@ class ModelRunner:
         self.skv = model.active_config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         # [owners, K/V, kv_heads, blocks, block_size, head_dim], allocated once
-        self.kv_cache = torch.zeros(
-            self.skv.num_kv_owners, 2, cfg.num_key_value_heads, num_blocks, block_size, head_dim,
-            dtype=self.dtype, device=self.device,
-        )
+        self.kv_cache = _zeros((self.skv.num_kv_owners, 2, cfg.num_key_value_heads, num_blocks, block_size, head_dim),
+                               self.dtype, self.device)
         self.sampler = Sampler()
         self.eos_token_ids: set[int] = set()  # set by the engine: masked before min_tokens
 

@@ -46,9 +46,15 @@ class _Step(ctypes.Structure):
                 ("block_tables", _P), ("kv_lens", _P), ("scratch", _P), ("gemv_rows", _I64), ("nthreads", ctypes.c_int)]
 
 
+class _StoreKV(ctypes.Structure):
+    _fields_ = [("norm", _P), ("kv", _Weight), ("owners", _P), ("n", _I64)]
+
+
 _FUNCTIONS = {
     "fused_decode_layers": (ctypes.c_int, [_P, _I64, _P]),
     "fused_decode_scratch_floats": (_I64, [_I64] * 6),
+    "fused_decode_store_kv": (ctypes.c_int, [_P, _P]),
+    "fused_decode_store_kv_scratch_floats": (_I64, [_I64] * 3),
 }
 
 
@@ -124,29 +130,71 @@ class FusedDecoder:
             end: int, swiftkv: bool) -> torch.Tensor | None:
         """Layers ``start..end-1`` on ``h [M, hidden]`` (one query per sequence over the paged cache);
         None (nothing done) where the step is not one it takes."""
-        cache = meta.kv_cache
-        m = h.shape[0]
-        if (cache is None or torch.is_grad_enabled() or not 1 <= m <= compact_weights.GEMM_MAX_ROWS
-                or h.dtype != torch.float32 or cache.dtype != torch.float32 or h.device.type != "cpu"
-                or not cache.is_contiguous() or any(n != 1 for n in meta.q_lens) or (lib := kernel()) is None):
-            return None
         layers = self._layers(skv, swiftkv)
         stores = any(not (swiftkv and skv.is_swiftkv_layer(i)) for i in range(start, end))
-        if layers is None or (stores and meta.slot_mapping is None):
+        if layers is None or (lib := self._takes(h, meta, stores)) is None:
             return None
+        h = h.contiguous().clone()  # updated in place
         hidden, heads, kv_heads, d, inter = self.dims
-        h, cos, sin = h.contiguous().clone(), cos.contiguous(), sin.contiguous()  # h: updated in place
+        scratch = torch.empty(lib.fused_decode_scratch_floats(h.shape[0], hidden, heads, kv_heads, d, inter))
+        step, _keep = self._step(h, cos, sin, meta, stores, scratch)
+        _check(lib.fused_decode_layers(ctypes.byref(layers, start * ctypes.sizeof(_Layer)), end - start,
+                                       ctypes.byref(step)))
+        return h
+
+    def store_swiftkv(self, h_l: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta) -> bool:
+        """SingleInputKV's K/V of every later KV owner from ``h_l [M, hidden]`` into the paged cache
+        (:meth:`~swiftkv.models.llama.SwiftKVCausalLM.store_swiftkv` in one call); False where the step
+        is not one it takes (then nothing was done)."""
+        store = self._store_kv()
+        if store is None or (lib := self._takes(h_l, meta, True)) is None:
+            return False
+        h_l = h_l.contiguous()
+        scratch = torch.empty(lib.fused_decode_store_kv_scratch_floats(h_l.shape[0], self.dims[0],
+                                                                       store.kv.out_features))
+        step, _keep = self._step(h_l, cos, sin, meta, True, scratch)
+        _check(lib.fused_decode_store_kv(ctypes.byref(store), ctypes.byref(step)))
+        return True
+
+    def _store_kv(self) -> _StoreKV | None:
+        """The SingleInputKV store's descriptor (None: not a SwiftKV model, or no compact form)."""
+        if not hasattr(self, "_store"):
+            m, skv = self.model, self.model.swiftkv_config
+            kv = _weight(getattr(m.model, "kv_proj_swiftkv_fused", None))
+            norm = getattr(m.model, "norm_swiftkv", None)
+            if kv is None or norm is None or norm.weight.dtype != torch.float32 or norm.eps != self.eps:
+                self._store = None
+            else:
+                self._owners = torch.tensor([skv.kv_owner(i) for i in skv.group_leaders])
+                self._store = _StoreKV(norm.weight.data_ptr(), kv, self._owners.data_ptr(), len(self._owners))
+        return self._store
+
+    def _takes(self, h: torch.Tensor, meta, stores: bool) -> ctypes.CDLL | None:
+        """The library, where the step is one the fused calls take: one query per sequence over an fp32
+        CPU paged cache, at most ``GEMM_MAX_ROWS`` rows, no gradient, slots known where K/V are stored."""
+        cache = meta.kv_cache
+        if (cache is None or torch.is_grad_enabled() or not 1 <= h.shape[0] <= compact_weights.GEMM_MAX_ROWS
+                or h.dtype != torch.float32 or cache.dtype != torch.float32 or h.device.type != "cpu"
+                or not cache.is_contiguous() or any(n != 1 for n in meta.q_lens)
+                or (stores and meta.slot_mapping is None)):
+            return None
+        return kernel()
+
+    def _step(self, h, cos, sin, meta, stores: bool, scratch: torch.Tensor) -> tuple[_Step, list[torch.Tensor]]:
+        """The C view of this step, and the tensors it points into (to keep alive during the call)."""
+        hidden, heads, kv_heads, d, inter = self.dims
+        cos, sin = cos.contiguous(), sin.contiguous()
         if meta._kv_lens is None:
             meta._kv_lens = torch.tensor(meta.kv_lens)
-        tables = meta.block_tables.contiguous()
+        cache, tables = meta.kv_cache, meta.block_tables.contiguous()
         slots = meta.slot_mapping.contiguous() if stores else None
-        scratch = torch.empty(lib.fused_decode_scratch_floats(m, hidden, heads, kv_heads, d, inter))
-        step = _Step(m, hidden, heads, kv_heads, d, inter, self.eps, h.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                     cache.data_ptr(), cache.shape[3], cache.shape[4], tables.shape[1],
+        step = _Step(h.shape[0], hidden, heads, kv_heads, d, inter, self.eps, h.data_ptr(), cos.data_ptr(),
+                     sin.data_ptr(), cache.data_ptr(), cache.shape[3], cache.shape[4], tables.shape[1],
                      None if slots is None else slots.data_ptr(), tables.data_ptr(), meta._kv_lens.data_ptr(),
                      scratch.data_ptr(), compact_weights.GEMV_ROWS, torch.get_num_threads())
-        rc = lib.fused_decode_layers(ctypes.byref(layers, start * ctypes.sizeof(_Layer)), end - start,
-                                     ctypes.byref(step))
-        if rc != 0:
-            raise RuntimeError(f"fused decode layers failed ({'out of memory' if rc == -2 else 'bad shapes'})")
-        return h
+        return step, [cos, sin, tables, slots, scratch]
+
+
+def _check(rc: int) -> None:
+    if rc != 0:
+        raise RuntimeError(f"fused decode failed ({'out of memory' if rc == -2 else 'bad shapes'})")

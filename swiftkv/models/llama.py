@@ -265,6 +265,9 @@ class SwiftKVCausalLM:
 
     def store_swiftkv(self, h_l: torch.Tensor, cos, sin, meta: AttentionMetadata) -> None:
         """SingleInputKV: K/V of every later KV owner from the residual stream entering layer l."""
+        fused_decoder = getattr(self, "fused_decoder", None)  # decode steps: in one native call
+        if fused_decoder is not None and fused_decoder.store_swiftkv(h_l, cos, sin, meta):
+            return
         skv, n = self.swiftkv_config, h_l.shape[0]
         x = self.model.norm_swiftkv(h_l)
         fused = getattr(self.model, "kv_proj_swiftkv_fused", None)
@@ -298,7 +301,8 @@ class SwiftKVCausalLM:
         h, cos, sin = self.embed_prefix(input_ids, positions, meta, l)
         if self.swiftkv_enabled:
             self.store_swiftkv(h, cos, sin, meta)
-        if logits_seq_ids is not None:
+        every_token = h.shape[0] == meta.num_seqs and logits_seq_ids == list(range(h.shape[0]))  # decode
+        if logits_seq_ids is not None and not every_token:
             # keep only the tokens that need logits: the last token of each listed sequence
             ends = torch.tensor(meta.q_lens, device=h.device).cumsum(0) - 1
             idx = ends[logits_seq_ids]

@@ -114,3 +114,36 @@ int fused_decode_layers(const Layer *layers, int64_t n, const Step *s) {
     }
     return 0;
 }
+
+typedef struct {
+    const float *norm;  /* norm_swiftkv */
+    Weight kv;          /* [k_0; v_0; k_1; v_1; ...] of the group leaders, from the layer-l input */
+    const int64_t *owners; /* [n] KV owner of each leader */
+    int64_t n;
+} StoreKV;
+
+/* SingleInputKV: the K/V of every later KV owner from the residual stream entering layer l (s->h, not
+ * modified): RMSNorm, one projection for all leaders, rotary on each K, the store into the cache. */
+int fused_decode_store_kv(const StoreKV *d, const Step *s) {
+    const int64_t M = s->M, N = s->hidden, Hkv = s->Hkv, D = s->D, row = d->n * 2 * Hkv * D;
+    if (N % 8 || D % 16 || M < 1 || d->kv.out_features != row) return -1;
+    float *x = s->scratch, *kv = x + M * N, *xsum = kv + M * row;
+    int rc = rms_norm(s->h, N, d->norm, x, M, N, s->eps, s->nthreads);
+    if (!rc) rc = linear(&d->kv, x, M, kv, xsum, s);
+    for (int64_t j = 0; !rc && j < d->n; j++) /* the K heads of leader j: Hkv rows of D, `row` apart */
+        rc = rotary_inplace(kv + j * 2 * Hkv * D, M, Hkv, D, row, s->cos, s->sin, s->nthreads);
+    if (rc) return rc;
+    const int64_t head = s->num_blocks * s->block_size * D;
+    for (int64_t j = 0; j < d->n; j++) {
+        float *kc = s->kv_cache + d->owners[j] * 2 * Hkv * head, *vc = kc + Hkv * head;
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t h = 0; h < Hkv; h++) {
+                memcpy(kc + h * head + s->slots[m] * D, kv + m * row + (j * 2 * Hkv + h) * D, sizeof(float) * D);
+                memcpy(vc + h * head + s->slots[m] * D, kv + m * row + ((j * 2 + 1) * Hkv + h) * D, sizeof(float) * D);
+            }
+    }
+    return 0;
+}
+
+/* Floats of scratch fused_decode_store_kv needs for M rows. */
+int64_t fused_decode_store_kv_scratch_floats(int64_t M, int64_t N, int64_t row) { return M * (N + row + N / 32 + 1); }
