@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_hf_model
+
 from swiftkv.config import SwiftKVConfig
 from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
 from swiftkv.engine.model_runner import kv_bytes_per_token
