@@ -90,6 +90,9 @@ class FusedDecoder:
         self.dims = (cfg.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim, cfg.intermediate_size)
         self.eps = float(model.model.layers[0].input_layernorm.eps)
         self._arrays: dict[tuple, ctypes.Array | None] = {}
+        # every tensor a descriptor points into: kept alive here, so a later change to the model (against
+        # the rule above) leaves stale values, never dangling pointers
+        self._alive: list = []
 
     @classmethod
     def build(cls, model) -> FusedDecoder | None:
@@ -121,6 +124,8 @@ class FusedDecoder:
                 if any(w is None for w in ws):
                     descs = None
                     break
+                self._alive += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight, attn.o_proj.forward,
+                                mlp.gate_up, mlp.down_proj.forward, attn.q_proj_swiftkv.forward if swift else attn.qkv]
                 descs.append(_Layer(layer.input_layernorm.weight.data_ptr(),
                                     layer.post_attention_layernorm.weight.data_ptr(), *ws, skv.kv_owner(i), int(swift)))
             self._arrays[key] = None if descs is None else (_Layer * len(descs))(*descs)
@@ -166,6 +171,7 @@ class FusedDecoder:
                 self._store = None
             else:
                 self._owners = torch.tensor([skv.kv_owner(i) for i in skv.group_leaders])
+                self._alive += [norm.weight, m.model.kv_proj_swiftkv_fused]
                 self._store = _StoreKV(norm.weight.data_ptr(), kv, self._owners.data_ptr(), len(self._owners))
         return self._store
 
