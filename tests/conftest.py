@@ -37,6 +37,26 @@ def tiny_hf_model(arch: str = "llama", seed: int = 0, **overrides):
     return model
 
 
+def to_distinct_swiftkv(model, l: int, G: int, bf16: bool = False):
+    """``model`` (L layers) converted to SwiftKV ``(l, G)``, its new tensors moved off their initial copies
+    so an engine that ignored them would differ; bf16 values when ``bf16`` (as distillation ships
+    them). ``l == L``: the model itself."""
+    from swiftkv.config import SwiftKVConfig
+    from swiftkv.transform import to_swiftkv
+
+    L = model.config.num_hidden_layers
+    if l == L:
+        return model
+    model = to_swiftkv(model, SwiftKVConfig(L, l, G))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "_swiftkv" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.05)
+                if bf16:
+                    p.copy_(p.bfloat16().float())
+    return model
+
+
 @pytest.fixture
 def hf_dir(tmp_path):
     """Factory: save a tiny transformers model to a directory and return (path, hf_model)."""

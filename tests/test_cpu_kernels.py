@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_hf_model, to_distinct_swiftkv
 
-from conftest import tiny_hf_model
 from swiftkv.layers import cpu_ops, paged_attention
 from swiftkv.layers.attention import _sdpa
 from swiftkv.layers.rotary import apply_rotary
@@ -102,22 +102,15 @@ def test_split_bottom_right_causal_attention_matches_masked_sdpa(q_len, kv_len):
 def test_engine_greedy_matches_full_sequence_on_torch_ops(monkeypatch, l, G, kernels):
     """Reference: the full-sequence model with every kernel off (PyTorch only). The engine runs with
     the kernels on, or off (its PyTorch fallback), with prompts chunked across steps."""
-    from swiftkv.config import SwiftKVConfig
     from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
     from swiftkv.models.full_sequence import greedy_generate
     from swiftkv.models.llama import LlamaForCausalLM
     from swiftkv.sampling_params import SamplingParams
-    from swiftkv.transform import to_swiftkv
 
     hf = tiny_hf_model("llama", num_hidden_layers=6)
     model = LlamaForCausalLM(hf.config)
     model.load_state_dict(hf.state_dict(), strict=False)
-    if l < 6:
-        model = to_swiftkv(model, SwiftKVConfig(6, l, G))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "swiftkv" in name:
-                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.05)
+    model = to_distinct_swiftkv(model, l, G)
     prompts = [[5, 9, 17, 3], list(range(1, 40)), [100] * 23]
     for var in ("SWIFTKV_PAGED_ATTENTION", "SWIFTKV_CPU_OPS", "SWIFTKV_COMPACT_WEIGHTS"):
         monkeypatch.setenv(var, "0")

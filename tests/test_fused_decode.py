@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_hf_model
+from conftest import tiny_hf_model, to_distinct_swiftkv
 from test_compact_weights import quantize_q4_1
 
 from swiftkv.layers import fused_decode
@@ -20,9 +20,7 @@ KERNEL_SWITCHES = ("SWIFTKV_PAGED_ATTENTION", "SWIFTKV_CPU_OPS", "SWIFTKV_COMPAC
 def _compact_model(arch: str, l: int, G: int):
     """A tiny model whose projections have compact forms, as the built-in model's do: GGUF-like Q4_1
     blocks for the original ones, bf16 values for the SwiftKV ones (as distillation ships them)."""
-    from swiftkv.config import SwiftKVConfig
     from swiftkv.models.llama import LlamaForCausalLM
-    from swiftkv.transform import to_swiftkv
 
     hf = tiny_hf_model(arch, seed=2, hidden_size=64, intermediate_size=128, num_hidden_layers=6)  # varied greedy outputs
     model = LlamaForCausalLM(hf.config)
@@ -31,14 +29,7 @@ def _compact_model(arch: str, l: int, G: int):
         for name, p in model.named_parameters():
             if p.dim() == 2 and "embed" not in name:
                 p.copy_(quantize_q4_1(p))
-    if l < 6:
-        model = to_swiftkv(model, SwiftKVConfig(6, l, G))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "_swiftkv" in name:
-                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.05)
-                    p.copy_(p.bfloat16().float())
-    return model
+    return to_distinct_swiftkv(model, l, G, bf16=True)
 
 
 def _run_engine(model, prompts, max_tokens, monkeypatch, fused: bool):

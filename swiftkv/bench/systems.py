@@ -10,6 +10,7 @@ from typing import Protocol
 
 import torch
 
+from swiftkv.bench.env import KV_CACHE_GIB
 from swiftkv.sampling_params import SamplingParams
 
 
@@ -113,7 +114,6 @@ class TransformersSystem:
 
 def swiftkv_systems(model, dtype: str, **llm_kw) -> dict[str, EngineSystem]:
     """swiftkv in SwiftKV mode and in baseline mode (the same engine with l = L), one checkpoint."""
-    from swiftkv.bench.env import KV_CACHE_GIB
     from swiftkv.llm import LLM
 
     llm_kw.setdefault("kv_cache_memory", KV_CACHE_GIB << 30)  # as much as the peers get

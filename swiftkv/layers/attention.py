@@ -37,7 +37,7 @@ class AttentionMetadata:
     # the context and themselves (evaluation packs multiple-choice items this way). None = causal.
     masks: list[torch.Tensor | None] | None = None
     _decode_mask: torch.Tensor | None = None
-    _kv_lens: torch.Tensor | None = None  # kv_lens as a tensor, made once per step for the decode kernel
+    _kv_lens: torch.Tensor | None = None  # see kv_lens_tensor()
     _gather_buf: tuple[torch.Tensor, torch.Tensor] | None = None  # reused by every layer's decode
 
     def __post_init__(self) -> None:
@@ -56,6 +56,12 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return len(self.q_lens)
+
+    def kv_lens_tensor(self) -> torch.Tensor:
+        """``kv_lens`` as an int64 CPU tensor, made once per step (the native decode kernels read it)."""
+        if self._kv_lens is None:
+            self._kv_lens = torch.tensor(self.kv_lens)
+        return self._kv_lens
 
     def select_last(self, seq_ids: list[int]) -> AttentionMetadata:
         """Metadata for one query per listed sequence: its last token (SwiftKV later layers)."""
@@ -129,9 +135,7 @@ class AttentionMetadata:
         (small batches: fewest ops) or two matmuls around a masked softmax (faster from ~8 rows)."""
         kc, vc = self.kv_cache[owner, 0], self.kv_cache[owner, 1]  # [Hkv, blocks, block_size, D]
         if paged_attention.can_run(q, kc):  # in place: no gathered copy
-            if self._kv_lens is None:
-                self._kv_lens = torch.tensor(self.kv_lens)
-            return paged_attention.decode_attention(q, kc, vc, self.block_tables, self._kv_lens)
+            return paged_attention.decode_attention(q, kc, vc, self.block_tables, self.kv_lens_tensor())
         b, heads, d = q.shape
         h, block_size = kc.shape[0], kc.shape[2]
         flat = self.block_tables.flatten()

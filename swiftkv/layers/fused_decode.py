@@ -93,6 +93,7 @@ class FusedDecoder:
         # every tensor a descriptor points into: kept alive here, so a later change to the model (against
         # the rule above) leaves stale values, never dangling pointers
         self._alive: list = []
+        self._store = self._store_kv()
 
     @classmethod
     def build(cls, model) -> FusedDecoder | None:
@@ -119,15 +120,15 @@ class FusedDecoder:
             descs = []
             for i, layer in enumerate(self.model.model.layers):
                 attn, mlp, swift = layer.self_attn, layer.mlp, swiftkv and skv.is_swiftkv_layer(i)
-                ws = [_weight(attn.q_proj_swiftkv.forward if swift else attn.qkv), _weight(attn.o_proj.forward),
-                      _weight(mlp.gate_up), _weight(mlp.down_proj.forward)]
+                lins = [attn.q_proj_swiftkv.forward if swift else attn.qkv, attn.o_proj.forward, mlp.gate_up,
+                        mlp.down_proj.forward]
+                ws = [_weight(lin) for lin in lins]
                 if any(w is None for w in ws):
                     descs = None
                     break
-                self._alive += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight, attn.o_proj.forward,
-                                mlp.gate_up, mlp.down_proj.forward, attn.q_proj_swiftkv.forward if swift else attn.qkv]
-                descs.append(_Layer(layer.input_layernorm.weight.data_ptr(),
-                                    layer.post_attention_layernorm.weight.data_ptr(), *ws, skv.kv_owner(i), int(swift)))
+                norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+                self._alive += norms + lins
+                descs.append(_Layer(*(n.data_ptr() for n in norms), *ws, skv.kv_owner(i), int(swift)))
             self._arrays[key] = None if descs is None else (_Layer * len(descs))(*descs)
         return self._arrays[key]
 
@@ -151,7 +152,7 @@ class FusedDecoder:
         """SingleInputKV's K/V of every later KV owner from ``h_l [M, hidden]`` into the paged cache
         (:meth:`~swiftkv.models.llama.SwiftKVCausalLM.store_swiftkv` in one call); False where the step
         is not one it takes (then nothing was done)."""
-        store = self._store_kv()
+        store = self._store
         if store is None or (lib := self._takes(h_l, meta, True)) is None:
             return False
         h_l = h_l.contiguous()
@@ -163,17 +164,14 @@ class FusedDecoder:
 
     def _store_kv(self) -> _StoreKV | None:
         """The SingleInputKV store's descriptor (None: not a SwiftKV model, or no compact form)."""
-        if not hasattr(self, "_store"):
-            m, skv = self.model, self.model.swiftkv_config
-            kv = _weight(getattr(m.model, "kv_proj_swiftkv_fused", None))
-            norm = getattr(m.model, "norm_swiftkv", None)
-            if kv is None or norm is None or norm.weight.dtype != torch.float32 or norm.eps != self.eps:
-                self._store = None
-            else:
-                self._owners = torch.tensor([skv.kv_owner(i) for i in skv.group_leaders])
-                self._alive += [norm.weight, m.model.kv_proj_swiftkv_fused]
-                self._store = _StoreKV(norm.weight.data_ptr(), kv, self._owners.data_ptr(), len(self._owners))
-        return self._store
+        m, skv = self.model, self.model.swiftkv_config
+        kv = _weight(getattr(m.model, "kv_proj_swiftkv_fused", None))
+        norm = getattr(m.model, "norm_swiftkv", None)
+        if kv is None or norm is None or norm.weight.dtype != torch.float32 or norm.eps != self.eps:
+            return None
+        owners = torch.tensor([skv.kv_owner(i) for i in skv.group_leaders])
+        self._alive += [norm.weight, m.model.kv_proj_swiftkv_fused, owners]
+        return _StoreKV(norm.weight.data_ptr(), kv, owners.data_ptr(), len(owners))
 
     def _takes(self, h: torch.Tensor, meta, stores: bool) -> ctypes.CDLL | None:
         """The library, where the step is one the fused calls take: one query per sequence over an fp32
@@ -189,16 +187,14 @@ class FusedDecoder:
     def _step(self, h, cos, sin, meta, stores: bool, scratch: torch.Tensor) -> tuple[_Step, list[torch.Tensor]]:
         """The C view of this step, and the tensors it points into (to keep alive during the call)."""
         hidden, heads, kv_heads, d, inter = self.dims
-        cos, sin = cos.contiguous(), sin.contiguous()
-        if meta._kv_lens is None:
-            meta._kv_lens = torch.tensor(meta.kv_lens)
+        cos, sin, kv_lens = cos.contiguous(), sin.contiguous(), meta.kv_lens_tensor()
         cache, tables = meta.kv_cache, meta.block_tables.contiguous()
         slots = meta.slot_mapping.contiguous() if stores else None
         step = _Step(h.shape[0], hidden, heads, kv_heads, d, inter, self.eps, h.data_ptr(), cos.data_ptr(),
                      sin.data_ptr(), cache.data_ptr(), cache.shape[3], cache.shape[4], tables.shape[1],
-                     None if slots is None else slots.data_ptr(), tables.data_ptr(), meta._kv_lens.data_ptr(),
+                     None if slots is None else slots.data_ptr(), tables.data_ptr(), kv_lens.data_ptr(),
                      scratch.data_ptr(), compact_weights.GEMV_ROWS, torch.get_num_threads())
-        return step, [cos, sin, tables, slots, scratch]
+        return step, [cos, sin, kv_lens, tables, slots, scratch]
 
 
 def _check(rc: int) -> None:

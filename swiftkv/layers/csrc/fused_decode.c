@@ -69,10 +69,26 @@ static void add_into(float *h, const float *y, int64_t n) {
 
 static int64_t max3(int64_t a, int64_t b, int64_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
 
-/* Floats of scratch a step of M rows needs: x, y [M, hidden]; the projection outputs [M, widest];
- * q, attention [M, H D]; SiLU(gate) * up [M, I]; block sums of a blocked8 input [M, widest input / 32]. */
+/* Where each buffer of a step's scratch starts (in floats), and the total: x, y [M, hidden]; the
+ * projection outputs [M, widest]; q, attention [M, H D]; SiLU(gate) * up [M, I]; block sums of a
+ * blocked8 input [M, widest input / 32]. One place for the sizes and the carving. */
+typedef struct { int64_t x, wide, q, attn, act, y, xsum, total; } Layout;
+
+static Layout layout(int64_t M, int64_t N, int64_t H, int64_t Hkv, int64_t D, int64_t I) {
+    Layout o;
+    o.x = 0;
+    o.wide = o.x + M * N;
+    o.q = o.wide + M * max3((H + 2 * Hkv) * D, 2 * I, 0);
+    o.attn = o.q + M * H * D;
+    o.act = o.attn + M * H * D;
+    o.y = o.act + M * I;
+    o.xsum = o.y + M * N;
+    o.total = o.xsum + M * (max3(N, H * D, I) / 32 + 1);
+    return o;
+}
+
 int64_t fused_decode_scratch_floats(int64_t M, int64_t N, int64_t H, int64_t Hkv, int64_t D, int64_t I) {
-    return M * (2 * N + max3((H + 2 * Hkv) * D, 2 * I, 0) + 2 * H * D + I + max3(N, H * D, I) / 32 + 1);
+    return layout(M, N, H, Hkv, D, I).total;
 }
 
 /* Layers layers[0..n) on the step's M tokens (one per sequence). Returns 0, or the first failing
@@ -80,9 +96,9 @@ int64_t fused_decode_scratch_floats(int64_t M, int64_t N, int64_t H, int64_t Hkv
 int fused_decode_layers(const Layer *layers, int64_t n, const Step *s) {
     const int64_t M = s->M, N = s->hidden, H = s->H, Hkv = s->Hkv, D = s->D, I = s->intermediate;
     if (N % 8 || D % 16 || I % 8 || M < 1) return -1;
-    const int64_t widest = max3((H + 2 * Hkv) * D, 2 * I, 0);
-    float *x = s->scratch, *wide = x + M * N, *q = wide + M * widest, *attn = q + M * H * D, *act = attn + M * H * D,
-          *y = act + M * I, *xsum = y + M * N;
+    const Layout o = layout(M, N, H, Hkv, D, I);
+    float *x = s->scratch + o.x, *wide = s->scratch + o.wide, *q = s->scratch + o.q, *attn = s->scratch + o.attn,
+          *act = s->scratch + o.act, *y = s->scratch + o.y, *xsum = s->scratch + o.xsum;
     const int64_t head = s->num_blocks * s->block_size * D, owner_stride = 2 * Hkv * head;
     for (int64_t li = 0; li < n; li++) {
         const Layer *L = &layers[li];
