@@ -147,7 +147,7 @@ def cmd_distill(args) -> None:
     cfg = DistillConfig(out=args.out, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
                         lr=args.lr, schedule=args.schedule, temperature=args.temperature, mse_weight=args.mse_weight,
                         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, data=args.data,
-                        held_out_fraction=args.held_out_fraction,
+                        held_out_fraction=args.held_out_fraction, feature_cache=args.feature_cache,
                         bf16=resolve_dtype(args.dtype, device) == torch.bfloat16)
     tokenizer = load_tokenizer(path)
     if args.kv_init == "lstsq" and converted and not (args.resume and (Path(args.out) / "trainer_state.pt").exists()):
@@ -268,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (a GPU when one is visible), cpu or cuda; under torchrun "
                    "each process takes GPU LOCAL_RANK (scripts/distill_gpu.sh)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/trainer_state.pt")
+    p.add_argument("--feature-cache", default=None, metavar="DIR",
+                   help="compute the frozen model's states (layer-l input, teacher output) once per conversation "
+                        "into DIR (resumable; 4 bytes x hidden per token) so each epoch runs only the SwiftKV path; "
+                        "runs of one model, l and data can share DIR")
     p.add_argument("--kv-init", choices=["lstsq", "mean"], default="lstsq",
                    help="K/V projection init when converting: least-squares fit on calibration tokens "
                         "(default) or the reference's mean of the group's k/v_proj")

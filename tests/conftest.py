@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -68,6 +70,22 @@ def hf_dir(tmp_path):
         return path, model
 
     return make
+
+
+CHAT_WORDS = "alpha beta gamma delta river stone cloud paper light green small quick answer number".split()
+
+
+def random_chats(n: int, seed: int = 0) -> list[dict]:
+    """``n`` random 1-2 turn chats ({"id", "messages"}) of a 14-word vocabulary (distillation data)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        turns = []
+        for _ in range(rng.randint(1, 2)):
+            turns.append({"role": "user", "content": " ".join(rng.choices(CHAT_WORDS, k=rng.randint(3, 12)))})
+            turns.append({"role": "assistant", "content": " ".join(rng.choices(CHAT_WORDS, k=rng.randint(3, 20)))})
+        out.append({"id": f"c{i}", "messages": turns})
+    return out
 
 
 @pytest.fixture(scope="session")

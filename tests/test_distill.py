@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from conftest import random_chats
 from swiftkv.config import SwiftKVConfig
 from swiftkv.distill.data import iter_json_array, load_conversations, pack_rows, tokenize_with_mask, training_rows
 from swiftkv.distill.data import Batch
@@ -20,25 +20,10 @@ from swiftkv.distill.trainer import DistillConfig, Trainer
 from swiftkv.models.loader import load_model, load_tokenizer
 from swiftkv.transform import to_swiftkv
 
-WORDS = "alpha beta gamma delta river stone cloud paper light green small quick answer number".split()
-
-
-def _chats(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        turns = []
-        for _ in range(rng.randint(1, 2)):
-            turns.append({"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(3, 12)))})
-            turns.append({"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(3, 20)))})
-        out.append({"id": f"c{i}", "messages": turns})
-    return out
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_chat_model_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("data") / "chats.jsonl"
-    data.write_text("\n".join(json.dumps(c) for c in _chats(80)))
+    data.write_text("\n".join(json.dumps(c) for c in random_chats(80)))
     tok = load_tokenizer(tiny_chat_model_dir)
     convs = load_conversations(str(data))
     rows = pack_rows(tok, convs, 64, None, 0, held_out=False, fraction=0.2)

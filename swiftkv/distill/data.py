@@ -116,6 +116,11 @@ class Row:
     def num_tokens(self) -> int:
         return sum(len(d[0]) for d in self.docs)
 
+    @property
+    def num_loss_tokens(self) -> int:
+        """Tokens whose next token is an assistant token (what :class:`Batch` puts the loss on)."""
+        return sum(sum(mask[1:]) for _, mask in self.docs)
+
 
 def pack_rows(tokenizer, convs: list[tuple[str, list[dict]]], seq_len: int, max_tokens: int | None,
               seed: int, held_out: bool, fraction: float = 0.01) -> list[Row]:
@@ -182,6 +187,9 @@ class Batch:
     positions: torch.Tensor  # [N]
     seq_lens: list[int]  # one entry per conversation
     loss_mask: torch.Tensor  # [N] bool: assistant tokens whose next token is predicted
+    # from a FeatureCache (swiftkv.distill.features): the frozen model's states, so a step skips it
+    h_l: torch.Tensor | None = None  # [N, hidden] residual stream entering layer l
+    teacher_hidden: torch.Tensor | None = None  # [num_loss_tokens, hidden] teacher's last layer output
 
     @classmethod
     def from_rows(cls, rows: list[Row]) -> Batch:
@@ -201,4 +209,8 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         """The same batch with its tensors on ``device`` (the model's)."""
-        return Batch(self.input_ids.to(device), self.positions.to(device), self.seq_lens, self.loss_mask.to(device))
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return Batch(self.input_ids.to(device), self.positions.to(device), self.seq_lens, self.loss_mask.to(device),
+                     move(self.h_l), move(self.teacher_hidden))

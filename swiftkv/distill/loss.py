@@ -1,5 +1,6 @@
 """Distillation loss: KL(teacher || SwiftKV) at temperature T over assistant tokens (plus an optional
-MSE on the last layer's input), from one :func:`~swiftkv.models.paired.paired_forward`."""
+MSE on the last layer's input), from one :func:`~swiftkv.models.paired.paired_forward`, or from the
+SwiftKV path alone when the batch carries cached frozen-model features (:mod:`swiftkv.distill.features`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from torch import nn
 
 from swiftkv.distill.data import Batch
 from swiftkv.models.llama import LlamaForCausalLM
-from swiftkv.models.paired import distribution_gap, paired_forward
+from swiftkv.layers.attention import AttentionMetadata
+from swiftkv.models.paired import distribution_gap, paired_forward, swiftkv_tail
 
 
 class DistillModule(nn.Module):
@@ -24,11 +26,22 @@ class DistillModule(nn.Module):
     def forward(self, batch: Batch, loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
         """Sums over this batch's loss tokens times ``loss_scale`` (1 / global loss tokens)."""
         m = self.model
-        states = paired_forward(m, batch.input_ids, batch.positions, batch.seq_lens)
         idx = batch.loss_mask.nonzero().squeeze(1)
-        with torch.no_grad():
-            t_logits = m.logits_at(states.teacher, idx).float()
-        s_logits = m.logits_at(states.swiftkv, idx).float()
+        if batch.h_l is not None:  # frozen-model features from a FeatureCache: only the SwiftKV path runs
+            if self.mse_weight:
+                raise ValueError("the hidden-state MSE needs the teacher's layer states: train without a feature cache")
+            dtype = m.model.embed_tokens.weight.dtype  # what the uncached path's residual stream has
+            h_l, teacher = batch.h_l.to(dtype), batch.teacher_hidden.to(dtype)
+            cos, sin = m.model.rotary_emb(batch.positions, dtype)
+            _, student = swiftkv_tail(m, h_l, cos, sin, AttentionMetadata.full(batch.seq_lens))
+            with torch.no_grad():
+                t_logits = m.logits_at(teacher, torch.arange(teacher.shape[0], device=teacher.device)).float()
+        else:
+            states = paired_forward(m, batch.input_ids, batch.positions, batch.seq_lens)
+            student = states.swiftkv
+            with torch.no_grad():
+                t_logits = m.logits_at(states.teacher, idx).float()
+        s_logits = m.logits_at(student, idx).float()
         kl, agree = distribution_gap(t_logits, s_logits, self.temperature)
         loss = kl
         out = {"kl": kl.detach() * loss_scale}

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from swiftkv.fileio import atomic_write, atomic_write_json, clean_stale_temps
 from swiftkv.distill.data import Batch, Row, load_conversations, pack_rows, training_rows
+from swiftkv.distill.features import FeatureCache
 from swiftkv.distill.loss import DistillModule, trainable_parameters
 
 
@@ -46,6 +47,7 @@ class DistillConfig:
     data: str | None = None
     held_out_fraction: float = 0.01
     bf16: bool = True
+    feature_cache: str | None = None  # directory of cached frozen-model features (swiftkv.distill.features)
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "linear"):
@@ -101,6 +103,14 @@ class Trainer:
         if len(rows) < cfg.batch_size:
             raise ValueError(f"only {len(rows)} packed rows of training data; need at least batch_size={cfg.batch_size}")
         self.rows, self.eval_rows = rows, eval_rows
+        self.features = None
+        if cfg.feature_cache:
+            if self.distributed:
+                raise ValueError("--feature-cache is for single-process runs; under torchrun train without it")
+            if cfg.mse_weight:
+                raise ValueError("--mse-weight needs the teacher's layer states, which the feature cache does not "
+                                 "keep; drop one of the two")
+            self.features = FeatureCache(cfg.feature_cache, model, rows, bf16=cfg.bf16)
         self.total_steps = max(1, len(rows) // cfg.batch_size)
         self.opt = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, betas=(0.9, 0.999),
                                      weight_decay=cfg.weight_decay)
@@ -175,8 +185,9 @@ class Trainer:
 
     def train_step(self) -> dict:
         step_rows = self.rows[self.step * self.cfg.batch_size : (self.step + 1) * self.cfg.batch_size]
-        global_tokens = Batch.from_rows(step_rows).num_loss_tokens
-        batch = Batch.from_rows(self._local_rows(self.step)).to(self.device)
+        global_tokens = sum(r.num_loss_tokens for r in step_rows)
+        local = self._local_rows(self.step)
+        batch = (self.features.batch(local) if self.features else Batch.from_rows(local)).to(self.device)
         with self._autocast():
             # DDP averages gradients over processes: scale so the result is the global mean
             out = self.ddp(batch, loss_scale=self.world / max(1, global_tokens))
@@ -209,6 +220,8 @@ class Trainer:
         return {"eval_kl": kl / n, "eval_agree": agree / n, "eval_tokens": int(n)}
 
     def train(self, progress: bool = True) -> list[dict]:
+        if self.features is not None:  # computes what a previous (killed) build did not
+            self.features.build(self.model, self.cfg.batch_size * self.cfg.seq_len, self._autocast, progress)
         if self.step == 0 and not self.log:
             self.log.append({"step": 0, "tokens": 0, **self.evaluate()})
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not progress or self.rank != 0,

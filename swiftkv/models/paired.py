@@ -49,12 +49,22 @@ def paired_forward(model, input_ids: torch.Tensor, positions: torch.Tensor, seq_
         t = model.run_layers(t_last, cos, sin, m, split, L, skv=teacher)
     out = PairedStates(h_l, t, t_last)
     if swiftkv:
-        m = meta()
-        if l < L:
-            model.store_swiftkv(h_l, cos, sin, m)
-        out.swiftkv_last_input = model.run_layers(h_l, cos, sin, m, l, split, swiftkv=True, skv=skv)
-        out.swiftkv = model.run_layers(out.swiftkv_last_input, cos, sin, m, split, L, swiftkv=True, skv=skv)
+        out.swiftkv_last_input, out.swiftkv = swiftkv_tail(model, h_l, cos, sin, meta())
     return out
+
+
+def swiftkv_tail(model, h_l: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SwiftKV path from the residual stream entering layer l (whole sequences): SingleInputKV's
+    K/V, then layers ``l..L-1``. Returns ``(input of layer L-1, output of the last layer)``; autograd
+    records it when on (distillation trains these layers' SwiftKV tensors)."""
+    skv = model.swiftkv_config
+    L, l = skv.num_layers, skv.num_key_value_layers
+    split = max(l, L - 1)
+    if l < L:
+        model.store_swiftkv(h_l, cos, sin, meta)
+    last_input = model.run_layers(h_l, cos, sin, meta, l, split, swiftkv=True, skv=skv)
+    return last_input, model.run_layers(last_input, cos, sin, meta, split, L, swiftkv=True, skv=skv)
 
 
 def distribution_gap(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
