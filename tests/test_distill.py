@@ -9,16 +9,23 @@ import sys
 
 import pytest
 import torch
-
 from conftest import random_chats
+
 from swiftkv.config import SwiftKVConfig
-from swiftkv.distill.data import iter_json_array, load_conversations, pack_rows, tokenize_with_mask, training_rows
-from swiftkv.distill.data import Batch
-from swiftkv.models.full_sequence import full_logits
+from swiftkv.distill.data import (
+    Batch,
+    iter_json_array,
+    load_conversations,
+    pack_rows,
+    tokenize_with_mask,
+    training_rows,
+)
 from swiftkv.distill.loss import DistillModule, trainable_parameters
 from swiftkv.distill.trainer import DistillConfig, Trainer
+from swiftkv.models.full_sequence import full_logits
 from swiftkv.models.loader import load_model, load_tokenizer
 from swiftkv.transform import to_swiftkv
+
 
 @pytest.fixture(scope="module")
 def setup(tiny_chat_model_dir, tmp_path_factory):

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import random_chats
 
 from swiftkv.config import SwiftKVConfig
 from swiftkv.distill.data import Batch, load_conversations, pack_rows, training_rows
@@ -16,7 +17,6 @@ from swiftkv.distill.loss import DistillModule, trainable_parameters
 from swiftkv.distill.trainer import DistillConfig, Trainer
 from swiftkv.models.loader import load_model, load_tokenizer
 from swiftkv.transform import to_swiftkv
-from conftest import random_chats
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +44,9 @@ def _trainable(model):
 
 
 def _cfg(out, **kw):
-    return DistillConfig(**{**dict(out=str(out), seq_len=64, batch_size=4, lr=1e-2, eval_every=1000, save_every=1000,
-                                   bf16=False), **kw})
+    base = {"out": str(out), "seq_len": 64, "batch_size": 4, "lr": 1e-2, "eval_every": 1000, "save_every": 1000,
+            "bf16": False}
+    return DistillConfig(**{**base, **kw})
 
 
 @pytest.mark.parametrize("l,G", [(3, 1), (2, 2)])

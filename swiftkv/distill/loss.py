@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from swiftkv.distill.data import Batch
-from swiftkv.models.llama import LlamaForCausalLM
 from swiftkv.layers.attention import AttentionMetadata
+from swiftkv.models.llama import LlamaForCausalLM
 from swiftkv.models.paired import distribution_gap, paired_forward, swiftkv_tail
 
 
