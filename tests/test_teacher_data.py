@@ -9,11 +9,7 @@ import pytest
 from conftest import random_chats
 
 from swiftkv.distill.data import is_held_out, load_conversations
-from swiftkv.distill.teacher_data import (
-    first_prompt,
-    select_prompts,
-    write_teacher_data,
-)
+from swiftkv.distill.teacher_data import first_prompt, select_prompts, write_teacher_data
 from swiftkv.llm import LLM
 from swiftkv.sampling_params import SamplingParams
 

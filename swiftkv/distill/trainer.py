@@ -18,13 +18,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from swiftkv.distill.data import (
-    Batch,
-    Row,
-    load_conversations,
-    pack_rows,
-    training_rows,
-)
+from swiftkv.distill.data import Batch, Row, load_conversations, pack_rows, training_rows
 from swiftkv.distill.features import FeatureCache
 from swiftkv.distill.loss import DistillModule, trainable_parameters
 from swiftkv.fileio import atomic_write, atomic_write_json, clean_stale_temps
