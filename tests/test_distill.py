@@ -292,6 +292,14 @@ def test_training_rows_repeat_the_split_in_new_orders_when_the_budget_exceeds_it
     first = [d for r in one_epoch for d in r.docs]
     assert second != first and sorted(map(str, second[:5])) != sorted(map(str, first[:5]))  # a new order
     assert training_rows(tok, convs, 64, 100, 0, fraction=0.2) == pack_rows(tok, convs, 64, 100, 0, False, 0.2)
+    half = split_tokens // 2
+    two = training_rows(tok, convs, 64, half, 0, fraction=0.2, epochs=2)  # two passes over a quarter of the split
+    distinct = {str(d) for r in two for d in r.docs}
+    first_pass = pack_rows(tok, convs, 64, -(-half // 2), 0, False, 0.2)
+    assert distinct == {str(d) for r in first_pass for d in r.docs}
+    assert sum(r.num_tokens for r in two) >= half
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        training_rows(tok, convs, 64, 100, 0, fraction=0.2, epochs=0)
 
 
 def test_device_resolution():

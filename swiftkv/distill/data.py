@@ -144,14 +144,17 @@ def pack_rows(tokenizer, convs: list[tuple[str, list[dict]]], seq_len: int, max_
 
 
 def training_rows(tokenizer, convs: list[tuple[str, list[dict]]], seq_len: int, max_tokens: int, seed: int,
-                  fraction: float = 0.01) -> list[Row]:
-    """Rows of the training split totalling ``max_tokens``: packed in a seeded order, then, while the
-    budget lasts, the same tokenized conversations again in another seeded order (one more epoch)."""
-    rows = pack_rows(tokenizer, convs, seq_len, max_tokens, seed, held_out=False, fraction=fraction)
+                  fraction: float = 0.01, epochs: int = 1) -> list[Row]:
+    """Rows of the training split totalling ``max_tokens``: ``max_tokens / epochs`` of it packed in a
+    seeded order, then, while the budget lasts, the same tokenized conversations again in another
+    seeded order (one more epoch; also when the split is smaller than the budget)."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    rows = pack_rows(tokenizer, convs, seq_len, -(-max_tokens // epochs), seed, held_out=False, fraction=fraction)
     total = sum(r.num_tokens for r in rows)
     if total >= max_tokens or not rows:
         return rows
-    docs = [d for r in rows for d in r.docs]  # the whole split, tokenized once
+    docs = [d for r in rows for d in r.docs]  # the first epoch's conversations, tokenized once
     epoch = 1
     while total < max_tokens:
         order = list(docs)

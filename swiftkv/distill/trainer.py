@@ -47,11 +47,12 @@ class DistillConfig:
     held_out_fraction: float = 0.01
     bf16: bool = True
     feature_cache: str | None = None  # directory of cached frozen-model features (swiftkv.distill.features)
+    epochs: int = 1  # passes over max_tokens / epochs of the data (the feature cache pays from the 2nd)
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "linear"):
             raise ValueError(f"schedule must be cosine or linear, got {self.schedule!r}")
-        for name in ("seq_len", "batch_size", "max_tokens", "eval_every", "save_every"):
+        for name in ("seq_len", "batch_size", "max_tokens", "eval_every", "save_every", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
 
@@ -97,7 +98,8 @@ class Trainer:
         if rows is None or eval_rows is None:
             convs = load_conversations(cfg.data)
             f = cfg.held_out_fraction
-            rows = training_rows(tokenizer, convs, cfg.seq_len, cfg.max_tokens, cfg.seed, fraction=f)  # epochs if short
+            rows = training_rows(tokenizer, convs, cfg.seq_len, cfg.max_tokens, cfg.seed, fraction=f,
+                                 epochs=cfg.epochs)
             eval_rows = pack_rows(tokenizer, convs, cfg.seq_len, None, cfg.seed, held_out=True, fraction=f)[: cfg.eval_rows]
         if len(rows) < cfg.batch_size:
             raise ValueError(f"only {len(rows)} packed rows of training data; need at least batch_size={cfg.batch_size}")
