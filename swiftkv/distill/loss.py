@@ -35,7 +35,7 @@ class DistillModule(nn.Module):
             cos, sin = m.model.rotary_emb(batch.positions, dtype)
             _, student = swiftkv_tail(m, h_l, cos, sin, AttentionMetadata.full(batch.seq_lens))
             with torch.no_grad():
-                t_logits = m.logits_at(teacher, torch.arange(teacher.shape[0], device=teacher.device)).float()
+                t_logits = m.compute_logits(m.model.norm(teacher)).float()  # every cached row is a loss row
         else:
             states = paired_forward(m, batch.input_ids, batch.positions, batch.seq_lens)
             student = states.swiftkv
