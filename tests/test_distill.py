@@ -14,6 +14,8 @@ from conftest import random_chats
 from swiftkv.config import SwiftKVConfig
 from swiftkv.distill.data import (
     Batch,
+    held_out_rows,
+    is_held_out,
     iter_json_array,
     load_conversations,
     pack_rows,
@@ -63,6 +65,20 @@ def test_truncated_json_array_is_parsed_item_by_item(tmp_path):
     f = tmp_path / "t.json"
     f.write_text('[\n {"id": "a", "x": 1},\n {"id": "b", "x": [2, 3]},\n {"id": "c", "x": "broken')
     assert [i["id"] for i in iter_json_array(f)] == ["a", "b"]
+
+
+def test_trainer_log_and_eval_score_the_same_held_out_rows(setup, tmp_path):
+    """The trainer's eval_agree and ``swiftkv eval``'s held-out figures are one metric: the same rows
+    whatever the training seed, from the whole data or from its held-out part only."""
+    path, data, tok, _, _ = setup
+    convs = load_conversations(str(data))
+    docs = lambda rows: [[tuple(ids) for ids, _ in r.docs] for r in rows]  # noqa: E731
+    expect = docs(held_out_rows(tok, [c for c in convs if is_held_out(c[0], 0.2)], 64, 3, fraction=0.2))
+    assert len(expect) == 3 and expect == docs(held_out_rows(tok, convs, 64, 3, fraction=0.2))
+    for seed in (0, 7):
+        cfg = _cfg(tmp_path, out=str(tmp_path / f"s{seed}"), data=str(data), seed=seed, max_tokens=2000,
+                   eval_rows=3, held_out_fraction=0.2)
+        assert docs(Trainer(_student(path), tok, cfg).eval_rows) == expect
 
 
 def test_held_out_split_is_disjoint(setup):

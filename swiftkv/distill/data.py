@@ -143,6 +143,15 @@ def pack_rows(tokenizer, convs: list[tuple[str, list[dict]]], seq_len: int, max_
     return _pack(docs(), seq_len, max_tokens)
 
 
+def held_out_rows(tokenizer, convs: list[tuple[str, list[dict]]], seq_len: int, num_rows: int,
+                  fraction: float = 0.01) -> list[Row]:
+    """The first ``num_rows`` packed rows of the held-out split, in one fixed order whatever the
+    training seed and whether ``convs`` is the whole data or only its held-out part: the rows that
+    every held-out metric scores (the trainer's log and ``swiftkv eval``), so their figures compare."""
+    held = [c for c in convs if is_held_out(c[0], fraction)]
+    return pack_rows(tokenizer, held, seq_len, None, 0, held_out=True, fraction=fraction)[:num_rows]
+
+
 def training_rows(tokenizer, convs: list[tuple[str, list[dict]]], seq_len: int, max_tokens: int, seed: int,
                   fraction: float = 0.01, epochs: int = 1) -> list[Row]:
     """Rows of the training split totalling ``max_tokens``: ``max_tokens / epochs`` of it packed in a

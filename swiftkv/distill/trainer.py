@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from swiftkv.distill.data import Batch, Row, load_conversations, pack_rows, training_rows
+from swiftkv.distill.data import Batch, Row, held_out_rows, load_conversations, training_rows
 from swiftkv.distill.features import FeatureCache
 from swiftkv.distill.loss import DistillModule, trainable_parameters
 from swiftkv.fileio import atomic_write, atomic_write_json, clean_stale_temps
@@ -100,7 +100,7 @@ class Trainer:
             f = cfg.held_out_fraction
             rows = training_rows(tokenizer, convs, cfg.seq_len, cfg.max_tokens, cfg.seed, fraction=f,
                                  epochs=cfg.epochs)
-            eval_rows = pack_rows(tokenizer, convs, cfg.seq_len, None, cfg.seed, held_out=True, fraction=f)[: cfg.eval_rows]
+            eval_rows = held_out_rows(tokenizer, convs, cfg.seq_len, cfg.eval_rows, fraction=f)
         if len(rows) < cfg.batch_size:
             raise ValueError(f"only {len(rows)} packed rows of training data; need at least batch_size={cfg.batch_size}")
         self.rows, self.eval_rows = rows, eval_rows

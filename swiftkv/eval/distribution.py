@@ -8,7 +8,7 @@ import random
 
 import torch
 
-from swiftkv.distill.data import Batch, is_held_out, load_conversations, pack_rows
+from swiftkv.distill.data import Batch, held_out_rows, is_held_out, load_conversations
 from swiftkv.models.paired import distribution_gap, paired_forward
 from swiftkv.eval.loglik import MODES, encode_pair, score_pairs
 
@@ -19,9 +19,10 @@ def held_out_conversations(data: str | None = None) -> list[tuple[str, list[dict
 
 
 @torch.no_grad()
-def held_out_kl(model, tokenizer, convs, num_rows: int = 16, seq_len: int = 512, seed: int = 0) -> dict[str, float]:
-    """Mean per-token KL(teacher || SwiftKV) (temperature 1) and top-1 agreement on assistant tokens."""
-    rows = pack_rows(tokenizer, convs, seq_len, None, seed, held_out=True)[:num_rows]
+def held_out_kl(model, tokenizer, convs, num_rows: int = 16, seq_len: int = 512) -> dict[str, float]:
+    """Mean per-token KL(teacher || SwiftKV) (temperature 1) and top-1 agreement on assistant tokens,
+    over the rows the distillation log's ``eval_agree`` / ``eval_kl`` score (``held_out_rows``)."""
+    rows = held_out_rows(tokenizer, convs, seq_len, num_rows)
     if not rows:
         raise ValueError("no held-out conversations to evaluate on")
     kl = agree = tokens = 0.0

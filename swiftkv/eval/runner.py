@@ -108,7 +108,7 @@ def _extra_checks(model, tokenizer, cfg: EvalConfig) -> dict:
             print(f"skipping held-out chat checks: {e}", file=sys.stderr)
     if cfg.distribution:
         if convs:
-            out["held_out"] = distribution.held_out_kl(model, tokenizer, convs, seed=cfg.seed)
+            out["held_out"] = distribution.held_out_kl(model, tokenizer, convs)
         passages = subset(load_lambada(), cfg.lambada_limit, cfg.seed)
         lam = distribution.lambada(model, tokenizer, passages, cfg.max_batch_tokens)
         lo, hi = paired_bootstrap([(np.array(lam["teacher"]["per_item_acc"]), np.array(lam["swiftkv"]["per_item_acc"]))],
