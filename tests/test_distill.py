@@ -72,7 +72,10 @@ def test_trainer_log_and_eval_score_the_same_held_out_rows(setup, tmp_path):
     whatever the training seed, from the whole data or from its held-out part only."""
     path, data, tok, _, _ = setup
     convs = load_conversations(str(data))
-    docs = lambda rows: [[tuple(ids) for ids, _ in r.docs] for r in rows]  # noqa: E731
+
+    def docs(rows):
+        return [[tuple(ids) for ids, _ in r.docs] for r in rows]
+
     expect = docs(held_out_rows(tok, [c for c in convs if is_held_out(c[0], 0.2)], 64, 3, fraction=0.2))
     assert len(expect) == 3 and expect == docs(held_out_rows(tok, convs, 64, 3, fraction=0.2))
     for seed in (0, 7):
