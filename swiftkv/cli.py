@@ -297,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs of one model, l and data can share DIR")
     p.add_argument("--kv-init", choices=["lstsq", "mean"], default="lstsq",
                    help="K/V projection init when converting: least-squares fit on calibration tokens "
-                        "(default) or the reference's mean of the group's k/v_proj")
+                        "(default; AcrossKV groups share a query-aware K and an o_proj-weighted V) or "
+                        "the reference's mean of the group's k/v_proj")
     p.add_argument("--adapter-rank", type=int, default=0,
                    help="also train rank-r adapters beside o_proj and the MLP of the later layers, used only on "
                         "the SwiftKV path (0 = off, the published checkpoint format)")
