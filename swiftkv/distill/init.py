@@ -64,22 +64,19 @@ def fit_kv_projections(model: LlamaForCausalLM, batch: Batch, ridge: float = 1e-
     residuals = {}
     for leader in skv.group_leaders:
         group = list(range(leader, leader + skv.key_value_group_size))
-        attn = model.model.layers[leader].self_attn
-        if len(group) == 1:
-            fits = {name: (_ridge(x, y := captured[(leader, name)], ridge), y) for name in ("k_proj", "v_proj")}
-            residuals.update({f"model.layers.{leader}.self_attn.{name}_swiftkv": float((x @ w - y).norm() / y.norm())
-                              for name, (w, y) in fits.items()})
-        else:
+        prefix, fits = f"model.layers.{leader}.self_attn", {}
+        if len(group) == 1:  # ridge targets: the layer's own K and V
+            targets = {name: captured[(leader, name)] for name in ("k_proj", "v_proj")}
+        else:  # the shared K is built from the members' fits; V gets a ridge target
             layers = [model.model.layers[j].self_attn for j in group]
-            wk, res_k = _shared_keys(x, layers, [captured[(j, "k_proj")] for j in group],
-                                     [captured[(j, "q_proj")] for j in group], ridge)
-            y = _shared_value_target([captured[(j, "v_proj")] for j in group], layers)
-            wv = _ridge(x, y, ridge)
-            fits = {"k_proj": (wk, None), "v_proj": (wv, y)}
-            residuals[f"model.layers.{leader}.self_attn.k_proj_swiftkv"] = res_k
-            residuals[f"model.layers.{leader}.self_attn.v_proj_swiftkv"] = float((x @ wv - y).norm() / y.norm())
-        for name, (w, _) in fits.items():
-            dst = getattr(attn, f"{name}_swiftkv")
+            fits["k_proj"], residuals[f"{prefix}.k_proj_swiftkv"] = _shared_keys(
+                x, layers, [captured[(j, "k_proj")] for j in group], [captured[(j, "q_proj")] for j in group], ridge)
+            targets = {"v_proj": _shared_value_target([captured[(j, "v_proj")] for j in group], layers)}
+        for name, y in targets.items():
+            fits[name] = _ridge(x, y, ridge)
+            residuals[f"{prefix}.{name}_swiftkv"] = float((x @ fits[name] - y).norm() / y.norm())
+        for name, w in fits.items():
+            dst = getattr(model.model.layers[leader].self_attn, f"{name}_swiftkv")
             dst.weight.copy_(w[: dst.in_features].T)
             if has_bias:
                 dst.bias.copy_(w[dst.in_features])
@@ -97,7 +94,7 @@ def _shared_keys(x, layers, keys: list[torch.Tensor], queries: list[torch.Tensor
     ``q_proj_swiftkv`` in place. Returns (W [d, Hkv*D], mean relative residual of the members' keys)."""
     H, Hkv, D = layers[0].num_heads, layers[0].num_kv_heads, layers[0].head_dim
     xc = x.to(torch.complex64)
-    w_c = [_as_complex(_ridge(x, k, ridge), Hkv, D) for k in keys]  # per member [d, Hkv, D/2]
+    w_c = [_as_complex(w, Hkv, D) for w in _ridge(x, torch.cat(keys, 1), ridge).split(Hkv * D, 1)]  # [d, Hkv, D/2]
     fitted = [xc @ w.flatten(1) for w in w_c]  # per member [N, Hkv*D/2]
     # RMS of the queries reading each (KV head, pair): mean |q|^2 over the tokens and the head's query group
     q_rms = [_as_complex(q, H, D).abs().pow(2).mean(0).view(Hkv, H // Hkv, D // 2).mean(1).sqrt().flatten()
