@@ -18,7 +18,7 @@ def cmd_distill(args) -> None:
     from swiftkv.builtin import resolve_model
     from swiftkv.distill.report import plot_logs, save_trained_tensors
     from swiftkv.distill.trainer import DistillConfig, Trainer
-    from swiftkv.models.llama import adapter_rank_of
+    from swiftkv.models.arch import adapter_rank_of
     from swiftkv.models.loader import load_model, load_tokenizer, save_checkpoint
     from swiftkv.platforms import resolve_device, resolve_dtype
     from swiftkv.transform import to_swiftkv

@@ -67,3 +67,17 @@ def route_through_inference_linear(module: nn.Linear, pack: bool | None = None) 
     """Make ``module(x)`` use an :class:`InferenceLinear` of its current weight (inference only: a
     later change of the weight is not seen)."""
     module.forward = InferenceLinear(module.weight, module.bias, pack)
+
+
+def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate Linear weights (and biases) into one tensor whose slices become the params."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    bias = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears])
+    start = 0
+    for lin in linears:
+        n = lin.out_features
+        lin.weight = nn.Parameter(weight[start : start + n], requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[start : start + n], requires_grad=False)
+        start += n
+    return weight, bias

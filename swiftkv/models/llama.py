@@ -18,70 +18,22 @@ from transformers.activations import ACT2FN
 
 from swiftkv.config import SwiftKVConfig
 from swiftkv.layers import cpu_ops
+from swiftkv.layers.adapter import LowRankAdapter
 from swiftkv.layers.attention import AttentionMetadata
 from swiftkv.layers.fused_decode import FusedDecoder
-from swiftkv.layers.linear import InferenceLinear, route_through_inference_linear
+from swiftkv.layers.linear import (
+    InferenceLinear,
+    fuse_linears,
+    route_through_inference_linear,
+)
 from swiftkv.layers.norm import RMSNorm
 from swiftkv.layers.rotary import RotaryEmbedding, apply_rotary_
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "llama_swiftkv", "qwen2_swiftkv")
-
-
-def check_supported(config) -> None:
-    """Raise a clear ``ValueError`` for architectures or features this model cannot run."""
-    mt = getattr(config, "model_type", None)
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"Unsupported architecture model_type={mt!r} "
-            f"({getattr(config, 'architectures', None)}). Supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
-        )
-    if getattr(config, "sliding_window", None) and (mt == "mistral" or getattr(config, "use_sliding_window", False)):
-        raise ValueError(
-            f"{mt} config uses sliding-window attention (sliding_window={config.sliding_window}), "
-            "which swiftkv does not support; set sliding_window to null for full attention."
-        )
-
-
-def swiftkv_config_of(config) -> SwiftKVConfig:
-    """The SwiftKV layout stored in a (possibly plain) transformers config."""
-    L = config.num_hidden_layers
-    if not getattr(config, "swiftkv", False):
-        return SwiftKVConfig.baseline(L)
-    return SwiftKVConfig(L, config.num_key_value_layers, getattr(config, "key_value_group_size", 1))
-
-
-def adapter_rank_of(config) -> int:
-    """Rank of the optional SwiftKV low-rank adapters (0: none, the published format)."""
-    rank = getattr(config, "swiftkv_adapter_rank", 0) or 0
-    if not isinstance(rank, int) or rank < 0:
-        raise ValueError(f"swiftkv_adapter_rank must be an integer >= 0; got {rank!r}.")
-    return rank
-
-
-class LowRankAdapter(nn.Module):
-    """``x -> B(A(x))``, added beside a frozen module on the SwiftKV path only. ``B`` starts at zero,
-    so a fresh adapter leaves the model unchanged (LoRA's initialisation)."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int) -> None:
-        super().__init__()
-        self.a = nn.Linear(in_features, rank, bias=False)
-        self.b = nn.Linear(rank, out_features, bias=False)
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.a.weight, a=5**0.5)
-        nn.init.zeros_(self.b.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(self.a(x))
-
-
-def _biases(config) -> tuple[bool, bool]:
-    """(q/k/v bias, o bias) for the architecture."""
-    if config.model_type.startswith("qwen2"):
-        return True, False
-    bias = bool(getattr(config, "attention_bias", False))
-    return bias, bias
+from swiftkv.models.arch import (
+    adapter_rank_of,
+    attention_biases,
+    check_supported,
+    swiftkv_config_of,
+)
 
 
 class LlamaMLP(nn.Module):
@@ -97,7 +49,7 @@ class LlamaMLP(nn.Module):
 
     def fuse(self) -> None:
         """Inference: one matmul for gate+up (the parameters become views of the fused weight)."""
-        self.gate_up = InferenceLinear(*_fuse_linears(self.gate_proj, self.up_proj))
+        self.gate_up = InferenceLinear(*fuse_linears(self.gate_proj, self.up_proj))
         route_through_inference_linear(self.down_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,20 +62,6 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Concatenate Linear weights (and biases) into one tensor whose slices become the params."""
-    weight = torch.cat([lin.weight.detach() for lin in linears])
-    bias = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears])
-    start = 0
-    for lin in linears:
-        n = lin.out_features
-        lin.weight = nn.Parameter(weight[start : start + n], requires_grad=False)
-        if bias is not None:
-            lin.bias = nn.Parameter(bias[start : start + n], requires_grad=False)
-        start += n
-    return weight, bias
-
-
 class LlamaAttention(nn.Module):
     def __init__(self, config, layer: int, skv: SwiftKVConfig) -> None:
         super().__init__()
@@ -131,7 +69,7 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         h, q_out, kv_out = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        qkv_bias, o_bias = _biases(config)
+        qkv_bias, o_bias = attention_biases(config)
         self.q_proj = nn.Linear(h, q_out, bias=qkv_bias)
         self.k_proj = nn.Linear(h, kv_out, bias=qkv_bias)
         self.v_proj = nn.Linear(h, kv_out, bias=qkv_bias)
@@ -149,7 +87,7 @@ class LlamaAttention(nn.Module):
         """Inference: one matmul for q/k/v (the parameters become views of the fused weight), and
         every projection through :class:`~swiftkv.layers.linear.InferenceLinear`."""
         if self.q_proj is not None:
-            self.qkv = InferenceLinear(*_fuse_linears(self.q_proj, self.k_proj, self.v_proj))
+            self.qkv = InferenceLinear(*fuse_linears(self.q_proj, self.k_proj, self.v_proj))
         for name in ("o_proj", "q_proj_swiftkv", "k_proj_swiftkv", "v_proj_swiftkv"):
             if getattr(self, name, None) is not None:
                 route_through_inference_linear(getattr(self, name))

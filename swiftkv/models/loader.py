@@ -15,7 +15,8 @@ from safetensors import SafetensorError, safe_open
 
 from swiftkv.fileio import STAMP_FILE, atomic_directory
 from swiftkv.models.registry import BUILTIN_MODELS, DEFAULT_MODEL
-from swiftkv.models.llama import LlamaForCausalLM, check_supported
+from swiftkv.models.arch import check_supported
+from swiftkv.models.llama import LlamaForCausalLM
 from swiftkv.platforms import DTYPES, resolve_dtype
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")

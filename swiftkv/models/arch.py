@@ -1,0 +1,47 @@
+"""What a transformers config describes, as the model definition reads it: whether swiftkv can run
+the architecture, its SwiftKV layout, the optional adapters' rank and the projections' biases."""
+
+from __future__ import annotations
+
+from swiftkv.config import SwiftKVConfig
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "llama_swiftkv", "qwen2_swiftkv")
+
+
+def check_supported(config) -> None:
+    """Raise a clear ``ValueError`` for architectures or features this model cannot run."""
+    mt = getattr(config, "model_type", None)
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"Unsupported architecture model_type={mt!r} "
+            f"({getattr(config, 'architectures', None)}). Supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+    if getattr(config, "sliding_window", None) and (mt == "mistral" or getattr(config, "use_sliding_window", False)):
+        raise ValueError(
+            f"{mt} config uses sliding-window attention (sliding_window={config.sliding_window}), "
+            "which swiftkv does not support; set sliding_window to null for full attention."
+        )
+
+
+def swiftkv_config_of(config) -> SwiftKVConfig:
+    """The SwiftKV layout stored in a (possibly plain) transformers config."""
+    L = config.num_hidden_layers
+    if not getattr(config, "swiftkv", False):
+        return SwiftKVConfig.baseline(L)
+    return SwiftKVConfig(L, config.num_key_value_layers, getattr(config, "key_value_group_size", 1))
+
+
+def adapter_rank_of(config) -> int:
+    """Rank of the optional SwiftKV low-rank adapters (0: none, the published format)."""
+    rank = getattr(config, "swiftkv_adapter_rank", 0) or 0
+    if not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"swiftkv_adapter_rank must be an integer >= 0; got {rank!r}.")
+    return rank
+
+
+def attention_biases(config) -> tuple[bool, bool]:
+    """(q/k/v bias, o bias) for the architecture."""
+    if config.model_type.startswith("qwen2"):
+        return True, False
+    bias = bool(getattr(config, "attention_bias", False))
+    return bias, bias
