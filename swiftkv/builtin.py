@@ -12,7 +12,7 @@ import importlib.metadata
 import sys
 from pathlib import Path
 
-from swiftkv.fileio import atomic_directory, stamp_matches, write_stamp
+from swiftkv.fileio import atomic_directory, cache_dir, stamp_matches, write_stamp
 from swiftkv.models.loader import load_model, resolve_model_path, save_checkpoint
 from swiftkv.models.registry import (
     DEFAULT_MODEL,
@@ -20,7 +20,6 @@ from swiftkv.models.registry import (
     DEFAULT_SWIFTKV_MODEL,
     SHIPPED_DIR,
     SHIPPED_MODELS,
-    cache_dir,
 )
 from swiftkv.transform import to_swiftkv
 

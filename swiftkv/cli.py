@@ -38,16 +38,18 @@ def cmd_convert(args) -> None:
 
     from swiftkv.builtin import resolve_model
     from swiftkv.fileio import check_replaceable
-    from swiftkv.models.loader import load_model, save_checkpoint
-    from swiftkv.transform import to_swiftkv
+    from swiftkv.models.loader import load_config
+    from swiftkv.platforms import resolve_dtype
+    from swiftkv.transform import convert_checkpoint
 
     check_replaceable(Path(args.out), args.overwrite)  # before the slow part
-    base, path = load_model(resolve_model(args.model), dtype=args.dtype)
-    if not base.swiftkv_config.is_baseline:
-        raise ValueError(f"{path} is already a SwiftKV checkpoint (l={base.swiftkv_config.num_key_value_layers}).")
-    skv = layout_from_args(args, base.config.num_hidden_layers)
-    model = to_swiftkv(base, skv)
-    out = save_checkpoint(model, args.out, source_dir=path, overwrite=args.overwrite)
+    path = resolve_model(args.model)
+    config = load_config(path)
+    if getattr(config, "swiftkv", False):
+        raise ValueError(f"{path} is already a SwiftKV checkpoint (l={config.num_key_value_layers}).")
+    skv = layout_from_args(args, config.num_hidden_layers)
+    dtype = None if args.dtype == "checkpoint" else resolve_dtype(args.dtype)
+    out = convert_checkpoint(path, args.out, skv, dtype, args.overwrite, args.max_shard_size)
     print(
         f"wrote {out}: l={skv.num_key_value_layers} of L={skv.num_layers}, G={skv.key_value_group_size}, "
         f"KV bytes/token {skv.kv_bytes_ratio:.3f}x of the original"
@@ -146,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "swiftkv checkpoint)")
     p.add_argument("--overwrite", action="store_true", help="replace --out even if it is a file or another directory")
     p.add_argument("--dtype", default="checkpoint", help="checkpoint (keep the checkpoint's), float32, bfloat16")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB, as transformers)")
     add_swiftkv_layout_args(p)
     p.set_defaults(func=cmd_convert)
 

@@ -21,6 +21,62 @@ _TEMP = re.compile(r"^\..+\.(tmp|old)-(\d+)")
 STAMP_FILE = "swiftkv_stamp.txt"  # what a cached directory was built from
 
 
+def cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/swiftkv`` (default ``~/.cache/swiftkv``): built-in models, compiled kernels."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "swiftkv"
+
+
+def umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: Path) -> None:
+    """Give ``path`` (and, for a directory, everything in it) the permissions any tool gives new files under
+    the user's umask: ``0o666 & ~umask`` for files, ``0o777 & ~umask`` for directories and executables. Temporary
+    directories are made 0700 and some writers (safetensors) make 0600 files: a checkpoint written that way
+    could not be read by another user, or by a server container reading a mounted volume."""
+    mask = umask()
+    paths = [path] + (list(path.rglob("*")) if path.is_dir() and not path.is_symlink() else [])
+    for p in paths:
+        if not p.is_symlink():
+            executable = p.is_dir() or p.stat().st_mode & 0o111
+            os.chmod(p, (0o777 if executable else 0o666) & ~mask)
+
+
+def release_pages(t) -> int:
+    """Drop the resident pages that lie wholly inside a tensor backed by a *file* mapping (``madvise`` with
+    ``MADV_DONTNEED``: the file's bytes are read again if touched). Anonymous memory is never touched: its
+    pages would read back as zeros. Returns the bytes released (0 where nothing applied, e.g. not Linux)."""
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    lo, hi = -(-start // page) * page, end // page * page
+    if hi <= lo or not _in_file_mapping(lo, hi):
+        return 0
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return hi - lo if libc.madvise(lo, hi - lo, 4) == 0 else 0  # 4: MADV_DONTNEED
+
+
+def _in_file_mapping(lo: int, hi: int) -> bool:
+    """Whether ``[lo, hi)`` lies inside one private mapping of a regular file (``/proc/self/maps``)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        a, b = (int(x, 16) for x in fields[0].split("-"))
+        if a <= lo and hi <= b:
+            return len(fields) >= 6 and fields[5].startswith("/") and fields[1][3] == "p" and fields[4] != "0"
+    return False
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place.
 
@@ -31,6 +87,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         write(tmp)
+        apply_umask(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -104,6 +161,7 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterato
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
+        apply_umask(tmp)
         old = None
         if out.exists() or out.is_symlink():
             old = out.parent / f".{out.name}.old-{os.getpid()}"

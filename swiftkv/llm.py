@@ -37,7 +37,7 @@ class LLM:
         from swiftkv.models.registry import DEFAULT_SWIFTKV_MODEL
 
         self.model, self.model_path = load_model(resolve_model(DEFAULT_SWIFTKV_MODEL if model is None else model),
-                                                 dtype=dtype, device=device, swiftkv=swiftkv)
+                                                 dtype=dtype, device=device, swiftkv=swiftkv, for_inference=True)
         self.tokenizer = load_tokenizer(self.model_path)
         config = EngineConfig(max_num_seqs, max_num_batched_tokens, kv_cache_memory, block_size, max_model_len, seed,
                               enable_prefix_caching)
@@ -70,11 +70,19 @@ class LLM:
 
     def set_swiftkv(self, enabled: bool) -> None:
         """Switch between the SwiftKV model and the original one, rebuilding the engine (its KV
-        cache is sized for one layout). Refused while requests are in flight."""
+        cache is sized for one layout; the weights, held once, serve both). Refused while requests are
+        in flight."""
         if self.engine.has_unfinished_requests():
             raise ValueError("requests are in flight; switch SwiftKV on or off between generate() calls")
-        self.model.set_swiftkv(enabled)
-        self.engine = LLMEngine(self.model, self.tokenizer, self.engine.config)
+        config, was = self.engine.config, self.model.swiftkv_enabled
+        self.model.set_swiftkv(enabled)  # checked before anything is freed
+        self.engine = None  # the old KV cache goes before the new one is made; the weights are shared
+        try:
+            self.engine = LLMEngine(self.model, self.tokenizer, config)
+        except BaseException:
+            self.model.set_swiftkv(was)
+            self.engine = LLMEngine(self.model, self.tokenizer, config)
+            raise
 
     def generate(self, prompts: str | list[str] | list[int] | list[list[int]] | None = None,
                  sampling_params: SamplingParams | list[SamplingParams] | None = None, *,

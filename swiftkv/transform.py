@@ -1,4 +1,5 @@
-"""Base model -> SwiftKV model, initialised as the paper and reference code do.
+"""Base model -> SwiftKV model, initialised as the paper and reference code do: in memory
+(:func:`to_swiftkv`) or streamed from checkpoint to checkpoint (:func:`convert_checkpoint`).
 
 ``q_proj_swiftkv`` = copy of ``q_proj``; a group leader's ``k/v_proj_swiftkv`` = mean of its
 AcrossKV group's original ``k_proj``/``v_proj`` (biases too); ``norm_swiftkv`` = copy of layer
@@ -8,10 +9,14 @@ as a no-op: ``B = 0``.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 from swiftkv.config import SwiftKVConfig
 from swiftkv.models.llama import LlamaForCausalLM
+from swiftkv.models.shards import DEFAULT_SHARD_SIZE
 
 
 _SWIFTKV_FIELDS = ("swiftkv", "num_key_value_layers", "key_value_group_size", "swiftkv_adapter_rank")
@@ -51,6 +56,36 @@ def base_hf_config(config):
     return plain
 
 
+def swiftkv_init_plan(config, skv: SwiftKVConfig) -> dict[str, tuple[str, list[str]]]:
+    """The new SwiftKV tensors of a base model with ``config`` (``L`` layers) in layout ``skv``, each as
+    ``name -> ("copy" | "mean", source names)``: ``q_proj_swiftkv`` copies ``q_proj``, a group leader's
+    ``k/v_proj_swiftkv`` is the mean of its group's ``k/v_proj``, ``norm_swiftkv`` copies layer ``l``'s
+    input norm (biases as their weights)."""
+    from swiftkv.models.arch import attention_biases
+
+    L, l, g = skv.num_layers, skv.num_key_value_layers, skv.key_value_group_size
+    qkv_bias = attention_biases(config)[0]
+    parts = ("weight", "bias") if qkv_bias else ("weight",)
+    plan: dict[str, tuple[str, list[str]]] = {}
+    if l < L:
+        plan["model.norm_swiftkv.weight"] = ("copy", [f"model.layers.{l}.input_layernorm.weight"])
+    for i in range(l, L):
+        attn = f"model.layers.{i}.self_attn"
+        for w in parts:
+            plan[f"{attn}.q_proj_swiftkv.{w}"] = ("copy", [f"{attn}.q_proj.{w}"])
+        if skv.is_group_leader(i):
+            for p, w in ((p, w) for p in ("k_proj", "v_proj") for w in parts):
+                plan[f"{attn}.{p}_swiftkv.{w}"] = ("mean", [f"model.layers.{j}.self_attn.{p}.{w}" for j in range(i, i + g)])
+    return plan
+
+
+def initial_tensor(op: str, sources: list[torch.Tensor]) -> torch.Tensor:
+    """One planned tensor (:func:`swiftkv_init_plan`) from its sources, in their dtype (a mean runs in fp32)."""
+    if op == "copy":
+        return sources[0].detach().clone()
+    return torch.stack([t.detach().float() for t in sources]).mean(0).to(sources[0].dtype)
+
+
 @torch.no_grad()
 def to_swiftkv(base: LlamaForCausalLM, skv: SwiftKVConfig, adapter_rank: int = 0) -> LlamaForCausalLM:
     """Return a SwiftKV model sharing ``base``'s tensors, with initialised SwiftKV projections
@@ -66,28 +101,62 @@ def to_swiftkv(base: LlamaForCausalLM, skv: SwiftKVConfig, adapter_rank: int = 0
     model.load_state_dict(state, strict=False, assign=True)
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    layers = model.model.layers
-    L, l, g = skv.num_layers, skv.num_key_value_layers, skv.key_value_group_size
-
-    def new(t: torch.Tensor) -> torch.nn.Parameter:
-        return torch.nn.Parameter(t.detach().clone().to(param.device, param.dtype), requires_grad=False)
-
-    if l < L:
-        model.model.norm_swiftkv.weight = new(layers[l].input_layernorm.weight)
-    for i in range(l, L):
-        attn = layers[i].self_attn
-        attn.q_proj_swiftkv.weight = new(attn.q_proj.weight)
-        if attn.q_proj.bias is not None:
-            attn.q_proj_swiftkv.bias = new(attn.q_proj.bias)
-        if skv.is_group_leader(i):
-            group = [layers[j].self_attn for j in range(i, i + g)]
-            for name in ("k_proj", "v_proj"):
-                dst = getattr(attn, f"{name}_swiftkv")
-                dst.weight = new(torch.stack([getattr(a, name).weight.float() for a in group]).mean(0))
-                if dst.bias is not None:
-                    dst.bias = new(torch.stack([getattr(a, name).bias.float() for a in group]).mean(0))
-        for adapter in (attn.o_adapter_swiftkv, layers[i].mlp_adapter_swiftkv):
+    new = {name: initial_tensor(op, [state[s] for s in sources]).to(param.device, param.dtype)
+           for name, (op, sources) in swiftkv_init_plan(base.config, skv).items()}
+    model.load_state_dict(new, strict=False, assign=True)
+    for i in range(skv.num_key_value_layers, skv.num_layers):
+        layer = model.model.layers[i]
+        for adapter in (layer.self_attn.o_adapter_swiftkv, layer.mlp_adapter_swiftkv):
             if adapter is not None:
                 adapter.to_empty(device=param.device).to(param.dtype).reset_parameters()
     model.eval().requires_grad_(False)
     return model
+
+
+def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, skv: SwiftKVConfig,
+                       dtype: torch.dtype | None = None, overwrite: bool = False,
+                       max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
+    """Convert the checkpoint directory ``src`` into SwiftKV layout ``skv`` at ``out``, tensor by tensor: the
+    base tensors are read one shard's worth at a time (never the whole model) and written, with the new
+    SwiftKV tensors, in shards of ``max_shard_size`` (an index when there are several), so peak memory is
+    about one shard whatever the model's size. ``dtype`` casts floating tensors (None keeps each as stored).
+    Written atomically (:func:`swiftkv.fileio.atomic_directory`), with the user's umask."""
+    from swiftkv.fileio import atomic_directory
+    from swiftkv.models.loader import copy_side_files, load_config, weight_files
+    from swiftkv.models.shards import read_tensor, tensor_index, write_sharded
+
+    src = Path(src)
+    config = load_config(src)
+    if getattr(config, "swiftkv", False):
+        raise ValueError(f"{src} is already a SwiftKV checkpoint (l={config.num_key_value_layers}); convert the "
+                         "original model.")
+    if skv.num_layers != config.num_hidden_layers:
+        raise ValueError(f"SwiftKV config is for {skv.num_layers} layers; the model has {config.num_hidden_layers}.")
+    index = tensor_index(weight_files(src))
+    plan = swiftkv_init_plan(config, skv)
+    missing = sorted({s for _, sources in plan.values() for s in sources} - set(index))
+    if missing:
+        raise ValueError(f"{src} lacks {missing[:3]}, which the SwiftKV tensors are made from; is it complete?")
+    cast = (lambda dt: dtype if dtype is not None and dt.is_floating_point else dt)
+    specs = {n: (cast(info.dtype), info.shape) for n, info in index.items()}
+    specs.update({n: (cast(index[sources[0]].dtype), index[sources[0]].shape) for n, (_, sources) in plan.items()})
+
+    def produce(name: str) -> torch.Tensor:
+        if name in plan:
+            op, sources = plan[name]
+            t = initial_tensor(op, [read_tensor(index[s], s) for s in sources])
+        else:
+            t = read_tensor(index[name], name)
+        return t.to(specs[name][0])
+
+    out = Path(out).resolve()
+    if out == src.resolve():
+        raise ValueError(f"the output directory {out} is the model being read; choose another --out.")
+    with atomic_directory(out, overwrite) as tmp:
+        copy_side_files(src, tmp)
+        write_sharded(tmp, specs, produce, max_shard_size, desc="convert")
+        config = swiftkv_hf_config(config, skv)
+        saved = {dt for dt, _ in specs.values() if dt.is_floating_point}
+        config.dtype = str(saved.pop() if len(saved) == 1 else torch.float32).removeprefix("torch.")
+        (tmp / "config.json").write_text(config.to_json_string())
+    return out

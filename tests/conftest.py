@@ -59,6 +59,33 @@ def to_distinct_swiftkv(model, l: int, G: int, bf16: bool = False):
     return model
 
 
+def gguf_like(out_features: int, in_features: int, kind: str, seed: int = 0) -> torch.Tensor:
+    """fp32 weights as GGUF dequantizes them: Q4_1 (fp16 scale * q + fp16 min, q in 0..15) or
+    Q8_0 (fp16 scale * q, q in -127..127), blocks of 32 inputs."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = (out_features, in_features // 32)
+    d = (torch.rand(*blocks, 1, generator=g) * 0.02 + 1e-3).half().float()
+    if kind == "q4_1":
+        q = torch.randint(0, 16, (*blocks, 32), generator=g).float()
+        q[..., 0], q[..., 1] = 0, 15  # the block's min and max, as quantization makes them
+        m = (-d * (7 + torch.rand(*blocks, 1, generator=g))).half().float()  # roughly zero-mean blocks
+        w = d * q + m
+    else:
+        q = torch.randint(-127, 128, (*blocks, 32), generator=g).float()
+        q[..., 0] = 127
+        w = d * q
+    return w.reshape(out_features, in_features)
+
+
+def quantize_q4_1(w: torch.Tensor) -> torch.Tensor:
+    """``w`` rounded to GGUF Q4_1 and dequantized back to fp32, as llama.cpp's quantizer does."""
+    b = w.reshape(w.shape[0], -1, 32)
+    m = b.amin(-1, keepdim=True).half().float()
+    d = ((b.amax(-1, keepdim=True) - m) / 15).half().float()
+    q = torch.round((b - m) / d).clamp(0, 15)
+    return (d * q + m).reshape(w.shape)
+
+
 @pytest.fixture
 def hf_dir(tmp_path):
     """Factory: save a tiny transformers model to a directory and return (path, hf_model)."""

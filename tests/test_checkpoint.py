@@ -105,7 +105,7 @@ def test_save_is_atomic_on_failure(hf_dir, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("huggingface_hub.save_torch_state_dict", boom)
+    monkeypatch.setattr("swiftkv.models.shards.save_file", boom)
     with pytest.raises(OSError):
         save_checkpoint(model, out)
     assert (out / "model.safetensors").read_bytes() == before  # old checkpoint intact

@@ -4,12 +4,15 @@ engine's greedy output with them against the full-sequence model run on PyTorch'
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_hf_model, to_distinct_swiftkv
 
-from swiftkv.layers import cpu_ops, paged_attention
+from swiftkv.kernels import elementwise as cpu_ops
+from swiftkv.kernels import paged_attention
 from swiftkv.layers.attention import _sdpa
 from swiftkv.layers.rotary import apply_rotary
 
@@ -69,9 +72,11 @@ def test_silu_and_mul_matches_torch():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(37, 2 * 112, generator=g) * 6
     x[0, :8] = torch.tensor([-200.0, -90.0, -30.0, 0.0, 1e-4, 30.0, 90.0, 200.0])  # exp's clamped range
-    gate, up = x.chunk(2, -1)
+    gate, up = x.chunk(2, -1)  # rows 224 floats apart: the kernel reads them in place
     with torch.inference_mode():
-        torch.testing.assert_close(cpu_ops.silu_and_mul(x), F.silu(gate) * up, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(cpu_ops.silu_and_mul(gate, up), F.silu(gate) * up, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(cpu_ops.silu_and_mul(gate.contiguous(), up.contiguous()), F.silu(gate) * up,
+                                   atol=1e-6, rtol=1e-5)
 
 
 @needs_ops
@@ -100,8 +105,9 @@ def test_split_bottom_right_causal_attention_matches_masked_sdpa(q_len, kv_len):
 @pytest.mark.parametrize("kernels", ["on", "off"])
 @pytest.mark.parametrize("l,G", [(6, 1), (3, 1), (2, 2), (3, 3)])
 def test_engine_greedy_matches_full_sequence_on_torch_ops(monkeypatch, l, G, kernels):
-    """Reference: the full-sequence model with every kernel off (PyTorch only). The engine runs with
-    the kernels on, or off (its PyTorch fallback), with prompts chunked across steps."""
+    """Reference: the full-sequence model with every kernel off (PyTorch only). The engine runs its eager
+    layers with the kernels on, or off (its PyTorch fallback), with prompts chunked across steps (the fused
+    decode, which would take the decode steps, is tested in test_fused_decode.py)."""
     from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
     from swiftkv.models.full_sequence import greedy_generate
     from swiftkv.models.llama import LlamaForCausalLM
@@ -119,6 +125,7 @@ def test_engine_greedy_matches_full_sequence_on_torch_ops(monkeypatch, l, G, ker
     if kernels == "on":
         for var in ("SWIFTKV_PAGED_ATTENTION", "SWIFTKV_CPU_OPS", "SWIFTKV_COMPACT_WEIGHTS"):
             monkeypatch.delenv(var)
+    monkeypatch.setenv("SWIFTKV_FUSED_DECODE", "0")
     calls = {}
     for module, name in ((paged_attention, "decode_attention"), (cpu_ops, "rms_norm"), (cpu_ops, "silu_and_mul"),
                          (cpu_ops, "rotary_inplace")):
@@ -128,7 +135,8 @@ def test_engine_greedy_matches_full_sequence_on_torch_ops(monkeypatch, l, G, ker
                 calls[_n] = calls.get(_n, 0) + 1
             return out
         monkeypatch.setattr(module, name, counted)
-    engine = LLMEngine(model, config=EngineConfig(kv_cache_memory=4 << 20, block_size=4, max_num_batched_tokens=16))
+    engine = LLMEngine(copy.deepcopy(model), config=EngineConfig(kv_cache_memory=4 << 20, block_size=4,
+                                                                max_num_batched_tokens=16))
     ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)) for p in prompts]
     done = {}
     while engine.has_unfinished_requests():

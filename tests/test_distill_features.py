@@ -96,7 +96,9 @@ def test_killed_build_resumes_to_the_same_files(setup, tmp_path):
     assert again.complete
     for name in ("h_l.f32", "teacher.f32"):
         a, b = (np.fromfile(d / name, np.float32) for d in (tmp_path / "whole", tmp_path / "part"))
-        assert a.size and np.array_equal(a, b), name
+        # the same values up to float rounding: the resumed build batches conversations differently, and a GEMM's
+        # rounding may depend on its row count (it does with oneDNN's AVX-512 kernels)
+        assert a.size == b.size > 0 and np.allclose(a, b, rtol=1e-5, atol=1e-5), name
 
 
 def test_cached_run_resumes_exactly_and_tracks_the_uncached_run(setup, tmp_path):

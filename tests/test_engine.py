@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import tiny_hf_model
@@ -9,7 +11,7 @@ from conftest import tiny_hf_model
 from swiftkv.config import SwiftKVConfig
 from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
 from swiftkv.engine.model_runner import kv_bytes_per_token
-from swiftkv.layers import fused_decode
+from swiftkv.kernels import fused_decode
 from swiftkv.models.full_sequence import full_logits, greedy_generate
 from swiftkv.models.loader import load_model
 from swiftkv.sampling_params import SamplingParams
@@ -65,9 +67,12 @@ def _run(engine, prompts, params):
 
 
 def _engine(model, blocks=512, block_size=4, **kw):
+    """An engine on a copy of ``model`` (the engine prepares its model for inference, in place: weights in
+    their held form), so ``model`` stays the plain full-sequence reference the tests compare against."""
     bytes_per_block = kv_bytes_per_token(model.config, model.active_config, torch.float32) * block_size
-    engine = LLMEngine(model, None, EngineConfig(kv_cache_memory=blocks * bytes_per_block, block_size=block_size, **kw))
-    assert model.fused_decoder is not None or fused_decode.kernel() is None  # decode really runs fused here
+    config = EngineConfig(kv_cache_memory=blocks * bytes_per_block, block_size=block_size, **kw)
+    engine = LLMEngine(copy.deepcopy(model), None, config)
+    assert engine.runner.fused is not None or fused_decode.library() is None  # decode really runs fused here
     return engine
 
 
@@ -128,7 +133,8 @@ def test_engine_cache_really_shrinks(base):
 
 def test_later_layers_and_lm_head_only_see_logits_tokens(base, monkeypatch):
     monkeypatch.setenv("SWIFTKV_FUSED_DECODE", "0")  # eager layers, so the module hooks see every call
-    model = _model(base, 3, 1)
+    engine = _engine(_model(base, 3, 1), max_num_batched_tokens=512)
+    model = engine.model
     rows = {"layer3": [], "layer2": [], "lm_head": []}
     hooks = [
         model.model.layers[3].register_forward_pre_hook(lambda m, a: rows["layer3"].append(a[0].shape[0])),
@@ -136,7 +142,7 @@ def test_later_layers_and_lm_head_only_see_logits_tokens(base, monkeypatch):
         model.lm_head.register_forward_pre_hook(lambda m, a: rows["lm_head"].append(a[0].shape[0])),
     ]
     try:
-        _run(_engine(model, max_num_batched_tokens=512), _prompts([30, 20]), SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+        _run(engine, _prompts([30, 20]), SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
     finally:
         for h in hooks:
             h.remove()
@@ -147,9 +153,10 @@ def test_later_layers_and_lm_head_only_see_logits_tokens(base, monkeypatch):
 
 def test_baseline_lm_head_only_on_logits_tokens(base):
     seen = []
-    h = base.lm_head.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    engine = _engine(base, max_num_batched_tokens=16)
+    h = engine.model.lm_head.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
     try:
-        _run(_engine(base, max_num_batched_tokens=16), _prompts([30]), SamplingParams(temperature=0, max_tokens=1))
+        _run(engine, _prompts([30]), SamplingParams(temperature=0, max_tokens=1))
     finally:
         h.remove()
     assert seen == [1]  # two partial chunks produced no logits at all
@@ -282,7 +289,7 @@ def test_prefix_caching_under_eviction_preemption_and_aborts(base, l, G):
 # -- requests: n samples, min_tokens, switching modes ---------------------------------------------
 
 def test_n_samples_are_the_seeded_single_requests(base):
-    engine = LLMEngine(_model(base, 3, 1), config=EngineConfig(kv_cache_memory=8 << 20))
+    engine = LLMEngine(copy.deepcopy(_model(base, 3, 1)), config=EngineConfig(kv_cache_memory=8 << 20))
     prompt = _prompts([9])[0]
     params = SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=6, ignore_eos=True)
     rid = engine.add_request(prompt, params)
@@ -305,7 +312,7 @@ def _run_to_end(engine) -> dict:
 
 
 def test_min_tokens_masks_stop_tokens_before_it(base):
-    engine = LLMEngine(base, config=EngineConfig(kv_cache_memory=8 << 20))
+    engine = LLMEngine(copy.deepcopy(base), config=EngineConfig(kv_cache_memory=8 << 20))
     prompt = _prompts([7])[0]
     first = greedy_generate(base, prompt, 1)[0]
     rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=5, stop_token_ids=[first]))
@@ -322,7 +329,7 @@ def test_set_swiftkv_with_a_live_engine(base):
     from swiftkv.llm import LLM
 
     config = EngineConfig(kv_cache_memory=8 << 20)
-    llm = LLM.from_model(_model(base, 2, 2), None, config=config)
+    llm = LLM.from_model(copy.deepcopy(_model(base, 2, 2)), None, config=config)
     prompt, params = _prompts([10])[0], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     swiftkv_out = llm.generate([prompt], params)[0].outputs[0].token_ids
     llm.model.set_swiftkv(False)  # behind the engine's back: its cache is sized for G = 2
@@ -331,7 +338,7 @@ def test_set_swiftkv_with_a_live_engine(base):
     llm.model.set_swiftkv(True)
     llm.engine.abort_request(next(iter(llm.engine.requests)))
     llm.set_swiftkv(False)  # rebuilds the engine for the original layout
-    teacher = LLM.from_model(base, None, config=config)  # the converted model's teacher is the base model
+    teacher = LLM.from_model(copy.deepcopy(base), None, config=config)  # the converted model's teacher: the base
     assert llm.generate([prompt], params)[0].outputs[0].token_ids == teacher.generate([prompt], params)[0].outputs[0].token_ids
     assert llm.engine.runner.kv_cache.shape[0] == L  # one KV owner per layer again
     llm.set_swiftkv(True)
@@ -349,8 +356,10 @@ def test_kv_cache_takes_memory_as_its_blocks_fill(base):
 
     if not os.path.exists("/proc/self/statm"):
         pytest.skip("needs Linux's /proc to read the resident set size")
+    model = copy.deepcopy(base)
+    model.prepare_for_inference()
     before = rss()
-    engine = LLMEngine(base, None, EngineConfig(kv_cache_memory=2 << 30, block_size=4))
+    engine = LLMEngine(model, None, EngineConfig(kv_cache_memory=2 << 30, block_size=4))
     assert engine.runner.kv_cache.numel() * 4 > (2 << 30) - (1 << 20)
     assert rss() - before < 256 << 20
     prompts = _prompts([5, 23])

@@ -5,14 +5,16 @@ and panel-GEMM batches, chunked prompts and prefix-cache hits."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from conftest import tiny_hf_model, to_distinct_swiftkv
-from test_compact_weights import quantize_q4_1
+from conftest import quantize_q4_1, tiny_hf_model, to_distinct_swiftkv
 
+from swiftkv.kernels import fused_decode as fused_kernels
 from swiftkv.layers import fused_decode
 
-needs_kernels = pytest.mark.skipif(fused_decode.kernel() is None,
+needs_kernels = pytest.mark.skipif(fused_kernels.library() is None,
                                    reason="no AVX2/FMA or no C compiler: the fused decode layers cannot run here")
 KERNEL_SWITCHES = ("SWIFTKV_PAGED_ATTENTION", "SWIFTKV_CPU_OPS", "SWIFTKV_COMPACT_WEIGHTS", "SWIFTKV_FUSED_DECODE")
 
@@ -56,14 +58,15 @@ def _run_engine(model, prompts, max_tokens, monkeypatch, fused: bool):
         return done
 
     monkeypatch.setattr(fused_decode.FusedDecoder, "store_swiftkv", counted_store)
-    engine = LLMEngine(model, config=EngineConfig(kv_cache_memory=4 << 20, block_size=4, max_num_batched_tokens=24))
+    engine = LLMEngine(copy.deepcopy(model), config=EngineConfig(kv_cache_memory=4 << 20, block_size=4,
+                                                                max_num_batched_tokens=24))
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
     ids = [engine.add_request(p, params) for p in prompts]
     done = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
             done[out.request_id] = out.outputs[0]
-    return [done[i] for i in ids], ran
+    return [done[i] for i in ids], ran, engine
 
 
 @needs_kernels
@@ -82,41 +85,44 @@ def test_engine_greedy_with_fused_decode_matches_eager_and_full_sequence(monkeyp
     for var in KERNEL_SWITCHES:
         monkeypatch.delenv(var)
 
-    fused, ran = _run_engine(model, prompts, 8, monkeypatch, fused=True)
-    assert model.fused_decoder is not None
+    fused, ran, engine = _run_engine(model, prompts, 8, monkeypatch, fused=True)
+    assert engine.runner.fused is not None
     assert [o.token_ids for o in fused] == refs
     rows = [m for m in ran if m != "store"]
     assert any(m > 4 for m in rows) and any(m <= 4 for m in rows), ran  # both the panel GEMM and the gemv ran
     assert ("store" in ran) == (l < 6)  # SingleInputKV's K/V stored in the same native way
 
-    eager, ran = _run_engine(model, prompts, 8, monkeypatch, fused=False)
+    eager, ran, _ = _run_engine(model, prompts, 8, monkeypatch, fused=False)
     assert ran == [] and [o.token_ids for o in eager] == refs
     for f, e in zip(fused, eager):
         torch.testing.assert_close([lp.logprob for lp in f.logprobs], [lp.logprob for lp in e.logprobs],
                                    atol=1e-4, rtol=0)
 
 
+def _fused(model, dtype=torch.float32):
+    """The fused decoder the engine would build for ``model`` (prepared, on a copy)."""
+    model = copy.deepcopy(model)
+    model.prepare_for_inference(dtype)
+    return fused_decode.FusedDecoder.build(model.decode_dims(), model.decode_specs(), model.store_kv_spec(),
+                                           model.swiftkv_config)
+
+
 @needs_kernels
 def test_fused_decoder_applies_only_where_it_can(monkeypatch):
-    """None (eager layers) for weights without a compact form, SwiftKV adapters, or switched off."""
+    """Every held form (compact, bf16, fp32) takes the fused path; SwiftKV adapters, bf16 activations or a
+    switched-off kernel do not (eager layers)."""
     from swiftkv.config import SwiftKVConfig
     from swiftkv.models.llama import LlamaForCausalLM
     from swiftkv.transform import to_swiftkv
 
-    model = _compact_model("llama", 3, 1)
-    model.fuse_for_inference()
-    assert model.fused_decoder is not None
-
-    plain = LlamaForCausalLM(tiny_hf_model("llama").config)  # random fp32 weights: no compact form
-    plain.fuse_for_inference()
-    assert plain.fused_decoder is None
-
+    assert _fused(_compact_model("llama", 3, 1)) is not None
+    assert _fused(LlamaForCausalLM(tiny_hf_model("llama").config)) is not None  # random fp32 weights, held as is
+    assert _fused(_compact_model("llama", 3, 1), torch.bfloat16) is None  # the C layers take fp32 activations
     adapted = to_swiftkv(_compact_model("llama", 6, 1), SwiftKVConfig(6, 3, 1), adapter_rank=2)
-    adapted.fuse_for_inference()
-    assert adapted.fused_decoder is None
+    assert _fused(adapted) is None
 
     monkeypatch.setenv("SWIFTKV_FUSED_DECODE", "0")
-    assert fused_decode.kernel() is None
+    assert fused_kernels.library() is None
     monkeypatch.setenv("SWIFTKV_FUSED_DECODE", "1")
     monkeypatch.setenv("SWIFTKV_CPU_OPS", "0")  # one of the kernels it is made of
-    assert fused_decode.kernel() is None
+    assert fused_kernels.library() is None

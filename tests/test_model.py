@@ -12,7 +12,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from swiftkv.config import SwiftKVConfig
 from swiftkv.layers.attention import AttentionMetadata
 from swiftkv.models.full_sequence import full_logits, greedy_generate
-from swiftkv.models.loader import load_model
+from swiftkv.models.loader import load_model, save_checkpoint
 from swiftkv.transform import to_swiftkv
 
 
@@ -176,33 +176,23 @@ def test_greedy_generate_matches_transformers(hf_dir):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_inference_fusion_and_packed_linears_keep_the_logits(hf_dir, arch):
-    """The engine's fused q/k/v, gate/up and oneDNN-prepacked projections (where available) give
-    transformers' logits, teacher and SwiftKV paths alike."""
-    from swiftkv.layers.linear import InferenceLinear, can_pack
-
+def test_model_loaded_for_inference_keeps_the_logits(hf_dir, tmp_path, arch):
+    """Loaded for inference (weights held once in their stored form, memory-mapped), the model gives
+    transformers' logits, teacher and SwiftKV paths alike, from fp32 and bf16 checkpoints."""
     path, hf = hf_dir(arch)
-    model = _ours(path)
-    skv_model = to_swiftkv(_ours(path), SwiftKVConfig(6, 3, 1))
+    skv_dir = save_checkpoint(to_swiftkv(_ours(path), SwiftKVConfig(6, 3, 1)), tmp_path / "skv", source_dir=path)
     seqs = [[3, 17, 99, 4, 5, 6, 7], list(range(40, 71))]
-    before = full_logits(skv_model, seqs)
-    model.fuse_for_inference()
-    skv_model.fuse_for_inference()
-    assert isinstance(model.model.layers[0].self_attn.qkv, InferenceLinear)
-    if can_pack(model.lm_head.weight):
-        assert model.lm_head.forward.packed is not None  # really the oneDNN path
+    before = full_logits(_ours(skv_dir), seqs)
+    model, skv_model = _ours(path, for_inference=True), _ours(skv_dir, for_inference=True)
+    assert model.model.layers[0].self_attn.q_proj.weight is None and model.lm_head.held is not None
     for seq, logits in zip(seqs, full_logits(model, seqs)):
         torch.testing.assert_close(logits, hf(torch.tensor([seq])).logits[0], atol=1e-5, rtol=1e-5)
     for a, b in zip(before, full_logits(skv_model, seqs)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-
-
-def test_inference_linear_matches_f_linear_packed_or_not():
-    from swiftkv.layers.linear import InferenceLinear, can_pack
-
-    g = torch.Generator().manual_seed(0)
-    w, b = torch.randn(96, 64, generator=g), torch.randn(96, generator=g)
-    for shape in ((1, 64), (7, 64), (2, 5, 64)):
-        x = torch.randn(*shape, generator=g)
-        for pack in (False, can_pack(w)):
-            torch.testing.assert_close(InferenceLinear(w, b, pack)(x), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    bf16_dir = tmp_path / "bf16"
+    hf.to(torch.bfloat16).save_pretrained(bf16_dir)
+    hf.float()
+    held = _ours(bf16_dir, for_inference=True)  # fp32 compute on bf16 weights, held as bf16
+    assert held.model.layers[0].mlp.up_proj.held.data.dtype == torch.bfloat16
+    for seq, logits in zip(seqs, full_logits(held, seqs)):
+        torch.testing.assert_close(logits, full_logits(_ours(bf16_dir), [seq])[0], atol=1e-5, rtol=1e-5)

@@ -40,6 +40,6 @@ def test_llm_defaults_to_auto(tiny_chat_model_dir, monkeypatch):
     from swiftkv.llm import LLM
 
     monkeypatch.setattr(platforms, "cpu_flags", lambda: AVX2_ONLY)
-    assert LLM(tiny_chat_model_dir).model.lm_head.weight.dtype == torch.float32
+    assert LLM(tiny_chat_model_dir).model.compute_dtype == torch.float32
     monkeypatch.setattr(platforms, "cpu_flags", lambda: SAPPHIRE_RAPIDS)
-    assert LLM(tiny_chat_model_dir).model.lm_head.weight.dtype == torch.bfloat16
+    assert LLM(tiny_chat_model_dir).model.compute_dtype == torch.bfloat16

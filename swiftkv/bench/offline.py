@@ -76,7 +76,7 @@ def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2
     cfg, skv = m.config, m.swiftkv_config
     w = workload if isinstance(workload, Workload) else Workload.make(workload, cfg.vocab_size, seed)
     if with_transformers:
-        systems["transformers"] = TransformersSystem(load_transformers_model(path, m.model.embed_tokens.weight.dtype),
+        systems["transformers"] = TransformersSystem(load_transformers_model(path, m.compute_dtype),
                                                      dtype, max_num_seqs)
     max_len = max(len(p) for p in w.prompts) + w.max_tokens + 16
     running = start_peers(peers, path, env["threads"], max_len, max_num_seqs, out_dir, dtype, caching) if peers else {}
@@ -84,11 +84,11 @@ def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2
     try:
         for s in systems.values():  # warm-up: first-call allocations and thread pools
             s.run(w.prompts[:1], 2)
-        peak = measure_matmul_peak(m.model.embed_tokens.weight.dtype)
+        peak = measure_matmul_peak(m.compute_dtype)
         runners = {name: (lambda s=s: s.run(w.prompts, w.max_tokens)) for name, s in systems.items()}
         raw = interleave(runners, reps, w.name, warmup=False)  # warmed up above, on a small run
         # the better of two one-second samples: one taken in a noisy moment made MFU read over 100%
-        peak = max(peak, measure_matmul_peak(m.model.embed_tokens.weight.dtype))
+        peak = max(peak, measure_matmul_peak(m.compute_dtype))
     finally:
         for s in systems.values():
             s.close()
@@ -97,7 +97,7 @@ def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2
     stats = {}
     for name, runs in raw.items():
         swift = name in ("swiftkv", "vllm-swiftkv")  # the systems that run the SwiftKV model
-        kvb = kv_bytes_per_token(cfg, skv if swift else type(skv).baseline(skv.num_layers), m.model.embed_tokens.weight.dtype)
+        kvb = kv_bytes_per_token(cfg, skv if swift else type(skv).baseline(skv.num_layers), m.compute_dtype)
         stats[name] = {**summarise(runs, w, workload_flops(cfg, skv, w, swift), peak),
                          "kv_bytes_per_token": kvb, "max_concurrent_seqs": int(budget // (kvb * seq_len))}
     result = {"env": env, "model": str(path), "workload": w.name,

@@ -155,7 +155,7 @@ def plain_checkpoint(model_dir: Path) -> Path:
     import torch
 
     from swiftkv.fileio import stamp_matches, write_stamp
-    from swiftkv.models.registry import cache_dir
+    from swiftkv.fileio import cache_dir
     from swiftkv.models.llama import LlamaForCausalLM
     from swiftkv.models.loader import load_config, read_tensors, save_checkpoint
     from swiftkv.transform import base_hf_config

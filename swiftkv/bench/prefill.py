@@ -41,7 +41,7 @@ def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512,
     m, path = engines["swiftkv"].llm.model, engines["swiftkv"].llm.model_path
     systems = dict(engines)
     if with_transformers:
-        systems["transformers"] = TransformersSystem(load_transformers_model(path, m.model.embed_tokens.weight.dtype),
+        systems["transformers"] = TransformersSystem(load_transformers_model(path, m.compute_dtype),
                                                      dtype, batch_size=batch)
     running = start_peers(peers, path, env["threads"], max_len + decode_tokens + 64, max(8, batch), dtype=dtype) if peers else {}
     systems.update(running)

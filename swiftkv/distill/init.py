@@ -44,7 +44,7 @@ def fit_kv_projections(model: LlamaForCausalLM, batch: Batch, ridge: float = 1e-
     """
     skv = model.swiftkv_config
     L, l = skv.num_layers, skv.num_key_value_layers
-    batch = batch.to(model.model.embed_tokens.weight.device)
+    batch = batch.to(model.compute_device)
     captured: dict[tuple[int, str], torch.Tensor] = {}
     hooks = []
     for i in range(l, L):

@@ -30,7 +30,7 @@ class DistillModule(nn.Module):
         if batch.h_l is not None:  # frozen-model features from a FeatureCache: only the SwiftKV path runs
             if self.mse_weight:
                 raise ValueError("the hidden-state MSE needs the teacher's layer states: train without a feature cache")
-            dtype = m.model.embed_tokens.weight.dtype  # what the uncached path's residual stream has
+            dtype = m.compute_dtype  # what the uncached path's residual stream has
             h_l, teacher = batch.h_l.to(dtype), batch.teacher_hidden.to(dtype)
             cos, sin = m.model.rotary_emb(batch.positions, dtype)
             _, student = swiftkv_tail(m, h_l, cos, sin, AttentionMetadata.full(batch.seq_lens))

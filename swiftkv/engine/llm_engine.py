@@ -57,8 +57,7 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         from swiftkv.engine.model_runner import kv_bytes_per_token
 
-        block_bytes = kv_bytes_per_token(model.config, model.active_config,
-                                         model.model.embed_tokens.weight.dtype) * config.block_size
+        block_bytes = kv_bytes_per_token(model.config, model.active_config, model.compute_dtype) * config.block_size
         num_blocks = config.kv_cache_memory // block_bytes
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={config.kv_cache_memory} B holds no {block_bytes}-byte KV block")

@@ -15,15 +15,16 @@ from swiftkv.config import SwiftKVConfig
 from swiftkv.engine.scheduler import SchedulerOutput
 from swiftkv.engine.sequence import Sequence
 from swiftkv.layers.attention import AttentionMetadata
+from swiftkv.layers.fused_decode import FusedDecoder
 from swiftkv.layers.sampler import Sampler
+from swiftkv.models.arch import head_dim_of
 from swiftkv.models.llama import LlamaForCausalLM
 
 
 def kv_bytes_per_token(config, skv: SwiftKVConfig, dtype: torch.dtype) -> int:
     """Bytes of K and V one token occupies across all KV owners."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     elem = torch.empty((), dtype=dtype).element_size()
-    return skv.num_kv_owners * 2 * config.num_key_value_heads * head_dim * elem
+    return skv.num_kv_owners * 2 * config.num_key_value_heads * head_dim_of(config) * elem
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -36,18 +37,22 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 
 class ModelRunner:
+    """Runs one model (prepared for inference once: :meth:`~swiftkv.models.llama.SwiftKVCausalLM.prepare_for_inference`)
+    over its paged KV cache. Decode steps run the layers in one native call where the layers' own
+    descriptions allow it (:class:`~swiftkv.layers.fused_decode.FusedDecoder`, decided here, once)."""
+
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int) -> None:
         self.model = model
-        model.fuse_for_inference()
+        model.prepare_for_inference()  # a no-op for a model loaded for inference
         self.block_size = block_size
         cfg = model.config
-        weight = model.model.embed_tokens.weight
-        self.device, self.dtype = weight.device, weight.dtype
+        self.device, self.dtype = model.compute_device, model.compute_dtype
         self.skv = model.active_config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.fused = FusedDecoder.build(model.decode_dims(), model.decode_specs(), model.store_kv_spec(),
+                                        model.swiftkv_config)
         # [owners, K/V, kv_heads, blocks, block_size, head_dim], allocated once
-        self.kv_cache = _zeros((self.skv.num_kv_owners, 2, cfg.num_key_value_heads, num_blocks, block_size, head_dim),
-                               self.dtype, self.device)
+        self.kv_cache = _zeros((self.skv.num_kv_owners, 2, cfg.num_key_value_heads, num_blocks, block_size,
+                                head_dim_of(cfg)), self.dtype, self.device)
         self.sampler = Sampler()
         self.eos_token_ids: set[int] = set()  # set by the engine: masked before min_tokens
 
@@ -83,7 +88,7 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput):
         """Run one step. Returns [(seq, token, logprobs)] for the sequences that sampled."""
         ids, positions, meta, rows = self.prepare(out)
-        hidden = self.model(ids, positions, meta, logits_seq_ids=rows)
+        hidden = self.model(ids, positions, meta, logits_seq_ids=rows, fused=self.fused)
         if not rows:
             return []
         logits = self.model.compute_logits(hidden)

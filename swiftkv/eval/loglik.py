@@ -77,7 +77,7 @@ def score_pairs(
     in input order.
     """
     max_len = max_len or model.config.max_position_embeddings
-    dev = model.model.embed_tokens.weight.device
+    dev = model.compute_device
     groups: dict[tuple[int, ...], dict[tuple[int, ...], None]] = {}
     for ctx, cont in pairs:
         if not ctx or not cont:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from swiftkv.layers import paged_attention
+from swiftkv.kernels import paged_attention
 
 
 @dataclass
@@ -131,7 +131,7 @@ class AttentionMetadata:
 
     def _attend_decode(self, owner: int, q: torch.Tensor) -> torch.Tensor:
         """One query per sequence over its cached blocks: in place where the native kernel runs
-        (:mod:`swiftkv.layers.paged_attention`); otherwise one gather per K and V, then one SDPA call
+        (:mod:`swiftkv.kernels.paged_attention`); otherwise one gather per K and V, then one SDPA call
         (small batches: fewest ops) or two matmuls around a masked softmax (faster from ~8 rows)."""
         kc, vc = self.kv_cache[owner, 0], self.kv_cache[owner, 1]  # [Hkv, blocks, block_size, D]
         if paged_attention.can_run(q, kc):  # in place: no gathered copy

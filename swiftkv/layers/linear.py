@@ -1,11 +1,18 @@
-"""Inference-time linear layers: frozen weights, oneDNN-prepacked on CPU.
+"""Linear and embedding layers that own their weight in its held form (vLLM's ``LinearMethodBase`` /
+``quant_method.apply`` pattern).
 
-What inductor's freezing (and vLLM's CPU backend) does for a linear layer: reorder the weight once
-into oneDNN's blocked layout and call oneDNN's matmul on it. On a 2-core AVX2 machine that made
-the skinny matmuls of decode 1.3-2.4x faster than ``F.linear`` (the LM head at batch 32 53 -> 22 ms).
-Only used where PyTorch has oneDNN and the dtype has a native kernel (float32 everywhere, bf16
-where the CPU multiplies bf16 natively); ``F.linear`` otherwise. The module's own parameters stay
-as they are (the packed copy is extra memory, one more copy of the projection weights).
+Before :meth:`Linear.prepare` a :class:`Linear` is an ``nn.Linear`` (training, the transformers wrapper,
+reference paths). ``prepare(dtype)`` -- called once, when a model is loaded for inference -- replaces the
+weight parameter by a :class:`~swiftkv.layers.weights.HeldWeight` (the checkpoint's bytes, memory-mapped
+where they are already the held form) and a :class:`HeldLinearMethod` that applies it:
+
+- decode-sized batches (up to ``GEMM_MAX_ROWS`` rows) run the C kernels on the held bytes (widened in
+  registers); on a CPU with native bf16, bf16 batches above ``GEMV_ROWS`` rows of bf16 weights go to
+  oneDNN's bf16 GEMM instead (faster there than the AVX2 panel kernel);
+- prefill-sized batches widen the weight (in row chunks of at most ``WIDEN_CHUNK_BYTES``) into a reused
+  buffer in the compute dtype and call oneDNN's matmul on it (PyTorch's ``mkldnn`` linear, which takes
+  a plain weight at ~97% of its prepacked speed): one pass over the bytes per thousands of FLOPs per
+  weight. Weights already in the compute dtype are used as they are.
 """
 
 from __future__ import annotations
@@ -14,70 +21,120 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swiftkv.layers import compact_weights
+from swiftkv.kernels import linear as kernels
+from swiftkv.layers.weights import HeldWeight, hold
+
+WIDEN_CHUNK_BYTES = 64 << 20
+_widen_buffers: dict[torch.dtype, torch.Tensor] = {}  # reused across layers and steps (no page faults)
 
 
-def can_pack(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` can use oneDNN's prepacked matmul here."""
+def _onednn_available(dtype: torch.dtype) -> bool:
     from swiftkv.platforms import cpu_has_native_bf16
 
-    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
-    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        return False
-    return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and cpu_has_native_bf16())
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_native_bf16())
 
 
-class InferenceLinear:
-    """``y = x W^T + b`` for a frozen ``W`` (not an ``nn.Module``: it adds nothing to a state dict).
+def dense_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight^T + bias`` for a plain weight in ``x``'s dtype: oneDNN where it has a kernel for the
+    dtype on this CPU (no gradient wanted), else ``F.linear``."""
+    if x.device.type == "cpu" and not torch.is_grad_enabled() and _onednn_available(x.dtype):
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
 
-    Where ``W`` has an exact compact form (:mod:`swiftkv.layers.compact_weights`: weights that came
-    from GGUF Q4_1/Q8_0, or bf16 values), batches of up to ``GEMM_MAX_ROWS`` rows read that instead.
-    """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool | None = None) -> None:
-        weight = weight.detach().contiguous()
-        self.bias = None if bias is None else bias.detach()
-        self.out_features = weight.shape[0]
-        self.compact = compact_weights.to_compact(weight) if compact_weights.enabled() else None
-        self.packed = _packed(weight) if (can_pack(weight) if pack is None else pack) else None
-        self.weight = weight if self.packed is None else None
+class HeldLinearMethod:
+    """Applies a :class:`~swiftkv.layers.weights.HeldWeight` (see the module docstring for the paths)."""
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.compact is not None and x.dtype == torch.float32 and x.numel():
-            y = compact_weights.matmul(x.reshape(-1, x.shape[-1]), self.compact, self.bias)
-            if y is not None:
-                return y.view(*x.shape[:-1], self.out_features)
-        if self.packed is None:
+    def __init__(self, held: HeldWeight, bias: torch.Tensor | None) -> None:
+        self.held = held
+        self._c = held.c_weight() if kernels.library() is not None and held.kind in kernels.KINDS else None
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        held, shape = self.held, x.shape
+        x2 = x.reshape(-1, shape[-1])  # [M, I]
+        m = x2.shape[0]
+        if held.is_dense and held.data.dtype == x.dtype and (m > kernels.GEMM_MAX_ROWS or self._c is None
+                                                               or (m > kernels.GEMV_ROWS and _onednn_bf16(x))):
+            y = dense_matmul(x2, held.data, bias)
+        elif self._c is not None and 1 <= m <= kernels.GEMM_MAX_ROWS and not x.requires_grad:
+            y = kernels.linear(x2.float(), self._c).to(x.dtype)
+            if bias is not None:
+                y += bias
+        else:
+            y = self._widened_matmul(x2, bias)
+        return y.view(*shape[:-1], held.out_features)
+
+    def _widened_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Prefill-sized batches: the weight widened to ``x``'s dtype (row chunks), then oneDNN."""
+        held, dt = self.held, x.dtype
+        if self._c is None or dt not in (torch.float32, torch.bfloat16) or torch.is_grad_enabled():
+            return F.linear(x, held.dense().to(dt), bias)  # a fresh tensor: autograd may keep it
+        rows = max(1, min(held.out_features, WIDEN_CHUNK_BYTES // (held.in_features * x.element_size())))
+        buf = _widen_buffer(dt, rows * held.in_features).view(rows, held.in_features)
+        if rows == held.out_features:
+            return dense_matmul(x, kernels.widen(self._c, 0, rows, buf), bias)
+        y = torch.empty(x.shape[0], held.out_features, dtype=dt)
+        for start in range(0, held.out_features, rows):
+            n = min(rows, held.out_features - start)
+            part = bias[start : start + n] if bias is not None else None
+            y[:, start : start + n] = dense_matmul(x, kernels.widen(self._c, start, n, buf[:n]), part)
+        return y
+
+
+def _onednn_bf16(x: torch.Tensor) -> bool:
+    return x.dtype == torch.bfloat16 and _onednn_available(torch.bfloat16)
+
+
+def _widen_buffer(dtype: torch.dtype, numel: int) -> torch.Tensor:
+    buf = _widen_buffers.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = _widen_buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` until :meth:`prepare`; then its weight is held in its stored form and applied by
+    ``self.method`` (the parameter ``weight`` is gone: one copy of every weight)."""
+
+    method: HeldLinearMethod | None = None
+
+    def prepare(self, dtype: torch.dtype, held: HeldWeight | None = None) -> None:
+        """Hold the weight for inference in ``dtype`` (``held``: an already held weight to share, e.g. a tied
+        LM head). Idempotent; the weight must not change afterwards."""
+        if self.method is not None:
+            return
+        held = held if held is not None else hold(self.weight, dtype)
+        if self.bias is not None:
+            self.bias = nn.Parameter(self.bias.detach().to(dtype), requires_grad=False)
+        self.method = HeldLinearMethod(held, self.bias)
+        self.weight = None  # the held form is the only copy
+
+    @property
+    def held(self) -> HeldWeight | None:
+        return None if self.method is None else self.method.held
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.method is None:
             return F.linear(x, self.weight, self.bias)
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.bias, "none", [], "")
-        return y.view(*x.shape[:-1], self.out_features)
+        return self.method.apply(x, self.bias)
 
 
-def _packed(weight: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN's blocked layout (tuned for batch 64; it serves every batch size), or None where
-    oneDNN refuses this dtype on this CPU (the flags can promise more than its kernels support)."""
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight, 64)
-    except RuntimeError:
-        return None
+class VocabEmbedding(nn.Embedding):
+    """``nn.Embedding`` until :meth:`prepare`; then rows are read from the held weight (a tied LM head
+    shares it)."""
 
+    held: HeldWeight | None = None
+    compute_dtype: torch.dtype | None = None
 
-def route_through_inference_linear(module: nn.Linear, pack: bool | None = None) -> None:
-    """Make ``module(x)`` use an :class:`InferenceLinear` of its current weight (inference only: a
-    later change of the weight is not seen)."""
-    module.forward = InferenceLinear(module.weight, module.bias, pack)
+    def prepare(self, dtype: torch.dtype) -> None:
+        if self.held is None:
+            self.held, self.compute_dtype = hold(self.weight, dtype), dtype
+            self.weight = None
 
-
-def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Concatenate Linear weights (and biases) into one tensor whose slices become the params."""
-    weight = torch.cat([lin.weight.detach() for lin in linears])
-    bias = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears])
-    start = 0
-    for lin in linears:
-        n = lin.out_features
-        lin.weight = nn.Parameter(weight[start : start + n], requires_grad=False)
-        if bias is not None:
-            lin.bias = nn.Parameter(bias[start : start + n], requires_grad=False)
-        start += n
-    return weight, bias
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.held is None:
+            return super().forward(ids)
+        return self.held.rows(ids.reshape(-1)).to(self.compute_dtype).view(*ids.shape, self.held.in_features)

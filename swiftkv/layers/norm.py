@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swiftkv.layers import cpu_ops
+from swiftkv.kernels import elementwise as cpu_ops
 
 
 class RMSNorm(nn.Module):

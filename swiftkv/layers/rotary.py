@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from swiftkv.layers import cpu_ops
+from swiftkv.kernels import elementwise as cpu_ops
 
 
 class RotaryEmbedding(nn.Module):

@@ -45,3 +45,8 @@ def attention_biases(config) -> tuple[bool, bool]:
         return True, False
     bias = bool(getattr(config, "attention_bias", False))
     return bias, bias
+
+
+def head_dim_of(config) -> int:
+    """Attention head size: ``head_dim`` where the config sets it, else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

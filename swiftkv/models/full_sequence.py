@@ -13,7 +13,7 @@ from swiftkv.models.llama import LlamaForCausalLM
 
 
 def _device(model: LlamaForCausalLM) -> torch.device:
-    return model.model.embed_tokens.weight.device
+    return model.compute_device
 
 
 @torch.no_grad()

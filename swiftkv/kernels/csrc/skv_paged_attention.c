@@ -1,4 +1,4 @@
-/* Decode attention over a paged KV cache, in place (see paged_attention.py).
+/* Decode attention over a paged KV cache, in place (see swiftkv/kernels/paged_attention.py).
  *
  * One query token per sequence attends over that sequence's cached keys and values, read straight
  * from its blocks: no gathered copy of the K/V:
@@ -8,12 +8,11 @@
  * fp32, AVX2 + FMA for head_dim % 8 == 0: scores eight keys at a time, a vectorized exp, the weighted
  * sum of values in registers. (sequence, KV head) pairs are split across OpenMP threads; the query heads
  * sharing a KV head read each cached row from memory once. */
-#include <immintrin.h>
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
 
-#include "vec_math.h"
+#include "skv_paged_attention.h"
+#include "skv_vec.h"
 
 /* [sum(a[0]), ..., sum(a[7])]: eight horizontal sums at once */
 static inline __m256 hsum8(const __m256 *a) {
@@ -26,7 +25,7 @@ static inline __m256 hsum8(const __m256 *a) {
 static inline float dot(const float *a, const float *b, int64_t D) {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
-    return hsum(acc);
+    return skv_hsum(acc);
 }
 
 #define ROW(base, t) ((base) + (table[(t) / block_size] * block_size + (t) % block_size) * D)
@@ -62,11 +61,11 @@ static float softmax_numerators(float *s, int64_t n) {
     __m256 vsum = _mm256_setzero_ps();
     int64_t t = 0;
     for (; t + 8 <= n; t += 8) {
-        __m256 e = vexp(_mm256_sub_ps(_mm256_loadu_ps(s + t), vmx));
+        __m256 e = skv_vexp(_mm256_sub_ps(_mm256_loadu_ps(s + t), vmx));
         _mm256_storeu_ps(s + t, e);
         vsum = _mm256_add_ps(vsum, e);
     }
-    float sum = hsum(vsum);
+    float sum = skv_hsum(vsum);
     for (; t < n; t++) sum += (s[t] = expf(s[t] - mx));
     return sum;
 }
@@ -97,9 +96,9 @@ static void weighted_values(const float *p, int64_t group, int64_t n, const floa
 /* q, out [B, H, D]; k_cache, v_cache [Hkv, num_blocks, block_size, D] (one KV owner's K and V);
  * block_tables [B, max_blocks]; kv_lens [B] (>= 1). Returns 0, or -1 for shapes it cannot take,
  * -2 when out of memory. */
-int paged_decode_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *block_tables,
-                           const int64_t *kv_lens, float *out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
-                           int64_t num_blocks, int64_t block_size, int64_t max_blocks, float scale, int nthreads) {
+int skv_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *block_tables,
+                               const int64_t *kv_lens, float *out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                               int64_t num_blocks, int64_t block_size, int64_t max_blocks, float scale, int nthreads) {
     if (B < 1 || Hkv < 1 || H % Hkv || D % 8 || block_size < 1) return -1;
     const int64_t group = H / Hkv, head_stride = num_blocks * block_size * D;
     int64_t longest = 0;

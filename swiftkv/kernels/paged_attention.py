@@ -2,7 +2,7 @@
 
 Without it, every layer of every decode step gathers each sequence's K/V blocks into a fresh
 contiguous buffer and runs a batched attention over it. :func:`decode_attention` instead runs a
-small C kernel (``csrc/paged_attention.c``) that follows each sequence's block table: one pass over
+small C kernel (``csrc/skv_paged_attention.c``) that follows each sequence's block table: one pass over
 the cached rows, the query heads of a KV head together. ``SWIFTKV_PAGED_ATTENTION=0`` switches it
 off (then :class:`~swiftkv.layers.attention.AttentionMetadata` gathers, as before).
 """
@@ -14,11 +14,11 @@ import os
 
 import torch
 
-from swiftkv.layers import native
+from swiftkv.kernels import build
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _FUNCTIONS = {
-    "paged_decode_attention": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64,
+    "skv_paged_decode_attention": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64,
                                               ctypes.c_float, ctypes.c_int]),
 }
 
@@ -27,7 +27,7 @@ def kernel() -> ctypes.CDLL | None:
     """The compiled kernel, or None where it cannot run (switched off, no AVX2/FMA, no compiler)."""
     if os.environ.get("SWIFTKV_PAGED_ATTENTION", "1") == "0":
         return None
-    return native.load("paged_attention.c", _FUNCTIONS)
+    return build.load(_FUNCTIONS)
 
 
 def can_run(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
@@ -49,9 +49,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError("the paged K/V cache must be contiguous")
     q, tables, lens = q.contiguous(), block_tables.contiguous(), kv_lens.contiguous()
     out = torch.empty_like(q)
-    rc = kernel().paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
-                                         lens.data_ptr(), out.data_ptr(), b, h, hkv, d, num_blocks, block_size,
-                                         tables.shape[1], d**-0.5, torch.get_num_threads())
+    rc = kernel().skv_paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+                                             lens.data_ptr(), out.data_ptr(), b, h, hkv, d, num_blocks, block_size,
+                                             tables.shape[1], d**-0.5, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"paged decode attention failed ({'out of memory' if rc == -2 else 'bad shapes'})")
     return out

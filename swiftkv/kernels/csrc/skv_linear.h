@@ -1,0 +1,9 @@
+/* y = x W^T + b for decode-sized batches: skv_gemv up to `gemv_rows` rows, skv_gemm above. */
+#ifndef SKV_LINEAR_H
+#define SKV_LINEAR_H
+#include "skv_weight.h"
+
+/* x [M, I], y [M, O] (rows ldy apart), plus w->bias if any. Returns 0, -1 bad shapes, -2 out of memory. */
+int skv_linear(const skv_weight *w, const float *x, int64_t M, float *y, int64_t ldy, int64_t gemv_rows,
+               int nthreads);
+#endif

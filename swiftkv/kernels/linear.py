@@ -1,0 +1,90 @@
+"""Bindings of the matmul kernels over weights in their held form (``csrc/skv_weight.h``): ``skv_linear``
+(decode: gemv up to :data:`GEMV_ROWS` rows, the panel GEMM up to :data:`GEMM_MAX_ROWS`) and ``skv_widen``
+(rows widened to fp32 or bf16 for a GEMM library). Tensors in, tensors out; ``SWIFTKV_COMPACT_WEIGHTS=0``
+switches them off (then layers hold their weights densely in the compute dtype, as PyTorch needs them).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from swiftkv.kernels import build
+
+KINDS = {"q8": 0, "bf16": 1, "q4": 2, "f32": 3}  # csrc/skv_weight.h
+# Which kernel by rows (2-core Zen 3, 20 layers of weights from DRAM): gemv is fastest up to 4 rows; the
+# panel GEMM from there (32 rows: 45 ms vs oneDNN fp32 66 ms) until oneDNN catches up (equal at 256).
+GEMV_ROWS = 4
+GEMM_MAX_ROWS = 128
+
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+
+
+class CWeight(ctypes.Structure):
+    """Mirror of ``skv_weight`` (checked against the library when it loads)."""
+
+    _fields_ = [("kind", _I64), ("q", _P), ("scale", _P), ("offset", _P), ("bias", _P), ("out_features", _I64),
+                ("in_features", _I64)]
+
+
+_FUNCTIONS = {
+    "skv_linear": (ctypes.c_int, [ctypes.POINTER(CWeight), _P, _I64, _P, _I64, _I64, ctypes.c_int]),
+    "skv_widen": (ctypes.c_int, [ctypes.POINTER(CWeight), _I64, _I64, _P, _I64, ctypes.c_int]),
+}
+_checked: list[bool] = []
+
+
+def library() -> ctypes.CDLL | None:
+    """The kernel library, or None where the matmul kernels cannot run (switched off, no AVX2/FMA/F16C, no
+    compiler)."""
+    if os.environ.get("SWIFTKV_COMPACT_WEIGHTS", "1") == "0":
+        return None
+    lib = build.load(_FUNCTIONS)
+    if lib is not None and not _checked:
+        build.check_layout(lib, 0, CWeight)
+        _checked.append(True)
+    return lib
+
+
+def c_weight(kind: str, data: torch.Tensor, scale: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+             bias: torch.Tensor | None = None, in_features: int | None = None) -> CWeight:
+    """The C view of a held weight (the tensors must outlive it). ``data``: codes or values ``[O, ...]``;
+    ``bias``: fp32 ``[O]`` or None."""
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        raise ValueError("the kernels take a contiguous fp32 bias")
+    ptr = (lambda t: None if t is None else t.data_ptr())
+    return CWeight(KINDS[kind], data.data_ptr(), ptr(scale), ptr(offset), ptr(bias), data.shape[0],
+                   in_features if in_features is not None else data.shape[1])
+
+
+def linear(x: torch.Tensor, w: CWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, I] (fp32) @ W^T (+ bias)`` -> ``[M, O]`` fp32 (into ``out`` when given)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the matmul kernels are not available on this machine")
+    x = x.contiguous()
+    m = x.shape[0]
+    y = torch.empty(m, w.out_features, dtype=torch.float32) if out is None else out
+    rc = lib.skv_linear(ctypes.byref(w), x.data_ptr(), m, y.data_ptr(), y.stride(0), GEMV_ROWS,
+                        torch.get_num_threads())
+    _check(rc, "skv_linear")
+    return y
+
+
+def widen(w: CWeight, start: int, rows: int, out: torch.Tensor) -> torch.Tensor:
+    """Rows ``start : start + rows`` of ``W`` into ``out [rows, I]`` (fp32 or bf16, contiguous)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the matmul kernels are not available on this machine")
+    if out.dtype not in (torch.float32, torch.bfloat16) or not out.is_contiguous() or out.shape[0] < rows:
+        raise ValueError("widen() writes a contiguous fp32 or bf16 [rows, in_features] tensor")
+    _check(lib.skv_widen(ctypes.byref(w), start, rows, out.data_ptr(), int(out.dtype == torch.bfloat16),
+                         torch.get_num_threads()), "skv_widen")
+    return out
+
+
+def _check(rc: int, op: str) -> None:
+    if rc != 0:
+        raise RuntimeError(f"{op} failed ({'out of memory' if rc == -2 else 'shapes the kernel cannot take'})")
