@@ -104,10 +104,15 @@ def shipped_model_dir(name: str = DEFAULT_SWIFTKV_MODEL) -> Path:
 
 
 def resolve_model(name_or_path) -> Path:
-    """A model directory for a built-in name (``None`` = ``smollm2-135m-instruct``), a local
-    directory or a hub id (:func:`swiftkv.models.loader.resolve_model_path`)."""
+    """A model directory for a built-in name (``None`` = ``smollm2-135m-instruct``), a size-shaped
+    benchmark model (``sized:NAME``, :mod:`swiftkv.sized`), a local directory or a hub id
+    (:func:`swiftkv.models.loader.resolve_model_path`)."""
     if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
         return default_model_dir()
+    if str(name_or_path).startswith("sized:"):
+        from swiftkv.sized import sized_model_dir
+
+        return sized_model_dir(str(name_or_path))
     if str(name_or_path) in SHIPPED_MODELS:
         return shipped_model_dir(str(name_or_path))
     return resolve_model_path(name_or_path)

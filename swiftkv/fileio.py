@@ -47,36 +47,6 @@ def apply_umask(path: Path) -> None:
             os.chmod(p, (0o777 if executable else 0o666) & ~mask)
 
 
-def release_pages(t) -> int:
-    """Drop the resident pages that lie wholly inside a tensor backed by a *file* mapping (``madvise`` with
-    ``MADV_DONTNEED``: the file's bytes are read again if touched). Anonymous memory is never touched: its
-    pages would read back as zeros. Returns the bytes released (0 where nothing applied, e.g. not Linux)."""
-    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-    lo, hi = -(-start // page) * page, end // page * page
-    if hi <= lo or not _in_file_mapping(lo, hi):
-        return 0
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return hi - lo if libc.madvise(lo, hi - lo, 4) == 0 else 0  # 4: MADV_DONTNEED
-
-
-def _in_file_mapping(lo: int, hi: int) -> bool:
-    """Whether ``[lo, hi)`` lies inside one private mapping of a regular file (``/proc/self/maps``)."""
-    try:
-        lines = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        fields = line.split()
-        a, b = (int(x, 16) for x in fields[0].split("-"))
-        if a <= lo and hi <= b:
-            return len(fields) >= 6 and fields[5].startswith("/") and fields[1][3] == "p" and fields[4] != "0"
-    return False
-
-
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place.
 

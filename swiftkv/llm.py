@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -14,6 +15,39 @@ from swiftkv.outputs import RequestOutput
 from swiftkv.sampling_params import SamplingParams
 
 
+RUNTIME_BYTES = 600 << 20  # Python, PyTorch, transformers, the tokenizer: what the process holds before a model
+
+
+def check_fits(path, dtype: str, kv_cache_memory: int, max_num_batched_tokens: int) -> None:
+    """Refuse, before anything is loaded, a model whose weights, KV cache and activations would not fit the
+    memory available now (a clear ``ValueError`` instead of the OS killing the process half-way).
+    ``SWIFTKV_SKIP_MEMORY_CHECK=1`` skips it."""
+    import torch
+
+    from swiftkv.memory import available_bytes
+    from swiftkv.models.loader import held_bytes_estimate, load_config, parse_dtype
+
+    avail = available_bytes()
+    if avail is None or os.environ.get("SWIFTKV_SKIP_MEMORY_CHECK") == "1":
+        return
+    config = load_config(path)
+    dt = parse_dtype(dtype, config)
+    weights = held_bytes_estimate(Path(path), dt)
+    width = config.hidden_size * 6 + config.intermediate_size * 3  # live activations per batched token
+    activations = max_num_batched_tokens * width * torch.empty((), dtype=dt).element_size() + (64 << 20)
+    need = weights + kv_cache_memory + activations + RUNTIME_BYTES
+    if need > avail:
+        gib = (lambda b: f"{b / 2**30:.1f} GiB")
+        fixes = [f"lower kv_cache_memory (now {gib(kv_cache_memory)}; --kv-cache-gb for the CLI)"]
+        if dt == torch.float32 and held_bytes_estimate(Path(path), torch.bfloat16) < weights:
+            fixes.append("compute in bfloat16 (--dtype bfloat16: the checkpoint's fp32 weights are then held in half "
+                         "the bytes)")
+        fixes.append("free memory, or use a smaller model")
+        raise ValueError(f"{path} needs about {gib(need)} (weights {gib(weights)} held for {str(dt).removeprefix('torch.')}, KV cache "
+                         f"{gib(kv_cache_memory)}, activations and runtime {gib(activations + RUNTIME_BYTES)}), but "
+                         f"{gib(avail)} is available: {'; '.join(fixes)}. (SWIFTKV_SKIP_MEMORY_CHECK=1 loads it anyway.)")
+
+
 class LLM:
     """Load a model and generate with continuous batching.
 
@@ -21,7 +55,7 @@ class LLM:
         model: model directory, hub id, ``smollm2-135m-instruct`` (base) or
             ``smollm2-135m-instruct-swiftkv``; ``None`` is the default SwiftKV model.
         swiftkv: ``True`` SwiftKV path, ``False`` the original model (baseline), ``None`` the
-            checkpoint's own mode.
+            checkpoint's own mode (an argument of every forward: the model's weights serve both).
         dtype: ``"auto"`` (bf16 only where the CPU has native bf16, else float32), ``"bfloat16"`` or
             ``"float32"``.
         kv_cache_memory: bytes of KV cache to allocate.
@@ -36,26 +70,32 @@ class LLM:
         from swiftkv.builtin import resolve_model
         from swiftkv.models.registry import DEFAULT_SWIFTKV_MODEL
 
-        self.model, self.model_path = load_model(resolve_model(DEFAULT_SWIFTKV_MODEL if model is None else model),
-                                                 dtype=dtype, device=device, swiftkv=swiftkv, for_inference=True)
+        path = resolve_model(DEFAULT_SWIFTKV_MODEL if model is None else model)
+        if device == "cpu":
+            check_fits(path, dtype, kv_cache_memory, max_num_batched_tokens)
+        self.model, self.model_path = load_model(path, dtype=dtype, device=device, for_inference=True)
         self.tokenizer = load_tokenizer(self.model_path)
         config = EngineConfig(max_num_seqs, max_num_batched_tokens, kv_cache_memory, block_size, max_model_len, seed,
                               enable_prefix_caching)
-        self.engine = LLMEngine(self.model, self.tokenizer, config)
+        self.engine = LLMEngine(self.model, self.tokenizer, config, swiftkv)
         self._counter = itertools.count()
 
     @classmethod
-    def from_model(cls, model, tokenizer, model_path: str | os.PathLike = "", config: EngineConfig | None = None) -> LLM:
-        """Wrap an already loaded model (in its current SwiftKV/teacher mode) without reloading it."""
+    def from_model(cls, model, tokenizer, model_path: str | os.PathLike = "", config: EngineConfig | None = None,
+                   swiftkv: bool | None = None) -> LLM:
+        """Wrap an already loaded model without reloading it (``swiftkv``: the path to run, None the model's
+        default). The model is prepared for inference in place if it was not loaded so; another ``LLM`` on
+        the same model (the other mode, say) shares its weights."""
         llm = cls.__new__(cls)
         llm.model, llm.model_path, llm.tokenizer = model, model_path, tokenizer
-        llm.engine = LLMEngine(model, tokenizer, config or EngineConfig())
+        llm.engine = LLMEngine(model, tokenizer, config or EngineConfig(), swiftkv)
         llm._counter = itertools.count()
         return llm
 
     @property
     def swiftkv(self) -> bool:
-        return self.model.swiftkv_enabled
+        """Whether this LLM runs the SwiftKV path (else the original model's)."""
+        return self.engine.swiftkv
 
     def _encode(self, prompt: str | list[int]) -> tuple[list[int], str | None]:
         if isinstance(prompt, str):
@@ -74,14 +114,13 @@ class LLM:
         in flight."""
         if self.engine.has_unfinished_requests():
             raise ValueError("requests are in flight; switch SwiftKV on or off between generate() calls")
-        config, was = self.engine.config, self.model.swiftkv_enabled
-        self.model.set_swiftkv(enabled)  # checked before anything is freed
+        config, was = self.engine.config, self.engine.swiftkv
+        self.model.check_path(enabled)  # before anything is freed
         self.engine = None  # the old KV cache goes before the new one is made; the weights are shared
         try:
-            self.engine = LLMEngine(self.model, self.tokenizer, config)
+            self.engine = LLMEngine(self.model, self.tokenizer, config, enabled)
         except BaseException:
-            self.model.set_swiftkv(was)
-            self.engine = LLMEngine(self.model, self.tokenizer, config)
+            self.engine = LLMEngine(self.model, self.tokenizer, config, was)
             raise
 
     def generate(self, prompts: str | list[str] | list[int] | list[list[int]] | None = None,

@@ -332,12 +332,15 @@ def test_set_swiftkv_with_a_live_engine(base):
     llm = LLM.from_model(copy.deepcopy(_model(base, 2, 2)), None, config=config)
     prompt, params = _prompts([10])[0], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     swiftkv_out = llm.generate([prompt], params)[0].outputs[0].token_ids
-    llm.model.set_swiftkv(False)  # behind the engine's back: its cache is sized for G = 2
-    with pytest.raises(RuntimeError, match="LLM.set_swiftkv"):
-        llm.generate([prompt], params)
-    llm.model.set_swiftkv(True)
+    llm.model.set_swiftkv(False)  # the model's default path: the engine keeps its own (its cache is for G = 2)
+    assert llm.swiftkv and llm.generate([prompt], params)[0].outputs[0].token_ids == swiftkv_out
+    llm.engine.add_request(prompt, params)
+    with pytest.raises(ValueError, match="in flight"):
+        llm.set_swiftkv(False)
     llm.engine.abort_request(next(iter(llm.engine.requests)))
-    llm.set_swiftkv(False)  # rebuilds the engine for the original layout
+    weights = {id(m.held) for m in llm.model.modules() if getattr(m, "held", None) is not None}
+    llm.set_swiftkv(False)  # rebuilds the engine for the original layout, on the same held weights
+    assert {id(m.held) for m in llm.model.modules() if getattr(m, "held", None) is not None} == weights
     teacher = LLM.from_model(copy.deepcopy(base), None, config=config)  # the converted model's teacher: the base
     assert llm.generate([prompt], params)[0].outputs[0].token_ids == teacher.generate([prompt], params)[0].outputs[0].token_ids
     assert llm.engine.runner.kv_cache.shape[0] == L  # one KV owner per layer again

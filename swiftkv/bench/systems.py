@@ -113,10 +113,11 @@ class TransformersSystem:
 
 
 def swiftkv_systems(model, dtype: str, **llm_kw) -> dict[str, EngineSystem]:
-    """swiftkv in SwiftKV mode and in baseline mode (the same engine with l = L), one checkpoint."""
+    """swiftkv in SwiftKV mode and in baseline mode (the same engine with l = L), one checkpoint loaded once:
+    the two engines share its weights, each with a KV cache of its own."""
     from swiftkv.llm import LLM
 
     llm_kw.setdefault("kv_cache_memory", KV_CACHE_GIB << 30)  # as much as the peers get
     swift = LLM(model, swiftkv=True, dtype=dtype, **llm_kw)
-    base = LLM(swift.model_path, swiftkv=False, dtype=dtype, **llm_kw)
+    base = LLM.from_model(swift.model, swift.tokenizer, swift.model_path, swift.engine.config, swiftkv=False)
     return {"swiftkv": EngineSystem("swiftkv", swift, dtype), "baseline": EngineSystem("baseline", base, dtype)}

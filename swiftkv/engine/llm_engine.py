@@ -49,19 +49,23 @@ class EngineStepError(RuntimeError):
 
 
 class LLMEngine:
-    """Continuous-batching engine over one model (SwiftKV or baseline mode)."""
+    """Continuous-batching engine over one model, in SwiftKV or baseline mode (``swiftkv``; None: the model's
+    default path). The model is prepared for inference, in place, if it was not loaded so; engines in either
+    mode can share one model (its weights are held once)."""
 
-    def __init__(self, model: LlamaForCausalLM, tokenizer=None, config: EngineConfig | None = None) -> None:
+    def __init__(self, model: LlamaForCausalLM, tokenizer=None, config: EngineConfig | None = None,
+                 swiftkv: bool | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config = config or EngineConfig()
+        self.swiftkv = model.swiftkv_enabled if swiftkv is None else swiftkv
         from swiftkv.engine.model_runner import kv_bytes_per_token
 
-        block_bytes = kv_bytes_per_token(model.config, model.active_config, model.compute_dtype) * config.block_size
+        block_bytes = kv_bytes_per_token(model.config, model.layout(self.swiftkv), model.compute_dtype) * config.block_size
         num_blocks = config.kv_cache_memory // block_bytes
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={config.kv_cache_memory} B holds no {block_bytes}-byte KV block")
-        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, self.swiftkv)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
@@ -145,9 +149,6 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; return the (cumulative) outputs of requests that advanced."""
-        if self.model.active_config != self.runner.skv:
-            raise RuntimeError("the model's SwiftKV mode changed after this engine sized its KV cache; switch modes "
-                               "with LLM.set_swiftkv(), which rebuilds the engine")
         out = self.scheduler.schedule()
         if not out:
             return []
@@ -212,7 +213,7 @@ class LLMEngine:
 
     def _prompt_logprobs(self, prompt: list[int], k: int) -> list[Logprob | None]:
         """Prompt logprobs from the full-sequence path (exact in SwiftKV mode too)."""
-        lp = torch.log_softmax(full_logits(self.model, [prompt])[0], -1)  # [T, vocab]
+        lp = torch.log_softmax(full_logits(self.model, [prompt], swiftkv=self.swiftkv)[0], -1)  # [T, vocab]
         out: list[Logprob | None] = [None]
         for t in range(1, len(prompt)):
             top = lp[t - 1].topk(k) if k else None

@@ -15,6 +15,7 @@ from swiftkv.config import SwiftKVConfig
 from swiftkv.engine.scheduler import SchedulerOutput
 from swiftkv.engine.sequence import Sequence
 from swiftkv.layers.attention import AttentionMetadata
+from swiftkv.memory import no_huge_pages
 from swiftkv.layers.fused_decode import FusedDecoder
 from swiftkv.layers.sampler import Sampler
 from swiftkv.models.arch import head_dim_of
@@ -33,7 +34,9 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+    t = torch.from_numpy(np.zeros(nbytes, dtype=np.uint8))
+    no_huge_pages(t)  # small pages: memory as blocks fill, not 2 MB per head region on its first write
+    return t.view(dtype).view(shape)
 
 
 class ModelRunner:
@@ -41,13 +44,13 @@ class ModelRunner:
     over its paged KV cache. Decode steps run the layers in one native call where the layers' own
     descriptions allow it (:class:`~swiftkv.layers.fused_decode.FusedDecoder`, decided here, once)."""
 
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int) -> None:
-        self.model = model
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, swiftkv: bool) -> None:
+        self.model, self.swiftkv = model, swiftkv
         model.prepare_for_inference()  # a no-op for a model loaded for inference
         self.block_size = block_size
         cfg = model.config
         self.device, self.dtype = model.compute_device, model.compute_dtype
-        self.skv = model.active_config
+        self.skv = model.layout(swiftkv)
         self.fused = FusedDecoder.build(model.decode_dims(), model.decode_specs(), model.store_kv_spec(),
                                         model.swiftkv_config)
         # [owners, K/V, kv_heads, blocks, block_size, head_dim], allocated once
@@ -88,7 +91,7 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput):
         """Run one step. Returns [(seq, token, logprobs)] for the sequences that sampled."""
         ids, positions, meta, rows = self.prepare(out)
-        hidden = self.model(ids, positions, meta, logits_seq_ids=rows, fused=self.fused)
+        hidden = self.model(ids, positions, meta, logits_seq_ids=rows, fused=self.fused, swiftkv=self.swiftkv)
         if not rows:
             return []
         logits = self.model.compute_logits(hidden)

@@ -19,23 +19,17 @@ def greedy_both(
 ) -> dict[str, list[tuple[list[int], str]]]:
     """Greedy outputs ``(token_ids, text)`` of every prompt under the teacher and SwiftKV.
 
-    The same loaded model serves both: its mode is switched between the two engine runs and
-    restored afterwards.
+    The same loaded model serves both (one engine per path, one after the other).
     """
-    was = model.swiftkv_enabled
     out = {}
-    try:
-        for mode in MODES:
-            if mode == "swiftkv" and model.swiftkv_config.is_baseline:
-                out[mode] = out["teacher"]  # l == L: SwiftKV is the teacher
-                continue
-            model.set_swiftkv(mode == "swiftkv")
-            llm = LLM.from_model(model, tokenizer, config=config)
-            res = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=True)
-            out[mode] = [(list(r.outputs[0].token_ids), r.outputs[0].text) for r in res]
-    finally:
-        if not model.swiftkv_config.is_baseline:
-            model.set_swiftkv(was)
+    for mode in MODES:
+        if mode == "swiftkv" and model.swiftkv_config.is_baseline:
+            out[mode] = out["teacher"]  # l == L: SwiftKV is the teacher
+            continue
+        llm = LLM.from_model(model, tokenizer, config=config, swiftkv=mode == "swiftkv")
+        res = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=True)
+        out[mode] = [(list(r.outputs[0].token_ids), r.outputs[0].text) for r in res]
+        del llm  # its KV cache, before the next one's
     return out
 
 

@@ -17,18 +17,20 @@ def _device(model: LlamaForCausalLM) -> torch.device:
 
 
 @torch.no_grad()
-def full_logits(model: LlamaForCausalLM, seqs: list[list[int]]) -> list[torch.Tensor]:
-    """Logits ``[len(seq), vocab]`` (fp32) for every token of every sequence, in one forward."""
+def full_logits(model: LlamaForCausalLM, seqs: list[list[int]], swiftkv: bool | None = None) -> list[torch.Tensor]:
+    """Logits ``[len(seq), vocab]`` (fp32) for every token of every sequence, in one forward (``swiftkv``: the
+    path, None the model's default)."""
     dev = _device(model)
     ids = torch.tensor([t for s in seqs for t in s], device=dev)
     positions = torch.cat([torch.arange(len(s), device=dev) for s in seqs])
-    hidden = model(ids, positions, AttentionMetadata.full([len(s) for s in seqs]))
+    hidden = model(ids, positions, AttentionMetadata.full([len(s) for s in seqs]), swiftkv=swiftkv)
     return list(model.compute_logits(hidden).float().split([len(s) for s in seqs]))
 
 
 @torch.no_grad()
 def greedy_generate(
-    model: LlamaForCausalLM, prompt: list[int], max_new_tokens: int, stop_ids: set[int] | None = None
+    model: LlamaForCausalLM, prompt: list[int], max_new_tokens: int, stop_ids: set[int] | None = None,
+    swiftkv: bool | None = None,
 ) -> list[int]:
     """Greedy continuation of ``prompt``, recomputing the whole sequence each step."""
     if not prompt:
@@ -38,7 +40,8 @@ def greedy_generate(
     out: list[int] = []
     for _ in range(max_new_tokens):
         ids = torch.tensor(seq, device=dev)
-        hidden = model(ids, torch.arange(len(seq), device=dev), AttentionMetadata.full([len(seq)]), [0])
+        hidden = model(ids, torch.arange(len(seq), device=dev), AttentionMetadata.full([len(seq)]), [0],
+                       swiftkv=swiftkv)
         tok = int(model.compute_logits(hidden)[0].argmax())
         out.append(tok)
         seq.append(tok)

@@ -128,8 +128,10 @@ class SwiftKVCausalLM:
     :class:`LlamaForCausalLM` (``nn.Module``) and the transformers wrapper (``PreTrainedModel``,
     ``models/hf.py``), so every method added here reaches both.
 
-    ``swiftkv_config`` is the checkpoint's layout (baseline when the model is not SwiftKV);
-    ``swiftkv_enabled`` switches between the SwiftKV student and the original teacher.
+    ``swiftkv_config`` is the checkpoint's layout (baseline when the model is not SwiftKV). Which path a
+    forward runs -- the SwiftKV student or the original teacher, of one set of weights -- is its ``swiftkv``
+    argument; ``swiftkv_enabled`` is only the default for callers that do not say (the transformers
+    wrapper), so two callers sharing a model (two engines, an engine and an evaluation) never disagree.
     """
 
     def _build(self, config) -> None:
@@ -147,13 +149,23 @@ class SwiftKVCausalLM:
 
     @property
     def active_config(self) -> SwiftKVConfig:
-        """The layout the forward pass uses now (baseline when SwiftKV is switched off)."""
-        if self.swiftkv_enabled:
-            return self.swiftkv_config
-        return SwiftKVConfig.baseline(self.config.num_hidden_layers)
+        """The layout of the default path (:meth:`layout` of ``swiftkv_enabled``)."""
+        return self.layout(self.swiftkv_enabled)
+
+    def layout(self, swiftkv: bool | None = None) -> SwiftKVConfig:
+        """The layout a forward with ``swiftkv`` runs (None: the default): the checkpoint's, or the original
+        model's (every layer owns its KV). Raises ``ValueError`` for a path the checkpoint cannot run."""
+        swiftkv = self.swiftkv_enabled if swiftkv is None else swiftkv
+        self.check_path(swiftkv)
+        return self.swiftkv_config if swiftkv else SwiftKVConfig.baseline(self.config.num_hidden_layers)
 
     def set_swiftkv(self, enabled: bool) -> None:
-        """Switch between the SwiftKV path (student) and the original model (teacher)."""
+        """Set the default path: the SwiftKV student or the original model (teacher)."""
+        self.check_path(enabled)
+        self.swiftkv_enabled = enabled
+
+    def check_path(self, enabled: bool) -> None:
+        """Raise ``ValueError`` if this checkpoint cannot run that path."""
         if enabled and self.swiftkv_config.is_baseline:
             raise ValueError("This model has no SwiftKV layers; convert it first (swiftkv convert).")
         if not enabled and not self.teacher_available:
@@ -162,13 +174,12 @@ class SwiftKVCausalLM:
                 f"{self.swiftkv_config.num_key_value_layers}, so the original model cannot be run; "
                 "load a checkpoint that keeps the teacher tensors."
             )
-        self.swiftkv_enabled = enabled
 
     # -- forward pieces (reused by distillation) ----------------------------------------------
 
     def run_layers(self, h, cos, sin, meta, start: int, end: int, swiftkv: bool = False,
                    skv: SwiftKVConfig | None = None, fused: FusedDecoder | None = None) -> torch.Tensor:
-        """Layers ``start..end-1``; ``skv`` overrides the active layout (distillation runs both);
+        """Layers ``start..end-1`` of layout ``skv`` (default: the default path's; distillation runs both);
         ``fused`` (the engine's, for decode steps) runs them in one native call where it takes the step."""
         skv = skv or self.active_config
         if fused is not None and (out := fused.run(h, cos, sin, meta, skv, start, end, swiftkv)) is not None:
@@ -179,12 +190,13 @@ class SwiftKVCausalLM:
         return h
 
     def embed_prefix(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                     end: int, fused: FusedDecoder | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     end: int, fused: FusedDecoder | None = None,
+                     skv: SwiftKVConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embeddings, RoPE tables and layers ``0..end-1``: ``(h, cos, sin)``. For ``end <= l`` this
         is identical for teacher and SwiftKV, so distillation and evaluation compute it once."""
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions, h.dtype)
-        return self.run_layers(h, cos, sin, meta, 0, end, fused=fused), cos, sin
+        return self.run_layers(h, cos, sin, meta, 0, end, skv=skv, fused=fused), cos, sin
 
     def store_swiftkv(self, h_l: torch.Tensor, cos, sin, meta: AttentionMetadata,
                       fused: FusedDecoder | None = None) -> None:
@@ -206,17 +218,20 @@ class SwiftKVCausalLM:
         meta: AttentionMetadata,
         logits_seq_ids: list[int] | None = None,
         fused: FusedDecoder | None = None,
+        swiftkv: bool | None = None,
     ) -> torch.Tensor:
         """Return final-normed hidden states ``[M, hidden]``.
 
         ``logits_seq_ids`` lists the sequences whose last token needs logits; only those tokens
         are returned (and, in SwiftKV mode, only they run layers ``l..L-1``). ``None`` returns
         every token (full-sequence mode). ``fused``: the engine's fused decode (see :meth:`run_layers`).
+        ``swiftkv``: the SwiftKV path or the original model's (None: ``swiftkv_enabled``).
         """
         L = self.config.num_hidden_layers
-        l = self.active_config.num_key_value_layers
-        h, cos, sin = self.embed_prefix(input_ids, positions, meta, l, fused)
-        if self.swiftkv_enabled:
+        skv = self.layout(swiftkv)
+        l = skv.num_key_value_layers
+        h, cos, sin = self.embed_prefix(input_ids, positions, meta, l, fused, skv)
+        if l < L:
             self.store_swiftkv(h, cos, sin, meta, fused)
         every_token = h.shape[0] == meta.num_seqs and logits_seq_ids == list(range(h.shape[0]))  # decode
         if logits_seq_ids is not None and not every_token:
@@ -227,7 +242,7 @@ class SwiftKVCausalLM:
             meta = meta.select_last(logits_seq_ids)
             if not logits_seq_ids:  # e.g. only partial prompt chunks: no token needs logits
                 return self.model.norm(h)
-        h = self.run_layers(h, cos, sin, meta, l, L, swiftkv=True, fused=fused)
+        h = self.run_layers(h, cos, sin, meta, l, L, swiftkv=True, skv=skv, fused=fused)
         return self.model.norm(h)
 
     # -- inference ------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from swiftkv.fileio import STAMP_FILE, atomic_directory, release_pages
+from swiftkv.fileio import STAMP_FILE, atomic_directory
+from swiftkv.memory import release_pages
 from swiftkv.models.registry import BUILTIN_MODELS, DEFAULT_MODEL
 from swiftkv.models.arch import check_supported
 from swiftkv.models.llama import LlamaForCausalLM
@@ -227,6 +228,20 @@ def load_model(
     if swiftkv is not None:
         model.set_swiftkv(swiftkv)
     return model, path
+
+
+def held_bytes_estimate(path: Path, dtype: torch.dtype) -> int:
+    """Bytes a model loaded for inference in ``dtype`` will hold, from the checkpoint's headers alone (nothing
+    is read): bf16 tensors stay bf16, fp32 ones become ``dtype`` (an fp32 weight with an exact compact form
+    ends up smaller: this is an upper bound), anything else ``dtype``; without the kernels, everything
+    ``dtype``."""
+    from swiftkv.kernels import linear as kernels
+    from swiftkv.models.shards import tensor_index
+
+    size = torch.empty((), dtype=dtype).element_size()
+    keep = {torch.bfloat16} if kernels.library() is not None else set()
+    return sum(info.nbytes if info.dtype in keep else info.nbytes // info.dtype.itemsize * size
+               for info in tensor_index(weight_files(path)).values())
 
 
 def release_unheld_pages(model: LlamaForCausalLM, tensors: dict[str, torch.Tensor]) -> int:
