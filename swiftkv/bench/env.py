@@ -10,7 +10,8 @@ import torch
 
 # Every engine in a benchmark gets this much KV cache (vLLM-CPU: VLLM_CPU_KVCACHE_SPACE): with less,
 # one system admits fewer requests at once and the comparison measures memory, not speed.
-KV_CACHE_GIB = 4
+# SWIFTKV_BENCH_KV_CACHE_GIB changes it for every system alike (large models: several systems must fit at once).
+KV_CACHE_GIB = int(os.environ.get("SWIFTKV_BENCH_KV_CACHE_GIB", "4"))
 
 
 def environment(dtype: str) -> dict:
@@ -33,3 +34,48 @@ def warn_if_busy(env: dict) -> None:
     if env["busy"]:
         print(f"warning: machine is busy (load {env['loadavg_1m']} on {env['cpus']} CPUs); "
               "absolute numbers are unreliable, compare the ratios", file=sys.stderr)
+
+
+def tree_memory(pid: int, children: bool = True) -> dict[str, int]:
+    """``{"rss", "peak"}`` bytes of process ``pid`` and (``children``) all its descendants (Linux ``/proc``; the
+    peaks summed are an upper bound of the tree's peak). Zeros where unknown."""
+    from pathlib import Path
+
+    def status(p: int) -> dict[str, int]:
+        try:
+            fields = dict(line.split(":", 1) for line in Path(f"/proc/{p}/status").read_text().splitlines() if ":" in line)
+        except OSError:
+            return {"rss": 0, "peak": 0}
+        kb = (lambda k: int(fields.get(k, "0 kB").split()[0]) * 1024)
+        return {"rss": kb("VmRSS"), "peak": kb("VmHWM")}
+
+    def descendants(p: int) -> list[int]:
+        out = []
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            try:
+                out += [int(c) for c in task.read_text().split()]
+            except OSError:
+                pass
+        return out
+
+    total, todo = {"rss": 0, "peak": 0}, [pid]
+    while todo:
+        p = todo.pop()
+        m = status(p)
+        total = {k: total[k] + m[k] for k in total}
+        todo += descendants(p) if children else []
+    return total
+
+
+def measure_bandwidth(nbytes: int = 1 << 30, reps: int = 3) -> float:
+    """The machine's memory read bandwidth in bytes/s: the best of ``reps`` sums over an ``nbytes`` tensor
+    (far larger than any cache), with every thread, as decode reads its weights."""
+    import time
+
+    t = torch.ones(nbytes // 4)
+    best = float("inf")
+    for _ in range(reps + 1):  # the first pass faults the pages in
+        start = time.perf_counter()
+        t.sum()
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best

@@ -14,10 +14,11 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from swiftkv.bench.env import KV_CACHE_GIB
+from swiftkv.bench.env import KV_CACHE_GIB, tree_memory
 from swiftkv.bench.peer_worker import TAG
 
 _MODULES = {"vllm": "vllm", "vllm-swiftkv": "vllm", "llama.cpp": "llama_cpp"}
@@ -56,10 +57,11 @@ class Peer:
 
     def __init__(self, backend: str, python: str, model: str, threads: int, max_model_len: int = 4096,
                  max_num_seqs: int = 32, log_dir: str | None = None, dtype: str = "bfloat16",
-                 prefix_caching: bool = False) -> None:
-        self.backend = self.name = backend
+                 prefix_caching: bool = False, name: str | None = None) -> None:
+        self.backend, self.name = backend, name or backend
+        started = time.perf_counter()
         worker = Path(__file__).with_name("peer_worker.py")
-        log = Path(log_dir or tempfile.gettempdir()) / f"swiftkv-peer-{backend}.log"
+        log = Path(log_dir or tempfile.gettempdir()) / f"swiftkv-peer-{self.name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log
         self._log = open(log, "w")
@@ -73,6 +75,7 @@ class Peer:
             self.close()
             raise RuntimeError(f"{backend} failed to start: {hello['error']} (log: {log})")
         self.version = hello.get("version", "?")
+        self.load_s = time.perf_counter() - started
         self.dtype = dtype if backend.startswith("vllm") else "gguf"
 
     def _read(self) -> dict:
@@ -90,6 +93,10 @@ class Peer:
             raise RuntimeError(f"{self.backend}: {out['error']}")
         return out
 
+    def memory(self) -> dict[str, int]:
+        """Resident and peak bytes of the peer's processes (vLLM runs its engine in a child process)."""
+        return tree_memory(self.proc.pid)
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.stdin.close()
@@ -106,7 +113,7 @@ class PeerSpec:
 
     vllm_python: str | None = None
     llamacpp_python: str | None = None
-    gguf: str | None = None  # llama.cpp model; default: the built-in model's Q4_1 GGUF
+    gguf: tuple[str, ...] = ()  # llama.cpp models (one system each); default: the built-in model's Q4_1 GGUF
     enabled: tuple[str, ...] = ("vllm", "vllm-swiftkv", "llama.cpp")
 
 
@@ -124,40 +131,48 @@ def start_peers(spec: PeerSpec, model_dir: Path, threads: int, max_model_len: in
             continue
         try:
             if backend == "vllm":  # the original model
-                model = str(plain_checkpoint(model_dir))
+                models = {backend: str(plain_checkpoint(model_dir))}
             elif backend == "vllm-swiftkv":  # the SwiftKV checkpoint itself, through swiftkv's plugin in that venv
-                model = str(model_dir)
+                models = {backend: str(model_dir)}
             else:
-                model = str(gguf_for(model_dir, spec.gguf))
-            print(f"bench: starting {backend} ({python}) on {model}", file=sys.stderr, flush=True)
-            peers[backend] = Peer(backend, python, model, threads, max_model_len, max_num_seqs, log_dir, dtype,
-                                  prefix_caching)
+                files = gguf_for(model_dir, spec.gguf)
+                models = {backend if len(files) == 1 else f"{backend}[{f.stem}]": str(f) for f in files}
         except (RuntimeError, ValueError) as e:
             print(f"bench: {backend} skipped: {e}", file=sys.stderr)
+            continue
+        for name, model in models.items():
+            print(f"bench: starting {name} ({python}) on {model}", file=sys.stderr, flush=True)
+            try:
+                peers[name] = Peer(backend, python, model, threads, max_model_len, max_num_seqs, log_dir, dtype,
+                                   prefix_caching, name)
+            except (RuntimeError, ValueError) as e:
+                print(f"bench: {name} skipped: {e}", file=sys.stderr)
     return peers
 
 
-def gguf_for(model_dir: Path, gguf: str | None) -> Path:
-    """The GGUF llama.cpp runs: ``gguf`` if given, else the built-in model's own Q4_1 file."""
-    if gguf:
-        if not Path(gguf).is_file():
-            raise ValueError(f"--gguf {gguf!r} is not a file")
-        return Path(gguf)
+def gguf_for(model_dir: Path, gguf: tuple[str, ...] | str | None) -> list[Path]:
+    """The GGUFs llama.cpp runs: ``gguf`` if given, else the built-in model's own Q4_1 file."""
+    files = [gguf] if isinstance(gguf, str) else list(gguf or ())
+    for f in files:
+        if not Path(f).is_file():
+            raise ValueError(f"--gguf {f!r} is not a file")
+    if files:
+        return [Path(f) for f in files]
     from swiftkv.builtin import find_gguf
 
     print(f"bench: llama.cpp runs the built-in model's GGUF; pass --gguf for {model_dir.name}", file=sys.stderr)
-    return find_gguf()
+    return [find_gguf()]
 
 
 def plain_checkpoint(model_dir: Path) -> Path:
     """The original model of a SwiftKV checkpoint as a plain Llama/Qwen2 directory (no ``*_swiftkv``
-    tensors, base ``model_type``) that other engines load; built once in the cache."""
+    tensors, base ``model_type``) that other engines load; built once in the cache, tensor by tensor."""
     import torch
 
-    from swiftkv.fileio import stamp_matches, write_stamp
-    from swiftkv.fileio import cache_dir
+    from swiftkv.fileio import atomic_directory, cache_dir, stamp_matches, write_stamp
     from swiftkv.models.llama import LlamaForCausalLM
-    from swiftkv.models.loader import load_config, read_tensors, save_checkpoint
+    from swiftkv.models.loader import copy_side_files, load_config, weight_files
+    from swiftkv.models.shards import read_tensor, tensor_index, write_sharded
     from swiftkv.transform import base_hf_config
 
     config = load_config(model_dir)
@@ -167,15 +182,18 @@ def plain_checkpoint(model_dir: Path) -> Path:
     stamp = f"{model_dir.resolve()} {os.stat(model_dir / 'config.json').st_mtime_ns}"
     if stamp_matches(out, stamp):
         return out
+    plain = base_hf_config(config)
+    index = {n: info for n, info in tensor_index(weight_files(model_dir)).items() if "_swiftkv" not in n}
     with torch.device("meta"):
-        model = LlamaForCausalLM(base_hf_config(config))
-    tensors = {n: t for n, t in read_tensors(model_dir).items() if "_swiftkv" not in n}
-    model.load_state_dict(tensors, strict=False, assign=True)
-    if model.config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
+        needed = dict(LlamaForCausalLM(plain).named_parameters())  # a tied lm_head appears once
+    missing = [n for n in needed if n not in index]
     if missing:
         raise ValueError(f"{model_dir} lacks the original model's tensors {missing[:3]}; other engines cannot run it")
-    save_checkpoint(model, out, source_dir=model_dir, overwrite=True)
+    with atomic_directory(out, overwrite=True) as tmp:
+        copy_side_files(model_dir, tmp)
+        write_sharded(tmp, {n: (i.dtype, i.shape) for n, i in index.items()}, lambda n: read_tensor(index[n], n),
+                      desc="plain checkpoint")
+        plain.dtype = config.dtype
+        (tmp / "config.json").write_text(plain.to_json_string())
     write_stamp(out, stamp)
     return out

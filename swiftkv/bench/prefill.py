@@ -6,15 +6,21 @@ llama.cpp, interleaved so a noisy machine affects all alike. Reports tokens/s an
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
+import time
 from pathlib import Path
 
-
-from swiftkv.bench.env import environment, warn_if_busy
+from swiftkv.bench.env import environment, measure_bandwidth, tree_memory, warn_if_busy
 from swiftkv.bench.interleave import interleave
-from swiftkv.bench.systems import TransformersSystem, load_transformers_model, swiftkv_systems
+from swiftkv.bench.systems import (
+    TransformersSystem,
+    load_transformers_model,
+    swiftkv_systems,
+)
 from swiftkv.bench.workloads import random_token_prompts
+from swiftkv.models.loader import checkpoint_bytes, decode_weight_bytes, held_bytes
 from swiftkv.platforms import dtype_name, resolve_dtype
 
 
@@ -22,13 +28,20 @@ def _wall(system, prompts: list[list[int]], n: int) -> float:
     return system.run(prompts, n)["wall_s"]
 
 
+def _tpot(system, prompts: list[list[int]], n: int) -> float:
+    """Seconds per output token after the first (decode alone, without the prompt's prefill)."""
+    return statistics.median(system.run(prompts, n)["tpot"])
+
+
 def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512, 2048), reps: int = 3,
                       decode_tokens: int = 64, dtype: str = "auto", out: str | None = None,
                       with_transformers: bool = True, peers=None, batch: int = 32) -> dict:
     """Prefill tokens/s at each of ``lengths`` (one prompt, first token only), batch-1 decode
-    tokens/s and batch-``batch`` aggregate decode tokens/s (64-token prompts, ``decode_tokens``
-    generated, prefill included as users see it), for swiftkv, its baseline mode, transformers
-    and the installed peers (``peers``: a :class:`~swiftkv.bench.peers.PeerSpec`), interleaved."""
+    tokens/s (64-token prompt, ``decode_tokens`` generated; the tokens after the first, so the prefill is
+    not in it) and batch-``batch`` aggregate tokens/s (prefill included, as users see it), for swiftkv,
+    its baseline mode, transformers and the installed peers (``peers``: a
+    :class:`~swiftkv.bench.peers.PeerSpec`), interleaved. Also load times, memory, the weight bytes a
+    decode step reads and the machine's bandwidth (batch-1 decode as a fraction of that roofline)."""
     from swiftkv.bench.peers import start_peers
 
     dtype = dtype_name(resolve_dtype(dtype))  # "auto" -> this machine's fastest; every system runs it
@@ -37,7 +50,10 @@ def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512,
     max_len = max(lengths)
     # prefix caching off: repeated runs of the same prompts must really prefill (as for the peers)
     kw = dict(max_num_batched_tokens=max(max_len, 2048), max_num_seqs=max(8, batch), enable_prefix_caching=False)
+    started = time.perf_counter()
     engines = swiftkv_systems(model, dtype, **kw)
+    load_s = time.perf_counter() - started
+    loaded = tree_memory(os.getpid(), children=False)
     m, path = engines["swiftkv"].llm.model, engines["swiftkv"].llm.model_path
     systems = dict(engines)
     if with_transformers:
@@ -52,10 +68,13 @@ def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512,
               "versions": {name: p.version for name, p in running.items()},
               "dtypes": {name: s.dtype for name, s in systems.items()},
               "kv_bytes_per_token": {name: s.llm.engine.kv_bytes_per_token for name, s in engines.items()},
+              "load_s": {"swiftkv": load_s, **{name: p.load_s for name, p in running.items()}},
+              "held_bytes": held_bytes(m), "checkpoint_bytes": checkpoint_bytes(path),
+              "decode_weight_bytes": {name: decode_weight_bytes(m, s.llm.swiftkv) for name, s in engines.items()},
               "prefill": {}, "decode": {}, f"decode_b{batch}": {}}
 
-    def measure(prompts, n, repeats, desc, pick=statistics.median) -> dict[str, float]:
-        calls = {name: (lambda s=s: _wall(s, prompts, n)) for name, s in systems.items()}
+    def measure(prompts, n, repeats, desc, pick=statistics.median, timer=_wall) -> dict[str, float]:
+        calls = {name: (lambda s=s: timer(s, prompts, n)) for name, s in systems.items()}
         return {name: pick(t) for name, t in interleave(calls, repeats, desc).items()}
 
     try:
@@ -63,13 +82,18 @@ def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512,
             prompt = random_token_prompts(rng, 1, (n, n), m.config.vocab_size)
             result["prefill"][n] = {k: n / t for k, t in measure(prompt, 1, reps, f"prefill @ {n}").items()}
         prompts = random_token_prompts(rng, batch, (64, 64), m.config.vocab_size)
-        result["decode"] = {k: decode_tokens / t
-                            for k, t in measure(prompts[:1], decode_tokens, 2, "decode b1", min).items()}
+        result["decode"] = {k: 1 / t for k, t in measure(prompts[:1], decode_tokens, 2, "decode b1", min, _tpot).items()}
         result[f"decode_b{batch}"] = {k: batch * decode_tokens / t
                                       for k, t in measure(prompts, decode_tokens, 2, f"decode b{batch}", min).items()}
+        own = tree_memory(os.getpid(), children=False)  # the peers are this process's children
+        result["memory"] = {"swiftkv": {"rss_after_load": loaded["rss"], "peak": own["peak"]},
+                            **{name: p.memory() for name, p in running.items()}}
     finally:
         for s in systems.values():
             s.close()
+    result["bandwidth_bytes_s"] = bw = measure_bandwidth()
+    result["decode_roofline_fraction"] = {  # tokens/s over bandwidth / bytes read per batch-1 step
+        name: result["decode"][name] * result["decode_weight_bytes"][name] / bw for name in engines}
     result["ratios"] = _ratios(result)
     print(format_report(result))
     if out:
@@ -81,7 +105,7 @@ def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512,
 def _rows(r: dict) -> list[tuple[str, dict[str, float]]]:
     """(metric label, tokens/s per system) in display order."""
     rows = [(f"prefill tok/s @ {n}", tps) for n, tps in r["prefill"].items()]
-    rows.append(("decode tok/s (batch 1)", r["decode"]))
+    rows.append(("decode tok/s (batch 1)", r["decode"]))  # after the first token
     rows += [(f"decode tok/s (batch {k.removeprefix('decode_b')})", v) for k, v in r.items()
              if k.startswith("decode_b") and v]
     return rows
@@ -113,5 +137,15 @@ def format_report(r: dict) -> str:
         lines.append(f"{label:<28}" + "".join(f"{tps.get(k, float('nan')):>14.1f}" for k in systems))
     kv = r["kv_bytes_per_token"]
     lines.append(f"{'KV bytes/token':<28}{kv['swiftkv']:>14}{kv['baseline']:>14}")
+    gb = (lambda b: f"{b / 1e9:.2f} GB")
+    if "memory" in r:
+        lines.append("load s: " + ", ".join(f"{k} {v:.1f}" for k, v in r["load_s"].items()) + "  (swiftkv: both modes, one model)")
+        lines.append("memory (rss / peak): " + ", ".join(f"{k} {gb(v.get('rss', v.get('rss_after_load', 0)))} / "
+                                                        f"{gb(v['peak'])}" for k, v in r["memory"].items()))
+    if "bandwidth_bytes_s" in r:
+        lines.append(f"weights held {gb(r['held_bytes'])} (checkpoint {gb(r['checkpoint_bytes'])}); memory bandwidth "
+                     f"{r['bandwidth_bytes_s'] / 1e9:.1f} GB/s; batch-1 decode at "
+                     + ", ".join(f"{k} {v:.0%}" for k, v in r["decode_roofline_fraction"].items())
+                     + " of the roofline of the weight bytes it reads")
     lines += [f"  {k}: {v:.2f}x" for k, v in r["ratios"].items()]
     return "\n".join(lines)

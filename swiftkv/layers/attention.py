@@ -190,4 +190,4 @@ def _prior_then_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     o_prior, lse_prior = _FLASH_CPU(q, k[:, :, :p], v[:, :, :p], 0.0, False)
     o_own, lse_own = _FLASH_CPU(q, k[:, :, p:], v[:, :, p:], 0.0, True)
     w = torch.sigmoid(lse_prior - lse_own)[..., None]  # e^lse_prior / (e^lse_prior + e^lse_own): [1, H, ql, 1]
-    return o_own + (o_prior - o_own) * w
+    return (o_own + (o_prior - o_own) * w).to(q.dtype)  # (the LSEs are fp32: bf16 queries stay bf16)

@@ -55,17 +55,24 @@ class HeldLinearMethod:
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         held, shape = self.held, x.shape
         x2 = x.reshape(-1, shape[-1])  # [M, I]
-        m = x2.shape[0]
-        if held.is_dense and held.data.dtype == x.dtype and (m > kernels.GEMM_MAX_ROWS or self._c is None
-                                                               or (m > kernels.GEMV_ROWS and _onednn_bf16(x))):
-            y = dense_matmul(x2, held.data, bias)
-        elif self._c is not None and 1 <= m <= kernels.GEMM_MAX_ROWS and not x.requires_grad:
+        if self._kernels_take(x2):
             y = kernels.linear(x2.float(), self._c).to(x.dtype)
             if bias is not None:
                 y += bias
+        elif held.is_dense and held.data.dtype == x.dtype:
+            y = dense_matmul(x2, held.data, bias)
         else:
             y = self._widened_matmul(x2, bias)
         return y.view(*shape[:-1], held.out_features)
+
+    def _kernels_take(self, x: torch.Tensor) -> bool:
+        """Decode-sized batches with no gradient wanted, except bf16 GEMM-sized ones on bf16 weights where the
+        CPU multiplies bf16 natively (oneDNN is faster there)."""
+        m = x.shape[0]
+        if self._c is None or not 1 <= m <= kernels.GEMM_MAX_ROWS or x.requires_grad:
+            return False
+        native_bf16 = self.held.kind == "bf16" and m > kernels.GEMV_ROWS and _onednn_bf16(x)
+        return not native_bf16
 
     def _widened_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Prefill-sized batches: the weight widened to ``x``'s dtype (row chunks), then oneDNN."""

@@ -15,9 +15,9 @@ from safetensors import SafetensorError, safe_open
 
 from swiftkv.fileio import STAMP_FILE, atomic_directory
 from swiftkv.memory import release_pages
-from swiftkv.models.registry import BUILTIN_MODELS, DEFAULT_MODEL
 from swiftkv.models.arch import check_supported
 from swiftkv.models.llama import LlamaForCausalLM
+from swiftkv.models.registry import BUILTIN_MODELS, DEFAULT_MODEL
 from swiftkv.models.shards import DEFAULT_SHARD_SIZE, write_sharded
 from swiftkv.platforms import DTYPES, resolve_dtype
 
@@ -62,8 +62,9 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
 
 def load_config(path: str | os.PathLike):
     """The transformers config of a model directory (SwiftKV types registered)."""
-    import swiftkv.models.hf  # noqa: F401  (registers llama_swiftkv / qwen2_swiftkv)
     from transformers import AutoConfig
+
+    import swiftkv.models.hf  # noqa: F401  (registers llama_swiftkv / qwen2_swiftkv)
 
     _check_config_json(Path(path) / "config.json")
     try:
@@ -228,6 +229,30 @@ def load_model(
     if swiftkv is not None:
         model.set_swiftkv(swiftkv)
     return model, path
+
+
+def checkpoint_bytes(path: Path) -> int:
+    """Bytes of a directory's safetensors files."""
+    return sum(f.stat().st_size for f in weight_files(path))
+
+
+def decode_weight_bytes(model: LlamaForCausalLM, swiftkv: bool) -> int:
+    """Bytes of held weights one decode step reads (batch 1): the projections of every layer on the path
+    (SingleInputKV's K/V projections instead of the later layers' own), the LM head; not the embedding
+    (one row)."""
+    nbytes = (lambda lin: 0 if lin is None or lin.held is None else lin.held.nbytes)
+    skv = model.layout(swiftkv)
+    total = nbytes(model.lm_head)
+    for i, layer in enumerate(model.model.layers):
+        a, mlp = layer.self_attn, layer.mlp
+        total += sum(nbytes(lin) for lin in (a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        if skv.is_swiftkv_layer(i):
+            total += nbytes(a.q_proj_swiftkv)
+            if skv.is_group_leader(i):
+                total += nbytes(a.k_proj_swiftkv) + nbytes(a.v_proj_swiftkv)
+        else:
+            total += nbytes(a.q_proj) + nbytes(a.k_proj) + nbytes(a.v_proj)
+    return total
 
 
 def held_bytes_estimate(path: Path, dtype: torch.dtype) -> int:

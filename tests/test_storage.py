@@ -1,0 +1,151 @@
+"""Weights held once, in the bytes they are stored in (issue: real-size models on a CPU): the engine's
+parameter bytes against the checkpoint's stored bytes, memory-mapped tensors, a streamed and sharded
+convert under a memory budget, greedy output in every storage form (fused and eager), the refusal of a
+model that does not fit, and files written under the user's umask."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import quantize_q4_1, tiny_hf_model
+
+from swiftkv.config import SwiftKVConfig
+from swiftkv.kernels import linear as kernels
+from swiftkv.models.full_sequence import greedy_generate
+from swiftkv.models.loader import held_bytes, load_model, weight_files
+from swiftkv.models.shards import tensor_index
+from swiftkv.sampling_params import SamplingParams
+from swiftkv.transform import convert_checkpoint, to_swiftkv
+
+needs_kernels = pytest.mark.skipif(kernels.library() is None,
+                                   reason="no AVX2/FMA/F16C or no C compiler: weights are held in the compute dtype")
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+PROMPTS = [[5, 9, 17, 3], list(range(1, 30)), [100] * 11]
+
+
+def _save(model, path: Path, dtype: torch.dtype, q4_1: bool = False) -> Path:
+    """A tiny transformers model saved in ``dtype`` (its 2-D weights Q4_1-rounded first: a GGUF-derived
+    checkpoint, stored in fp32 as the built-in model's conversion stores it)."""
+    if q4_1:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.copy_(quantize_q4_1(p))
+    model.to(dtype).save_pretrained(path)
+    return path
+
+
+def _stored_bytes(path: Path, q4_1: bool) -> int:
+    """The checkpoint's bytes as stored; for a GGUF-derived one, as the GGUF stores them: Q4_1's 20 bytes per
+    32 weights for every 2-D tensor."""
+    infos = tensor_index(weight_files(path)).values()
+    return sum(i.nbytes * 20 // 128 if q4_1 and len(i.shape) == 2 else i.nbytes for i in infos)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["bf16", "q4_1"])
+def test_engine_holds_the_checkpoints_stored_bytes(tmp_path, kind):
+    hf = tiny_hf_model("llama", hidden_size=128, intermediate_size=256, vocab_size=512)
+    path = _save(hf, tmp_path / kind, torch.bfloat16 if kind == "bf16" else torch.float32, q4_1=kind == "q4_1")
+    stored = _stored_bytes(path, kind == "q4_1")
+    model = load_model(path, dtype="float32", for_inference=True)[0]  # fp32 compute, as on AVX2
+    assert abs(held_bytes(model) - stored) <= 0.1 * stored, (held_bytes(model), stored)
+    assert held_bytes(load_model(path, dtype="float32")[0]) >= 1.5 * stored  # what an fp32 copy would hold
+
+
+@needs_kernels
+def test_bf16_weights_are_the_file_mapping(tmp_path):
+    path = _save(tiny_hf_model("llama"), tmp_path / "bf16", torch.bfloat16)
+    model = load_model(path, dtype="float32", for_inference=True)[0]
+    maps = [line.split() for line in Path("/proc/self/maps").read_text().splitlines()]
+    mapped = [(int(a, 16), int(b, 16)) for f in maps if len(f) >= 6 and f[5] == str((path / "model.safetensors").resolve())
+              for a, b in [f[0].split("-")]]
+    held = model.model.layers[0].mlp.up_proj.held
+    assert held.kind == "bf16" and mapped
+    assert any(a <= held.data.data_ptr() < b for a, b in mapped)  # no copy: the weight is the file's bytes
+
+
+def test_streamed_convert_stays_under_a_memory_budget(tmp_path):
+    """A 100 MB checkpoint converted in 8 MB shards: the process grows by about a shard, not the model."""
+    hf = tiny_hf_model("llama", hidden_size=1024, intermediate_size=2048, num_hidden_layers=4, vocab_size=8192,
+                       num_attention_heads=8, num_key_value_heads=4)
+    path = _save(hf, tmp_path / "base", torch.float32)
+    model_bytes = sum(f.stat().st_size for f in weight_files(path))
+    assert model_bytes > 90e6
+    out = tmp_path / "skv"
+
+    def peak_of(code: str) -> int:
+        r = subprocess.run([sys.executable, "-c", "import resource, swiftkv.cli; " + code
+                            + "; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
+                           capture_output=True, text=True, check=True)
+        return int(r.stdout.split()[-1]) * 1024
+
+    idle = peak_of("pass")
+    peak = peak_of(f"swiftkv.cli.main(['convert', {str(path)!r}, '--out', {str(out)!r}, '-l', '2', "
+                   "'--max-shard-size', '8MB'])")
+    assert peak - idle < 40e6, (peak - idle, model_bytes)
+    files = weight_files(out)
+    assert len(files) > 5 and (out / "model.safetensors.index.json").exists()
+    streamed = load_model(out)[0]
+    in_memory = to_swiftkv(load_model(path)[0], SwiftKVConfig(4, 2))
+    for (n, a), (m, b) in zip(sorted(streamed.named_parameters()), sorted(in_memory.named_parameters())):
+        assert n == m and torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("form", ["bf16-file", "fp32-random", "q4_1-derived", "bf16-compute"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_greedy_output_in_every_storage_form(tmp_path, monkeypatch, form, fused):
+    from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
+
+    hf = tiny_hf_model("llama", seed=2, num_hidden_layers=6, intermediate_size=128)
+    dtype = torch.bfloat16 if form == "bf16-file" else torch.float32
+    path = _save(hf, tmp_path / "base", dtype, q4_1=form == "q4_1-derived")
+    skv = convert_checkpoint(path, tmp_path / "skv", SwiftKVConfig(6, 3))
+    compute = "bfloat16" if form == "bf16-compute" else "float32"
+    reference = load_model(skv, dtype=compute)[0]  # plain parameters, PyTorch's matmuls
+    refs = [greedy_generate(reference, p, 10) for p in PROMPTS]
+    monkeypatch.setenv("SWIFTKV_FUSED_DECODE", "1" if fused else "0")
+    model = load_model(skv, dtype=compute, for_inference=True)[0]  # memory-mapped, held forms
+    engine = LLMEngine(model, config=EngineConfig(kv_cache_memory=4 << 20, block_size=4, max_num_batched_tokens=16))
+    assert (engine.runner.fused is not None) == (fused and compute == "float32" and kernels.library() is not None)
+    ids = [engine.add_request(p, GREEDY) for p in PROMPTS]
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+    assert [done[i] for i in ids] == refs
+
+
+def test_a_model_that_does_not_fit_is_refused_before_loading(tmp_path, monkeypatch):
+    import swiftkv.llm
+    import swiftkv.memory
+
+    path = _save(tiny_hf_model("llama"), tmp_path / "base", torch.float32)
+    monkeypatch.setattr(swiftkv.memory, "available_bytes", lambda: 1 << 30)
+    loaded = []
+    monkeypatch.setattr(swiftkv.llm, "load_model", lambda *a, **k: loaded.append(a))
+    with pytest.raises(ValueError, match=r"needs about 2\.\d GiB .*KV cache 2\.0 GiB.* but 1\.0 GiB is available: "
+                                         r"lower kv_cache_memory"):
+        swiftkv.llm.LLM(str(path), kv_cache_memory=2 << 30)
+    assert not loaded  # refused before reading a weight
+    monkeypatch.setenv("SWIFTKV_SKIP_MEMORY_CHECK", "1")
+    with pytest.raises(TypeError):  # got past the check, into the (stubbed) loader
+        swiftkv.llm.LLM(str(path), kv_cache_memory=2 << 30)
+    assert loaded
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_files_get_the_users_umask(tmp_path, mask):
+    path = _save(tiny_hf_model("llama"), tmp_path / "base", torch.float32)
+    old = os.umask(mask)
+    try:
+        out = convert_checkpoint(path, tmp_path / "skv", SwiftKVConfig(6, 3))
+    finally:
+        os.umask(old)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~mask
+    for f in out.iterdir():
+        assert (f.stat().st_mode & 0o777) == 0o666 & ~mask, f.name
