@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("prefill workload")
     g.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
     g.add_argument("--decode-tokens", type=int, default=64)
-    g.add_argument("--decode-batch", type=int, default=32, help="batch of the aggregate decode figure")
+    g.add_argument("--decode-batch", type=int, default=32, help="batch of the aggregate decode figure (0: none)")
     g = p.add_argument_group("online mode (against `swiftkv serve`)")
     g.add_argument("--url", default="http://127.0.0.1:8000")
     g.add_argument("--served-model-name", default=DEFAULT_SWIFTKV_MODEL)

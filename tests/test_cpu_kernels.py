@@ -48,6 +48,12 @@ def test_paged_decode_attention_matches_gathered_sdpa(heads, kv_heads, head_dim,
     q = torch.randn(len(lens), heads, head_dim, generator=g) * 3  # peaked softmax rows too
     out = paged_attention.decode_attention(q, kc, vc, tables, lens)
     torch.testing.assert_close(out, _gathered_reference(q, kc, vc, tables, lens), atol=2e-6, rtol=1e-5)
+    # a bf16 cache (and bf16 queries): the same arithmetic on the widened values, the output rounded to bf16
+    kb, vb, qb = kc.bfloat16(), vc.bfloat16(), q.bfloat16()
+    out = paged_attention.decode_attention(qb, kb, vb, tables, lens)
+    ref = _gathered_reference(qb.float(), kb.float(), vb.float(), tables, lens).bfloat16()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
 
 
 @needs_attention

@@ -99,6 +99,23 @@ def test_engine_greedy_with_fused_decode_matches_eager_and_full_sequence(monkeyp
                                    atol=1e-4, rtol=0)
 
 
+@needs_kernels
+@pytest.mark.parametrize("arch,l,G", [("llama", 6, 1), ("llama", 2, 2), ("qwen2", 3, 3)])
+def test_bf16_engine_fused_decode_agrees_with_eager(monkeypatch, arch, l, G):
+    """Computing in bf16 (bf16 KV cache): the fused call computes each step in fp32 and rounds K/V and the
+    residual stream to bf16, eager bf16 rounds after every op: the same tokens, log-probs close."""
+    model = copy.deepcopy(_compact_model(arch, l, G))
+    model.to(torch.bfloat16)
+    prompts = [[5, 9, 17, 3], list(range(1, 30)), [100] * 11]
+    fused, ran, engine = _run_engine(model, prompts, 8, monkeypatch, fused=True)
+    assert engine.runner.kv_cache.dtype == torch.bfloat16 and any(m != "store" for m in ran)
+    eager, ran, _ = _run_engine(model, prompts, 8, monkeypatch, fused=False)
+    assert ran == [] and [o.token_ids for o in fused] == [o.token_ids for o in eager]
+    for f, e in zip(fused, eager):
+        torch.testing.assert_close([lp.logprob for lp in f.logprobs], [lp.logprob for lp in e.logprobs],
+                                   atol=0.05, rtol=0)
+
+
 def _fused(model, dtype=torch.float32):
     """The fused decoder the engine would build for ``model`` (prepared, on a copy)."""
     model = copy.deepcopy(model)
@@ -109,7 +126,7 @@ def _fused(model, dtype=torch.float32):
 
 @needs_kernels
 def test_fused_decoder_applies_only_where_it_can(monkeypatch):
-    """Every held form (compact, bf16, fp32) takes the fused path; SwiftKV adapters, bf16 activations or a
+    """Every held form (compact, bf16, fp32) and both compute dtypes take the fused path; SwiftKV adapters or a
     switched-off kernel do not (eager layers)."""
     from swiftkv.config import SwiftKVConfig
     from swiftkv.models.llama import LlamaForCausalLM
@@ -117,7 +134,7 @@ def test_fused_decoder_applies_only_where_it_can(monkeypatch):
 
     assert _fused(_compact_model("llama", 3, 1)) is not None
     assert _fused(LlamaForCausalLM(tiny_hf_model("llama").config)) is not None  # random fp32 weights, held as is
-    assert _fused(_compact_model("llama", 3, 1), torch.bfloat16) is None  # the C layers take fp32 activations
+    assert _fused(_compact_model("llama", 3, 1), torch.bfloat16) is not None  # a bf16 cache, fp32 arithmetic
     adapted = to_swiftkv(_compact_model("llama", 6, 1), SwiftKVConfig(6, 3, 1), adapter_rank=2)
     assert _fused(adapted) is None
 

@@ -112,7 +112,7 @@ def test_greedy_output_in_every_storage_form(tmp_path, monkeypatch, form, fused)
     monkeypatch.setenv("SWIFTKV_FUSED_DECODE", "1" if fused else "0")
     model = load_model(skv, dtype=compute, for_inference=True)[0]  # memory-mapped, held forms
     engine = LLMEngine(model, config=EngineConfig(kv_cache_memory=4 << 20, block_size=4, max_num_batched_tokens=16))
-    assert (engine.runner.fused is not None) == (fused and compute == "float32" and kernels.library() is not None)
+    assert (engine.runner.fused is not None) == (fused and kernels.library() is not None)
     ids = [engine.add_request(p, GREEDY) for p in PROMPTS]
     done = {}
     while engine.has_unfinished_requests():

@@ -71,7 +71,7 @@ def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512,
               "load_s": {"swiftkv": load_s, **{name: p.load_s for name, p in running.items()}},
               "held_bytes": held_bytes(m), "checkpoint_bytes": checkpoint_bytes(path),
               "decode_weight_bytes": {name: decode_weight_bytes(m, s.llm.swiftkv) for name, s in engines.items()},
-              "prefill": {}, "decode": {}, f"decode_b{batch}": {}}
+              "prefill": {}, "decode": {}}
 
     def measure(prompts, n, repeats, desc, pick=statistics.median, timer=_wall) -> dict[str, float]:
         calls = {name: (lambda s=s: timer(s, prompts, n)) for name, s in systems.items()}
@@ -81,10 +81,11 @@ def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512,
         for n in lengths:
             prompt = random_token_prompts(rng, 1, (n, n), m.config.vocab_size)
             result["prefill"][n] = {k: n / t for k, t in measure(prompt, 1, reps, f"prefill @ {n}").items()}
-        prompts = random_token_prompts(rng, batch, (64, 64), m.config.vocab_size)
+        prompts = random_token_prompts(rng, max(1, batch), (64, 64), m.config.vocab_size)
         result["decode"] = {k: 1 / t for k, t in measure(prompts[:1], decode_tokens, 2, "decode b1", min, _tpot).items()}
-        result[f"decode_b{batch}"] = {k: batch * decode_tokens / t
-                                      for k, t in measure(prompts, decode_tokens, 2, f"decode b{batch}", min).items()}
+        if batch > 1:  # 0: no aggregate figure
+            result[f"decode_b{batch}"] = {k: batch * decode_tokens / t
+                                          for k, t in measure(prompts, decode_tokens, 2, f"decode b{batch}", min).items()}
         own = tree_memory(os.getpid(), children=False)  # the peers are this process's children
         result["memory"] = {"swiftkv": {"rss_after_load": loaded["rss"], "peak": own["peak"]},
                             **{name: p.memory() for name, p in running.items()}}

@@ -1,4 +1,4 @@
-"""Decode attention read in place from the paged KV cache (CPU, fp32).
+"""Decode attention read in place from the paged KV cache (CPU; an fp32 or bf16 cache, fp32 arithmetic).
 
 Without it, every layer of every decode step gathers each sequence's K/V blocks into a fresh
 contiguous buffer and runs a batched attention over it. :func:`decode_attention` instead runs a
@@ -19,7 +19,7 @@ from swiftkv.kernels import build
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _FUNCTIONS = {
     "skv_paged_decode_attention": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64,
-                                              ctypes.c_float, ctypes.c_int]),
+                                                  ctypes.c_float, _I64, ctypes.c_int]),
 }
 
 
@@ -31,9 +31,9 @@ def kernel() -> ctypes.CDLL | None:
 
 
 def can_run(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-    """Whether :func:`decode_attention` takes these tensors (fp32 CPU, head_dim % 8 == 0)."""
-    return (q.dtype == kv_cache.dtype == torch.float32 and q.device.type == "cpu" and q.shape[-1] % 8 == 0
-            and kernel() is not None)
+    """Whether :func:`decode_attention` takes these tensors (CPU, fp32 or bf16 alike, head_dim % 8 == 0)."""
+    return (q.dtype == kv_cache.dtype and q.dtype in (torch.float32, torch.bfloat16) and q.device.type == "cpu"
+            and q.shape[-1] % 8 == 0 and kernel() is not None)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -47,11 +47,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     hkv, num_blocks, block_size = k_cache.shape[:3]
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("the paged K/V cache must be contiguous")
-    q, tables, lens = q.contiguous(), block_tables.contiguous(), kv_lens.contiguous()
+    dtype = q.dtype
+    q, tables, lens = q.float().contiguous(), block_tables.contiguous(), kv_lens.contiguous()
     out = torch.empty_like(q)
     rc = kernel().skv_paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
                                              lens.data_ptr(), out.data_ptr(), b, h, hkv, d, num_blocks, block_size,
-                                             tables.shape[1], d**-0.5, torch.get_num_threads())
+                                             tables.shape[1], d**-0.5, int(k_cache.dtype == torch.bfloat16),
+                                             torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"paged decode attention failed ({'out of memory' if rc == -2 else 'bad shapes'})")
-    return out
+    return out.to(dtype)

@@ -1,4 +1,4 @@
-"""Decoder layers of a decode step in one native call (CPU, fp32 activations, weights in their held form).
+"""Decoder layers of a decode step in one native call (CPU; weights in their held form, fp32 arithmetic).
 
 Eager decode runs ~20 small ops per layer from Python. On the default model at batch 1 that costs
 ~13 ms of a ~34 ms step (measured: the same 30 layers at tiny widths still take 13 ms a step). What
@@ -10,7 +10,9 @@ the same order, so its output equals eager decode up to float rounding.
 It is built by the model runner from the descriptions the layers give (:class:`DecodeLayerSpec`,
 :class:`StoreKVSpec`), and applies to steps whose queries are one token per sequence over the paged
 cache (decode, and SwiftKV's later layers of any step), up to ``GEMM_MAX_ROWS`` sequences, when no
-gradient is wanted. :meth:`FusedDecoder.build` returns None where a layer gives no description (SwiftKV
+gradient is wanted. A model computing in bf16 (a bf16 KV cache) runs there too: the call widens the step's
+activations to fp32, computes in fp32, stores K/V rounded to bf16 and rounds the result back (eager bf16
+rounds after every op, so the two agree to bf16 precision, not bit for bit). :meth:`FusedDecoder.build` returns None where a layer gives no description (SwiftKV
 adapters, an activation other than SiLU, a weight the kernels cannot read).
 """
 
@@ -54,14 +56,19 @@ class StoreKVSpec:
     owners: list[int]
 
 
-def _c_weight(lin: Linear | None) -> CWeight | None:
-    """The C view of a prepared projection (its fp32 bias included), or None where the kernels cannot read it."""
+def _c_weight(lin: Linear | None, alive: list) -> CWeight | None:
+    """The C view of a prepared projection (with an fp32 copy of its bias, kept in ``alive``), or None where the
+    kernels cannot read it."""
     held = None if lin is None else lin.held
     if held is None or held.kind not in ("q4", "q8", "bf16", "f32"):
         return None
-    if lin.bias is not None and (lin.bias.dtype != torch.float32 or not lin.bias.is_contiguous()):
-        return None
-    return held.c_weight(lin.bias)
+    bias = None if lin.bias is None else lin.bias.detach().float().contiguous()
+    alive.append(bias)
+    return held.c_weight(bias)
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().contiguous()
 
 
 class FusedDecoder:
@@ -72,10 +79,11 @@ class FusedDecoder:
         self.dims = dims  # hidden, heads, kv heads, head dim, intermediate
         self.specs = specs
         self.eps = specs[0].eps
+        self._norms = [(_fp32(s.input_norm), _fp32(s.post_norm)) for s in specs]  # (a bf16 model's: widened)
         self._arrays: dict[tuple, ctypes.Array | None] = {}
         # every tensor a descriptor points into: kept alive here, so a later change to the model (against
         # the rule above) leaves stale values, never dangling pointers
-        self._alive: list = [specs]
+        self._alive: list = [specs, self._norms]
         self._store = self._store_kv(store)
 
     @classmethod
@@ -89,8 +97,7 @@ class FusedDecoder:
         if hidden % 8 or d % 16 or inter % 8:
             return None
         norms = [n for s in specs for n in (s.input_norm, s.post_norm)]
-        if any(n.dtype != torch.float32 or n.device.type != "cpu" for n in norms) or any(s.eps != specs[0].eps
-                                                                                         for s in specs):
+        if any(n.device.type != "cpu" for n in norms) or any(s.eps != specs[0].eps for s in specs):
             return None
         decoder = cls(dims, specs, store)
         return decoder if decoder._layers(skv, True) is not None else None
@@ -101,15 +108,15 @@ class FusedDecoder:
         key = (skv.num_layers, skv.num_key_value_layers, skv.key_value_group_size, swiftkv)
         if key not in self._arrays:
             descs = []
-            for i, s in enumerate(self.specs):
+            for i, (s, (input_norm, post_norm)) in enumerate(zip(self.specs, self._norms)):
                 swift = swiftkv and skv.is_swiftkv_layer(i)
                 q, k, v = (s.q_swiftkv, None, None) if swift else (s.q, s.k, s.v)
-                ws = [_c_weight(lin) for lin in (q, s.o, s.gate, s.up, s.down)]
-                kv = [CWeight(), CWeight()] if swift else [_c_weight(k), _c_weight(v)]
+                ws = [_c_weight(lin, self._alive) for lin in (q, s.o, s.gate, s.up, s.down)]
+                kv = [CWeight(), CWeight()] if swift else [_c_weight(k, self._alive), _c_weight(v, self._alive)]
                 if any(w is None for w in ws + kv):
                     descs = None
                     break
-                descs.append(kernels.CLayer(s.input_norm.data_ptr(), s.post_norm.data_ptr(), ws[0], *kv, *ws[1:],
+                descs.append(kernels.CLayer(input_norm.data_ptr(), post_norm.data_ptr(), ws[0], *kv, *ws[1:],
                                             skv.kv_owner(i), int(swift)))
             self._arrays[key] = None if descs is None else (kernels.CLayer * len(descs))(*descs)
         return self._arrays[key]
@@ -122,18 +129,18 @@ class FusedDecoder:
         stores = any(not (swiftkv and skv.is_swiftkv_layer(i)) for i in range(start, end))
         if layers is None or not self._takes(h, meta, stores):
             return None
-        h = h.contiguous().clone()  # updated in place
+        h32 = h.to(torch.float32, copy=True).contiguous()  # updated in place
         scratch = torch.empty(kernels.layers_scratch_floats(h.shape[0], *self.dims))
-        step, _keep = self._step(h, cos, sin, meta, stores, scratch)
+        step, _keep = self._step(h32, cos, sin, meta, stores, scratch)
         kernels.run_layers(layers, start, end, step)
-        return h
+        return h32.to(h.dtype)
 
     def store_swiftkv(self, h_l: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta) -> bool:
         """SingleInputKV's K/V of every later KV owner from ``h_l [M, hidden]`` into the paged cache (the
         model's ``store_swiftkv`` in one call); False where the step is not one it takes (nothing done)."""
         if self._store is None or not self._takes(h_l, meta, True):
             return False
-        h_l = h_l.contiguous()
+        h_l = _fp32(h_l)
         row = 2 * self._store.n * self.dims[2] * self.dims[3]
         scratch = torch.empty(kernels.store_kv_scratch_floats(h_l.shape[0], self.dims[0], row))
         step, _keep = self._step(h_l, cos, sin, meta, True, scratch)
@@ -142,32 +149,35 @@ class FusedDecoder:
 
     def _store_kv(self, spec: StoreKVSpec | None) -> kernels.CStoreKV | None:
         """The SingleInputKV store's descriptor (None: not a SwiftKV model, or a weight without a C view)."""
-        if spec is None or spec.norm.dtype != torch.float32 or spec.eps != self.eps:
+        if spec is None or spec.eps != self.eps:
             return None
-        ws = [_c_weight(lin) for pair in spec.kv for lin in pair]
+        ws = [_c_weight(lin, self._alive) for pair in spec.kv for lin in pair]
         if any(w is None for w in ws):
             return None
-        kv, owners = (CWeight * len(ws))(*ws), torch.tensor(spec.owners)
-        self._alive += [spec, kv, owners]
-        return kernels.CStoreKV(spec.norm.data_ptr(), kv, owners.data_ptr(), len(spec.owners))
+        kv, owners, norm = (CWeight * len(ws))(*ws), torch.tensor(spec.owners), _fp32(spec.norm)
+        self._alive += [spec, kv, owners, norm]
+        return kernels.CStoreKV(norm.data_ptr(), kv, owners.data_ptr(), len(spec.owners))
 
     def _takes(self, h: torch.Tensor, meta, stores: bool) -> bool:
-        """Whether the step is one the fused calls take: one query per sequence over an fp32 CPU paged cache,
-        at most ``GEMM_MAX_ROWS`` rows, no gradient, slots known where K/V are stored."""
+        """Whether the step is one the fused calls take: one query per sequence over an fp32 or bf16 CPU paged
+        cache (activations of the same dtype), at most ``GEMM_MAX_ROWS`` rows, no gradient, slots known where
+        K/V are stored."""
         cache = meta.kv_cache
         return not (cache is None or torch.is_grad_enabled() or not 1 <= h.shape[0] <= GEMM_MAX_ROWS
-                    or h.dtype != torch.float32 or cache.dtype != torch.float32 or h.device.type != "cpu"
+                    or h.dtype not in (torch.float32, torch.bfloat16) or cache.dtype != h.dtype
+                    or h.device.type != "cpu"
                     or not cache.is_contiguous() or any(n != 1 for n in meta.q_lens)
                     or (stores and meta.slot_mapping is None) or kernels.library() is None)
 
     def _step(self, h, cos, sin, meta, stores: bool, scratch: torch.Tensor) -> tuple[kernels.CStep, list]:
         """The C view of this step, and the tensors it points into (to keep alive during the call)."""
         hidden, heads, kv_heads, d, inter = self.dims
-        cos, sin, kv_lens = cos.contiguous(), sin.contiguous(), meta.kv_lens_tensor()
+        cos, sin, kv_lens = _fp32(cos), _fp32(sin), meta.kv_lens_tensor()
         cache, tables = meta.kv_cache, meta.block_tables.contiguous()
         slots = meta.slot_mapping.contiguous() if stores else None
         step = kernels.CStep(h.shape[0], hidden, heads, kv_heads, d, inter, self.eps, h.data_ptr(), cos.data_ptr(),
                              sin.data_ptr(), cache.data_ptr(), cache.shape[3], cache.shape[4], tables.shape[1],
-                             None if slots is None else slots.data_ptr(), tables.data_ptr(), kv_lens.data_ptr(),
-                             scratch.data_ptr(), GEMV_ROWS, torch.get_num_threads())
+                             int(cache.dtype == torch.bfloat16), None if slots is None else slots.data_ptr(),
+                             tables.data_ptr(), kv_lens.data_ptr(), scratch.data_ptr(), GEMV_ROWS,
+                             torch.get_num_threads())
         return step, [cos, sin, kv_lens, tables, slots, scratch]

@@ -29,7 +29,8 @@ int64_t skv_abi_layout(int64_t which, int64_t *out, int64_t cap) {
             PUT(offsetof(skv_step, intermediate)); PUT(offsetof(skv_step, eps)); PUT(offsetof(skv_step, h));
             PUT(offsetof(skv_step, cos)); PUT(offsetof(skv_step, sin)); PUT(offsetof(skv_step, kv_cache));
             PUT(offsetof(skv_step, num_blocks)); PUT(offsetof(skv_step, block_size));
-            PUT(offsetof(skv_step, max_blocks)); PUT(offsetof(skv_step, slots)); PUT(offsetof(skv_step, block_tables));
+            PUT(offsetof(skv_step, max_blocks)); PUT(offsetof(skv_step, kv_bf16)); PUT(offsetof(skv_step, slots));
+            PUT(offsetof(skv_step, block_tables));
             PUT(offsetof(skv_step, kv_lens)); PUT(offsetof(skv_step, scratch)); PUT(offsetof(skv_step, gemv_rows));
             PUT(offsetof(skv_step, nthreads));
             break;

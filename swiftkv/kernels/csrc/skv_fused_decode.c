@@ -17,6 +17,14 @@ static void add_into(float *h, const float *y, int64_t n) {
 
 static int64_t max2(int64_t a, int64_t b) { return a > b ? a : b; }
 
+/* D values of one token's K or V head into the cache at element `at` (fp32, or bf16 rounded to nearest even) */
+static void put_row(void *cache, int64_t at, const float *src, int64_t D, int64_t bf16) {
+    if (bf16)
+        for (int64_t d = 0; d < D; d++) ((uint16_t *)cache)[at + d] = skv_to_bf16(src[d]);
+    else
+        memcpy((float *)cache + at, src, sizeof(float) * D);
+}
+
 /* Where each buffer of a step's scratch starts (in floats), and the total: x, y [M, hidden]; the
  * projection outputs [M, widest]; q, attention [M, H D]; SiLU(gate) * up [M, I]. One place for the sizes
  * and the carving. */
@@ -55,17 +63,20 @@ int skv_fused_decode_layers(const skv_layer *layers, int64_t n, const skv_step *
         if (!rc && !L->swiftkv) rc = skv_linear(&L->v, x, M, wide + (H + Hkv) * D, row, g, T);
         if (!rc) rc = skv_rotary_inplace(wide, M, L->swiftkv ? H : H + Hkv, D, row, s->cos, s->sin, T);
         if (rc) return rc;
-        float *kc = s->kv_cache + L->owner * owner_stride, *vc = kc + Hkv * head;
+        const int64_t kc = L->owner * owner_stride, vc = kc + Hkv * head; /* element offsets in the cache */
         for (int64_t m = 0; m < M; m++) {
             memcpy(q + m * H * D, wide + m * row, sizeof(float) * H * D);
             if (!L->swiftkv)
                 for (int64_t kvh = 0; kvh < Hkv; kvh++) {
-                    memcpy(kc + kvh * head + s->slots[m] * D, wide + m * row + (H + kvh) * D, sizeof(float) * D);
-                    memcpy(vc + kvh * head + s->slots[m] * D, wide + m * row + (H + Hkv + kvh) * D, sizeof(float) * D);
+                    put_row(s->kv_cache, kc + kvh * head + s->slots[m] * D, wide + m * row + (H + kvh) * D, D, s->kv_bf16);
+                    put_row(s->kv_cache, vc + kvh * head + s->slots[m] * D, wide + m * row + (H + Hkv + kvh) * D, D,
+                            s->kv_bf16);
                 }
         }
-        rc = skv_paged_decode_attention(q, kc, vc, s->block_tables, s->kv_lens, attn, M, H, Hkv, D, s->num_blocks,
-                                        s->block_size, s->max_blocks, 1.0f / sqrtf((float)D), T);
+        const int64_t esize = s->kv_bf16 ? 2 : 4;
+        rc = skv_paged_decode_attention(q, (char *)s->kv_cache + kc * esize, (char *)s->kv_cache + vc * esize,
+                                        s->block_tables, s->kv_lens, attn, M, H, Hkv, D, s->num_blocks, s->block_size,
+                                        s->max_blocks, 1.0f / sqrtf((float)D), s->kv_bf16, T);
         if (!rc) rc = skv_linear(&L->o, attn, M, y, N, g, T);
         if (rc) return rc;
         add_into(s->h, y, M * N);
@@ -94,11 +105,13 @@ int skv_fused_decode_store_kv(const skv_store_kv *d, const skv_step *s) {
     if (rc) return rc;
     const int64_t head = s->num_blocks * s->block_size * D;
     for (int64_t j = 0; j < d->n; j++) {
-        float *kc = s->kv_cache + d->owners[j] * 2 * Hkv * head, *vc = kc + Hkv * head;
+        const int64_t kc = d->owners[j] * 2 * Hkv * head, vc = kc + Hkv * head;
         for (int64_t m = 0; m < M; m++)
             for (int64_t h = 0; h < Hkv; h++) {
-                memcpy(kc + h * head + s->slots[m] * D, kv + m * row + (j * 2 * Hkv + h) * D, sizeof(float) * D);
-                memcpy(vc + h * head + s->slots[m] * D, kv + m * row + ((j * 2 + 1) * Hkv + h) * D, sizeof(float) * D);
+                put_row(s->kv_cache, kc + h * head + s->slots[m] * D, kv + m * row + (j * 2 * Hkv + h) * D, D,
+                        s->kv_bf16);
+                put_row(s->kv_cache, vc + h * head + s->slots[m] * D, kv + m * row + ((j * 2 + 1) * Hkv + h) * D, D,
+                        s->kv_bf16);
             }
     }
     return 0;

@@ -1,5 +1,6 @@
 /* A decode step's decoder layers in one call (see swiftkv/layers/fused_decode.py): one query token per
- * sequence over the paged KV cache, fp32 activations, weights in their held form (skv_weight.h).
+ * sequence over the paged KV cache (fp32, or bf16: stored rounded to nearest even), fp32 activations,
+ * weights in their held form (skv_weight.h).
  * The Python side mirrors these structs (ctypes) and checks their layout against skv_abi_layout. */
 #ifndef SKV_FUSED_DECODE_H
 #define SKV_FUSED_DECODE_H
@@ -20,8 +21,8 @@ typedef struct {
     float eps;
     float *h;                          /* [M, hidden] residual stream, updated in place */
     const float *cos, *sin;            /* [M, D] */
-    float *kv_cache;                   /* [owners, 2, Hkv, num_blocks, block_size, D] */
-    int64_t num_blocks, block_size, max_blocks;
+    void *kv_cache;                    /* [owners, 2, Hkv, num_blocks, block_size, D], fp32 or (kv_bf16) bf16 */
+    int64_t num_blocks, block_size, max_blocks, kv_bf16;
     const int64_t *slots;              /* [M] cache slot of each token (read only where K/V are stored) */
     const int64_t *block_tables;       /* [M, max_blocks] */
     const int64_t *kv_lens;            /* [M] */

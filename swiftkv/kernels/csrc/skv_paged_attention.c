@@ -5,7 +5,8 @@
  *   scores[g, t] = scale * q[b, h, :] . K[kvh, slot(b, t), :]      (h = kvh * group + g)
  *   out[b, h, :] = sum_t softmax(scores[g, :])[t] * V[kvh, slot(b, t), :]
  * with slot(b, t) = block_tables[b, t / block_size] * block_size + t % block_size.
- * fp32, AVX2 + FMA for head_dim % 8 == 0: scores eight keys at a time, a vectorized exp, the weighted
+ * fp32 queries over an fp32 or bf16 cache (kv_bf16: rows widened as they are read), AVX2 + FMA for
+ * head_dim % 8 == 0: scores eight keys at a time, a vectorized exp, the weighted
  * sum of values in registers. (sequence, KV head) pairs are split across OpenMP threads; the query heads
  * sharing a KV head read each cached row from memory once. */
 #include <math.h>
@@ -22,35 +23,43 @@ static inline __m256 hsum8(const __m256 *a) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-static inline float dot(const float *a, const float *b, int64_t D) {
+/* eight cached values from element `i` of an fp32 or bf16 cache */
+static inline __attribute__((always_inline)) __m256 load8(const void *base, int64_t i, const int bf16) {
+    return bf16 ? skv_load_bf16x8((const uint16_t *)base + i) : _mm256_loadu_ps((const float *)base + i);
+}
+
+static inline __attribute__((always_inline)) float dot(const float *a, const void *base, int64_t row, int64_t D,
+                                                       const int bf16) {
     __m256 acc = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+    for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), load8(base, row + d, bf16), acc);
     return skv_hsum(acc);
 }
 
-#define ROW(base, t) ((base) + (table[(t) / block_size] * block_size + (t) % block_size) * D)
+/* element offset of token t's row in one head's region */
+#define ROW(t) ((table[(t) / block_size] * block_size + (t) % block_size) * D)
 
 /* scores s[g * n + t] = q[g] . K[t] for the group's query heads g and t < n, eight keys at a time (no
  * horizontal sum per key); the eight rows stay in L1 while every head of the group uses them */
-static void scores_of(const float *q, int64_t group, const float *kh, const int64_t *table, int64_t block_size,
-                      int64_t D, int64_t n, float *s) {
+static inline __attribute__((always_inline)) void scores_of(const float *q, int64_t group, const void *kh,
+                                                            const int64_t *table, int64_t block_size, int64_t D,
+                                                            int64_t n, float *s, const int bf16) {
     int64_t t = 0;
     for (; t + 8 <= n; t += 8) {
-        const float *k[8];
-        for (int j = 0; j < 8; j++) k[j] = ROW(kh, t + j);
+        int64_t k[8];
+        for (int j = 0; j < 8; j++) k[j] = ROW(t + j);
         for (int64_t g = 0; g < group; g++) {
             const float *qg = q + g * D;
             __m256 acc[8];
             for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
             for (int64_t d = 0; d < D; d += 8) {
                 const __m256 qd = _mm256_loadu_ps(qg + d);
-                for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k[j] + d), acc[j]);
+                for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qd, load8(kh, k[j] + d, bf16), acc[j]);
             }
             _mm256_storeu_ps(s + g * n + t, hsum8(acc));
         }
     }
     for (; t < n; t++)
-        for (int64_t g = 0; g < group; g++) s[g * n + t] = dot(q + g * D, ROW(kh, t), D);
+        for (int64_t g = 0; g < group; g++) s[g * n + t] = dot(q + g * D, kh, ROW(t), D, bf16);
 }
 
 /* s[t] = e^(s[t] - max s) for t < n; returns the sum */
@@ -73,8 +82,10 @@ static float softmax_numerators(float *s, int64_t n) {
 #define CHUNK 32 /* value rows per pass: they stay in L1 while every head of the group uses them */
 
 /* acc[g, 0:D] += sum_{t in [t0, t1)} p[g * n + t] V[t], 64 dims at a time in registers */
-static void weighted_values(const float *p, int64_t group, int64_t n, const float *vh, const int64_t *table,
-                            int64_t block_size, int64_t D, int64_t t0, int64_t t1, float *acc) {
+static inline __attribute__((always_inline)) void weighted_values(const float *p, int64_t group, int64_t n,
+                                                                  const void *vh, const int64_t *table,
+                                                                  int64_t block_size, int64_t D, int64_t t0, int64_t t1,
+                                                                  float *acc, const int bf16) {
     for (int64_t g = 0; g < group; g++)
         for (int64_t c = 0; c < D; c += 64) {
             const int width = D - c < 64 ? (int)(D - c) / 8 : 8;
@@ -82,25 +93,42 @@ static void weighted_values(const float *p, int64_t group, int64_t n, const floa
             __m256 r[8];
             for (int i = 0; i < width; i++) r[i] = _mm256_loadu_ps(a + 8 * i);
             for (int64_t t = t0; t < t1; t++) {
-                const float *v = ROW(vh, t) + c;
+                const int64_t v = ROW(t) + c;
                 const __m256 pt = _mm256_set1_ps(p[g * n + t]);
                 if (width == 8)
-                    for (int i = 0; i < 8; i++) r[i] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + 8 * i), r[i]);
+                    for (int i = 0; i < 8; i++) r[i] = _mm256_fmadd_ps(pt, load8(vh, v + 8 * i, bf16), r[i]);
                 else
-                    for (int i = 0; i < width; i++) r[i] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + 8 * i), r[i]);
+                    for (int i = 0; i < width; i++) r[i] = _mm256_fmadd_ps(pt, load8(vh, v + 8 * i, bf16), r[i]);
             }
             for (int i = 0; i < width; i++) _mm256_storeu_ps(a + 8 * i, r[i]);
         }
 }
 
-/* q, out [B, H, D]; k_cache, v_cache [Hkv, num_blocks, block_size, D] (one KV owner's K and V);
- * block_tables [B, max_blocks]; kv_lens [B] (>= 1). Returns 0, or -1 for shapes it cannot take,
- * -2 when out of memory. */
-int skv_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *block_tables,
+/* q, out [B, H, D] fp32; k_cache, v_cache [Hkv, num_blocks, block_size, D] (one KV owner's K and V), fp32, or
+ * bf16 when kv_bf16; block_tables [B, max_blocks]; kv_lens [B] (>= 1). Returns 0, or -1 for shapes it cannot
+ * take, -2 when out of memory. */
+/* one (sequence, KV head) item: the group's query heads over that sequence's cached rows */
+static inline __attribute__((always_inline)) void attend_item(const float *q, const void *kh, const void *vh,
+                                                              const int64_t *table, int64_t n, float *out,
+                                                              int64_t group, int64_t D, int64_t block_size, float scale,
+                                                              float *scores, float *work, const int bf16) {
+    float *qs = work, *acc = work + group * D;
+    for (int64_t i = 0; i < group * D; i++) qs[i] = scale * q[i], acc[i] = 0.f;
+    scores_of(qs, group, kh, table, block_size, D, n, scores, bf16);
+    float total[group];
+    for (int64_t g = 0; g < group; g++) total[g] = softmax_numerators(scores + g * n, n);
+    for (int64_t t0 = 0; t0 < n; t0 += CHUNK)
+        weighted_values(scores, group, n, vh, table, block_size, D, t0, t0 + CHUNK < n ? t0 + CHUNK : n, acc, bf16);
+    for (int64_t g = 0; g < group; g++)
+        for (int64_t d = 0; d < D; d++) out[g * D + d] = acc[g * D + d] / total[g];
+}
+
+int skv_paged_decode_attention(const float *q, const void *k_cache, const void *v_cache, const int64_t *block_tables,
                                const int64_t *kv_lens, float *out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
-                               int64_t num_blocks, int64_t block_size, int64_t max_blocks, float scale, int nthreads) {
+                               int64_t num_blocks, int64_t block_size, int64_t max_blocks, float scale, int64_t kv_bf16,
+                               int nthreads) {
     if (B < 1 || Hkv < 1 || H % Hkv || D % 8 || block_size < 1) return -1;
-    const int64_t group = H / Hkv, head_stride = num_blocks * block_size * D;
+    const int64_t group = H / Hkv, head_stride = num_blocks * block_size * D, esize = kv_bf16 ? 2 : 4;
     int64_t longest = 0;
     for (int64_t b = 0; b < B; b++) {
         if (kv_lens[b] < 1 || kv_lens[b] > max_blocks * block_size) return -1;
@@ -118,18 +146,17 @@ int skv_paged_decode_attention(const float *q, const float *k_cache, const float
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < B * Hkv; item++) {
             if (!scores || !work) continue;
-            const int64_t b = item / Hkv, kvh = item % Hkv, n = kv_lens[b];
-            const int64_t *table = block_tables + b * max_blocks;
-            const float *kh = k_cache + kvh * head_stride, *vh = v_cache + kvh * head_stride;
-            float *qs = work, *acc = work + group * D;
-            for (int64_t i = 0; i < group * D; i++) qs[i] = scale * q[item * group * D + i], acc[i] = 0.f;
-            scores_of(qs, group, kh, table, block_size, D, n, scores);
-            float total[group];
-            for (int64_t g = 0; g < group; g++) total[g] = softmax_numerators(scores + g * n, n);
-            for (int64_t t0 = 0; t0 < n; t0 += CHUNK)
-                weighted_values(scores, group, n, vh, table, block_size, D, t0, t0 + CHUNK < n ? t0 + CHUNK : n, acc);
-            for (int64_t g = 0; g < group; g++)
-                for (int64_t d = 0; d < D; d++) out[(item * group + g) * D + d] = acc[g * D + d] / total[g];
+            const int64_t b = item / Hkv, kvh = item % Hkv;
+            const void *kh = (const char *)k_cache + kvh * head_stride * esize;
+            const void *vh = (const char *)v_cache + kvh * head_stride * esize;
+            const float *qi = q + item * group * D;
+            float *oi = out + item * group * D;
+            if (kv_bf16)
+                attend_item(qi, kh, vh, block_tables + b * max_blocks, kv_lens[b], oi, group, D, block_size, scale,
+                            scores, work, 1);
+            else
+                attend_item(qi, kh, vh, block_tables + b * max_blocks, kv_lens[b], oi, group, D, block_size, scale,
+                            scores, work, 0);
         }
         free(scores);
         free(work);
