@@ -47,6 +47,20 @@ def apply_umask(path: Path) -> None:
             os.chmod(p, (0o777 if executable else 0o666) & ~mask)
 
 
+def read_json_object(file: Path) -> dict:
+    """A JSON object from ``file``, or a ``ValueError`` naming the file and the position."""
+    try:
+        obj = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{file} is not UTF-8 text; restore or re-download it.") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                         "fix or re-download it.") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{file} must hold a JSON object, not {type(obj).__name__}.")
+    return obj
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place.
 

@@ -14,7 +14,6 @@ from swiftkv.models.loader import load_model, load_tokenizer
 from swiftkv.outputs import RequestOutput
 from swiftkv.sampling_params import SamplingParams
 
-
 RUNTIME_BYTES = 600 << 20  # Python, PyTorch, transformers, the tokenizer: what the process holds before a model
 
 
@@ -25,7 +24,8 @@ def check_fits(path, dtype: str, kv_cache_memory: int, max_num_batched_tokens: i
     import torch
 
     from swiftkv.memory import available_bytes
-    from swiftkv.models.loader import held_bytes_estimate, load_config, parse_dtype
+    from swiftkv.models.footprint import held_bytes_estimate
+    from swiftkv.models.loader import load_config, parse_dtype
 
     avail = available_bytes()
     if avail is None or os.environ.get("SWIFTKV_SKIP_MEMORY_CHECK") == "1":

@@ -122,8 +122,8 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, skv: Swif
     about one shard whatever the model's size. ``dtype`` casts floating tensors (None keeps each as stored).
     Written atomically (:func:`swiftkv.fileio.atomic_directory`), with the user's umask."""
     from swiftkv.fileio import atomic_directory
-    from swiftkv.models.loader import copy_side_files, load_config, weight_files
-    from swiftkv.models.shards import read_tensor, tensor_index, write_sharded
+    from swiftkv.models.loader import copy_side_files, load_config
+    from swiftkv.models.shards import read_tensor, tensor_index, weight_files, write_sharded
 
     src = Path(src)
     config = load_config(src)

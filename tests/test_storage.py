@@ -16,9 +16,10 @@ from conftest import quantize_q4_1, tiny_hf_model
 
 from swiftkv.config import SwiftKVConfig
 from swiftkv.kernels import linear as kernels
+from swiftkv.models.footprint import held_bytes
 from swiftkv.models.full_sequence import greedy_generate
-from swiftkv.models.loader import held_bytes, load_model, weight_files
-from swiftkv.models.shards import tensor_index
+from swiftkv.models.loader import load_model
+from swiftkv.models.shards import tensor_index, weight_files
 from swiftkv.sampling_params import SamplingParams
 from swiftkv.transform import convert_checkpoint, to_swiftkv
 

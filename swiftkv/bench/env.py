@@ -36,6 +36,16 @@ def warn_if_busy(env: dict) -> None:
               "absolute numbers are unreliable, compare the ratios", file=sys.stderr)
 
 
+def reset_peak_memory() -> None:
+    """Start this process's peak resident size (``VmHWM``) afresh (Linux: ``/proc/self/clear_refs``), so a peak
+    covers the measurement and not one-time preparation (a peer's checkpoint, written shard by shard)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def tree_memory(pid: int, children: bool = True) -> dict[str, int]:
     """``{"rss", "peak"}`` bytes of process ``pid`` and (``children``) all its descendants (Linux ``/proc``; the
     peaks summed are an upper bound of the tree's peak). Zeros where unknown."""

@@ -171,8 +171,8 @@ def plain_checkpoint(model_dir: Path) -> Path:
 
     from swiftkv.fileio import atomic_directory, cache_dir, stamp_matches, write_stamp
     from swiftkv.models.llama import LlamaForCausalLM
-    from swiftkv.models.loader import copy_side_files, load_config, weight_files
-    from swiftkv.models.shards import read_tensor, tensor_index, write_sharded
+    from swiftkv.models.loader import copy_side_files, load_config
+    from swiftkv.models.shards import read_tensor, tensor_index, weight_files, write_sharded
     from swiftkv.transform import base_hf_config
 
     config = load_config(model_dir)

@@ -12,7 +12,7 @@ import statistics
 import time
 from pathlib import Path
 
-from swiftkv.bench.env import environment, measure_bandwidth, tree_memory, warn_if_busy
+from swiftkv.bench.env import environment, measure_bandwidth, reset_peak_memory, tree_memory, warn_if_busy
 from swiftkv.bench.interleave import interleave
 from swiftkv.bench.systems import (
     TransformersSystem,
@@ -20,7 +20,7 @@ from swiftkv.bench.systems import (
     swiftkv_systems,
 )
 from swiftkv.bench.workloads import random_token_prompts
-from swiftkv.models.loader import checkpoint_bytes, decode_weight_bytes, held_bytes
+from swiftkv.models.footprint import checkpoint_bytes, decode_weight_bytes, held_bytes
 from swiftkv.platforms import dtype_name, resolve_dtype
 
 
@@ -60,6 +60,7 @@ def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512,
         systems["transformers"] = TransformersSystem(load_transformers_model(path, m.compute_dtype),
                                                      dtype, batch_size=batch)
     running = start_peers(peers, path, env["threads"], max_len + decode_tokens + 64, max(8, batch), dtype=dtype) if peers else {}
+    reset_peak_memory()  # the peak below: the runs, not the peers' one-time checkpoint preparation
     systems.update(running)
     skv = m.swiftkv_config
     rng = random.Random(0)
@@ -89,10 +90,12 @@ def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512,
         own = tree_memory(os.getpid(), children=False)  # the peers are this process's children
         result["memory"] = {"swiftkv": {"rss_after_load": loaded["rss"], "peak": own["peak"]},
                             **{name: p.memory() for name, p in running.items()}}
+        # after every run (the bandwidth sample's 1 GiB tensor must not count in the peak above); on a shared
+        # machine the bandwidth varies between runs too: compare fractions within one run
+        result["bandwidth_bytes_s"] = bw = measure_bandwidth()
     finally:
         for s in systems.values():
             s.close()
-    result["bandwidth_bytes_s"] = bw = measure_bandwidth()
     result["decode_roofline_fraction"] = {  # tokens/s over bandwidth / bytes read per batch-1 step
         name: result["decode"][name] * result["decode_weight_bytes"][name] / bw for name in engines}
     result["ratios"] = _ratios(result)

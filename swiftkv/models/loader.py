@@ -1,27 +1,23 @@
-"""Load models (local HF directory, hub id, built-in default) and save SwiftKV checkpoints.
+"""Load models (local HF directory, hub id; plain or for inference) and save SwiftKV checkpoints.
 
 Only this module and ``models/hf.py`` speak Hugging Face formats.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from swiftkv.fileio import STAMP_FILE, atomic_directory
-from swiftkv.memory import release_pages
+from swiftkv.fileio import STAMP_FILE, atomic_directory, read_json_object
 from swiftkv.models.arch import check_supported
+from swiftkv.models.footprint import release_unheld_pages
 from swiftkv.models.llama import LlamaForCausalLM
 from swiftkv.models.registry import BUILTIN_MODELS, DEFAULT_MODEL
-from swiftkv.models.shards import DEFAULT_SHARD_SIZE, write_sharded
+from swiftkv.models.shards import DEFAULT_SHARD_SIZE, read_tensors, write_sharded
 from swiftkv.platforms import DTYPES, resolve_dtype
-
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
 def parse_dtype(dtype: str | torch.dtype, config=None, device: str | torch.device = "cpu") -> torch.dtype:
@@ -75,63 +71,13 @@ def load_config(path: str | os.PathLike):
     return config
 
 
-def _read_json(file: Path) -> dict:
-    """A JSON object from ``file``, or a ``ValueError`` naming the file and the position."""
-    try:
-        obj = json.loads(file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError(f"{file} is not UTF-8 text; restore or re-download it.") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
-                         "fix or re-download it.") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{file} must hold a JSON object, not {type(obj).__name__}.")
-    return obj
-
-
 def _check_config_json(file: Path) -> None:
     """What transformers reports as a raw traceback: invalid JSON, an unknown dtype."""
-    config = _read_json(file)
+    config = read_json_object(file)
     for key in ("dtype", "torch_dtype"):
         value = config.get(key)
         if value is not None and (not isinstance(value, str) or not isinstance(getattr(torch, value, None), torch.dtype)):
             raise ValueError(f"{file}: {key} {value!r} is not a torch dtype; use float32, bfloat16 or float16.")
-
-
-def weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a model directory (the shards its index lists, or ``model.safetensors``)."""
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
-            raise ValueError(f"{index} has no weight_map of tensor name -> shard file; re-download it.")
-        root = path.resolve()
-        shards = []
-        for s in sorted(set(weight_map.values())):
-            shard = (path / s).resolve()
-            if not shard.is_relative_to(root):
-                raise ValueError(f"{index} names the shard {s!r}, which is outside {path}; refusing to load it.")
-            shards.append(shard)
-        return shards
-    single = path / "model.safetensors"
-    if single.exists():
-        return [single]
-    raise ValueError(f"No safetensors weights in {path} (expected one of {', '.join(WEIGHT_FILES)}).")
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a directory's (possibly sharded) safetensors files."""
-    tensors = {}
-    for f in weight_files(path):
-        if not f.exists():
-            raise ValueError(f"Weight shard {f.name} listed in the index is missing from {path}.")
-        try:
-            with safe_open(str(f), framework="pt") as sf:
-                for name in sf.keys():
-                    tensors[name] = sf.get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise ValueError(f"{f} is not a valid safetensors file (corrupt or truncated?): {e}") from e
-    return tensors
 
 
 def _teacher_qkv_names(model: LlamaForCausalLM) -> set[str]:
@@ -229,69 +175,6 @@ def load_model(
     if swiftkv is not None:
         model.set_swiftkv(swiftkv)
     return model, path
-
-
-def checkpoint_bytes(path: Path) -> int:
-    """Bytes of a directory's safetensors files."""
-    return sum(f.stat().st_size for f in weight_files(path))
-
-
-def decode_weight_bytes(model: LlamaForCausalLM, swiftkv: bool) -> int:
-    """Bytes of held weights one decode step reads (batch 1): the projections of every layer on the path
-    (SingleInputKV's K/V projections instead of the later layers' own), the LM head; not the embedding
-    (one row)."""
-    nbytes = (lambda lin: 0 if lin is None or lin.held is None else lin.held.nbytes)
-    skv = model.layout(swiftkv)
-    total = nbytes(model.lm_head)
-    for i, layer in enumerate(model.model.layers):
-        a, mlp = layer.self_attn, layer.mlp
-        total += sum(nbytes(lin) for lin in (a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-        if skv.is_swiftkv_layer(i):
-            total += nbytes(a.q_proj_swiftkv)
-            if skv.is_group_leader(i):
-                total += nbytes(a.k_proj_swiftkv) + nbytes(a.v_proj_swiftkv)
-        else:
-            total += nbytes(a.q_proj) + nbytes(a.k_proj) + nbytes(a.v_proj)
-    return total
-
-
-def held_bytes_estimate(path: Path, dtype: torch.dtype) -> int:
-    """Bytes a model loaded for inference in ``dtype`` will hold, from the checkpoint's headers alone (nothing
-    is read): bf16 tensors stay bf16, fp32 ones become ``dtype`` (an fp32 weight with an exact compact form
-    ends up smaller: this is an upper bound), anything else ``dtype``; without the kernels, everything
-    ``dtype``."""
-    from swiftkv.kernels import linear as kernels
-    from swiftkv.models.shards import tensor_index
-
-    size = torch.empty((), dtype=dtype).element_size()
-    keep = {torch.bfloat16} if kernels.library() is not None else set()
-    return sum(info.nbytes if info.dtype in keep else info.nbytes // info.dtype.itemsize * size
-               for info in tensor_index(weight_files(path)).values())
-
-
-def release_unheld_pages(model: LlamaForCausalLM, tensors: dict[str, torch.Tensor]) -> int:
-    """Give back the resident pages of memory-mapped checkpoint tensors the prepared ``model`` does not hold
-    (an fp32 weight held in a compact form, a norm converted to the compute dtype): their file stays mapped
-    while other tensors of it are held, but their pages no longer count against the process. Returns the
-    bytes released."""
-    held = {t.data_ptr() for t in model_tensors(model)}
-    return sum(release_pages(t) for t in tensors.values() if t.data_ptr() not in held)
-
-
-def model_tensors(model: LlamaForCausalLM) -> list[torch.Tensor]:
-    """Every tensor a (possibly prepared) model holds: parameters, buffers and held weights, each once."""
-    out = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}
-    for module in model.modules():
-        held = getattr(module, "held", None)
-        for t in (held.data, held.scale, held.offset) if held is not None else ():
-            if t is not None:
-                out[t.data_ptr()] = t
-    return list(out.values())
-
-
-def held_bytes(model: LlamaForCausalLM) -> int:
-    """Bytes of every tensor the model holds (each once: a tied LM head is its embedding)."""
-    return sum(t.numel() * t.element_size() for t in model_tensors(model))
 
 
 def copy_side_files(source_dir: Path, out: Path) -> None:

@@ -1,7 +1,8 @@
 """Safetensors checkpoints tensor by tensor, in transformers' layout (``model.safetensors``, or
 ``model-0000i-of-0000N.safetensors`` shards with ``model.safetensors.index.json``).
 
-:func:`tensor_index` says what a directory's files hold (names, dtypes, shapes) without reading any
+:func:`weight_files` lists a directory's files; :func:`read_tensors` maps them (zero-copy: a tensor is
+the file's pages); :func:`tensor_index` says what they hold (names, dtypes, shapes) without reading any
 tensor; :func:`read_tensor` reads one into private memory (``pread``: the file is never mapped, so a
 streaming job's resident memory is what it holds, not what it has read); :func:`write_sharded` writes
 tensors one shard at a time (at most one shard's tensors in memory: peak memory is about one shard,
@@ -17,11 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from swiftkv.fileio import read_json_object
+
 INDEX_FILE = "model.safetensors.index.json"
+WEIGHT_FILES = ("model.safetensors", INDEX_FILE)
 DEFAULT_SHARD_SIZE = "5GB"  # transformers' save_pretrained default
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -42,6 +46,42 @@ class TensorInfo:
         for d in self.shape:
             n *= d
         return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a model directory (the shards its index lists, or ``model.safetensors``)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+            raise ValueError(f"{index} has no weight_map of tensor name -> shard file; re-download it.")
+        root = path.resolve()
+        shards = []
+        for s in sorted(set(weight_map.values())):
+            shard = (path / s).resolve()
+            if not shard.is_relative_to(root):
+                raise ValueError(f"{index} names the shard {s!r}, which is outside {path}; refusing to load it.")
+            shards.append(shard)
+        return shards
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise ValueError(f"No safetensors weights in {path} (expected one of {', '.join(WEIGHT_FILES)}).")
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a directory's (possibly sharded) safetensors files."""
+    tensors = {}
+    for f in weight_files(path):
+        if not f.exists():
+            raise ValueError(f"Weight shard {f.name} listed in the index is missing from {path}.")
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for name in sf.keys():
+                    tensors[name] = sf.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ValueError(f"{f} is not a valid safetensors file (corrupt or truncated?): {e}") from e
+    return tensors
 
 
 def tensor_index(files: list[Path]) -> dict[str, TensorInfo]:
