@@ -99,8 +99,7 @@ def to_swiftkv(base: LlamaForCausalLM, skv: SwiftKVConfig, adapter_rank: int = 0
         model = LlamaForCausalLM(swiftkv_hf_config(base.config, skv, adapter_rank))
     state = {n: p for n, p in base.named_parameters() if "swiftkv" not in n}
     model.load_state_dict(state, strict=False, assign=True)
-    if model.config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model.tie_lm_head()
     new = {name: initial_tensor(op, [state[s] for s in sources]).to(param.device, param.dtype)
            for name, (op, sources) in swiftkv_init_plan(base.config, skv).items()}
     model.load_state_dict(new, strict=False, assign=True)

@@ -10,8 +10,8 @@ from conftest import tiny_hf_model
 
 from swiftkv.config import SwiftKVConfig
 from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
-from swiftkv.engine.model_runner import kv_bytes_per_token
 from swiftkv.kernels import fused_decode
+from swiftkv.models.arch import kv_bytes_per_token
 from swiftkv.models.full_sequence import full_logits, greedy_generate
 from swiftkv.models.loader import load_model
 from swiftkv.sampling_params import SamplingParams

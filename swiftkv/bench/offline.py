@@ -63,7 +63,7 @@ def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2
     from swiftkv.bench.peers import start_peers
     from swiftkv.bench.report import format_table, plot, ratio_lines, write_json
     from swiftkv.bench.systems import TransformersSystem, load_transformers_model, swiftkv_systems
-    from swiftkv.engine.model_runner import kv_bytes_per_token
+    from swiftkv.models.arch import kv_bytes_per_token
     from swiftkv.platforms import dtype_name, resolve_dtype
 
     dtype = dtype_name(resolve_dtype(dtype))  # "auto" -> this machine's fastest; every system runs it

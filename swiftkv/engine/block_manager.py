@@ -49,9 +49,6 @@ class BlockManager:
         """Extra blocks ``seq`` needs to hold ``num_tokens`` tokens in total."""
         return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
 
-    def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
-        return self.blocks_needed(seq, num_tokens) <= len(self.free_blocks)
-
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow ``seq``'s block table to hold ``num_tokens`` tokens; False (no change) if full."""
         need = self.blocks_needed(seq, num_tokens)

@@ -14,6 +14,7 @@ from swiftkv.engine.model_runner import ModelRunner
 from swiftkv.engine.request import Request
 from swiftkv.engine.scheduler import Scheduler
 from swiftkv.engine.sequence import Sequence
+from swiftkv.models.arch import kv_bytes_per_token
 from swiftkv.models.full_sequence import full_logits
 from swiftkv.models.llama import LlamaForCausalLM
 from swiftkv.outputs import Logprob, RequestOutput
@@ -59,8 +60,6 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config = config or EngineConfig()
         self.swiftkv = model.swiftkv_enabled if swiftkv is None else swiftkv
-        from swiftkv.engine.model_runner import kv_bytes_per_token
-
         block_bytes = kv_bytes_per_token(model.config, model.layout(self.swiftkv), model.compute_dtype) * config.block_size
         num_blocks = config.kv_cache_memory // block_bytes
         if num_blocks < 1:

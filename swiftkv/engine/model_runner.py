@@ -11,21 +11,14 @@ import math
 import numpy as np
 import torch
 
-from swiftkv.config import SwiftKVConfig
 from swiftkv.engine.scheduler import SchedulerOutput
 from swiftkv.engine.sequence import Sequence
 from swiftkv.layers.attention import AttentionMetadata
-from swiftkv.memory import no_huge_pages
 from swiftkv.layers.fused_decode import FusedDecoder
 from swiftkv.layers.sampler import Sampler
-from swiftkv.models.arch import head_dim_of
+from swiftkv.memory import no_huge_pages
+from swiftkv.models.arch import head_dim_of, kv_bytes_per_token
 from swiftkv.models.llama import LlamaForCausalLM
-
-
-def kv_bytes_per_token(config, skv: SwiftKVConfig, dtype: torch.dtype) -> int:
-    """Bytes of K and V one token occupies across all KV owners."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    return skv.num_kv_owners * 2 * config.num_key_value_heads * head_dim_of(config) * elem
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

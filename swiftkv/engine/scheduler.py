@@ -33,14 +33,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool = True) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.enable_chunked_prefill = enable_chunked_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -56,9 +54,6 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
-
-    def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark ``seq`` finished (or aborted) and free its blocks, wherever it is."""
@@ -105,10 +100,7 @@ class Scheduler:
             if not seq.block_table:  # new or preempted: start from its longest cached prefix, if any
                 seq.num_computed_tokens = self.block_manager.allocate_cached_prefix(seq)
             n = seq.num_uncomputed_tokens
-            if n > budget:
-                if not self.enable_chunked_prefill and out.seqs:
-                    break
-                n = budget
+            n = min(n, budget)  # a prompt longer than the budget is chunked across steps
             if not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
                 self.block_manager.free(seq)  # give the cached prefix back; retried next step
                 seq.num_computed_tokens = 0

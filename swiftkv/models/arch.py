@@ -3,6 +3,8 @@ the architecture, its SwiftKV layout, the optional adapters' rank and the projec
 
 from __future__ import annotations
 
+import torch
+
 from swiftkv.config import SwiftKVConfig
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "llama_swiftkv", "qwen2_swiftkv")
@@ -50,3 +52,9 @@ def attention_biases(config) -> tuple[bool, bool]:
 def head_dim_of(config) -> int:
     """Attention head size: ``head_dim`` where the config sets it, else hidden / heads."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kv_bytes_per_token(config, skv: SwiftKVConfig, dtype: torch.dtype) -> int:
+    """Bytes of K and V one token occupies across all KV owners of layout ``skv``."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return skv.num_kv_owners * 2 * config.num_key_value_heads * head_dim_of(config) * elem

@@ -144,7 +144,12 @@ class SwiftKVCausalLM:
         self.model = LlamaModel(config, self.swiftkv_config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.inference_dtype: torch.dtype | None = None  # set by prepare_for_inference()
-        if getattr(config, "tie_word_embeddings", False):
+        self.tie_lm_head()
+
+    def tie_lm_head(self) -> None:
+        """Make the LM head's weight the embedding's where the config ties them (again, after anything that
+        replaced either parameter: ``to_empty``, an assigning load)."""
+        if getattr(self.config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @property

@@ -98,9 +98,7 @@ def load_state(model: LlamaForCausalLM, tensors: dict[str, torch.Tensor], source
     A SwiftKV checkpoint may lack the later layers' original q/k/v (the teacher); the model then
     runs only in SwiftKV mode (``model.teacher_available`` is False).
     """
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    if tied:  # (to_empty() unties them)
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model.tie_lm_head()  # (to_empty() unties them)
     expected = dict(model.named_parameters())  # tied lm_head appears once, as embed_tokens
     missing = [n for n in expected if n not in tensors]
     teacher_missing = [n for n in missing if n in _teacher_qkv_names(model)]
@@ -132,8 +130,7 @@ def load_state(model: LlamaForCausalLM, tensors: dict[str, torch.Tensor], source
                 setattr(modules[owner], attr, torch.nn.Parameter(t, requires_grad=False))
             else:
                 param.copy_(t)
-    if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model.tie_lm_head()
     if teacher_missing:
         model.teacher_available = False
         for i in range(model.swiftkv_config.num_key_value_layers, model.config.num_hidden_layers):

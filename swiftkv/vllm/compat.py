@@ -11,7 +11,7 @@ import torch
 from vllm.model_executor.layers.attention import attention as _attention
 from vllm.utils.torch_utils import _encode_layer_name
 
-SUPPORTED_VLLM = ("0.32",)
+TESTED_VLLM = "0.32"  # register() warns on another version
 
 
 def write_kv_cache(attn, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
