@@ -10,6 +10,7 @@ SwiftKV conversion); see swiftkv/sized.py.
 
 import argparse
 
+from swiftkv.builtin import default_model_dir
 from swiftkv.sized import SHAPES, write_sized_checkpoint
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -18,5 +19,5 @@ p.add_argument("--out", required=True)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--max-shard-size", default="5GB")
 args = p.parse_args()
-print(f"wrote {write_sized_checkpoint(args.name, args.out, args.seed, args.max_shard_size)} (random weights: "
+print(f"wrote {write_sized_checkpoint(args.name, args.out, default_model_dir(), args.seed, args.max_shard_size)} (random weights: "
       "for speed and memory measurements only)")

@@ -112,7 +112,7 @@ def resolve_model(name_or_path) -> Path:
     if str(name_or_path).startswith("sized:"):
         from swiftkv.sized import sized_model_dir
 
-        return sized_model_dir(str(name_or_path))
+        return sized_model_dir(str(name_or_path), default_model_dir())  # SmolLM2's tokenizer
     if str(name_or_path) in SHIPPED_MODELS:
         return shipped_model_dir(str(name_or_path))
     return resolve_model_path(name_or_path)

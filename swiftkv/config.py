@@ -93,3 +93,28 @@ class SwiftKVConfig:
     def kv_bytes_ratio(self) -> float:
         """KV bytes per token relative to the original model: ``(l + (L-l)/G) / L``."""
         return self.num_kv_owners / self.num_layers
+
+
+@dataclass(frozen=True)
+class LayoutRequest:
+    """The SwiftKV layout a user asks for before the model's layer count is known: ``l`` itself, or the
+    fraction of layers made SwiftKV, or neither (half the layers, rounded down to whole AcrossKV groups);
+    and the AcrossKV group size ``G``."""
+
+    num_key_value_layers: int | None = None
+    fraction: float | None = None
+    group_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_layers is not None and self.fraction is not None:
+            raise ValueError("give num_key_value_layers (l) or a SwiftKV fraction, not both")
+
+    def for_layers(self, num_layers: int) -> SwiftKVConfig:
+        """The layout of an ``num_layers``-layer model (``ValueError`` where it cannot have it)."""
+        g = self.group_size
+        if self.num_key_value_layers is not None:
+            return SwiftKVConfig(num_layers, self.num_key_value_layers, g)
+        if self.fraction is None:
+            later = num_layers // 2 - (num_layers // 2) % g
+            return SwiftKVConfig(num_layers, num_layers - later, g)
+        return SwiftKVConfig.from_fraction(num_layers, self.fraction, g)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from swiftkv.models.arch import head_dim_of
+
 PREFIX = "sized:"
 SWIFTKV_SUFFIX = "-swiftkv"
 VOCAB = 49152
@@ -56,7 +58,7 @@ def config_dict(shape: Shape) -> dict:
 
 def tensor_specs(shape: Shape) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """Every tensor of the shape, as transformers names them (bf16)."""
-    h, kv = shape.hidden_size, shape.num_key_value_heads * (shape.hidden_size // shape.num_attention_heads)
+    h, kv = shape.hidden_size, shape.num_key_value_heads * head_dim_of(shape)
     bf16, specs = torch.bfloat16, {"model.embed_tokens.weight": (torch.bfloat16, (VOCAB, h))}
     for i in range(shape.num_hidden_layers):
         p = f"model.layers.{i}."
@@ -74,9 +76,10 @@ def tensor_specs(shape: Shape) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]
     return specs
 
 
-def write_sized_checkpoint(name: str, out: str | Path, seed: int = 0, max_shard_size: int | str = "5GB") -> Path:
-    """Write the random-weight checkpoint ``name`` (a key of :data:`SHAPES`) to ``out`` (atomically)."""
-    from swiftkv.builtin import default_model_dir
+def write_sized_checkpoint(name: str, out: str | Path, tokenizer_dir: str | Path, seed: int = 0,
+                           max_shard_size: int | str = "5GB") -> Path:
+    """Write the random-weight checkpoint ``name`` (a key of :data:`SHAPES`) to ``out`` (atomically), with the
+    tokenizer and chat template of ``tokenizer_dir`` (the default model's: SmolLM2's vocabulary)."""
     from swiftkv.fileio import atomic_directory
     from swiftkv.models.loader import copy_side_files
     from swiftkv.models.shards import write_sharded
@@ -94,14 +97,15 @@ def write_sized_checkpoint(name: str, out: str | Path, seed: int = 0, max_shard_
         return (torch.randn(dims, generator=g) * 0.02).to(dtype)
 
     with atomic_directory(Path(out), overwrite=True) as tmp:
-        copy_side_files(default_model_dir(), tmp)  # SmolLM2's tokenizer and chat template
+        copy_side_files(Path(tokenizer_dir), tmp)
         (tmp / "config.json").write_text(json.dumps(config_dict(shape), indent=2))
         write_sharded(tmp, specs, produce, max_shard_size, desc=f"writing {name}")
     return Path(out).resolve()
 
 
-def sized_model_dir(spec: str) -> Path:
-    """The directory of ``sized:NAME`` or ``sized:NAME-swiftkv``, built once into the cache."""
+def sized_model_dir(spec: str, tokenizer_dir: str | Path) -> Path:
+    """The directory of ``sized:NAME`` or ``sized:NAME-swiftkv``, built once into the cache (with the tokenizer
+    of ``tokenizer_dir``)."""
     from swiftkv.config import SwiftKVConfig
     from swiftkv.fileio import cache_dir, stamp_matches, write_stamp
     from swiftkv.transform import convert_checkpoint
@@ -117,7 +121,7 @@ def sized_model_dir(spec: str) -> Path:
     if not stamp_matches(base_dir, stamp):
         print(f"swiftkv: writing {PREFIX}{base} (random bf16 weights, for speed and memory only) into {base_dir}",
               file=sys.stderr, flush=True)
-        write_stamp(write_sized_checkpoint(base, base_dir), stamp)
+        write_stamp(write_sized_checkpoint(base, base_dir, tokenizer_dir), stamp)
     if name == base:
         return base_dir
     out = root / name

@@ -32,7 +32,7 @@ def _plain_fields(config) -> dict:
 
 def swiftkv_hf_config(base_config, skv: SwiftKVConfig, adapter_rank: int = 0):
     """The published-format config (``llama_swiftkv`` / ``qwen2_swiftkv``) for ``base_config``."""
-    from swiftkv.models.hf import SWIFTKV_CONFIGS
+    from swiftkv.models.hf_config import SWIFTKV_CONFIGS
 
     base_type = base_config.model_type.removesuffix("_swiftkv")
     fields = _plain_fields(base_config)
@@ -47,7 +47,7 @@ def swiftkv_hf_config(base_config, skv: SwiftKVConfig, adapter_rank: int = 0):
 
 def base_hf_config(config):
     """The inverse: the plain ``llama`` / ``qwen2`` config of the original model (what other engines load)."""
-    from swiftkv.models.hf import SWIFTKV_CONFIGS
+    from swiftkv.models.hf_config import SWIFTKV_CONFIGS
 
     base_type = config.model_type.removesuffix("_swiftkv")
     plain_cls = SWIFTKV_CONFIGS[base_type].__mro__[1]  # LlamaConfig / Qwen2Config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import random
 
 import pytest
@@ -9,6 +10,24 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import swiftkv  # noqa: F401  (registers the SwiftKV transformers classes)
+
+
+
+def needs_kernels(binding: str, reason: str = "no AVX2/FMA/F16C or no C compiler: these kernels cannot run here"):
+    """Mark a test that needs the C kernels of ``swiftkv.kernels.<binding>``: skipped where its ``library()`` is
+    None, decided when the test is set up (the library is built on first use, never while collecting)."""
+    return pytest.mark.kernel_library(binding, reason=reason)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "kernel_library(binding, reason): needs swiftkv.kernels.<binding>.library()")
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("kernel_library"):
+        if importlib.import_module(f"swiftkv.kernels.{mark.args[0]}").library() is None:
+            pytest.skip(mark.kwargs["reason"])
+
 
 TINY = dict(
     vocab_size=128, hidden_size=64, intermediate_size=112, num_hidden_layers=6,

@@ -178,8 +178,8 @@ def test_plain_checkpoint_is_the_teacher_for_other_engines(tiny_chat_model_dir, 
     ids = [5, 9, 2, 7, 11, 3]
     with torch.no_grad():
         got = hf(torch.tensor([ids])).logits[0]
-    teacher = load_model(ckpt, swiftkv=False)[0]
-    torch.testing.assert_close(got, full_logits(teacher, [ids])[0], atol=1e-4, rtol=1e-4)
+    teacher = load_model(ckpt)[0]
+    torch.testing.assert_close(got, full_logits(teacher, [ids], swiftkv=False)[0], atol=1e-4, rtol=1e-4)
 
 
 def test_prefill_report_with_peers():

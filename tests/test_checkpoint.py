@@ -61,7 +61,7 @@ def test_round_trip_ours_and_automodel(hf_dir, tmp_path, arch):
     model = to_swiftkv(load_model(path)[0], SwiftKVConfig(6, 2, 2))
     expected = full_logits(model, SEQS)
     reloaded = load_model(out)[0]
-    assert reloaded.swiftkv_enabled
+    assert reloaded.default_swiftkv
     for a, b in zip(full_logits(reloaded, SEQS), expected):
         assert torch.equal(a, b)
     assert type(AutoConfig.from_pretrained(out)).__name__.endswith("SwiftKVConfig")
@@ -76,8 +76,7 @@ def test_round_trip_ours_and_automodel(hf_dir, tmp_path, arch):
         got = auto(ids, attention_mask=mask).logits
     torch.testing.assert_close(got[0, 23:], expected[1], atol=1e-5, rtol=1e-5)
     # teacher rebuilt from the kept original tensors
-    reloaded.set_swiftkv(False)
-    torch.testing.assert_close(full_logits(reloaded, SEQS)[0], hf(torch.tensor([SEQS[0]])).logits[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full_logits(reloaded, SEQS, swiftkv=False)[0], hf(torch.tensor([SEQS[0]])).logits[0], atol=1e-5, rtol=1e-5)
 
 
 def test_checkpoint_without_teacher_qkv_loads(hf_dir, tmp_path):
@@ -94,7 +93,7 @@ def test_checkpoint_without_teacher_qkv_loads(hf_dir, tmp_path):
     for a, b in zip(full_logits(model, SEQS), expected):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="no original q/k/v for layers >= 3"):
-        model.set_swiftkv(False)
+        full_logits(model, SEQS, swiftkv=False)
 
 
 def test_save_is_atomic_on_failure(hf_dir, tmp_path, monkeypatch):

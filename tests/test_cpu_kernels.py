@@ -9,17 +9,15 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_hf_model, to_distinct_swiftkv
+from conftest import needs_kernels, tiny_hf_model, to_distinct_swiftkv
 
 from swiftkv.kernels import elementwise as cpu_ops
 from swiftkv.kernels import paged_attention
 from swiftkv.layers.attention import _sdpa
 from swiftkv.layers.rotary import apply_rotary
 
-needs_attention = pytest.mark.skipif(paged_attention.kernel() is None,
-                                     reason="no AVX2/FMA or no C compiler: the paged-attention kernel cannot run here")
-needs_ops = pytest.mark.skipif(cpu_ops.kernel() is None,
-                               reason="no AVX2/FMA or no C compiler: the elementwise kernels cannot run here")
+needs_attention = needs_kernels("paged_attention", "no AVX2/FMA or no C compiler: the paged-attention kernel cannot run here")
+needs_ops = needs_kernels("elementwise", "no AVX2/FMA or no C compiler: the elementwise kernels cannot run here")
 
 
 def _gathered_reference(q, kc, vc, tables, lens):

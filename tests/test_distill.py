@@ -12,12 +12,10 @@ import torch
 from conftest import random_chats
 
 from swiftkv.config import SwiftKVConfig
-from swiftkv.distill.data import (
+from swiftkv.data.conversations import is_held_out, iter_json_array, load_conversations
+from swiftkv.data.rows import (
     Batch,
     held_out_rows,
-    is_held_out,
-    iter_json_array,
-    load_conversations,
     pack_rows,
     tokenize_with_mask,
     training_rows,
@@ -220,9 +218,7 @@ def trained_adapters(setup, tmp_path):
     """A l=2, G=2 student with rank-4 adapters after two training steps, and what it was before."""
     path, _, tok, rows, eval_rows = setup
     model = _adapter_model(path)
-    model.set_swiftkv(False)
-    teacher_before = full_logits(model, _adapter_seqs(rows))
-    model.set_swiftkv(True)
+    teacher_before = full_logits(model, _adapter_seqs(rows), swiftkv=False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = Trainer(model, tok, _cfg(tmp_path), rows, eval_rows)
     for _ in range(2):  # A's gradient is zero until B has moved off zero
@@ -251,8 +247,7 @@ def test_adapters_train_with_the_swiftkv_tensors_only(trained_adapters):
 
 def test_the_teacher_never_sees_the_adapters(setup, trained_adapters):
     model, _, _, teacher_before = trained_adapters
-    model.set_swiftkv(False)
-    for a, b in zip(full_logits(model, _adapter_seqs(setup[3])), teacher_before):
+    for a, b in zip(full_logits(model, _adapter_seqs(setup[3]), swiftkv=False), teacher_before):
         assert torch.equal(a, b)
 
 

@@ -11,7 +11,8 @@ import torch
 from conftest import random_chats
 
 from swiftkv.config import SwiftKVConfig
-from swiftkv.distill.data import Batch, load_conversations, pack_rows, training_rows
+from swiftkv.data.conversations import load_conversations
+from swiftkv.data.rows import Batch, pack_rows, training_rows
 from swiftkv.distill.features import FeatureCache
 from swiftkv.distill.loss import DistillModule, trainable_parameters
 from swiftkv.distill.trainer import DistillConfig, Trainer

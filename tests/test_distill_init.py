@@ -10,7 +10,8 @@ import torch
 from conftest import random_chats, tiny_config
 
 from swiftkv.config import SwiftKVConfig
-from swiftkv.distill.data import Batch, load_conversations, pack_rows
+from swiftkv.data.conversations import load_conversations
+from swiftkv.data.rows import Batch, pack_rows
 from swiftkv.distill.init import _shared_keys, _shared_value_target, fit_kv_projections
 from swiftkv.distill.loss import DistillModule
 from swiftkv.layers.rotary import RotaryEmbedding, apply_rotary

@@ -66,12 +66,12 @@ def _run(engine, prompts, params):
     return [done[i] for i in ids]
 
 
-def _engine(model, blocks=512, block_size=4, **kw):
+def _engine(model, blocks=512, block_size=4, swiftkv=None, **kw):
     """An engine on a copy of ``model`` (the engine prepares its model for inference, in place: weights in
     their held form), so ``model`` stays the plain full-sequence reference the tests compare against."""
-    bytes_per_block = kv_bytes_per_token(model.config, model.active_config, torch.float32) * block_size
+    bytes_per_block = kv_bytes_per_token(model.config, model.layout(swiftkv), torch.float32) * block_size
     config = EngineConfig(kv_cache_memory=blocks * bytes_per_block, block_size=block_size, **kw)
-    engine = LLMEngine(copy.deepcopy(model), None, config)
+    engine = LLMEngine(copy.deepcopy(model), None, config, swiftkv)
     assert engine.runner.fused is not None or fused_decode.library() is None  # decode really runs fused here
     return engine
 
@@ -107,11 +107,9 @@ def test_greedy_matches_under_preemption(base, l, G):
 
 def test_teacher_mode_of_swiftkv_checkpoint_matches_base(base):
     model = _model(base, 3, 1)
-    model.set_swiftkv(False)
     prompts = _prompts([6, 19])
-    outs = _run(_engine(model), prompts, GREEDY)
+    outs = _run(_engine(model, swiftkv=False), prompts, GREEDY)
     assert [o.outputs[0].token_ids for o in outs] == [greedy_generate(base, p, 8) for p in prompts]
-    model.set_swiftkv(True)
 
 
 def test_kv_bytes_per_token_with_acrosskv():
@@ -332,8 +330,7 @@ def test_set_swiftkv_with_a_live_engine(base):
     llm = LLM.from_model(copy.deepcopy(_model(base, 2, 2)), None, config=config)
     prompt, params = _prompts([10])[0], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     swiftkv_out = llm.generate([prompt], params)[0].outputs[0].token_ids
-    llm.model.set_swiftkv(False)  # the model's default path: the engine keeps its own (its cache is for G = 2)
-    assert llm.swiftkv and llm.generate([prompt], params)[0].outputs[0].token_ids == swiftkv_out
+    assert llm.swiftkv and not hasattr(llm.model, "set_swiftkv")  # the mode is the engine's, not the model's
     llm.engine.add_request(prompt, params)
     with pytest.raises(ValueError, match="in flight"):
         llm.set_swiftkv(False)

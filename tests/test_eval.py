@@ -127,13 +127,11 @@ def test_packed_loglikelihoods_match_full_sequence(models):
     pairs += [encode_pair(tok, "Numbers: 1 2 3", " 4 5"), encode_pair(tok, "x ", "y")]
     out = score_pairs(student, pairs, max_batch_tokens=16)
     for mode in ("teacher", "swiftkv"):
-        student.set_swiftkv(mode == "swiftkv")
         for (ctx, cont), s in zip(pairs, out[mode]):
-            logp = full_logits(student, [ctx + cont])[0].log_softmax(-1)[len(ctx) - 1 : -1]
+            logp = full_logits(student, [ctx + cont], swiftkv=mode == "swiftkv")[0].log_softmax(-1)[len(ctx) - 1 : -1]
             ref = logp.gather(1, torch.tensor(cont)[:, None]).squeeze(1)
             torch.testing.assert_close(s.logprobs, ref, atol=1e-4, rtol=1e-4)
             assert torch.equal(s.greedy, logp.argmax(-1) == torch.tensor(cont))
-    student.set_swiftkv(True)
     assert not torch.allclose(out["teacher"][3].logprobs, out["swiftkv"][3].logprobs)
     assert encode_pair(tok, "x ", "y") == encode_pair(tok, "x", " y")  # trailing space moves
 
@@ -259,7 +257,6 @@ def test_lm_eval_harness_runs_a_swiftkv_checkpoint(models, tmp_path):
     from lm_eval.tasks import TaskManager
 
     _, student, tok, src = models
-    student.set_swiftkv(True)
     ckpt = save_checkpoint(student, tmp_path / "skv", source_dir=src)
     docs = [{"question": "The sky is", "choices": ["blue", "green"], "label": 0},
             {"question": "Two plus two is", "choices": ["four", "five", "six"], "label": 0}]

@@ -9,13 +9,12 @@ import copy
 
 import pytest
 import torch
-from conftest import quantize_q4_1, tiny_hf_model, to_distinct_swiftkv
+from conftest import needs_kernels, quantize_q4_1, tiny_hf_model, to_distinct_swiftkv
 
 from swiftkv.kernels import fused_decode as fused_kernels
 from swiftkv.layers import fused_decode
 
-needs_kernels = pytest.mark.skipif(fused_kernels.library() is None,
-                                   reason="no AVX2/FMA or no C compiler: the fused decode layers cannot run here")
+needs_fused = needs_kernels("fused_decode", "no AVX2/FMA or no C compiler: the fused decode layers cannot run here")
 KERNEL_SWITCHES = ("SWIFTKV_PAGED_ATTENTION", "SWIFTKV_CPU_OPS", "SWIFTKV_COMPACT_WEIGHTS", "SWIFTKV_FUSED_DECODE")
 
 
@@ -69,7 +68,7 @@ def _run_engine(model, prompts, max_tokens, monkeypatch, fused: bool):
     return [done[i] for i in ids], ran, engine
 
 
-@needs_kernels
+@needs_fused
 @pytest.mark.parametrize("arch,l,G", [("llama", 6, 1), ("llama", 3, 1), ("llama", 2, 2), ("llama", 3, 3),
                                       ("qwen2", 6, 1), ("qwen2", 2, 2), ("qwen2", 3, 3)])  # (qwen2 3/1: one token)
 def test_engine_greedy_with_fused_decode_matches_eager_and_full_sequence(monkeypatch, arch, l, G):
@@ -99,7 +98,7 @@ def test_engine_greedy_with_fused_decode_matches_eager_and_full_sequence(monkeyp
                                    atol=1e-4, rtol=0)
 
 
-@needs_kernels
+@needs_fused
 @pytest.mark.parametrize("arch,l,G", [("llama", 6, 1), ("llama", 2, 2), ("qwen2", 3, 3)])
 def test_bf16_engine_fused_decode_agrees_with_eager(monkeypatch, arch, l, G):
     """Computing in bf16 (bf16 KV cache): the fused call computes each step in fp32 and rounds K/V and the
@@ -124,7 +123,7 @@ def _fused(model, dtype=torch.float32):
                                            model.swiftkv_config)
 
 
-@needs_kernels
+@needs_fused
 def test_fused_decoder_applies_only_where_it_can(monkeypatch):
     """Every held form (compact, bf16, fp32) and both compute dtypes take the fused path; SwiftKV adapters or a
     switched-off kernel do not (eager layers)."""

@@ -138,8 +138,7 @@ def test_swiftkv_differs_from_teacher_and_switch_restores_it(hf_dir):
     model = to_swiftkv(_ours(path), SwiftKVConfig(6, 3, 1))
     seq = [list(range(10, 30))]
     student = full_logits(model, seq)[0]
-    model.set_swiftkv(False)
-    teacher = full_logits(model, seq)[0]
+    teacher = full_logits(model, seq, swiftkv=False)[0]
     torch.testing.assert_close(teacher, hf(torch.tensor(seq)).logits[0], atol=1e-5, rtol=1e-5)
     assert (student - teacher).abs().max() > 1e-3
 

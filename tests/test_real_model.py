@@ -61,15 +61,11 @@ def test_engine_greedy_matches_full_sequence_on_real_model(llm):
                for q in ("What is the capital of France?", "Name three colours of the rainbow, briefly please.")]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     for mode in (True, False):
-        llm.model.set_swiftkv(mode)
-        from swiftkv.engine.llm_engine import LLMEngine
-
-        llm.engine = LLMEngine(llm.model, llm.tokenizer, llm.engine.config)
+        llm.set_swiftkv(mode)
         outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
         for p, o in zip(prompts, outs):
-            assert o.outputs[0].token_ids == greedy_generate(llm.model, p, 12)
-    llm.model.set_swiftkv(True)
-    llm.engine = LLMEngine(llm.model, llm.tokenizer, llm.engine.config)
+            assert o.outputs[0].token_ids == greedy_generate(llm.model, p, 12, swiftkv=mode)
+    llm.set_swiftkv(True)
 
 
 def test_chat_stream_and_stop_strings(llm):
@@ -105,5 +101,4 @@ def test_shipped_models_are_base_plus_trained_tensors(default_model, name):
     params = dict(model.named_parameters())
     assert trained and all(torch.equal(params[n].to(torch.bfloat16), t) for n, t in trained.items())
     ids = tok("SwiftKV keeps the teacher intact:")["input_ids"]
-    model.set_swiftkv(False)
-    assert torch.equal(full_logits(model, [ids])[0], full_logits(base, [ids])[0])
+    assert torch.equal(full_logits(model, [ids], swiftkv=False)[0], full_logits(base, [ids])[0])

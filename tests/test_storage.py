@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import quantize_q4_1, tiny_hf_model
+from conftest import needs_kernels, quantize_q4_1, tiny_hf_model
 
 from swiftkv.config import SwiftKVConfig
 from swiftkv.kernels import linear as kernels
@@ -23,8 +23,7 @@ from swiftkv.models.shards import tensor_index, weight_files
 from swiftkv.sampling_params import SamplingParams
 from swiftkv.transform import convert_checkpoint, to_swiftkv
 
-needs_kernels = pytest.mark.skipif(kernels.library() is None,
-                                   reason="no AVX2/FMA/F16C or no C compiler: weights are held in the compute dtype")
+needs_matmul = needs_kernels("linear", "no AVX2/FMA/F16C or no C compiler: weights are held in the compute dtype")
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 PROMPTS = [[5, 9, 17, 3], list(range(1, 30)), [100] * 11]
 
@@ -48,7 +47,7 @@ def _stored_bytes(path: Path, q4_1: bool) -> int:
     return sum(i.nbytes * 20 // 128 if q4_1 and len(i.shape) == 2 else i.nbytes for i in infos)
 
 
-@needs_kernels
+@needs_matmul
 @pytest.mark.parametrize("kind", ["bf16", "q4_1"])
 def test_engine_holds_the_checkpoints_stored_bytes(tmp_path, kind):
     hf = tiny_hf_model("llama", hidden_size=128, intermediate_size=256, vocab_size=512)
@@ -59,7 +58,7 @@ def test_engine_holds_the_checkpoints_stored_bytes(tmp_path, kind):
     assert held_bytes(load_model(path, dtype="float32")[0]) >= 1.5 * stored  # what an fp32 copy would hold
 
 
-@needs_kernels
+@needs_matmul
 def test_bf16_weights_are_the_file_mapping(tmp_path):
     path = _save(tiny_hf_model("llama"), tmp_path / "bf16", torch.bfloat16)
     model = load_model(path, dtype="float32", for_inference=True)[0]

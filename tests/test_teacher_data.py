@@ -8,8 +8,12 @@ import json
 import pytest
 from conftest import random_chats
 
-from swiftkv.distill.data import is_held_out, load_conversations
-from swiftkv.distill.teacher_data import first_prompt, select_prompts, write_teacher_data
+from swiftkv.data.conversations import is_held_out, load_conversations
+from swiftkv.distill.teacher_data import (
+    first_prompt,
+    select_prompts,
+    write_teacher_data,
+)
 from swiftkv.llm import LLM
 from swiftkv.sampling_params import SamplingParams
 

@@ -21,9 +21,19 @@ from conftest import tiny_hf_model
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed here: the plugin tests run in the "
                                                      "vLLM venv that .ci/run builds (see scripts/install_peers.sh)")
-for k, v in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
-             "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}.items():
-    os.environ.setdefault(k, v)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _vllm_cpu_env():
+    """vLLM-CPU settings for in-process engines on this machine, for this module's tests only (what the caller
+    set wins)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
+                     "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}",
+                     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}.items():
+            if k not in os.environ:
+                mp.setenv(k, v)
+        yield
 
 TOKENS = 64
 # vLLM's CPU attention needs head_dim in {32, 64, ...}: tiny models use 4 heads of 32

@@ -10,15 +10,14 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import gguf_like, quantize_q4_1
+from conftest import gguf_like, needs_kernels, quantize_q4_1
 
 from swiftkv.kernels import linear as kernels
 from swiftkv.layers import linear as linear_layers
 from swiftkv.layers.linear import Linear
 from swiftkv.layers.weights import find_compact_form, hold
 
-needs_kernel = pytest.mark.skipif(kernels.library() is None,
-                                  reason="no AVX2/FMA/F16C or no C compiler: the matmul kernels cannot run here")
+needs_kernel = needs_kernels("linear", "no AVX2/FMA/F16C or no C compiler: the matmul kernels cannot run here")
 
 
 def _weight(kind: str, out: int = 200, inp: int = 576, seed: int = 0) -> torch.Tensor:

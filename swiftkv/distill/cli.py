@@ -4,87 +4,24 @@ from __future__ import annotations
 
 import sys
 
-from swiftkv.cli import DTYPE_HELP, add_swiftkv_layout_args, layout_from_args
+from swiftkv.cli_args import DTYPE_HELP, add_swiftkv_layout_args, layout_request
 from swiftkv.models.registry import DEFAULT_MODEL
 
 
 def cmd_distill(args) -> None:
-    import os
-    from pathlib import Path
+    from swiftkv.distill.pipeline import distill
+    from swiftkv.distill.trainer import DistillConfig
 
-    import torch
-    import torch.distributed as dist
-
-    from swiftkv.builtin import resolve_model
-    from swiftkv.distill.report import plot_logs, save_trained_tensors
-    from swiftkv.distill.trainer import DistillConfig, Trainer
-    from swiftkv.models.arch import adapter_rank_of
-    from swiftkv.models.loader import load_model, load_tokenizer, save_checkpoint
-    from swiftkv.platforms import resolve_device, resolve_dtype
-    from swiftkv.transform import to_swiftkv
-
-    device = resolve_device(args.device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        # torchrun --nproc-per-node N: data-parallel (DDP), one GPU per process on CUDA
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.manual_seed(args.seed)
-    model, path = load_model(resolve_model(args.model), dtype="float32")
-    converted = model.swiftkv_config.is_baseline
-    if converted:
-        model = to_swiftkv(model, layout_from_args(args, model.config.num_hidden_layers), args.adapter_rank)
-    elif args.adapter_rank != adapter_rank_of(model.config):
-        raise ValueError(f"{path} is already a SwiftKV checkpoint with adapter rank {adapter_rank_of(model.config)}; "
-                         f"--adapter-rank {args.adapter_rank} applies only when converting a base model.")
-    model = model.to(device)
-    skv = model.swiftkv_config
     cfg = DistillConfig(out=args.out, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
                         lr=args.lr, schedule=args.schedule, temperature=args.temperature, mse_weight=args.mse_weight,
                         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, data=args.data,
-                        held_out_fraction=args.held_out_fraction, feature_cache=args.feature_cache, epochs=args.epochs,
-                        bf16=resolve_dtype(args.dtype, device) == torch.bfloat16)
-    tokenizer = load_tokenizer(path)
-    if args.kv_init == "lstsq" and converted and not (args.resume and (Path(args.out) / "trainer_state.pt").exists()):
-        from swiftkv.distill.init import calibration_batch, fit_kv_projections
-
-        res = fit_kv_projections(model, calibration_batch(tokenizer, cfg))
-        print(f"least-squares K/V init: mean relative residual {sum(res.values()) / len(res):.3f}", file=sys.stderr)
-    trainer = Trainer(model, tokenizer, cfg)
-    if args.resume and trainer.resume():
-        print(f"resumed at step {trainer.step}/{trainer.total_steps}", file=sys.stderr)
-    print(f"distilling l={skv.num_key_value_layers} of L={skv.num_layers}, G={skv.key_value_group_size}, "
-          f"adapter rank {adapter_rank_of(model.config)}, on {device} x {trainer.world}: "
-          f"{trainer.total_steps} steps x {cfg.batch_size} rows x {cfg.seq_len} tokens, "
-          f"{sum(p.numel() for p in trainer.params.values()):,} trainable parameters", file=sys.stderr)
-    log = trainer.train()
-    if trainer.rank == 0:
-        out = Path(args.out)
-        save_trained_tensors(trainer.params, out / "swiftkv_tensors.safetensors",
-                             {"num_key_value_layers": skv.num_key_value_layers,
-                              "key_value_group_size": skv.key_value_group_size,
-                              "adapter_rank": adapter_rank_of(model.config), "base": str(path)})
-        # model/: the base as loaded + the trained tensors (the frozen weights ran in bf16 when training did)
-        trained = {n: p.detach().float().cpu() for n, p in trainer.params.items()}
-        fresh, _ = load_model(path, dtype="float32")
-        if fresh.swiftkv_config.is_baseline:
-            fresh = to_swiftkv(fresh, skv, adapter_rank_of(model.config))
-        unexpected = fresh.load_state_dict(trained, strict=False).unexpected_keys
-        if unexpected:
-            raise RuntimeError(f"trained tensors without a place in the reloaded model: {unexpected[:3]}")
-        save_checkpoint(fresh, out / "model", source_dir=path)
-        plot_logs({out.name: log}, out / "distill.png")
-        last = [e for e in log if "eval_agree" in e]
-        if last:
-            print(f"held-out agreement {100 * last[0]['eval_agree']:.1f}% -> {100 * last[-1]['eval_agree']:.1f}%, "
-                  f"KL {last[0]['eval_kl']:.3f} -> {last[-1]['eval_kl']:.3f}")
-        print(f"wrote {out / 'model'} and {out / 'swiftkv_tensors.safetensors'}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+                        held_out_fraction=args.held_out_fraction, feature_cache=args.feature_cache, epochs=args.epochs)
+    distill(args.model, cfg, layout_request(args), adapter_rank=args.adapter_rank, kv_init=args.kv_init,
+            resume=args.resume, device=args.device, dtype=args.dtype)
 
 
 def cmd_distill_data(args) -> None:
-    from swiftkv.distill.data import load_conversations
+    from swiftkv.data.conversations import load_conversations
     from swiftkv.distill.teacher_data import select_prompts, write_teacher_data
     from swiftkv.llm import LLM
     from swiftkv.sampling_params import SamplingParams

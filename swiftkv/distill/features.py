@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from swiftkv.distill.data import Batch, Row
+from swiftkv.data.rows import Batch, Row
 from swiftkv.fileio import atomic_write_json
 from swiftkv.models.paired import paired_forward
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from swiftkv.distill.data import Batch, load_conversations, pack_rows
+from swiftkv.data.conversations import load_conversations
+from swiftkv.data.rows import Batch, pack_rows
 from swiftkv.models.llama import LlamaForCausalLM
 from swiftkv.models.paired import paired_forward
 

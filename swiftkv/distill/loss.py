@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swiftkv.distill.data import Batch
+from swiftkv.data.rows import Batch
 from swiftkv.layers.attention import AttentionMetadata
 from swiftkv.models.llama import LlamaForCausalLM
 from swiftkv.models.paired import distribution_gap, paired_forward, swiftkv_tail

@@ -26,7 +26,7 @@ from pathlib import Path
 from jinja2 import TemplateError
 from tqdm.auto import tqdm
 
-from swiftkv.distill.data import is_held_out
+from swiftkv.data.conversations import is_held_out
 from swiftkv.sampling_params import SamplingParams
 
 

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from swiftkv.distill.data import Batch, Row, held_out_rows, load_conversations, training_rows
+from swiftkv.data.conversations import load_conversations
+from swiftkv.data.rows import Batch, Row, held_out_rows, training_rows
 from swiftkv.distill.features import FeatureCache
 from swiftkv.distill.loss import DistillModule, trainable_parameters
 from swiftkv.fileio import atomic_write, atomic_write_json, clean_stale_temps

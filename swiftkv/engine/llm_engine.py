@@ -59,7 +59,7 @@ class LLMEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config = config or EngineConfig()
-        self.swiftkv = model.swiftkv_enabled if swiftkv is None else swiftkv
+        self.swiftkv = model.default_swiftkv if swiftkv is None else swiftkv
         block_bytes = kv_bytes_per_token(model.config, model.layout(self.swiftkv), model.compute_dtype) * config.block_size
         num_blocks = config.kv_cache_memory // block_bytes
         if num_blocks < 1:

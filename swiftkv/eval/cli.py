@@ -31,7 +31,9 @@ def cmd_lm_eval(args) -> None:
         from lm_eval.__main__ import cli_evaluate
     except ImportError:
         raise ValueError("lm-evaluation-harness is not installed: pip install lm_eval") from None
-    import swiftkv  # noqa: F401  (registers llama_swiftkv / qwen2_swiftkv with transformers' Auto classes)
+    from swiftkv.models.hf import register
+
+    register()  # llama_swiftkv / qwen2_swiftkv in transformers' Auto classes
 
     sys.argv = ["lm_eval", *args.lm_eval_args]
     cli_evaluate()

@@ -8,9 +8,10 @@ import random
 
 import torch
 
-from swiftkv.distill.data import Batch, held_out_rows, is_held_out, load_conversations
-from swiftkv.models.paired import distribution_gap, paired_forward
+from swiftkv.data.conversations import is_held_out, load_conversations
+from swiftkv.data.rows import Batch, held_out_rows
 from swiftkv.eval.loglik import MODES, encode_pair, score_pairs
+from swiftkv.models.paired import distribution_gap, paired_forward
 
 
 def held_out_conversations(data: str | None = None) -> list[tuple[str, list[dict]]]:

@@ -23,7 +23,7 @@ _FUNCTIONS = {
 }
 
 
-def kernel() -> ctypes.CDLL | None:
+def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot run (switched off, no AVX2/FMA, no compiler)."""
     if os.environ.get("SWIFTKV_CPU_OPS", "1") == "0":
         return None
@@ -33,7 +33,7 @@ def kernel() -> ctypes.CDLL | None:
 def _takes(*tensors: torch.Tensor) -> bool:
     """fp32 on CPU, no gradient wanted, kernels built."""
     return (not torch.is_grad_enabled() and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
-            and kernel() is not None)
+            and library() is not None)
 
 
 def _check(rc: int, op: str) -> None:
@@ -51,7 +51,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     out = torch.empty(x2.shape, dtype=x.dtype)
-    _check(kernel().skv_rms_norm(x2.data_ptr(), x2.stride(0), weight.data_ptr(), out.data_ptr(), x2.shape[0], n, eps,
+    _check(library().skv_rms_norm(x2.data_ptr(), x2.stride(0), weight.data_ptr(), out.data_ptr(), x2.shape[0], n, eps,
                              torch.get_num_threads()), "rms_norm")
     return out.view(x.shape)
 
@@ -65,7 +65,7 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
         gate, up = gate.contiguous(), up.contiguous()
     m, i = gate.shape
     out = torch.empty(m, i, dtype=gate.dtype)
-    _check(kernel().skv_silu_and_mul(gate.data_ptr(), up.data_ptr(), gate.stride(0), out.data_ptr(), m, i,
+    _check(library().skv_silu_and_mul(gate.data_ptr(), up.data_ptr(), gate.stride(0), out.data_ptr(), m, i,
                                      torch.get_num_threads()), "silu_and_mul")
     return out
 
@@ -77,6 +77,6 @@ def rotary_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> boo
     if d % 16 or x.stride(2) != 1 or x.stride(1) != d or not _takes(x, cos, sin):
         return False
     cos, sin = cos.contiguous(), sin.contiguous()
-    _check(kernel().skv_rotary_inplace(x.data_ptr(), n, heads, d, x.stride(0), cos.data_ptr(), sin.data_ptr(),
+    _check(library().skv_rotary_inplace(x.data_ptr(), n, heads, d, x.stride(0), cos.data_ptr(), sin.data_ptr(),
                                    torch.get_num_threads()), "rotary_inplace")
     return True

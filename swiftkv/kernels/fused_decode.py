@@ -52,7 +52,7 @@ def library() -> ctypes.CDLL | None:
     are made of), no AVX2/FMA/F16C, no compiler."""
     if os.environ.get("SWIFTKV_FUSED_DECODE", "1") == "0":
         return None
-    if not (linear_kernels.library() and elementwise.kernel() and paged_attention.kernel()):
+    if not (linear_kernels.library() and elementwise.library() and paged_attention.library()):
         return None
     lib = build.load(_FUNCTIONS)
     if lib is not None and not _checked:

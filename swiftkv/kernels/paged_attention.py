@@ -23,7 +23,7 @@ _FUNCTIONS = {
 }
 
 
-def kernel() -> ctypes.CDLL | None:
+def library() -> ctypes.CDLL | None:
     """The compiled kernel, or None where it cannot run (switched off, no AVX2/FMA, no compiler)."""
     if os.environ.get("SWIFTKV_PAGED_ATTENTION", "1") == "0":
         return None
@@ -33,7 +33,7 @@ def kernel() -> ctypes.CDLL | None:
 def can_run(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
     """Whether :func:`decode_attention` takes these tensors (CPU, fp32 or bf16 alike, head_dim % 8 == 0)."""
     return (q.dtype == kv_cache.dtype and q.dtype in (torch.float32, torch.bfloat16) and q.device.type == "cpu"
-            and q.shape[-1] % 8 == 0 and kernel() is not None)
+            and q.shape[-1] % 8 == 0 and library() is not None)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -50,7 +50,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     dtype = q.dtype
     q, tables, lens = q.float().contiguous(), block_tables.contiguous(), kv_lens.contiguous()
     out = torch.empty_like(q)
-    rc = kernel().skv_paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+    rc = library().skv_paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
                                              lens.data_ptr(), out.data_ptr(), b, h, hkv, d, num_blocks, block_size,
                                              tables.shape[1], d**-0.5, int(k_cache.dtype == torch.bfloat16),
                                              torch.get_num_threads())

@@ -1,7 +1,10 @@
-"""Cache-free, full-sequence helpers: logits of token lists and greedy decoding.
+"""Cache-free, full-sequence helpers: logits of token lists and greedy decoding, on either path
+(``swiftkv=True`` / ``False``; None: the checkpoint's own).
 
-Slow but obviously correct; the reference the engine is tested against, and the forward pass
-used by distillation and evaluation log-likelihoods (batched, no per-token Python loops).
+Slow but obviously correct: the reference the engine's greedy output is tested against, and the
+engine's prompt logprobs (every prompt token's logits, which the SwiftKV prefill skip does not keep).
+Distillation and evaluation score through :mod:`swiftkv.models.paired` instead (one shared prefix, both
+tails).
 """
 
 from __future__ import annotations

@@ -9,35 +9,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    GenerationMixin,
-    LlamaConfig,
-    PreTrainedModel,
-    Qwen2Config,
-)
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from swiftkv.layers.attention import AttentionMetadata
+from swiftkv.models.hf_config import (
+    LlamaSwiftKVConfig,
+    Qwen2SwiftKVConfig,
+    register_configs,
+)
 from swiftkv.models.llama import SwiftKVCausalLM
-
-
-class LlamaSwiftKVConfig(LlamaConfig):
-    model_type = "llama_swiftkv"
-    swiftkv: bool = False
-    num_key_value_layers: int | None = None
-    key_value_group_size: int = 1
-
-
-class Qwen2SwiftKVConfig(Qwen2Config):
-    model_type = "qwen2_swiftkv"
-    swiftkv: bool = False
-    num_key_value_layers: int | None = None
-    key_value_group_size: int = 1
-
-
-SWIFTKV_CONFIGS = {"llama": LlamaSwiftKVConfig, "mistral": LlamaSwiftKVConfig, "qwen2": Qwen2SwiftKVConfig}
 
 
 class _SwiftKVPreTrainedModel(SwiftKVCausalLM, PreTrainedModel):
@@ -93,7 +74,7 @@ class Qwen2SwiftKVForCausalLM(_SwiftKVPreTrainedModel, GenerationMixin):
 
 
 def register() -> None:
-    """Register the SwiftKV config/model classes with transformers' Auto classes (idempotent)."""
+    """Register the SwiftKV config and model classes with transformers' Auto classes (idempotent)."""
+    register_configs()
     for cfg, model in ((LlamaSwiftKVConfig, LlamaSwiftKVForCausalLM), (Qwen2SwiftKVConfig, Qwen2SwiftKVForCausalLM)):
-        AutoConfig.register(cfg.model_type, cfg, exist_ok=True)
         AutoModelForCausalLM.register(cfg, model, exist_ok=True)

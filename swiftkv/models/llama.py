@@ -130,8 +130,9 @@ class SwiftKVCausalLM:
 
     ``swiftkv_config`` is the checkpoint's layout (baseline when the model is not SwiftKV). Which path a
     forward runs -- the SwiftKV student or the original teacher, of one set of weights -- is its ``swiftkv``
-    argument; ``swiftkv_enabled`` is only the default for callers that do not say (the transformers
-    wrapper), so two callers sharing a model (two engines, an engine and an evaluation) never disagree.
+    argument, never state of the model, so two callers sharing a model (two engines, an engine and an
+    evaluation) never disagree; a caller that does not say gets the checkpoint's own mode
+    (:attr:`default_swiftkv`).
     """
 
     def _build(self, config) -> None:
@@ -139,7 +140,6 @@ class SwiftKVCausalLM:
         check_supported(config)
         self.config = config
         self.swiftkv_config = swiftkv_config_of(config)
-        self.swiftkv_enabled = not self.swiftkv_config.is_baseline
         self.teacher_available = True  # False when a checkpoint lacks the later layers' q/k/v
         self.model = LlamaModel(config, self.swiftkv_config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -153,21 +153,16 @@ class SwiftKVCausalLM:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @property
-    def active_config(self) -> SwiftKVConfig:
-        """The layout of the default path (:meth:`layout` of ``swiftkv_enabled``)."""
-        return self.layout(self.swiftkv_enabled)
+    def default_swiftkv(self) -> bool:
+        """The path of a caller that does not choose one: SwiftKV where the checkpoint has SwiftKV layers."""
+        return not self.swiftkv_config.is_baseline
 
     def layout(self, swiftkv: bool | None = None) -> SwiftKVConfig:
         """The layout a forward with ``swiftkv`` runs (None: the default): the checkpoint's, or the original
         model's (every layer owns its KV). Raises ``ValueError`` for a path the checkpoint cannot run."""
-        swiftkv = self.swiftkv_enabled if swiftkv is None else swiftkv
+        swiftkv = self.default_swiftkv if swiftkv is None else swiftkv
         self.check_path(swiftkv)
         return self.swiftkv_config if swiftkv else SwiftKVConfig.baseline(self.config.num_hidden_layers)
-
-    def set_swiftkv(self, enabled: bool) -> None:
-        """Set the default path: the SwiftKV student or the original model (teacher)."""
-        self.check_path(enabled)
-        self.swiftkv_enabled = enabled
 
     def check_path(self, enabled: bool) -> None:
         """Raise ``ValueError`` if this checkpoint cannot run that path."""
@@ -186,7 +181,7 @@ class SwiftKVCausalLM:
                    skv: SwiftKVConfig | None = None, fused: FusedDecoder | None = None) -> torch.Tensor:
         """Layers ``start..end-1`` of layout ``skv`` (default: the default path's; distillation runs both);
         ``fused`` (the engine's, for decode steps) runs them in one native call where it takes the step."""
-        skv = skv or self.active_config
+        skv = skv or self.layout()
         if fused is not None and (out := fused.run(h, cos, sin, meta, skv, start, end, swiftkv)) is not None:
             return out
         for i in range(start, end):
@@ -230,7 +225,7 @@ class SwiftKVCausalLM:
         ``logits_seq_ids`` lists the sequences whose last token needs logits; only those tokens
         are returned (and, in SwiftKV mode, only they run layers ``l..L-1``). ``None`` returns
         every token (full-sequence mode). ``fused``: the engine's fused decode (see :meth:`run_layers`).
-        ``swiftkv``: the SwiftKV path or the original model's (None: ``swiftkv_enabled``).
+        ``swiftkv``: the SwiftKV path or the original model's (None: :attr:`default_swiftkv`).
         """
         L = self.config.num_hidden_layers
         skv = self.layout(swiftkv)

@@ -1,6 +1,11 @@
-"""Load models (local HF directory, hub id; plain or for inference) and save SwiftKV checkpoints.
+"""Load models (a local Hugging Face directory or a hub id) and save SwiftKV checkpoints.
 
-Only this module and ``models/hf.py`` speak Hugging Face formats.
+``load_model`` builds the model on the meta device and fills it either for inference (the safetensors
+files memory-mapped, each weight held once in its stored form by ``prepare_for_inference``) or as plain
+``dtype`` parameters (training, references); which path a forward runs is the caller's argument. Saving
+writes sharded safetensors with an index, atomically (:mod:`swiftkv.models.shards`). Built-in names are
+resolved one floor up (:func:`swiftkv.builtin.resolve_model`). Only this module, ``models/hf.py``,
+``models/hf_config.py``, ``transform.py`` and ``builtin.py`` speak Hugging Face formats.
 """
 
 from __future__ import annotations
@@ -108,7 +113,7 @@ def load_state(model: LlamaForCausalLM, tensors: dict[str, torch.Tensor], source
             f"{source} is missing {len(other_missing)} tensor(s) the {model.config.model_type} config needs, "
             f"e.g. {other_missing[:3]}; is the checkpoint complete and does config.json match it?"
         )
-    if teacher_missing and not model.swiftkv_enabled:
+    if teacher_missing and model.swiftkv_config.is_baseline:
         raise ValueError(f"{source} is missing tensors {teacher_missing[:3]}...")
     modules = dict(model.named_modules())
     with torch.no_grad():
@@ -142,13 +147,12 @@ def load_model(
     name_or_path: str | os.PathLike,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
-    swiftkv: bool | None = None,
     for_inference: bool = False,
 ) -> tuple[LlamaForCausalLM, Path]:
     """Load a model directory (or hub id) for swiftkv's own runtime. Returns ``(model, directory)``.
     Built-in names: ``load_model(resolve_model(name))`` (:mod:`swiftkv.builtin`).
 
-    ``swiftkv``: ``None`` keeps the checkpoint's mode, ``False`` runs the original model.
+    Which path a forward runs (SwiftKV or the original model) is the caller's argument, not the model's.
     ``for_inference``: every weight held once in its stored form (the safetensors files memory-mapped,
     :meth:`~swiftkv.models.llama.SwiftKVCausalLM.prepare_for_inference`), computing in ``dtype``; the model
     is inference-only. Otherwise every parameter is a ``dtype`` copy (training, references).
@@ -169,8 +173,6 @@ def load_model(
         model.to(dt).eval().requires_grad_(False)
         if for_inference:
             model.prepare_for_inference(dt)
-    if swiftkv is not None:
-        model.set_swiftkv(swiftkv)
     return model, path
 
 

@@ -13,7 +13,6 @@ prompt logprobs while the skip is on (they would be wrong).
 
 from __future__ import annotations
 
-ARCHITECTURES = ("LlamaSwiftKVForCausalLM", "Qwen2SwiftKVForCausalLM")
 MODEL_CLASS = "swiftkv.vllm.model:SwiftKVForCausalLM"
 
 
@@ -25,15 +24,18 @@ def register() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    from swiftkv.models.hf import register as register_transformers_configs
-    from swiftkv.vllm.compat import TESTED_VLLM, refuse_prompt_logprobs_under_fast_prefill
-    from swiftkv.vllm.config import SwiftKVVllmConfig, is_swiftkv
+    from swiftkv.models.hf_config import register_configs
+    from swiftkv.vllm.compat import (
+        TESTED_VLLM,
+        refuse_prompt_logprobs_under_fast_prefill,
+    )
+    from swiftkv.vllm.config import ARCHITECTURES, SwiftKVVllmConfig, is_swiftkv
 
     version = getattr(vllm, "__version__", "?")
     if not version.startswith(TESTED_VLLM + "."):
         warnings.warn(f"swiftkv's vLLM plugin is tested with vLLM {TESTED_VLLM}.x; this is vLLM {version}: the "
                       "vLLM internals it uses (swiftkv/vllm/compat.py) may have changed", stacklevel=2)
-    register_transformers_configs()
+    register_configs()
     supported = set(ModelRegistry.get_supported_archs())
     for arch in ARCHITECTURES:
         if arch not in supported:

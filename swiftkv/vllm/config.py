@@ -7,13 +7,35 @@ import os
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
+from swiftkv.config import SwiftKVConfig
+from swiftkv.models.arch import adapter_rank_of, swiftkv_config_of
+
 logger = init_logger(__name__)
 FAST_PREFILL_ENV = "SWIFTKV_VLLM_FAST_PREFILL"
+ARCHITECTURES = ("LlamaSwiftKVForCausalLM", "Qwen2SwiftKVForCausalLM")
+
+
+def swiftkv_layout(config) -> SwiftKVConfig:
+    """The checkpoint's SwiftKV layout (read as the model definition reads it, :mod:`swiftkv.models.arch`);
+    ``ValueError`` (one line) for what the plugin cannot run."""
+    if not getattr(config, "swiftkv", False) or getattr(config, "num_key_value_layers", None) is None:
+        raise ValueError(f"{config.model_type} config has swiftkv={getattr(config, 'swiftkv', None)} and "
+                         f"num_key_value_layers={getattr(config, 'num_key_value_layers', None)}: not a SwiftKV "
+                         "checkpoint; serve the original model with its own architecture")
+    skv = swiftkv_config_of(config)
+    if skv.is_baseline:
+        raise ValueError(f"num_key_value_layers = num_hidden_layers = {skv.num_layers}: no SwiftKV layer; "
+                         "serve it as a plain Llama/Qwen2 checkpoint")
+    if adapter_rank_of(config):
+        raise ValueError(f"swiftkv_adapter_rank={config.swiftkv_adapter_rank}: the vLLM plugin runs rank-0 "
+                         "(published-format) checkpoints only; distill without --adapter-rank, or serve with "
+                         "`swiftkv serve`")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={config.hidden_act!r}: the vLLM plugin supports silu MLPs only")
+    return skv
 
 
 def is_swiftkv(vllm_config) -> bool:
-    from swiftkv.vllm import ARCHITECTURES
-
     model_config = getattr(vllm_config, "model_config", None)
     return model_config is not None and model_config.architecture in ARCHITECTURES
 
@@ -28,8 +50,6 @@ def fast_prefill_wanted() -> bool:
 class SwiftKVVllmConfig(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
-        from swiftkv.vllm.model import swiftkv_layout
-
         skv = swiftkv_layout(vllm_config.model_config.hf_config)  # ValueError: one clear line
         cache = vllm_config.cache_config
         if fast_prefill_wanted():

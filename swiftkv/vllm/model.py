@@ -30,36 +30,30 @@ from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    RowParallelLinear,
+)
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.layers.vocab_parallel_embedding import (
+    ParallelLMHead,
+    VocabParallelEmbedding,
+)
 from vllm.model_executor.models.llama import LlamaDecoderLayer
-from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, extract_layer_index, maybe_prefix
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    WeightsMapper,
+    extract_layer_index,
+    maybe_prefix,
+)
 from vllm.v1.attention.backends.utils import KVSharingFastPrefillMetadata
 
 from swiftkv.config import SwiftKVConfig
+from swiftkv.models.arch import head_dim_of
 from swiftkv.vllm.compat import attend_shared_kv, write_kv_cache
-
-
-def swiftkv_layout(config) -> SwiftKVConfig:
-    """The checkpoint's SwiftKV layout; ``ValueError`` (one line) for what the plugin cannot run."""
-    if not getattr(config, "swiftkv", False) or getattr(config, "num_key_value_layers", None) is None:
-        raise ValueError(f"{config.model_type} config has swiftkv={getattr(config, 'swiftkv', None)} and "
-                         f"num_key_value_layers={getattr(config, 'num_key_value_layers', None)}: not a SwiftKV "
-                         "checkpoint; serve the original model with its own architecture")
-    skv = SwiftKVConfig(config.num_hidden_layers, config.num_key_value_layers,
-                        getattr(config, "key_value_group_size", 1) or 1)
-    if skv.is_baseline:
-        raise ValueError(f"num_key_value_layers = num_hidden_layers = {skv.num_layers}: no SwiftKV layer; "
-                         "serve it as a plain Llama/Qwen2 checkpoint")
-    if getattr(config, "swiftkv_adapter_rank", 0):
-        raise ValueError(f"swiftkv_adapter_rank={config.swiftkv_adapter_rank}: the vLLM plugin runs rank-0 "
-                         "(published-format) checkpoints only; distill without --adapter-rank, or serve with "
-                         "`swiftkv serve`")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act={config.hidden_act!r}: the vLLM plugin supports silu MLPs only")
-    return skv
+from swiftkv.vllm.config import swiftkv_layout
 
 
 def _prepare_hf_config(config) -> None:
@@ -74,10 +68,6 @@ def _writer_prefix(model_prefix: str, skv: SwiftKVConfig, owner: int) -> str:
     return f"{model_prefix}.swiftkv_writers.{skv.num_layers + owner - skv.num_key_value_layers}"
 
 
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 class SwiftKVAttention(nn.Module):
     """Attention of a later layer: its own query, its AcrossKV group's K/V (read from the writer)."""
 
@@ -87,7 +77,7 @@ class SwiftKVAttention(nn.Module):
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
         layer, skv = extract_layer_index(prefix), swiftkv_layout(config)
-        self.head_dim = _head_dim(config)
+        self.head_dim = head_dim_of(config)
         self.num_heads = num_heads // tp
         self.q_proj_swiftkv = ColumnParallelLinear(hidden_size, num_heads * self.head_dim, bias=bias,
                                                    quant_config=quant_config, prefix=f"{prefix}.q_proj_swiftkv")
@@ -131,7 +121,7 @@ class SwiftKVWriter(nn.Module):
     def __init__(self, config, cache_config, quant_config, prefix: str, bias: bool) -> None:
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
-        self.head_dim = _head_dim(config)
+        self.head_dim = head_dim_of(config)
         self.kv_size = config.num_key_value_heads * self.head_dim // tp
         self.kv_proj_swiftkv = MergedColumnParallelLinear(
             config.hidden_size, [config.num_key_value_heads * self.head_dim] * 2, bias=bias,

