@@ -12,6 +12,10 @@ class SamplingParams:
     ``temperature == 0`` is greedy. ``seed`` makes sampling reproducible per request.
     ``logprobs = k`` returns the chosen token's logprob and the top-``k`` alternatives per step;
     ``prompt_logprobs = k`` returns them for prompt tokens (computed with the full-sequence path).
+    Penalties as vLLM applies them, to the logits before sampling: ``repetition_penalty`` (> 0, 1 = off)
+    divides the positive logits and multiplies the negative ones of every token seen in the prompt or the
+    output; ``frequency_penalty`` and ``presence_penalty`` (in [-2, 2], 0 = off) subtract ``f x count`` and
+    ``p x (count > 0)`` for the tokens generated so far.
     """
 
     n: int = 1
@@ -27,6 +31,9 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -43,8 +50,16 @@ class SamplingParams:
             (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
             (self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
              f"max_tokens must be a positive integer, got {self.max_tokens!r}"),
-            (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens),
-             f"min_tokens must be in [0, max_tokens], got {self.min_tokens!r}"),
+            (isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+             f"min_tokens must be a non-negative integer, got {self.min_tokens!r}"),
+            (not isinstance(self.min_tokens, int) or self.max_tokens is None or self.min_tokens <= self.max_tokens,
+             f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}"),
+            (_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}"),
+            (_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}"),
+            (_num(self.repetition_penalty) and 0 < self.repetition_penalty < float("inf"),
+             f"repetition_penalty must be greater than zero (1 = off), got {self.repetition_penalty!r}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be a non-empty string or a list of them"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers"),
             (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
@@ -59,6 +74,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
 def _num(x) -> bool:

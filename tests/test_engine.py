@@ -323,6 +323,35 @@ def test_min_tokens_masks_stop_tokens_before_it(base):
     assert first not in _run_to_end(engine)[rid].outputs[0].token_ids[:2]
 
 
+def _penalised_greedy(model, prompt, n, rep, freq, pres, swiftkv=None):
+    """Greedy decoding with the full-sequence model and the penalties applied the plain way: transformers'
+    repetition processor over prompt + output, then frequency and presence counted token by token."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    seq, out = list(prompt), []
+    for _ in range(n):
+        logits = full_logits(model, [seq], swiftkv=swiftkv)[0][-1:]  # [1, vocab]
+        logits = RepetitionPenaltyLogitsProcessor(rep)(torch.tensor([seq]), logits)[0]
+        for t in set(out):
+            logits[t] -= freq * out.count(t) + pres
+        out.append(int(logits.argmax()))
+        seq.append(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("rep,freq,pres", [(1.8, 0.0, 0.0), (1.0, 1.5, 0.0), (1.0, 0.0, 2.0), (1.3, -0.5, 0.7)])
+def test_penalties_in_the_engine_match_a_plain_reference(base, rep, freq, pres):
+    model = _model(base, 3, 1)
+    prompts = _prompts([5, 13])
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, repetition_penalty=rep,
+                            frequency_penalty=freq, presence_penalty=pres)
+    outs = _run(_engine(model, max_num_batched_tokens=8), prompts, params)  # chunked prefill, batched decode
+    for p, o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == _penalised_greedy(model, p, 10, rep, freq, pres)
+    plain = [o.outputs[0].token_ids for o in _run(_engine(model), prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))]
+    assert plain != [o.outputs[0].token_ids for o in outs]  # the penalties changed something
+
+
 def test_set_swiftkv_with_a_live_engine(base):
     from swiftkv.llm import LLM
 

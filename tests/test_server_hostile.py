@@ -41,6 +41,8 @@ def test_lone_surrogate_is_a_400_naming_the_field(server, route, body, param):
 @pytest.mark.parametrize("field,value", [
     ("temperature", b"1e400"), ("temperature", b"Infinity"), ("temperature", b"NaN"), ("temperature", b"2.5"),
     ("temperature", b"-0.1"), ("top_p", b"1.5"), ("top_p", b"-1"), ("seed", str(2**70).encode()), ("top_k", b"-5"),
+    ("frequency_penalty", b"2.5"), ("presence_penalty", b"-2.01"), ("repetition_penalty", b"0"),
+    ("repetition_penalty", b"-1"), ("min_tokens", b"-1"), ("min_tokens", b"17"),  # > max_tokens (16 by default)
 ])
 def test_out_of_range_sampling_is_a_400_naming_the_field(server, field, value):
     r = _post(server[0].url, "/v1/completions", b'{"model": "tiny", "prompt": "hi", "%s": %s}' % (field.encode(), value))
@@ -48,6 +50,21 @@ def test_out_of_range_sampling_is_a_400_naming_the_field(server, field, value):
     assert r.json()["error"]["param"] == field
     if field == "seed":
         assert "9223372036854775807" in r.json()["error"]["message"]
+
+
+def test_penalties_reach_the_engine_and_unknown_fields_are_ignored_with_a_warning(server, caplog):
+    from swiftkv.server.protocol import CompletionRequest
+
+    p = CompletionRequest(model=MODEL, prompt="x", frequency_penalty=1, presence_penalty=-0.5, repetition_penalty=1.2,
+                          min_tokens=2).sampling_params(default_max_tokens=16)
+    assert (p.frequency_penalty, p.presence_penalty, p.repetition_penalty, p.min_tokens) == (1, -0.5, 1.2, 2)
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    plain = _post(server[0].url, "/v1/completions", body).json()["choices"][0]["text"]
+    with caplog.at_level("WARNING", logger="swiftkv.server"):
+        r = _post(server[0].url, "/v1/completions", {**body, "repetition_penalty": 2.0, "frequency_penalty": 2,
+                                                     "not_a_field": 1, "guided_json": {}})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] != plain
+    assert "ignored (not known to this server): guided_json, not_a_field" in caplog.text
 
 
 def test_top_p_zero_means_the_most_likely_token(server):

@@ -15,7 +15,7 @@ from swiftkv.engine.scheduler import SchedulerOutput
 from swiftkv.engine.sequence import Sequence
 from swiftkv.layers.attention import AttentionMetadata
 from swiftkv.layers.fused_decode import FusedDecoder
-from swiftkv.layers.sampler import Sampler
+from swiftkv.layers.sampler import Sampler, apply_penalties
 from swiftkv.memory import no_huge_pages
 from swiftkv.models.arch import head_dim_of, kv_bytes_per_token
 from swiftkv.models.llama import LlamaForCausalLM
@@ -90,6 +90,10 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)
         seqs: list[Sequence] = [out.seqs[r] for r in rows]
         self._mask_stops_before_min_tokens(logits, seqs)
+        if any(s.params.has_penalties for s in seqs):
+            logits = logits.float()
+            apply_penalties(logits, [s.params for s in seqs], [s.prompt_token_ids for s in seqs],
+                            [s.output_token_ids for s in seqs])
         tokens, logprobs = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
         return list(zip(seqs, tokens, logprobs))
 

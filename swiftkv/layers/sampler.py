@@ -1,4 +1,4 @@
-"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds, logprobs."""
+"""Token sampling: penalties, greedy, temperature, top-k, top-p, per-request seeds, logprobs."""
 
 from __future__ import annotations
 
@@ -32,6 +32,24 @@ class Sampler:
                 alts = dict(zip(top.indices.tolist(), top.values.tolist())) if top is not None else {}
                 logprobs[r] = (float(lp[j, tokens[r]]), alts)
         return tokens, logprobs
+
+
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],
+                    outputs: list[list[int]]) -> None:
+    """Repetition, frequency and presence penalties, in place, on the rows whose params set one (vLLM's
+    formulas: repetition over prompt and output tokens, frequency and presence over output tokens)."""
+    vocab = logits.shape[-1]
+    for r, p in enumerate(params):
+        if not p.has_penalties:
+            continue
+        out = torch.tensor([t for t in outputs[r] if 0 <= t < vocab], dtype=torch.long, device=logits.device)
+        counts = torch.bincount(out, minlength=vocab).to(logits.dtype)  # [vocab] times generated
+        row = logits[r]
+        if p.repetition_penalty != 1:
+            seen = counts > 0
+            seen[[t for t in prompts[r] if 0 <= t < vocab]] = True
+            row = torch.where(seen, torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty), row)
+        logits[r] = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:

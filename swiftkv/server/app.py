@@ -175,8 +175,9 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_waiting: int
 def _params(req):
     try:
         return req.sampling_params(default_max_tokens=16 if isinstance(req, CompletionRequest) else 512)
-    except ValueError as e:
-        raise APIError(400, str(e)) from e
+    except ValueError as e:  # "min_tokens must be ...": the field the message starts with, where it is one
+        first = str(e).split(" ", 1)[0]
+        raise APIError(400, str(e), param=first if first in type(req).model_fields else None) from e
 
 
 async def _first(stream: AsyncIterator):

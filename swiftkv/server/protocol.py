@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from swiftkv.sampling_params import SamplingParams
+
+logger = logging.getLogger("swiftkv.server")
 
 
 class StreamOptions(BaseModel):
@@ -27,6 +30,10 @@ def check_text(value: Any) -> Any:
 
 
 class _Common(BaseModel):
+    """Fields common to completions and chat. A field this server does not know is ignored, with a warning in
+    the server's log naming it (vLLM's rule; OpenAI's own API refuses them): clients written for other
+    servers keep working. A known field it cannot honour is refused (400) with what to change."""
+
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
@@ -37,20 +44,29 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
+    frequency_penalty: float | None = Field(default=0.0, ge=-2, le=2, allow_inf_nan=False)
+    presence_penalty: float | None = Field(default=0.0, ge=-2, le=2, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM extensions
     top_k: int = Field(default=0, ge=-1)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    repetition_penalty: float | None = Field(default=1.0, gt=0, allow_inf_nan=False)
+    min_tokens: int = Field(default=0, ge=0)
 
     _check_stop = field_validator("stop")(check_text)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _log_unknown_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(str(k) for k in data if k not in cls.model_fields)
+            if unknown:
+                logger.warning("request fields ignored (not known to this server): %s", ", ".join(unknown[:20]))
+        return data
+
     def _sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        if self.frequency_penalty or self.presence_penalty:
-            raise ValueError("frequency_penalty and presence_penalty are not supported (use 0)")
         if self.logit_bias:
             raise ValueError("logit_bias is not supported")
         if max_tokens is not None and max_tokens < 1:
@@ -60,7 +76,9 @@ class _Common(BaseModel):
             n=self.n, temperature=self.temperature, top_p=1.0 if greedy_top_p else self.top_p,
             top_k=1 if greedy_top_p else self.top_k, seed=self.seed,
             max_tokens=max_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids or [],
-            ignore_eos=self.ignore_eos, logprobs=logprobs,
+            ignore_eos=self.ignore_eos, logprobs=logprobs, min_tokens=self.min_tokens,
+            frequency_penalty=self.frequency_penalty or 0.0, presence_penalty=self.presence_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
         )
 
 
