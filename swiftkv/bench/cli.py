@@ -1,5 +1,6 @@
 """``swiftkv bench``: offline (engine vs its baseline mode vs transformers and the installed peers), prefill
-(tokens/s at prompt lengths, load time, memory) and online (load against a running server) benchmarks."""
+(tokens/s at prompt lengths, load time, memory), online (load against a running server) and serving (our server
+and the peer servers, started by the benchmark, under one load) benchmarks."""
 
 from __future__ import annotations
 
@@ -8,21 +9,33 @@ from swiftkv.models.registry import DEFAULT_SWIFTKV_MODEL
 
 
 def cmd_bench(args) -> None:
-    if args.mode == "online":
+    if args.mode in ("online", "serving"):
+        from swiftkv.bench.online import SLO
+
+        slo = SLO(args.slo_ttft, args.slo_itl_p95)
+        workload = args.workload if args.workload in ("prompt-heavy", "chat", "shared-prefix") else "prompt-heavy"
+    if args.mode == "serving":
+        from swiftkv.bench.serving import run_serving_bench
+
+        run_serving_bench(args.model, args.servers, workload, args.rates or [], args.concurrencies or [],
+                          args.num_requests or 16, slo, args.out or "bench_results", args.dtype, args.seed,
+                          args.vllm_python, args.llama_server, (args.gguf or [None])[0], args.one_at_a_time)
+    elif args.mode == "online":
         import asyncio
         import json
 
         from swiftkv.bench.online import run_load
-        from swiftkv.bench.workloads import make_prompts
+        from swiftkv.bench.workloads import serving_requests
+        from swiftkv.fileio import atomic_write_json
 
-        prompts = make_prompts(args.num_requests or 64, args.prompt_tokens, args.seed)
-        report = asyncio.run(run_load(args.url, args.served_model_name, prompts, args.max_tokens or 64, args.concurrency,
-                                      args.rate, args.api_key, args.seed))
-        summary = report.summary()
+        requests = serving_requests(workload, args.num_requests or 16, args.seed)
+        rate = args.rates[0] if args.rates else None
+        report = asyncio.run(run_load(args.url, args.served_model_name, requests, None if rate else args.concurrency,
+                                      rate, args.api_key, args.seed))
+        summary = report.summary(slo)
         print(json.dumps(summary, indent=2))
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump(summary, f, indent=2)
+            atomic_write_json(args.out, summary, indent=2)
     elif args.workload == "prefill":
         from swiftkv.bench.prefill import run_prefill_bench
 
@@ -57,8 +70,9 @@ def add_parsers(sub) -> None:
                    default="prompt-heavy",
                    help="prefill: prefill/decode tokens/s at --lengths; shared-prefix: 32 requests sharing a "
                         "1,500-token prefix + 200 own tokens, prefix caching on in every system that has it")
-    p.add_argument("--mode", choices=["offline", "online"], default="offline",
-                   help="online: Poisson or closed-loop load against a running `swiftkv serve` (--url)")
+    p.add_argument("--mode", choices=["offline", "online", "serving"], default="offline",
+                   help="online: load against a running OpenAI-compatible server (--url); serving: starts swiftkv "
+                        "serve and the peer servers (--servers) and sweeps --rates / --concurrencies")
     p.add_argument("--num-requests", type=int, default=None)
     p.add_argument("--prompt-range", type=int, nargs=2, default=None, metavar=("MIN", "MAX"), help="prompt tokens")
     p.add_argument("--max-tokens", type=int, default=None, help="output tokens per request")
@@ -67,7 +81,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--kv-budget-gb", type=float, default=1.0, help="KV budget for the max-concurrent-seqs metric")
     p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
-    p.add_argument("--out", default=None, help="output directory (offline) or JSON file (prefill, online)")
+    p.add_argument("--out", default=None, help="output directory (offline, serving) or JSON file (prefill, online)")
     p.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("peers (optional, each in its own venv: scripts/install_peers.sh)")
     g.add_argument("--peers", nargs="+", choices=["vllm", "vllm-swiftkv", "llama.cpp", "none"],
@@ -84,11 +98,19 @@ def add_parsers(sub) -> None:
     g.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
     g.add_argument("--decode-tokens", type=int, default=64)
     g.add_argument("--decode-batch", type=int, default=32, help="batch of the aggregate decode figure (0: none)")
-    g = p.add_argument_group("online mode (against `swiftkv serve`)")
-    g.add_argument("--url", default="http://127.0.0.1:8000")
-    g.add_argument("--served-model-name", default=DEFAULT_SWIFTKV_MODEL)
+    g = p.add_argument_group("online and serving modes (workloads: prompt-heavy, shared-prefix, chat)")
+    g.add_argument("--servers", nargs="+", default=["swiftkv", "swiftkv-baseline", "vllm", "vllm-swiftkv", "llama-server"],
+                   help="serving: servers to start (those not installed are skipped and named in the report)")
+    g.add_argument("--rates", type=float, nargs="+", default=None,
+                   help="Poisson request rates (req/s), open loop; online mode: the first one")
+    g.add_argument("--concurrencies", type=int, nargs="+", default=None, help="serving: closed-loop concurrency levels")
+    g.add_argument("--concurrency", type=int, default=4, help="online: requests in flight (without --rates)")
+    g.add_argument("--slo-ttft", type=float, default=5.0, help="goodput SLO: time to first token (s)")
+    g.add_argument("--slo-itl-p95", type=float, default=0.2, help="goodput SLO: a request's ITL p95 (s)")
+    g.add_argument("--one-at-a-time", action="store_true",
+                   help="serving: one server up at a time (large models), not interleaved")
+    g.add_argument("--llama-server", default=None, help="llama-server binary (or $SWIFTKV_LLAMA_SERVER)")
+    g.add_argument("--url", default="http://127.0.0.1:8000", help="online: the server")
+    g.add_argument("--served-model-name", default=DEFAULT_SWIFTKV_MODEL, help="online: the model name it serves")
     g.add_argument("--api-key", default=None)
-    g.add_argument("--prompt-tokens", type=int, default=1024, help="approximate prompt length")
-    g.add_argument("--concurrency", type=int, default=8)
-    g.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second instead of a closed loop")
     p.set_defaults(func=cmd_bench)

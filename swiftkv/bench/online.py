@@ -1,117 +1,176 @@
-"""Online load against an OpenAI-compatible server: streaming requests at a fixed concurrency or
-Poisson arrival rate; client-side TTFT / TPOT percentiles, throughput and error counts."""
+"""The load generator for OpenAI-compatible servers (ours, ``vllm serve``, ``llama-server``): streamed requests
+sent open-loop (Poisson arrivals at a rate) or closed-loop (a fixed number in flight); every request's timeline
+kept on the client's clock (sent, each streamed token, done), and from the timelines what vLLM's serving
+benchmark reports: throughput, TTFT, inter-token latency (ITL) and end-to-end p50 / p95 / p99, and goodput
+under an SLO."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import random
-import statistics
 import time
 from dataclasses import dataclass, field
 
 import httpx
+import numpy as np
 
 
 @dataclass
-class RequestResult:
-    ok: bool
-    status: int = 0
-    ttft: float | None = None
-    tpot: float | None = None  # mean seconds per output token after the first
-    output_tokens: int = 0
+class RequestTrace:
+    """One request as the client saw it: the times it was sent, each streamed token arrived, and it ended."""
+
+    sent: float
+    token_times: list[float] = field(default_factory=list)
+    end: float = 0.0
     prompt_tokens: int = 0
-    latency: float = 0.0
+    output_tokens: int = 0  # the server's usage count, else the streamed chunks with text
+    ok: bool = True
+    status: int = 200
     error: str = ""
+
+    @property
+    def ttft(self) -> float | None:
+        return self.token_times[0] - self.sent if self.token_times else None
+
+    @property
+    def itls(self) -> list[float]:
+        """Seconds between consecutive streamed tokens."""
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+    @property
+    def e2e(self) -> float:
+        return self.end - self.sent
+
+
+@dataclass(frozen=True)
+class SLO:
+    """What a request must meet to count as good: its TTFT, and the 95th percentile of its ITLs."""
+
+    ttft_s: float = 5.0
+    itl_p95_s: float = 0.2
+
+    def met(self, t: RequestTrace) -> bool:
+        return (t.ok and t.ttft is not None and t.ttft <= self.ttft_s
+                and (not t.itls or float(np.percentile(t.itls, 95)) <= self.itl_p95_s))
+
+
+def _stats(xs: list[float], prefix: str) -> dict[str, float | None]:
+    """``{prefix_mean, prefix_p50, prefix_p95, prefix_p99}`` (numpy's linear percentiles, as vLLM's benchmark)."""
+    if not xs:
+        return {f"{prefix}_{k}": None for k in ("mean", "p50", "p95", "p99")}
+    a = np.asarray(xs, dtype=float)
+    return {f"{prefix}_mean": float(a.mean()), **{f"{prefix}_p{q}": float(np.percentile(a, q)) for q in (50, 95, 99)}}
 
 
 @dataclass
 class LoadReport:
-    results: list[RequestResult] = field(default_factory=list)
+    traces: list[RequestTrace] = field(default_factory=list)
     wall_s: float = 0.0
 
-    def summary(self) -> dict:
-        ok = [r for r in self.results if r.ok]
-
-        def pct(xs: list[float], q: float) -> float | None:
-            if not xs:
-                return None
-            xs = sorted(xs)
-            return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
-
-        ttft = [r.ttft for r in ok if r.ttft is not None]
-        tpot = [r.tpot for r in ok if r.tpot is not None]
-        out_tokens = sum(r.output_tokens for r in ok)
+    def summary(self, slo: SLO | None = None) -> dict:
+        """Throughput, goodput and latency percentiles of the run (seconds; ITL pooled over all requests)."""
+        slo = slo or SLO()
+        ok = [t for t in self.traces if t.ok]
+        wall = self.wall_s or float("nan")
+        out_tokens = sum(t.output_tokens for t in ok)
+        good = sum(slo.met(t) for t in self.traces)
         return {
-            "requests": len(self.results), "ok": len(ok), "errors": len(self.results) - len(ok),
-            "error_statuses": sorted({r.status for r in self.results if not r.ok}),
-            "wall_s": round(self.wall_s, 2),
-            "requests_per_s": round(len(ok) / self.wall_s, 3) if self.wall_s else None,
-            "output_tokens_per_s": round(out_tokens / self.wall_s, 1) if self.wall_s else None,
-            "total_tokens_per_s": round((out_tokens + sum(r.prompt_tokens for r in ok)) / self.wall_s, 1) if self.wall_s else None,
-            "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
-            "tpot_p50_s": pct(tpot, 50), "tpot_p99_s": pct(tpot, 99),
-            "mean_latency_s": statistics.fmean(r.latency for r in ok) if ok else None,
+            "requests": len(self.traces), "ok": len(ok), "errors": len(self.traces) - len(ok),
+            "error_statuses": sorted({t.status for t in self.traces if not t.ok}),
+            "wall_s": round(self.wall_s, 3),
+            "request_throughput": len(ok) / wall, "output_token_throughput": out_tokens / wall,
+            "total_token_throughput": (out_tokens + sum(t.prompt_tokens for t in ok)) / wall,
+            "goodput": good / wall, "slo_attainment": good / len(self.traces) if self.traces else None,
+            "slo": {"ttft_s": slo.ttft_s, "itl_p95_s": slo.itl_p95_s},
+            **_stats([t.ttft for t in ok if t.ttft is not None], "ttft"),
+            **_stats([x for t in ok for x in t.itls], "itl"),
+            **_stats([t.e2e for t in ok], "e2e"),
         }
 
 
-async def _one(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -> RequestResult:
-    t0 = time.perf_counter()
-    first = last = None
-    n = 0
-    usage = {}
+def poisson_arrivals(n: int, rate: float, seed: int = 0) -> list[float]:
+    """Send times (seconds from the start) of ``n`` requests arriving as a Poisson process of ``rate`` per second."""
+    if rate <= 0:
+        raise ValueError(f"request rate must be > 0, got {rate}")
+    rng, t, out = random.Random(seed), 0.0, []
+    for _ in range(n):
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
+
+
+def _text_of(chunk: dict) -> str:
+    choice = (chunk.get("choices") or [{}])[0]
+    return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+
+
+async def _one(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -> RequestTrace:
+    trace = RequestTrace(sent=time.perf_counter())
+    usage: dict = {}
     try:
         async with client.stream("POST", url, json=body, headers=headers) as r:
             if r.status_code != 200:
-                return RequestResult(False, r.status_code, error=(await r.aread()).decode(errors="replace")[:200])
-            async for line in r.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    return RequestResult(False, 200, error=chunk["error"]["message"])
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-                if chunk.get("choices"):
-                    now = time.perf_counter()
-                    first = first or now
-                    last = now
-                    n += 1
+                trace.ok, trace.status = False, r.status_code
+                trace.error = (await r.aread()).decode(errors="replace")[:300]
+            else:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data:") or line[5:].strip() in ("", "[DONE]"):
+                        continue
+                    chunk = json.loads(line[5:])
+                    if "error" in chunk:
+                        trace.ok, trace.error = False, str(chunk["error"])[:300]
+                        break
+                    usage = chunk.get("usage") or usage
+                    if _text_of(chunk):
+                        trace.token_times.append(time.perf_counter())
     except httpx.HTTPError as e:
-        return RequestResult(False, 0, error=repr(e))
-    end = time.perf_counter()
-    tokens = usage.get("completion_tokens", n)
-    tpot = (last - first) / (tokens - 1) if first and last and tokens > 1 else None
-    return RequestResult(True, 200, None if first is None else first - t0, tpot, tokens,
-                         usage.get("prompt_tokens", 0), end - t0)
+        trace.ok, trace.status, trace.error = False, 0, repr(e)[:300]
+    trace.end = time.perf_counter()
+    trace.prompt_tokens = usage.get("prompt_tokens", 0)
+    trace.output_tokens = usage.get("completion_tokens", len(trace.token_times))
+    if trace.ok and not trace.token_times:
+        trace.ok, trace.error = False, "no token streamed"
+    return trace
 
 
-async def run_load(base_url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int = 8,
-                   rate: float | None = None, api_key: str | None = None, seed: int = 0,
-                   chat: bool = False) -> LoadReport:
-    """Send every prompt once. ``rate`` (req/s, Poisson) or else a closed loop of ``concurrency``."""
-    url = base_url.rstrip("/") + ("/v1/chat/completions" if chat else "/v1/completions")
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    rng = random.Random(seed)
-    report = LoadReport()
-    sem = asyncio.Semaphore(concurrency if rate is None else 10_000)
+@dataclass
+class Request:
+    """One request of a workload: a prompt (text, or chat messages) and its output length."""
 
-    def body(p: str) -> dict:
-        b = {"model": model, "max_tokens": max_tokens, "stream": True, "temperature": 0, "ignore_eos": True,
+    prompt: str | list[dict]
+    max_tokens: int
+
+    def body(self, model: str) -> dict:
+        b = {"model": model, "max_tokens": self.max_tokens, "stream": True, "temperature": 0, "ignore_eos": True,
              "stream_options": {"include_usage": True}}
-        return {**b, "messages": [{"role": "user", "content": p}]} if chat else {**b, "prompt": p}
+        return {**b, "messages": self.prompt} if isinstance(self.prompt, list) else {**b, "prompt": self.prompt}
 
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=1000)) as client:
-        async def task(p: str) -> None:
-            async with sem:
-                report.results.append(await _one(client, url, body(p), headers))
 
+async def run_load(base_url: str, model: str, requests: list[Request], concurrency: int | None = None,
+                   rate: float | None = None, api_key: str | None = None, seed: int = 0,
+                   timeout: float = 1800.0) -> LoadReport:
+    """Send every request once: at Poisson arrival times of ``rate`` per second (open loop: nothing waits for
+    the server), or with ``concurrency`` in flight (closed loop). Chat requests go to ``/v1/chat/completions``."""
+    if (rate is None) == (concurrency is None):
+        raise ValueError("give a request rate (open loop) or a concurrency (closed loop), one of them")
+    if concurrency is not None and concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    root = base_url.rstrip("/")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    report = LoadReport()
+    arrivals = poisson_arrivals(len(requests), rate, seed) if rate is not None else None
+    sem = asyncio.Semaphore(concurrency or len(requests) or 1)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=httpx.Limits(max_connections=1000)) as client:
         t0 = time.perf_counter()
-        tasks = []
-        for p in prompts:
-            tasks.append(asyncio.create_task(task(p)))
-            if rate is not None:
-                await asyncio.sleep(rng.expovariate(rate))
-        await asyncio.gather(*tasks)
+
+        async def task(i: int, req: Request) -> None:
+            if arrivals is not None:
+                await asyncio.sleep(max(0.0, t0 + arrivals[i] - time.perf_counter()))
+            async with sem:
+                route = "/v1/chat/completions" if isinstance(req.prompt, list) else "/v1/completions"
+                report.traces.append(await _one(client, root + route, req.body(model), headers))
+
+        await asyncio.gather(*(task(i, r) for i, r in enumerate(requests)))
         report.wall_s = time.perf_counter() - t0
     return report

@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from swiftkv.bench.online import Request
+
 WORKLOADS = {  # (num requests, prompt tokens range, output tokens)
     "prompt-heavy": (16, (1024, 2048), 32),
     "chat": (16, (64, 256), 128),
@@ -68,3 +70,28 @@ def make_prompts(n: int, approx_tokens: int, seed: int = 0) -> list[str]:
         body = " ".join(rng.choice(_WORDS) for _ in range(max(1, approx_tokens - 12)))
         prompts.append(f"Document {i}: {body}\nQuestion: summarise the document in one sentence.\nAnswer:")
     return prompts
+
+
+SERVING_WORKLOADS = {  # (prompt tokens range, output tokens range, endpoint)
+    "prompt-heavy": ((1000, 2000), (32, 128), "completions"),  # RAG / summarisation
+    "shared-prefix": ((200, 200), (32, 32), "completions"),  # + a 1,500-token system prompt shared by all
+    "chat": ((64, 256), (128, 128), "chat"),
+}
+
+
+def serving_requests(workload: str, n: int, seed: int = 0) -> list[Request]:
+    """``n`` text requests of a serving workload (servers tokenize them; ~1 token per word), seeded: the same
+    seed gives every server the same requests, another seed new ones (no server's prefix cache gets ahead)."""
+    if workload not in SERVING_WORKLOADS:
+        raise ValueError(f"unknown serving workload {workload!r}; one of {', '.join(SERVING_WORKLOADS)}")
+    (lo, hi), (out_lo, out_hi), endpoint = SERVING_WORKLOADS[workload]
+    rng = random.Random(seed)
+    shared = make_prompts(1, SHARED_PREFIX_TOKENS, seed=10_000)[0].rsplit("\n", 2)[0] + "\n"  # one per workload
+    reqs = []
+    for i in range(n):
+        text = make_prompts(1, rng.randint(lo, hi), seed=rng.randrange(1 << 30))[0].replace("Document 0", f"Document {i}")
+        if workload == "shared-prefix":
+            text = shared + text
+        prompt = [{"role": "user", "content": text}] if endpoint == "chat" else text
+        reqs.append(Request(prompt, rng.randint(out_lo, out_hi)))
+    return reqs
