@@ -175,3 +175,20 @@ def test_build_servers_says_what_cannot_run(tmp_path, monkeypatch):
     assert "llama-server not found" in skipped["llama-server"]
     with pytest.raises(ValueError, match="unknown server"):
         build_servers(["tgi"], tmp_path, "float32", 2)
+
+
+@pytest.mark.parametrize("chunk,is_token", [
+    ({"choices": [{"text": " the", "finish_reason": None}]}, True),
+    ({"choices": [{"text": "", "finish_reason": None}]}, True),  # a special / partial-character token
+    ({"choices": [{"text": "", "finish_reason": "stop"}]}, False),  # llama-server's closing chunk
+    ({"choices": [{"text": " end", "finish_reason": "length"}]}, True),
+    ({"choices": [{"delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}, False),  # announcement
+    ({"choices": [{"delta": {"content": "Hi"}, "finish_reason": None}]}, True),
+    ({"choices": [{"delta": {"content": ""}, "finish_reason": None}]}, True),
+    ({"choices": [{"delta": {}, "finish_reason": "stop"}]}, False),
+    ({"choices": [], "usage": {"completion_tokens": 3}}, False),
+])
+def test_which_streamed_chunks_are_tokens(chunk, is_token):
+    from swiftkv.bench.online import _is_token
+
+    assert _is_token(chunk) == is_token

@@ -78,6 +78,7 @@ class LoadReport:
         return {
             "requests": len(self.traces), "ok": len(ok), "errors": len(self.traces) - len(ok),
             "error_statuses": sorted({t.status for t in self.traces if not t.ok}),
+            "error_messages": sorted({t.error for t in self.traces if not t.ok})[:3],
             "wall_s": round(self.wall_s, 3),
             "request_throughput": len(ok) / wall, "output_token_throughput": out_tokens / wall,
             "total_token_throughput": (out_tokens + sum(t.prompt_tokens for t in ok)) / wall,
@@ -100,9 +101,20 @@ def poisson_arrivals(n: int, rate: float, seed: int = 0) -> list[float]:
     return out
 
 
-def _text_of(chunk: dict) -> str:
-    choice = (chunk.get("choices") or [{}])[0]
-    return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+def _is_token(chunk: dict) -> bool:
+    """Whether a streamed chunk carries a generated token: text (completions) or content (chat), also an
+    empty one mid-stream (a special or partial-character token); not a chat role announcement, and not an
+    empty closing chunk that only carries the finish reason (llama-server sends one)."""
+    choices = chunk.get("choices") or []
+    if not choices:
+        return False
+    choice = choices[0]
+    if "delta" in choice:
+        delta = choice["delta"] or {}
+        text, announce = delta.get("content"), "role" in delta
+        return bool(text) or (text == "" and not announce and choice.get("finish_reason") is None)
+    text = choice.get("text")
+    return text is not None and (text != "" or choice.get("finish_reason") is None)
 
 
 async def _one(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -> RequestTrace:
@@ -122,7 +134,8 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -
                         trace.ok, trace.error = False, str(chunk["error"])[:300]
                         break
                     usage = chunk.get("usage") or usage
-                    if _text_of(chunk):
+                    closing = bool(chunk.get("choices")) and chunk["choices"][0].get("finish_reason") is not None
+                    if _is_token(chunk) or (closing and not trace.token_times):  # one empty token, then the end
                         trace.token_times.append(time.perf_counter())
     except httpx.HTTPError as e:
         trace.ok, trace.status, trace.error = False, 0, repr(e)[:300]

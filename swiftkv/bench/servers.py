@@ -98,7 +98,8 @@ class Server:
 def _version(argv: list[str]) -> str:
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-        return (out.stdout.strip() or out.stderr.strip()).splitlines()[-1][:120]
+        lines = (out.stdout.strip() or out.stderr.strip()).splitlines()
+        return next((ln for ln in lines if "version" in ln.lower()), lines[-1])[:120]
     except (OSError, subprocess.TimeoutExpired, IndexError):
         return "?"
 

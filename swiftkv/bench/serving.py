@@ -8,7 +8,9 @@ and point (JSON, a text table, latency-against-load plots)."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from swiftkv.bench.env import environment, warn_if_busy
@@ -16,6 +18,7 @@ from swiftkv.bench.online import SLO, Request, run_load
 from swiftkv.bench.servers import SERVED_NAME, Server, build_servers
 from swiftkv.bench.workloads import serving_requests
 from swiftkv.fileio import atomic_write, atomic_write_json
+from swiftkv.memory import available_bytes
 
 POINT_METRICS = [  # (key, header, scale, format)
     ("request_throughput", "req/s", 1, "{:.3f}"), ("output_token_throughput", "out tok/s", 1, "{:.1f}"),
@@ -55,10 +58,11 @@ def run_serving_bench(model: str | None, kinds: list[str], workload: str, rates:
     import torch
 
     from swiftkv.builtin import resolve_model
+    from swiftkv.models.registry import DEFAULT_SWIFTKV_MODEL
     from swiftkv.platforms import dtype_name, resolve_dtype
 
     points = load_points(rates, concurrencies)
-    model_dir = resolve_model(model)
+    model_dir = resolve_model(model or DEFAULT_SWIFTKV_MODEL)
     dtype = dtype_name(resolve_dtype(dtype))
     threads = torch.get_num_threads()
     out = Path(out)
@@ -70,6 +74,8 @@ def run_serving_bench(model: str | None, kinds: list[str], workload: str, rates:
               "interleaved": not one_at_a_time, "servers": {}, "points": [point_name(k, x) for k, x in points]}
     warn_if_busy(result["env"])
     groups = [servers] if not one_at_a_time else [[s] for s in servers]
+    if threading.current_thread() is threading.main_thread():  # a SIGTERM stops the servers too (via finally)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         for group in groups:
             up = _start(group, out, skipped)
@@ -81,11 +87,13 @@ def run_serving_bench(model: str | None, kinds: list[str], workload: str, rates:
                     print(f"bench: {s.name} at {point_name(kind, x)}: {len(requests)} {workload} requests",
                           file=sys.stderr, flush=True)
                     summary = _run_point(s, requests, kind, x, seed + i, slo)
+                    summary["server_memory"] = s.memory()  # resident KV cache grows as blocks are used
+                    summary["available_memory"] = available_bytes()  # a run under memory pressure is not speed
                     result["servers"][s.name]["points"][point_name(kind, x)] = summary
+                    atomic_write_json(out / "serving.json", result, indent=2)  # as it goes
             for s in up:
                 result["servers"][s.name]["memory_after"] = s.memory()
                 s.stop()
-            atomic_write_json(out / "serving.json", result, indent=2)  # as it goes: a failure keeps what was measured
     finally:
         for s in servers:
             s.stop()
@@ -165,6 +173,7 @@ def plot_serving(result: dict, path: Path) -> None:
                 if key == "ttft":
                     ax.plot(xs, [m.get("ttft_p50") for m in ms], "o-", color=color, label=name)
                     ax.plot(xs, [m.get("ttft_p95") for m in ms], "o--", color=color, alpha=0.6)
+                    ax.set_yscale("log")  # a server far behind must not flatten the others
                 else:
                     scale = 1000 if key == "itl_p95" else 1
                     ax.plot(xs, [None if m.get(key) is None else m[key] * scale for m in ms], "o-", color=color,
