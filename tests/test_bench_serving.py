@@ -192,3 +192,14 @@ def test_which_streamed_chunks_are_tokens(chunk, is_token):
     from swiftkv.bench.online import _is_token
 
     assert _is_token(chunk) == is_token
+
+
+def test_online_mode_from_the_command_line(server, tmp_path, capsys):
+    from swiftkv.cli import main
+
+    out = tmp_path / "online.json"
+    assert main(["bench", "--mode", "online", "--url", server[0].url, "--served-model-name", "tiny", "--workload",
+                 "chat", "--num-requests", "2", "--concurrency", "2", "--out", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["ok"] == 2 and summary["errors"] == 0 and summary["ttft_p50"] > 0
+    assert json.loads(capsys.readouterr().out)["requests"] == 2
