@@ -91,7 +91,7 @@ class _StubServer:
 def stub():
     s = _StubServer(first_s=0.3, every_s=0.05)
     yield s
-    s.server.server.should_exit = True
+    s.server.stop()
 
 
 def test_closed_loop_keeps_the_concurrency_and_measures_the_schedule(stub):

@@ -11,9 +11,12 @@ from swiftkv.models.registry import DEFAULT_SWIFTKV_MODEL
 def cmd_bench(args) -> None:
     if args.mode in ("online", "serving"):
         from swiftkv.bench.online import SLO
+        from swiftkv.bench.workloads import SERVING_WORKLOADS
 
-        slo = SLO(args.slo_ttft, args.slo_itl_p95)
-        workload = args.workload if args.workload in ("prompt-heavy", "chat", "shared-prefix") else "prompt-heavy"
+        if args.workload not in SERVING_WORKLOADS:
+            raise ValueError(f"--workload {args.workload} is offline only; --mode {args.mode} runs "
+                             f"{', '.join(SERVING_WORKLOADS)}")
+        slo, workload = SLO(args.slo_ttft, args.slo_itl_p95), args.workload
     if args.mode == "serving":
         from swiftkv.bench.serving import run_serving_bench
 

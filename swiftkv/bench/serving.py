@@ -92,7 +92,6 @@ def run_serving_bench(model: str | None, kinds: list[str], workload: str, rates:
                     result["servers"][s.name]["points"][point_name(kind, x)] = summary
                     atomic_write_json(out / "serving.json", result, indent=2)  # as it goes
             for s in up:
-                result["servers"][s.name]["memory_after"] = s.memory()
                 s.stop()
     finally:
         for s in servers:
@@ -117,7 +116,7 @@ def _start(group: list[Server], out: Path, skipped: dict[str, str]) -> list[Serv
         try:
             s.wait_ready()
             warm = asyncio.run(run_load(s.url, SERVED_NAME, [Request("Hello, how are you today?", 4)], concurrency=1))
-            if warm.traces[0].ok is False:
+            if not warm.traces[0].ok:
                 raise RuntimeError(f"warm-up request failed: {warm.traces[0].error}")
         except RuntimeError as e:
             print(f"bench: {s.name} failed: {e}", file=sys.stderr)

@@ -1,5 +1,5 @@
 """Every prompt the benchmarks send: named offline workloads of random token prompts (seeded),
-the prefill/decode bench's prompts, and English-like text prompts for the online load test."""
+the prefill/decode bench's prompts, and English-like text requests for the serving benchmarks."""
 
 from __future__ import annotations
 
@@ -62,14 +62,9 @@ _WORDS = ("the report notes that revenue grew in the third quarter while costs f
           "across regions products and channels according to the summary below").split()
 
 
-def make_prompts(n: int, approx_tokens: int, seed: int = 0) -> list[str]:
-    """``n`` distinct text prompts of about ``approx_tokens`` tokens (~1 token per word), ending in a question."""
-    rng = random.Random(seed)
-    prompts = []
-    for i in range(n):
-        body = " ".join(rng.choice(_WORDS) for _ in range(max(1, approx_tokens - 12)))
-        prompts.append(f"Document {i}: {body}\nQuestion: summarise the document in one sentence.\nAnswer:")
-    return prompts
+def _words(rng: random.Random, n: int) -> str:
+    """``n`` words of English-like text (~1 token per word)."""
+    return " ".join(rng.choice(_WORDS) for _ in range(max(1, n)))
 
 
 SERVING_WORKLOADS = {  # (prompt tokens range, output tokens range, endpoint)
@@ -86,12 +81,12 @@ def serving_requests(workload: str, n: int, seed: int = 0) -> list[Request]:
         raise ValueError(f"unknown serving workload {workload!r}; one of {', '.join(SERVING_WORKLOADS)}")
     (lo, hi), (out_lo, out_hi), endpoint = SERVING_WORKLOADS[workload]
     rng = random.Random(seed)
-    shared = make_prompts(1, SHARED_PREFIX_TOKENS, seed=10_000)[0].rsplit("\n", 2)[0] + "\n"  # one per workload
+    shared = f"Reference: {_words(random.Random(10_000), SHARED_PREFIX_TOKENS)}\n" if workload == "shared-prefix" else ""
     reqs = []
     for i in range(n):
-        text = make_prompts(1, rng.randint(lo, hi), seed=rng.randrange(1 << 30))[0].replace("Document 0", f"Document {i}")
-        if workload == "shared-prefix":
-            text = shared + text
+        length = rng.randint(lo, hi) - 12  # the question and labels: ~12 tokens
+        text = (f"{shared}Document {i}: {_words(random.Random(rng.randrange(1 << 30)), length)}\n"
+                "Question: summarise the document in one sentence.\nAnswer:")
         prompt = [{"role": "user", "content": text}] if endpoint == "chat" else text
         reqs.append(Request(prompt, rng.randint(out_lo, out_hi)))
     return reqs

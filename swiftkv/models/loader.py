@@ -65,8 +65,9 @@ def load_config(path: str | os.PathLike):
     """The transformers config of a model directory (SwiftKV types registered)."""
     from transformers import AutoConfig
 
-    import swiftkv.models.hf  # noqa: F401  (registers llama_swiftkv / qwen2_swiftkv)
+    from swiftkv.models.hf_config import register_configs
 
+    register_configs()  # llama_swiftkv / qwen2_swiftkv
     _check_config_json(Path(path) / "config.json")
     try:
         config = AutoConfig.from_pretrained(str(path))
