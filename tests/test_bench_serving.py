@@ -203,3 +203,21 @@ def test_online_mode_from_the_command_line(server, tmp_path, capsys):
     summary = json.loads(out.read_text())
     assert summary["ok"] == 2 and summary["errors"] == 0 and summary["ttft_p50"] > 0
     assert json.loads(capsys.readouterr().out)["requests"] == 2
+
+
+def test_sessions_keep_servers_apart_and_rotate():
+    """Who is up when: by default one server at a time, started afresh per point, a different one first at
+    each point; every (server, point) pair runs exactly once in every isolation."""
+    from swiftkv.bench.serving import sessions
+
+    a, b, c = "a", "b", "c"  # sessions() only orders what it is given
+    plan = sessions([a, b, c], 2)
+    assert plan == [([a], [0]), ([b], [0]), ([c], [0]), ([b], [1]), ([c], [1]), ([a], [1])]
+    assert sessions([a, b], 3, "server") == [([a], [0, 1, 2]), ([b], [0, 1, 2])]
+    assert sessions([a, b], 2, "none") == [([a, b], [0, 1])]
+    for isolation in ("point", "server", "none"):
+        runs = [(s, i) for group, idx in sessions([a, b, c], 3, isolation) for s in group for i in idx]
+        assert sorted(runs) == sorted((s, i) for s in (a, b, c) for i in range(3))
+    assert sessions([], 2) == [] and sessions([], 2, "none") == []
+    with pytest.raises(ValueError, match="unknown isolation"):
+        sessions([a], 1, "all")

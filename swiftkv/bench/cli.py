@@ -22,7 +22,7 @@ def cmd_bench(args) -> None:
 
         run_serving_bench(args.model, args.servers, workload, args.rates or [], args.concurrencies or [],
                           args.num_requests or 16, slo, args.out or "bench_results", args.dtype, args.seed,
-                          args.vllm_python, args.llama_server, (args.gguf or [None])[0], args.one_at_a_time)
+                          args.vllm_python, args.llama_server, (args.gguf or [None])[0], args.isolation)
     elif args.mode == "online":
         import asyncio
         import json
@@ -110,8 +110,12 @@ def add_parsers(sub) -> None:
     g.add_argument("--concurrency", type=int, default=4, help="online: requests in flight (without --rates)")
     g.add_argument("--slo-ttft", type=float, default=5.0, help="goodput SLO: time to first token (s)")
     g.add_argument("--slo-itl-p95", type=float, default=0.2, help="goodput SLO: a request's ITL p95 (s)")
-    g.add_argument("--one-at-a-time", action="store_true",
-                   help="serving: one server up at a time (large models), not interleaved")
+    g.add_argument("--isolation", choices=["point", "server", "none"], default="point",
+                   help="serving: point (default): one server up at a time, restarted for every load point, the "
+                        "order rotating (an idle server slows a busy one on a small machine); server: one up at a "
+                        "time for all its points (large models); none: all up together, interleaved")
+    g.add_argument("--one-at-a-time", dest="isolation", action="store_const", const="server",
+                   help="serving: the same as --isolation server")
     g.add_argument("--llama-server", default=None, help="llama-server binary (or $SWIFTKV_LLAMA_SERVER)")
     g.add_argument("--url", default="http://127.0.0.1:8000", help="online: the server")
     g.add_argument("--served-model-name", default=DEFAULT_SWIFTKV_MODEL, help="online: the model name it serves")

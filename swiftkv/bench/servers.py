@@ -50,7 +50,9 @@ class Server:
     def start(self, log_dir: Path) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"server-{self.name}.log"
-        with open(self.log_path, "w") as log:  # the child keeps its own descriptor
+        with open(self.log_path, "a") as log:  # the child keeps its own descriptor; restarts append
+            log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(self.argv)}\n")
+            log.flush()
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                          start_new_session=True)
         self._started = time.perf_counter()

@@ -48,13 +48,44 @@ def _run_point(server: Server, requests: list[Request], kind: str, x: float, see
     return report.summary(slo)
 
 
+ISOLATIONS = ("point", "server", "none")
+
+
+def sessions(servers: list[Server], num_points: int, isolation: str = "point") -> list[tuple[list[Server], list[int]]]:
+    """When each server is up: ``[(servers started together, the points they run), ...]`` in run order.
+
+    - ``point`` (default): one server up at a time, started afresh for every point; the order rotates from
+      point to point. An idle server is not free on a small machine (measured on 2 cores: two idle ``vllm
+      serve`` processes slowed our server's prefill by ~30%, one by ~3%), so no server is measured beside
+      another, and a drifting machine still affects all alike.
+    - ``server``: one server up at a time for all its points (fewer starts: models too large to restart often).
+    - ``none``: all up together, interleaved point by point (fastest; the servers disturb each other)."""
+    _check_isolation(isolation)
+    if isolation == "none":
+        return [(list(servers), list(range(num_points)))] if servers else []
+    if isolation == "server":
+        return [([s], list(range(num_points))) for s in servers]
+    return [([s], [i]) for i in range(num_points) for s in _rotated(servers, i)]
+
+
+def _check_isolation(isolation: str) -> None:
+    if isolation not in ISOLATIONS:
+        raise ValueError(f"unknown isolation {isolation!r}; one of {', '.join(ISOLATIONS)}")
+
+
+def _rotated(items: list, i: int) -> list:
+    """``items`` starting from the ``i``-th (a different one first at each point)."""
+    k = i % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
 def run_serving_bench(model: str | None, kinds: list[str], workload: str, rates: list[float],
                       concurrencies: list[int], num_requests: int, slo: SLO, out: str | Path, dtype: str = "auto",
                       seed: int = 0, vllm_python: str | None = None, llama_server: str | None = None,
-                      gguf: str | None = None, one_at_a_time: bool = False) -> dict:
+                      gguf: str | None = None, isolation: str = "point") -> dict:
     """Start the servers of ``kinds`` on ``model`` (a SwiftKV checkpoint; the others get its original model or
     ``gguf``), sweep the load points, stop them; write ``OUT/serving.json``, ``serving.md`` and ``serving.png``.
-    ``one_at_a_time``: one server up at a time (models too large for all at once); then not interleaved."""
+    ``isolation``: which servers are up together (:func:`sessions`)."""
     import torch
 
     from swiftkv.builtin import resolve_model
@@ -62,6 +93,7 @@ def run_serving_bench(model: str | None, kinds: list[str], workload: str, rates:
     from swiftkv.platforms import dtype_name, resolve_dtype
 
     points = load_points(rates, concurrencies)
+    _check_isolation(isolation)  # before anything starts
     model_dir = resolve_model(model or DEFAULT_SWIFTKV_MODEL)
     dtype = dtype_name(resolve_dtype(dtype))
     threads = torch.get_num_threads()
@@ -71,19 +103,20 @@ def run_serving_bench(model: str | None, kinds: list[str], workload: str, rates:
         print(f"bench: {kind} skipped: {why}", file=sys.stderr)
     result = {"env": environment(dtype), "model": str(model_dir), "workload": workload, "num_requests": num_requests,
               "slo": {"ttft_s": slo.ttft_s, "itl_p95_s": slo.itl_p95_s}, "skipped": skipped,
-              "interleaved": not one_at_a_time, "servers": {}, "points": [point_name(k, x) for k, x in points]}
+              "isolation": isolation, "servers": {}, "points": [point_name(k, x) for k, x in points]}
     warn_if_busy(result["env"])
-    groups = [servers] if not one_at_a_time else [[s] for s in servers]
     if threading.current_thread() is threading.main_thread():  # a SIGTERM stops the servers too (via finally)
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        signal.signal(signal.SIGTERM, _exit_once)
     try:
-        for group in groups:
-            up = _start(group, out, skipped)
+        for group, idx in sessions(servers, len(points), isolation):
+            up = _start([s for s in group if s.name not in skipped], out, skipped)
             for s in up:
-                result["servers"][s.name] = {"info": s.info, "ready_s": s.ready_s, "points": {}}
-            for i, (kind, x) in enumerate(points):
+                entry = result["servers"].setdefault(s.name, {"info": s.info, "ready_s": s.ready_s, "points": {}})
+                entry.setdefault("ready_s_all", []).append(s.ready_s)
+            for i in idx:
+                kind, x = points[i]
                 requests = serving_requests(workload, num_requests, seed + i)
-                for s in up[i % len(up):] + up[: i % len(up)] if up else []:  # a different server first each point
+                for s in _rotated(up, i):
                     print(f"bench: {s.name} at {point_name(kind, x)}: {len(requests)} {workload} requests",
                           file=sys.stderr, flush=True)
                     summary = _run_point(s, requests, kind, x, seed + i, slo)
@@ -103,6 +136,13 @@ def run_serving_bench(model: str | None, kinds: list[str], workload: str, rates:
     print(table)
     print(f"wrote {out / 'serving.json'}, serving.md and serving.png", file=sys.stderr)
     return result
+
+
+def _exit_once(*_) -> None:
+    """SIGTERM: exit through the ``finally`` that stops the servers; a second SIGTERM (``timeout`` and ``pkill``
+    both send one) must not cut that cleanup short and leave a server running."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(143)
 
 
 def _start(group: list[Server], out: Path, skipped: dict[str, str]) -> list[Server]:
