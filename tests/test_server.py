@@ -224,3 +224,28 @@ def test_graceful_shutdown_finishes_in_flight_stream(serve):
     assert asyncio.run(main()) == 30
     srv.thread.join(timeout=30)
     assert not srv.thread.is_alive()
+
+
+def _histogram_sum(metrics_text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in metrics_text.splitlines() if line.startswith(name + "_sum"))
+
+
+def test_ttft_metric_counts_from_the_request_not_from_the_engine(serve, monkeypatch):
+    """What /metrics calls time to first token includes tokenization, as the client's TTFT does (vLLM counts
+    from arrival too): with a tokenizer slowed by 0.4 s, the one request's TTFT is at least that."""
+    srv, app = serve()
+    tok = app.state.tokenizer
+    slow = tok.encode
+
+    def encode(*a, **kw):
+        time.sleep(0.4)
+        return slow(*a, **kw)
+
+    monkeypatch.setattr(tok, "encode", encode)
+    sent = time.monotonic()
+    r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "Hello there", "max_tokens": 2,
+                                                       "ignore_eos": True}, timeout=60)
+    took = time.monotonic() - sent
+    assert r.status_code == 200
+    ttft = _histogram_sum(httpx.get(srv.url + "/metrics").text, "swiftkv_time_to_first_token_seconds")
+    assert 0.4 <= ttft <= took

@@ -136,6 +136,7 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_waiting: int
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)], responses=ERRORS)
     async def completions(req: CompletionRequest, request: Request):
+        arrival = time.monotonic()  # TTFT counts from here, tokenization included (as the client sees it)
         check_model(req.model)
         params = _params(req)
         prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) else [req.prompt]
@@ -144,7 +145,7 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_waiting: int
         check_admissible(len(prompts) * req.n)
         jobs = await in_pool(lambda: [(encode(p), p if isinstance(p, str) else None) for p in prompts])
         rid = f"cmpl-{uuid.uuid4().hex}"
-        stream = _run(engine, rid, jobs, params, request, request_timeout)
+        stream = _run(engine, rid, jobs, params, request, request_timeout, arrival)
         if req.stream:
             first = await _first(stream)
             return _sse(R.completion_chunks(rid, model_name, first, stream, tokenizer, req, jobs))
@@ -153,6 +154,7 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_waiting: int
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)], responses=ERRORS)
     async def chat(req: ChatCompletionRequest, request: Request):
+        arrival = time.monotonic()
         check_model(req.model)
         params = _params(req)
         check_admissible(req.n)
@@ -162,7 +164,7 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_waiting: int
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = _run(engine, rid, [(ids, None)], params, request, request_timeout)
+        stream = _run(engine, rid, [(ids, None)], params, request, request_timeout, arrival)
         if req.stream:
             first = await _first(stream)
             return _sse(R.chat_chunks(rid, model_name, first, stream, tokenizer, req, len(ids)))
@@ -200,9 +202,11 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
 
 
 async def _run(engine: AsyncEngine, rid: str, jobs: list[tuple[list[int], str | None]], params,
-               request: Request, timeout: float) -> AsyncIterator[tuple[int, CompletionOutput]]:
+               request: Request, timeout: float, arrival: float | None = None
+               ) -> AsyncIterator[tuple[int, CompletionOutput]]:
     """Submit one engine request of ``n`` samples per prompt; yield (choice index, cumulative
-    completion) whenever a choice advances (choice ``j * n + i``: sample i of prompt j).
+    completion) whenever a choice advances (choice ``j * n + i``: sample i of prompt j). ``arrival``
+    (``time.monotonic()``): when the HTTP request came in, for the TTFT metric.
 
     Aborts every unfinished request when the client disconnects, the timeout passes, or the
     consumer stops early (e.g. a cancelled stream).
@@ -213,7 +217,7 @@ async def _run(engine: AsyncEngine, rid: str, jobs: list[tuple[list[int], str | 
     try:
         for j, (ids, text) in enumerate(jobs):
             sid = f"{rid}-{j}"
-            engine.submit(sid, ids, params, text, queue)
+            engine.submit(sid, ids, params, text, queue, arrival)
             sub_ids[sid] = j
     except QueueFullError as e:
         for sid in sub_ids:

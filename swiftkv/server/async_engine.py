@@ -50,8 +50,10 @@ class AsyncEngine:
     # -- called from the event loop -----------------------------------------------------------
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-               prompt: str | None = None, queue: asyncio.Queue | None = None) -> asyncio.Queue:
-        """Queue a request; outputs (or an exception) arrive on ``queue`` (new if not given).
+               prompt: str | None = None, queue: asyncio.Queue | None = None,
+               arrival: float | None = None) -> asyncio.Queue:
+        """Queue a request; outputs (or an exception) arrive on ``queue`` (new if not given). ``arrival``
+        (``time.monotonic()``, default now) is when the client's request came in: the TTFT metric counts from it.
 
         Never blocks on a running engine step: the engine thread picks the request up.
         """
@@ -64,7 +66,8 @@ class AsyncEngine:
         if in_flight + params.n - self.engine.scheduler.max_num_seqs > self.max_waiting:
             self.metrics.rejected.inc()
             raise QueueFullError(f"{self.max_waiting} sequences already waiting")
-        req = _Request(queue or asyncio.Queue(), asyncio.get_running_loop(), params.n)
+        req = _Request(queue or asyncio.Queue(), asyncio.get_running_loop(), params.n,
+                       arrival=time.monotonic() if arrival is None else arrival)
         self._requests[request_id] = req
         self._pending.append(("add", request_id, (prompt_token_ids, params, prompt)))
         self.metrics.prompt_tokens.inc(len(prompt_token_ids))
