@@ -60,17 +60,13 @@ def sessions(servers: list[Server], num_points: int, isolation: str = "point") -
       another, and a drifting machine still affects all alike.
     - ``server``: one server up at a time for all its points (fewer starts: models too large to restart often).
     - ``none``: all up together, interleaved point by point (fastest; the servers disturb each other)."""
-    _check_isolation(isolation)
+    if isolation not in ISOLATIONS:
+        raise ValueError(f"unknown isolation {isolation!r}; one of {', '.join(ISOLATIONS)}")
     if isolation == "none":
         return [(list(servers), list(range(num_points)))] if servers else []
     if isolation == "server":
         return [([s], list(range(num_points))) for s in servers]
     return [([s], [i]) for i in range(num_points) for s in _rotated(servers, i)]
-
-
-def _check_isolation(isolation: str) -> None:
-    if isolation not in ISOLATIONS:
-        raise ValueError(f"unknown isolation {isolation!r}; one of {', '.join(ISOLATIONS)}")
 
 
 def _rotated(items: list, i: int) -> list:
@@ -93,12 +89,12 @@ def run_serving_bench(model: str | None, kinds: list[str], workload: str, rates:
     from swiftkv.platforms import dtype_name, resolve_dtype
 
     points = load_points(rates, concurrencies)
-    _check_isolation(isolation)  # before anything starts
     model_dir = resolve_model(model or DEFAULT_SWIFTKV_MODEL)
     dtype = dtype_name(resolve_dtype(dtype))
     threads = torch.get_num_threads()
     out = Path(out)
     servers, skipped = build_servers(kinds, model_dir, dtype, threads, vllm_python, llama_server, gguf)
+    plan = sessions(servers, len(points), isolation)  # an unknown isolation fails here, before any start
     for kind, why in skipped.items():
         print(f"bench: {kind} skipped: {why}", file=sys.stderr)
     result = {"env": environment(dtype), "model": str(model_dir), "workload": workload, "num_requests": num_requests,
@@ -108,7 +104,7 @@ def run_serving_bench(model: str | None, kinds: list[str], workload: str, rates:
     if threading.current_thread() is threading.main_thread():  # a SIGTERM stops the servers too (via finally)
         signal.signal(signal.SIGTERM, _exit_once)
     try:
-        for group, idx in sessions(servers, len(points), isolation):
+        for group, idx in plan:
             up = _start([s for s in group if s.name not in skipped], out, skipped)
             for s in up:
                 entry = result["servers"].setdefault(s.name, {"info": s.info, "ready_s": s.ready_s, "points": {}})

@@ -202,8 +202,7 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
 
 
 async def _run(engine: AsyncEngine, rid: str, jobs: list[tuple[list[int], str | None]], params,
-               request: Request, timeout: float, arrival: float | None = None
-               ) -> AsyncIterator[tuple[int, CompletionOutput]]:
+               request: Request, timeout: float, arrival: float) -> AsyncIterator[tuple[int, CompletionOutput]]:
     """Submit one engine request of ``n`` samples per prompt; yield (choice index, cumulative
     completion) whenever a choice advances (choice ``j * n + i``: sample i of prompt j). ``arrival``
     (``time.monotonic()``): when the HTTP request came in, for the TTFT metric.
