@@ -1,4 +1,4 @@
-"""The CPU kernels against PyTorch's own ops: decode attention read in place from the paged cache,
+"""The CPU kernels against PyTorch's own ops: decode and prefill attention read in place from the paged cache,
 the one-pass RMSNorm / SiLU-and-mul / rotary, the split bottom-right causal attention; and the
 engine's greedy output with them against the full-sequence model run on PyTorch's ops alone."""
 
@@ -61,6 +61,57 @@ def test_paged_decode_attention_refuses_impossible_lengths():
         paged_attention.decode_attention(torch.zeros(1, 2, 16), kc, kc, torch.arange(4)[None], torch.tensor([17]))
     with pytest.raises(RuntimeError, match="bad shapes"):
         paged_attention.decode_attention(torch.zeros(1, 2, 16), kc, kc, torch.arange(4)[None], torch.tensor([0]))
+
+
+def _masked_reference(q, kc, vc, tables, q_lens, kv_lens):
+    """Each sequence's blocks gathered, then SDPA under the bottom-right causal mask (its queries are the last
+    q_len of its kv_len tokens)."""
+    hkv, _, _, d = kc.shape
+    outs, q0 = [], 0
+    for s, (ql, kl) in enumerate(zip(q_lens.tolist(), kv_lens.tolist())):
+        k = kc[:, tables[s]].reshape(hkv, -1, d)[:, :kl]  # [Hkv, kl, D]
+        v = vc[:, tables[s]].reshape(hkv, -1, d)[:, :kl]
+        mask = torch.ones(ql, kl, dtype=torch.bool).tril(kl - ql)
+        qs = q[q0 : q0 + ql].transpose(0, 1)[None]  # [1, H, ql, D]
+        outs.append(F.scaled_dot_product_attention(qs, k[None], v[None], attn_mask=mask, enable_gqa=True)[0].transpose(0, 1))
+        q0 += ql
+    return torch.cat(outs)
+
+
+@needs_attention
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (8, 8, 128, 8), (4, 1, 72, 4),
+                                                                (32, 8, 64, 16), (6, 2, 16, 128)])
+def test_paged_prefill_attention_matches_masked_sdpa(heads, kv_heads, head_dim, block_size):
+    """Fresh prompts, prompts after cached keys, decode rows and a one-key sequence in one call: lengths
+    around the kernel's tiles (query tiles of ~64 rows, key chunks of 64) and blocks shared by two tables."""
+    g = torch.Generator().manual_seed(heads * head_dim + block_size)
+    num_blocks, max_blocks = 160, -(-300 // block_size)
+    kc = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=g)
+    vc = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=g)
+    kv_lens = torch.tensor([1, 7, 300, 65, 150, 129, 33])
+    q_lens = torch.tensor([1, 7, 300, 1, 37, 64, 1])
+    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:max_blocks] for _ in kv_lens])
+    tables[4] = tables[2]  # a cached prefix shared with another sequence
+    q = torch.randn(int(q_lens.sum()), heads, head_dim, generator=g) * 3  # peaked softmax rows too
+    out = paged_attention.prefill_attention(q, kc, vc, tables, q_lens, kv_lens)
+    torch.testing.assert_close(out, _masked_reference(q, kc, vc, tables, q_lens, kv_lens), atol=1e-5, rtol=1e-5)
+    kb, vb, qb = kc.bfloat16(), vc.bfloat16(), q.bfloat16()  # bf16: the same arithmetic on widened values
+    out = paged_attention.prefill_attention(qb, kb, vb, tables, q_lens, kv_lens)
+    ref = _masked_reference(qb.float(), kb.float(), vb.float(), tables, q_lens, kv_lens).bfloat16()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
+
+
+@needs_attention
+def test_paged_prefill_attention_refuses_impossible_lengths():
+    kc, tables = torch.zeros(2, 4, 4, 16), torch.arange(4)[None]
+    with pytest.raises(RuntimeError, match="bad shapes"):  # more queries than keys
+        paged_attention.prefill_attention(torch.zeros(5, 2, 16), kc, kc, tables, torch.tensor([5]), torch.tensor([4]))
+    with pytest.raises(RuntimeError, match="bad shapes"):  # 17 keys cannot fit 4 blocks of 4
+        paged_attention.prefill_attention(torch.zeros(2, 2, 16), kc, kc, tables, torch.tensor([2]), torch.tensor([17]))
+    with pytest.raises(ValueError, match="3 query tokens"):
+        paged_attention.prefill_attention(torch.zeros(3, 2, 16), kc, kc, tables, torch.tensor([2]), torch.tensor([4]))
+    assert not paged_attention.can_run(torch.zeros(1, 2, 16), torch.zeros(2, 4, 5, 16), prefill=True)  # block 5
 
 
 @needs_ops

@@ -38,6 +38,7 @@ class AttentionMetadata:
     masks: list[torch.Tensor | None] | None = None
     _decode_mask: torch.Tensor | None = None
     _kv_lens: torch.Tensor | None = None  # see kv_lens_tensor()
+    _q_lens: torch.Tensor | None = None
     _gather_buf: tuple[torch.Tensor, torch.Tensor] | None = None  # reused by every layer's decode
 
     def __post_init__(self) -> None:
@@ -63,6 +64,12 @@ class AttentionMetadata:
             self._kv_lens = torch.tensor(self.kv_lens)
         return self._kv_lens
 
+    def q_lens_tensor(self) -> torch.Tensor:
+        """``q_lens`` as an int64 CPU tensor, made once per step (the native prefill kernel reads it)."""
+        if self._q_lens is None:
+            self._q_lens = torch.tensor(self.q_lens)
+        return self._q_lens
+
     def select_last(self, seq_ids: list[int]) -> AttentionMetadata:
         """Metadata for one query per listed sequence: its last token (SwiftKV later layers)."""
         paged = self.kv_cache is not None
@@ -76,6 +83,7 @@ class AttentionMetadata:
             fresh={} if paged else self.fresh,  # paged: later layers read the cache
             _decode_mask=None,
             _kv_lens=None,
+            _q_lens=None,
             _gather_buf=None,
         )
 
@@ -89,11 +97,17 @@ class AttentionMetadata:
 
     def attend(self, owner: int, q: torch.Tensor) -> torch.Tensor:
         """q [num_queries, heads, D] -> [num_queries, heads, D]."""
+        decode = all(n == 1 for n in self.q_lens)
+        if self.kv_cache is not None and not decode and paged_attention.can_run(q, self.kv_cache, prefill=True):
+            # prompts, fresh or after cached keys (and any decode rows beside them), read in place
+            kc, vc = self.kv_cache[owner, 0], self.kv_cache[owner, 1]
+            return paged_attention.prefill_attention(q, kc, vc, self.block_tables, self.q_lens_tensor(),
+                                                     self.kv_lens_tensor())
         no_prior = self.q_lens == self.kv_lens and owner in self.fresh
         if self.kv_cache is None or no_prior:
             k, v = self.fresh[owner]
             return self._attend_fresh(q, k, v)
-        if all(n == 1 for n in self.q_lens):
+        if decode:
             return self._attend_decode(owner, q)
         return self._attend_cached_chunks(owner, q)
 
