@@ -182,8 +182,8 @@ def test_engine_greedy_matches_full_sequence_on_torch_ops(monkeypatch, l, G, ker
             monkeypatch.delenv(var)
     monkeypatch.setenv("SWIFTKV_FUSED_DECODE", "0")
     calls = {}
-    for module, name in ((paged_attention, "decode_attention"), (cpu_ops, "rms_norm"), (cpu_ops, "silu_and_mul"),
-                         (cpu_ops, "rotary_inplace")):
+    for module, name in ((paged_attention, "decode_attention"), (paged_attention, "prefill_attention"),
+                         (cpu_ops, "rms_norm"), (cpu_ops, "silu_and_mul"), (cpu_ops, "rotary_inplace")):
         def counted(*a, _f=getattr(module, name), _n=name):
             out = _f(*a)
             if out is not None and out is not False:  # the kernel ran (the ops say None/False when it does not)
@@ -198,4 +198,4 @@ def test_engine_greedy_matches_full_sequence_on_torch_ops(monkeypatch, l, G, ker
         for out in engine.step():
             done[out.request_id] = out
     assert [done[i].outputs[0].token_ids for i in ids] == refs
-    assert len(calls) == (4 if kernels == "on" else 0), calls  # the engine really ran on the kernels (or not)
+    assert len(calls) == (5 if kernels == "on" else 0), calls  # the engine really ran on the kernels (or not)
