@@ -61,12 +61,16 @@ class LLM:
         kv_cache_memory: bytes of KV cache to allocate.
         enable_prefix_caching: reuse the KV blocks of prompt prefixes seen before (a cached prefix
             skips every layer, SwiftKV's included).
+        prefill_batch_tokens: once a step holds prompt tokens, another waiting prompt joins it only while
+            the step's prompt tokens stay within this many (None, the default: only the token budget limits
+            them; a server wants a small cap so the oldest prompt's first token comes sooner).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, swiftkv: bool | None = None,
                  dtype: str = "auto", max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  kv_cache_memory: int = 1 << 30, block_size: int = 16, max_model_len: int | None = None,
-                 seed: int = 0, device: str = "cpu", enable_prefix_caching: bool = True) -> None:
+                 seed: int = 0, device: str = "cpu", enable_prefix_caching: bool = True,
+                 prefill_batch_tokens: int | None = None) -> None:
         from swiftkv.builtin import resolve_model
         from swiftkv.models.registry import DEFAULT_SWIFTKV_MODEL
 
@@ -76,7 +80,7 @@ class LLM:
         self.model, self.model_path = load_model(path, dtype=dtype, device=device, for_inference=True)
         self.tokenizer = load_tokenizer(self.model_path)
         config = EngineConfig(max_num_seqs, max_num_batched_tokens, kv_cache_memory, block_size, max_model_len, seed,
-                              enable_prefix_caching)
+                              enable_prefix_caching, prefill_batch_tokens)
         self.engine = LLMEngine(self.model, self.tokenizer, config, swiftkv)
         self._counter = itertools.count()
 

@@ -32,6 +32,9 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     seed: int = 0
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before
+    # once a step holds prompt tokens, another waiting prompt joins only within this many (None: the budget
+    # alone): a server's oldest prompt gets its first token sooner (`swiftkv serve` uses 256)
+    prefill_batch_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "block_size"):
@@ -66,7 +69,8 @@ class LLMEngine:
             raise ValueError(f"kv_cache_memory={config.kv_cache_memory} B holds no {block_bytes}-byte KV block")
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.swiftkv)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.prefill_batch_tokens)
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         self.requests: dict[str, Request] = {}
         # generators live where the logits do (a CPU generator cannot sample CUDA tensors)

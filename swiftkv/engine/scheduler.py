@@ -3,7 +3,9 @@ prefix caching (a request admitted with a cached prompt prefix computes only the
 
 Every step the running sequences go first (decodes and unfinished prompt chunks, oldest first),
 then waiting requests are admitted while the token budget, ``max_num_seqs`` and free KV blocks
-allow. Long prompts are split into chunks. When blocks run out, the most recently admitted
+allow (and, with ``prefill_batch_tokens``, while the step's prompt tokens stay within it: the
+oldest prompt gets its first token sooner instead of sharing a long step with the next ones).
+Long prompts are split into chunks. When blocks run out, the most recently admitted
 running sequence is preempted: its blocks are freed and it is recomputed later (nothing lost).
 """
 
@@ -33,12 +35,18 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 prefill_batch_tokens: int | None = None) -> None:
+        """``prefill_batch_tokens``: once a step holds prompt tokens, another waiting prompt joins it only if
+        the step's prompt tokens stay within this many (None: only the token budget limits them)."""
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if prefill_batch_tokens is not None and prefill_batch_tokens < 1:
+            raise ValueError(f"prefill_batch_tokens must be >= 1 or None, got {prefill_batch_tokens}")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefill_batch_tokens = prefill_batch_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -95,13 +103,16 @@ class Scheduler:
                 continue
             break  # seq itself was preempted: nothing later in `running` remains
         # 2) admit waiting sequences (not in a step that had to preempt)
+        prompt_tokens = sum(n for n in out.num_tokens if n > 1)  # running prompt chunks (decodes are 1)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
             if not seq.block_table:  # new or preempted: start from its longest cached prefix, if any
                 seq.num_computed_tokens = self.block_manager.allocate_cached_prefix(seq)
             n = seq.num_uncomputed_tokens
             n = min(n, budget)  # a prompt longer than the budget is chunked across steps
-            if not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
+            cap = self.prefill_batch_tokens
+            if (cap is not None and prompt_tokens > 0 and prompt_tokens + n > cap) or \
+                    not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
                 self.block_manager.free(seq)  # give the cached prefix back; retried next step
                 seq.num_computed_tokens = 0
                 break
@@ -111,6 +122,7 @@ class Scheduler:
             out.seqs.append(seq)
             out.num_tokens.append(n)
             budget -= n
+            prompt_tokens += n
         return out
 
     def update_after_step(self, out: SchedulerOutput) -> None:

@@ -19,7 +19,7 @@ def cmd_serve(args) -> None:
 
     llm = LLM(args.model, swiftkv=args.swiftkv, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=int(args.kv_cache_gb * (1 << 30)),
-              enable_prefix_caching=args.enable_prefix_caching)
+              enable_prefix_caching=args.enable_prefix_caching, prefill_batch_tokens=args.prefill_batch_tokens or None)
     name = args.served_model_name or (args.model and os.path.basename(os.path.normpath(str(args.model)))) \
         or DEFAULT_SWIFTKV_MODEL
     api_key = args.api_key or os.environ.get("SWIFTKV_API_KEY")
@@ -41,6 +41,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-gb", type=float, default=1.0)
+    p.add_argument("--prefill-batch-tokens", type=int, default=256,
+                   help="once a step holds prompt tokens, another waiting prompt joins it only within this many, so "
+                        "the oldest prompt's first token comes sooner (shorter prompts still batch); 0: no cap")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV blocks of prompt prefixes seen before (default on; /metrics has the hit rate)")
     p.add_argument("--max-waiting", type=int, default=256,

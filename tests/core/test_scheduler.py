@@ -114,3 +114,40 @@ def test_random_requests_with_aborts_do_not_leak():
     assert len(every) == 1000
     assert all(s.status == SequenceStatus.FINISHED and not s.block_table for s in every)
     assert sum(s.finish_reason == "abort" for s in every) == aborted
+
+
+def test_prefill_batch_tokens_lets_the_oldest_prompt_go_first():
+    """With a cap, a step that already holds prompt tokens takes another waiting prompt only within the cap:
+    lockstep arrivals get their first tokens one after another instead of all after one long step.
+    Shorter prompts still batch; a running prompt chunk counts; no cap = the token budget alone."""
+    sched = Scheduler(BlockManager(400, 4), max_num_seqs=8, max_num_batched_tokens=2048, prefill_batch_tokens=256)
+    for i in range(3):
+        sched.add(_seq(i, 200))
+    out, _ = _fake_step(sched)
+    assert [s.seq_id for s in out.seqs] == ["0"] and out.num_tokens == [200]
+    out, _ = _fake_step(sched)
+    assert [s.seq_id for s in out.seqs] == ["0", "1"] and out.num_tokens == [1, 200]  # decode + next prompt
+    out, _ = _fake_step(sched)
+    assert out.num_tokens == [1, 1, 200]
+
+    short = Scheduler(BlockManager(400, 4), max_num_seqs=16, max_num_batched_tokens=2048, prefill_batch_tokens=256)
+    for i in range(6):
+        short.add(_seq(i, 50))
+    assert short.schedule().num_tokens == [50] * 5  # 250 <= 256; the sixth waits
+
+    chunked = Scheduler(BlockManager(1000, 4), max_num_seqs=8, max_num_batched_tokens=2048, prefill_batch_tokens=256)
+    chunked.add(_seq(0, 3000))
+    chunked.add(_seq(1, 100))
+    out, _ = _fake_step(chunked)
+    assert out.num_tokens == [2048]
+    out, _ = _fake_step(chunked)
+    assert out.num_tokens == [952]  # the rest of the long prompt; 952 + 100 > 256: the short one waits
+    out, _ = _fake_step(chunked)
+    assert out.num_tokens == [1, 100]
+
+    uncapped = Scheduler(BlockManager(400, 4), max_num_seqs=8, max_num_batched_tokens=2048)
+    for i in range(3):
+        uncapped.add(_seq(i, 200))
+    assert uncapped.schedule().num_tokens == [200, 200, 200]
+    with pytest.raises(ValueError, match="prefill_batch_tokens"):
+        Scheduler(BlockManager(4, 4), max_num_seqs=1, max_num_batched_tokens=8, prefill_batch_tokens=0)
