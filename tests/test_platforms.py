@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 import os
 import threading
 import time
 
-from swiftkv.platforms import _loaded_libgomp, auto_dtype, cpu_has_native_bf16, release_openmp_threads, resolve_dtype
+import pytest
+import torch
+
+from swiftkv.platforms import (
+    _loaded_libgomp,
+    auto_dtype,
+    cpu_has_native_bf16,
+    release_openmp_threads,
+    resolve_dtype,
+)
 
 AVX2_ONLY = frozenset({"avx", "avx2", "fma", "f16c"})
 AVX512_NO_BF16 = AVX2_ONLY | {"avx512f", "avx512bw", "avx512_vnni"}

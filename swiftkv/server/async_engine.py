@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections import deque
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from swiftkv.engine.llm_engine import EngineStepError, LLMEngine
