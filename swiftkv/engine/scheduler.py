@@ -106,13 +106,14 @@ class Scheduler:
         prompt_tokens = sum(n for n in out.num_tokens if n > 1)  # running prompt chunks (decodes are 1)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
+            cap = self.prefill_batch_tokens
+            if cap is not None and prompt_tokens > 0 and prompt_tokens + min(seq.num_uncomputed_tokens, budget) > cap:
+                break  # the step's earlier prompts go first (checked before the prefix lookup: no repeated queries)
             if not seq.block_table:  # new or preempted: start from its longest cached prefix, if any
                 seq.num_computed_tokens = self.block_manager.allocate_cached_prefix(seq)
             n = seq.num_uncomputed_tokens
             n = min(n, budget)  # a prompt longer than the budget is chunked across steps
-            cap = self.prefill_batch_tokens
-            if (cap is not None and prompt_tokens > 0 and prompt_tokens + n > cap) or \
-                    not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
+            if not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
                 self.block_manager.free(seq)  # give the cached prefix back; retried next step
                 seq.num_computed_tokens = 0
                 break

@@ -145,6 +145,14 @@ def test_prefill_batch_tokens_lets_the_oldest_prompt_go_first():
     out, _ = _fake_step(chunked)
     assert out.num_tokens == [1, 100]
 
+    cached = BlockManager(400, 4, enable_prefix_caching=True)  # a deferred prompt is not looked up again each step
+    waiting = Scheduler(cached, max_num_seqs=8, max_num_batched_tokens=2048, prefill_batch_tokens=256)
+    for i in range(3):  # distinct prompts: no prefix hits
+        waiting.add(Sequence(str(i), [1000 * i + t for t in range(200)], SamplingParams(max_tokens=4)))
+    _fake_step(waiting)
+    _fake_step(waiting)
+    assert cached.num_queried_tokens == 400  # prompts 0 and 1, once each; prompt 2 not yet
+
     uncapped = Scheduler(BlockManager(400, 4), max_num_seqs=8, max_num_batched_tokens=2048)
     for i in range(3):
         uncapped.add(_seq(i, 200))
