@@ -29,6 +29,25 @@ def pytest_runtest_setup(item):
             pytest.skip(mark.kwargs["reason"])
 
 
+def assert_greedy_close(reference, prompt: list[int], out, tol: float, mode: bool | None = None) -> None:
+    """Greedy output ``out`` (a ``CompletionOutput`` with ``logprobs``) checked along its own path against the
+    full-sequence ``reference``, as vLLM's ``check_logprobs_close`` does rather than exact token equality: at every
+    step the chosen token is the reference's argmax to within ``tol`` (a near-tie may break either way below
+    the dtype's resolution: bf16 logits differ from fp32 by ~1 ulp, more than some of a tiny model's top-2
+    margins) and its logprob is the reference's to within ``tol``. A real divergence -- a token the reference
+    ranks clearly lower, or logits that are off -- still fails."""
+    from swiftkv.models.full_sequence import full_logits
+
+    got = list(out.token_ids)
+    rows = full_logits(reference, [list(prompt) + got], mode)[0].float().log_softmax(-1)[len(prompt) - 1:-1]
+    chosen = rows.gather(1, torch.tensor(got)[:, None])[:, 0]
+    below_argmax = rows.max(-1).values - chosen
+    assert float(below_argmax.max()) <= tol, (
+        f"step {int(below_argmax.argmax())}: the chosen token is {float(below_argmax.max()):.4f} below the "
+        f"reference's argmax (tolerance {tol}); tokens {got}")
+    torch.testing.assert_close(torch.tensor([lp.logprob for lp in out.logprobs]), chosen, atol=tol, rtol=0)
+
+
 TINY = dict(
     vocab_size=128, hidden_size=64, intermediate_size=112, num_hidden_layers=6,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,

@@ -86,7 +86,15 @@ class LLM:
         assert kw["enable_prefix_caching"] is False
         assert kw["dtype"] == os.environ["FAKE_EXPECT_DTYPE"], kw["dtype"]  # the parent's dtype, passed through
     def generate(self, prompts, params, use_tqdm=True):
+        import os, signal, time
         print("progress noise")
+        global CALLS
+        CALLS = globals().get("CALLS", 0) + 1
+        if CALLS == int(os.environ.get("FAKE_CRASH_AT", "0")):  # as llama.cpp's AMX build on a Q4_1 GGUF
+            print("fake peer: about to crash", flush=True)
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if CALLS == int(os.environ.get("FAKE_HANG_AT", "0")):
+            time.sleep(600)
         return [_Req(params.kw["max_tokens"]) for _ in prompts]
 '''
 FAKE_LLAMA_CPP = '''
@@ -134,6 +142,112 @@ def test_peer_process_protocol_with_fake_backends(tmp_path, monkeypatch):
         Peer("vllm", sys.executable, "model-dir", threads=1, log_dir=str(tmp_path), dtype="bfloat16")
     with pytest.raises(ValueError, match="does not exist"):
         find_peer_python("vllm", str(tmp_path / "no-such-python"))
+
+
+def test_a_peer_that_crashes_or_hangs_fails_alone(tmp_path, monkeypatch):
+    import sys
+
+    import pytest
+
+    from swiftkv.bench.interleave import SystemFailed, interleave
+    from swiftkv.bench.peers import Peer
+
+    monkeypatch.setenv("PYTHONPATH", str(_fake_site(tmp_path)))
+    monkeypatch.setenv("FAKE_EXPECT_DTYPE", "float32")
+    monkeypatch.setenv("SWIFTKV_BENCH_QUIET_WAIT_S", "0")
+    monkeypatch.setenv("FAKE_CRASH_AT", "2")
+    peer = Peer("vllm", sys.executable, "model-dir", threads=1, log_dir=str(tmp_path), dtype="float32")
+    assert peer.run([[1, 2]], 1)["output_tokens"] == [1]
+    with pytest.raises(SystemFailed, match=r"(?s)vllm exited \(signal SIGSEGV\).*about to crash"):
+        peer.run([[1, 2]], 1)
+    peer.close()
+    monkeypatch.setenv("FAKE_CRASH_AT", "0")
+    monkeypatch.setenv("FAKE_HANG_AT", "1")
+    peer = Peer("vllm", sys.executable, "model-dir", threads=1, log_dir=str(tmp_path), dtype="float32", timeout_s=2)
+    with pytest.raises(SystemFailed, match="did not answer within 2 s and was killed"):
+        peer.run([[1, 2]], 1)
+    assert peer.proc.poll() is not None
+    peer.close()
+
+    calls = []
+
+    def broken():
+        calls.append("broken")
+        raise SystemFailed("gone")
+
+    failed = {}
+    out = interleave({"a": lambda: 1, "broken": broken, "c": lambda: 3}, reps=3, desc="t", failed=failed)
+    assert out == {"a": [1, 1, 1], "c": [3, 3, 3]} and failed == {"broken": "gone"} and calls == ["broken"]
+
+
+def test_the_prefill_bench_completes_when_a_peer_dies_mid_run(tiny_chat_model_dir, tmp_path, monkeypatch):
+    """The fake vLLM segfaults in its third generate call (the batch-1 decode's warm-up): the figures measured
+    before stay, the run goes on with our systems, and the report names the failure with the log's tail."""
+    import json
+    import sys
+
+    from swiftkv.bench.peers import PeerSpec
+    from swiftkv.bench.prefill import run_prefill_bench
+    from swiftkv.models.loader import load_model, save_checkpoint
+    from swiftkv.transform import to_swiftkv
+
+    monkeypatch.setenv("PYTHONPATH", str(_fake_site(tmp_path)))
+    monkeypatch.setenv("FAKE_EXPECT_DTYPE", "float32")
+    monkeypatch.setenv("FAKE_CRASH_AT", "3")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    ckpt = save_checkpoint(to_swiftkv(load_model(tiny_chat_model_dir)[0], SwiftKVConfig(6, 3, 1)), tmp_path / "skv",
+                           source_dir=tiny_chat_model_dir)
+    out = tmp_path / "prefill.json"
+    r = run_prefill_bench(str(ckpt), lengths=(32,), reps=1, decode_tokens=3, dtype="float32", out=str(out),
+                          with_transformers=False, peers=PeerSpec(vllm_python=sys.executable, enabled=("vllm",)),
+                          batch=2)
+    assert set(r["prefill"][32]) == {"swiftkv", "baseline", "vllm"}  # measured before the crash: kept
+    assert set(r["decode"]) == set(r["decode_b2"]) == {"swiftkv", "baseline"}
+    assert "signal SIGSEGV" in r["failed"]["vllm"] and "about to crash" in r["failed"]["vllm"]
+    assert all(lo <= hi for v in r["spread"].values() for lo, hi in v.values())
+    saved = json.loads(out.read_text())
+    assert set(saved["failed"]) == {"vllm"} and set(saved["decode_b2"]) == {"swiftkv", "baseline"}
+
+
+def test_vllm_peers_get_the_venvs_libiomp5(tmp_path, monkeypatch):
+    """vLLM's documented CPU setup preloads the libiomp5 that intel-openmp puts in the venv's lib/; a venv's
+    bin/python is a symlink to the base interpreter, so the venv must be found without resolving it."""
+    import sys
+
+    from swiftkv.bench.peers import _peer_env
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("KMP_BLOCKTIME", raising=False)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "bin" / "python").symlink_to(sys.executable)
+    py = str(tmp_path / "bin" / "python")
+    assert "LD_PRELOAD" not in _peer_env("vllm", py, 2)
+    (tmp_path / "lib" / "libiomp5.so").write_bytes(b"")
+    env = _peer_env("vllm", py, 2)
+    assert env["LD_PRELOAD"] == str(tmp_path / "lib" / "libiomp5.so") and env["KMP_BLOCKTIME"] == "1"
+    assert "LD_PRELOAD" not in _peer_env("llama.cpp", py, 2)
+    monkeypatch.setenv("LD_PRELOAD", "/custom.so")
+    assert _peer_env("vllm-swiftkv", py, 2)["LD_PRELOAD"] == "/custom.so"  # the user's own choice stands
+
+
+def test_offline_benchmarks_need_no_httpx():
+    """``pip install -e .`` has no httpx (the bench extra): the offline bench imports without it, and the online
+    modes say which extra to install."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+sys.modules["httpx"] = None  # not installed
+import swiftkv.bench.cli, swiftkv.bench.offline, swiftkv.bench.prefill, swiftkv.bench.workloads, swiftkv.bench.serving
+from swiftkv.cli import main
+rc = main(["bench", "--mode", "online", "--workload", "chat"])
+print("rc", rc)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "rc 2" in run.stdout and "pip install 'swiftkv[bench]'" in run.stderr
 
 
 def test_every_engine_gets_the_same_kv_cache_space(tiny_chat_model_dir, tmp_path):

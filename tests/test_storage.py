@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import needs_kernels, quantize_q4_1, tiny_hf_model
+from conftest import assert_greedy_close, needs_kernels, quantize_q4_1, tiny_hf_model
 
 from swiftkv.config import SwiftKVConfig
 from swiftkv.kernels import linear as kernels
@@ -24,7 +24,7 @@ from swiftkv.sampling_params import SamplingParams
 from swiftkv.transform import convert_checkpoint, to_swiftkv
 
 needs_matmul = needs_kernels("linear", "no AVX2/FMA/F16C or no C compiler: weights are held in the compute dtype")
-GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=1)
 PROMPTS = [[5, 9, 17, 3], list(range(1, 30)), [100] * 11]
 
 
@@ -119,6 +119,7 @@ def test_greedy_output_in_every_storage_form(tmp_path, monkeypatch, form, fused)
     compute = "bfloat16" if form == "bf16-compute" else "float32"
     reference = load_model(skv, dtype=compute)[0]  # plain parameters, PyTorch's matmuls
     refs = [greedy_generate(reference, p, 10) for p in PROMPTS]
+    assert len({t for r in refs for t in r}) >= 4, refs  # varied outputs, so agreement means something
     monkeypatch.setenv("SWIFTKV_FUSED_DECODE", "1" if fused else "0")
     model = load_model(skv, dtype=compute, for_inference=True)[0]  # memory-mapped, held forms
     engine = LLMEngine(model, config=EngineConfig(kv_cache_memory=4 << 20, block_size=4, max_num_batched_tokens=16))
@@ -126,8 +127,14 @@ def test_greedy_output_in_every_storage_form(tmp_path, monkeypatch, form, fused)
     ids = [engine.add_request(p, GREEDY) for p in PROMPTS]
     done = {}
     while engine.has_unfinished_requests():
-        done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
-    assert [done[i] for i in ids] == refs
+        done.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
+    # bf16: greedy is exact only above bf16's resolution (another GEMM order -- AMX's -- flips near-ties), so the
+    # engine's path is checked against the reference's logits; fp32 keeps exact equality as well
+    tol = 0.02 if compute == "bfloat16" else 1e-4
+    for i, p, ref in zip(ids, PROMPTS, refs):
+        assert_greedy_close(reference, p, done[i], tol)
+        if compute == "float32":
+            assert done[i].token_ids == ref
 
 
 def test_a_model_that_does_not_fit_is_refused_before_loading(tmp_path, monkeypatch):

@@ -39,6 +39,21 @@ def wheel(tmp_path_factory) -> Path:
     return whl
 
 
+def _venv_seeing_this_environment(env_dir: Path) -> Path:
+    """A new venv whose interpreter also sees *this* environment's packages (torch, transformers), whether the
+    tests run from a venv or a system Python. ``system_site_packages`` would show the base interpreter's
+    packages, not a venv's: the current ``sys.path`` entries are appended instead (a ``.pth`` of plain paths,
+    so the new venv's own site-packages, where the wheel goes, still comes first, and this environment's
+    editable install of swiftkv -- a finder hooked in by a ``.pth`` that is not run from there -- stays out)."""
+    venv.create(env_dir, with_pip=True)
+    py = env_dir / "bin" / "python"
+    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    ours = [p for p in sys.path if p and Path(p).is_dir() and Path(p).resolve() != ROOT]
+    (Path(purelib) / "_swiftkv_test_parent_env.pth").write_text("\n".join(ours) + "\n")
+    return py
+
+
 def test_the_wheel_carries_the_c_sources_and_the_shipped_tensors(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for d, pattern in (("swiftkv/kernels/csrc", "*.[ch]"), ("swiftkv/models/shipped", "*.safetensors"),
@@ -55,8 +70,7 @@ def test_the_installed_wheel_builds_its_kernels_and_generates(wheel, tiny_chat_m
     from swiftkv.kernels import linear
 
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=True)
-    py = env_dir / "bin" / "python"
+    py = _venv_seeing_this_environment(env_dir)
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
                    capture_output=True, text=True)
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "PYTHONPATH": ""}

@@ -10,8 +10,10 @@ from swiftkv.models.registry import DEFAULT_SWIFTKV_MODEL
 
 def cmd_bench(args) -> None:
     if args.mode in ("online", "serving"):
-        from swiftkv.bench.online import SLO
+        from swiftkv.bench.online import SLO, import_httpx
         from swiftkv.bench.workloads import SERVING_WORKLOADS
+
+        import_httpx()  # before anything starts: a clear error naming the extra
 
         if args.workload not in SERVING_WORKLOADS:
             raise ValueError(f"--workload {args.workload} is offline only; --mode {args.mode} runs "

@@ -36,6 +36,16 @@ def warn_if_busy(env: dict) -> None:
               "absolute numbers are unreliable, compare the ratios", file=sys.stderr)
 
 
+def log_tail(path, n: int = 15) -> str:
+    """The last ``n`` lines of a process's log file ("" if it cannot be read)."""
+    from pathlib import Path
+
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
 def reset_peak_memory() -> None:
     """Start this process's peak resident size (``VmHWM``) afresh (Linux: ``/proc/self/clear_refs``), so a peak
     covers the measurement and not one-time preparation (a peer's checkpoint, written shard by shard)."""

@@ -81,12 +81,13 @@ def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2
     max_len = max(len(p) for p in w.prompts) + w.max_tokens + 16
     running = start_peers(peers, path, env["threads"], max_len, max_num_seqs, out_dir, dtype, caching) if peers else {}
     systems.update(running)
+    failed: dict[str, str] = {}  # systems that failed for good (a peer crashed or hung): reported, not fatal
     try:
-        for s in systems.values():  # warm-up: first-call allocations and thread pools
-            s.run(w.prompts[:1], 2)
+        warm = {name: (lambda s=s: s.run(w.prompts[:1], 2)) for name, s in systems.items()}
+        interleave(warm, 0, "warm-up", failed=failed)  # first-call allocations and thread pools
         peak = measure_matmul_peak(m.compute_dtype)
         runners = {name: (lambda s=s: s.run(w.prompts, w.max_tokens)) for name, s in systems.items()}
-        raw = interleave(runners, reps, w.name, warmup=False)  # warmed up above, on a small run
+        raw = interleave(runners, reps, w.name, warmup=False, failed=failed)  # warmed up above, on a small run
         # the better of two one-second samples: one taken in a noisy moment made MFU read over 100%
         peak = max(peak, measure_matmul_peak(m.compute_dtype))
     finally:
@@ -106,14 +107,14 @@ def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2
               "versions": {name: p.version for name, p in running.items()},
               "dtypes": {name: s.dtype for name, s in systems.items()},
               "matmul_peak_gflops": peak / 1e9, "peak_rss_mb": peak_rss_mb(), "kv_budget_gb": kv_budget_gb,
-              "systems": stats}
+              "systems": stats, "failed": failed}
     title = (f"{w.name}: {len(w.prompts)} requests, {w.prompt_tokens} prompt / {w.output_tokens} output tokens, "
              f"SwiftKV l={skv.num_key_value_layers}/{skv.num_layers} G={skv.key_value_group_size}; "
              f"{env['dtype']}, {env['threads']} threads, KV cache {env.get('kv_cache_gib', '?')} GiB each, load {env['loadavg_1m']}")
     print(title)
     print("dtypes: " + ", ".join(f"{k} {v}" for k, v in result["dtypes"].items()))
     print(format_table(stats))
-    print("\n".join(ratio_lines(stats)))
+    print("\n".join(ratio_lines(stats) + [f"FAILED {name}: {why}" for name, why in failed.items()]))
     if out_dir:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -11,9 +11,22 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import httpx
 import numpy as np
+
+if TYPE_CHECKING:
+    import httpx
+
+
+def import_httpx():
+    """httpx, the HTTP client of the online and serving modes: not a core dependency (the ``bench`` extra)."""
+    try:
+        import httpx
+    except ImportError:
+        raise ValueError("swiftkv bench --mode online/serving needs httpx: pip install 'swiftkv[bench]' "
+                         "(or pip install httpx)") from None
+    return httpx
 
 
 @dataclass
@@ -118,6 +131,7 @@ def _is_token(chunk: dict) -> bool:
 
 
 async def _one(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -> RequestTrace:
+    httpx = import_httpx()
     trace = RequestTrace(sent=time.perf_counter())
     usage: dict = {}
     try:
@@ -169,6 +183,7 @@ async def run_load(base_url: str, model: str, requests: list[Request], concurren
         raise ValueError("give a request rate (open loop) or a concurrency (closed loop), one of them")
     if concurrency is not None and concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    httpx = import_httpx()
     root = base_url.rstrip("/")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     report = LoadReport()

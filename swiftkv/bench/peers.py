@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from swiftkv.bench.env import KV_CACHE_GIB, tree_memory
+from swiftkv.bench.env import KV_CACHE_GIB, log_tail, tree_memory
+from swiftkv.bench.interleave import SystemFailed
 from swiftkv.bench.peer_worker import TAG
 
+PEER_TIMEOUT_S = float(os.environ.get("SWIFTKV_BENCH_PEER_TIMEOUT_S", "3600"))  # a start or run longer: hung
 _MODULES = {"vllm": "vllm", "vllm-swiftkv": "vllm", "llama.cpp": "llama_cpp"}
 _ENV = {"vllm": "SWIFTKV_VLLM_PYTHON", "vllm-swiftkv": "SWIFTKV_VLLM_PYTHON", "llama.cpp": "SWIFTKV_LLAMACPP_PYTHON"}
 
@@ -45,20 +50,36 @@ def _peer_env(backend: str, python: str, threads: int) -> dict[str, str]:
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
         env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         env["VLLM_CPU_KVCACHE_SPACE"] = str(KV_CACHE_GIB)  # what our engines get (bench/env.py)
-        iomp = next(Path(python).resolve().parent.parent.glob("lib/libiomp5.so"), None)
+        iomp = venv_libiomp5(python)
         if iomp is not None and "LD_PRELOAD" not in env:  # vLLM's documented CPU setup
             env["LD_PRELOAD"] = str(iomp)
+        # libiomp5's idle workers spin 200 ms after each parallel region by default, slowing whichever system
+        # runs next; Intel's CPU tuning guides set 1 ms
+        env.setdefault("KMP_BLOCKTIME", "1")
     return env
+
+
+def venv_libiomp5(python: str) -> Path | None:
+    """The ``lib/libiomp5.so`` of the environment ``python`` belongs to (intel-openmp installs it there), or None.
+    The environment is found from the path as given: a venv's ``bin/python`` is a symlink to the base
+    interpreter, and resolving it would look in the base installation instead."""
+    prefix = Path(os.path.abspath(python)).parent.parent
+    lib = prefix / "lib" / "libiomp5.so"
+    return lib if lib.is_file() else None
 
 
 class Peer:
     """A running peer process, a :class:`~swiftkv.bench.systems.System`: ``run(prompts, max_tokens)``
-    returns ``wall_s``, ``ttft``, ``tpot`` measured by the peer's own clock (no IPC in them)."""
+    returns ``wall_s``, ``ttft``, ``tpot`` measured by the peer's own clock (no IPC in them).
+
+    A peer that crashes (llama.cpp builds have segfaulted on some CPUs), exits or does not answer within
+    ``timeout_s`` raises :class:`~swiftkv.bench.interleave.SystemFailed` with its exit status and log tail;
+    the benchmark reports it and goes on with the others."""
 
     def __init__(self, backend: str, python: str, model: str, threads: int, max_model_len: int = 4096,
                  max_num_seqs: int = 32, log_dir: str | None = None, dtype: str = "bfloat16",
-                 prefix_caching: bool = False, name: str | None = None) -> None:
-        self.backend, self.name = backend, name or backend
+                 prefix_caching: bool = False, name: str | None = None, timeout_s: float = 3600.0) -> None:
+        self.backend, self.name, self.timeout_s = backend, name or backend, timeout_s
         started = time.perf_counter()
         worker = Path(__file__).with_name("peer_worker.py")
         log = Path(log_dir or tempfile.gettempdir()) / f"swiftkv-peer-{self.name}.log"
@@ -70,7 +91,13 @@ class Peer:
              "--max-num-seqs", str(max_num_seqs), "--dtype", dtype] + (["--prefix-caching"] if prefix_caching else []),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
             env=_peer_env(backend, python, threads))
-        hello = self._read()
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True, name=f"peer-{self.name}").start()
+        try:
+            hello = self._read()
+        except SystemFailed as e:
+            self.close()
+            raise RuntimeError(f"{backend} failed to start: {e}") from None
         if "error" in hello:
             self.close()
             raise RuntimeError(f"{backend} failed to start: {hello['error']} (log: {log})")
@@ -78,19 +105,42 @@ class Peer:
         self.load_s = time.perf_counter() - started
         self.dtype = dtype if backend.startswith("vllm") else "gguf"
 
+    def _pump(self) -> None:
+        """Reader thread: the peer's stdout lines, then None at its end (so a read can time out)."""
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _failure(self, what: str) -> SystemFailed:
+        self._log.flush()
+        return SystemFailed(f"{self.name} {what}; log {self.log_path}, last lines:\n{log_tail(self.log_path)}")
+
     def _read(self) -> dict:
-        for line in self.proc.stdout:  # the peer's own logging may share stdout
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.proc.kill()
+                self.proc.wait()
+                raise self._failure(f"did not answer within {self.timeout_s:.0f} s and was killed") from None
+            if line is None:
+                code = self.proc.wait()
+                how = f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
+                raise self._failure(f"exited ({how})")
             if line.startswith(TAG):
                 return json.loads(line[len(TAG):])
-            self._log.write(line)
-        raise RuntimeError(f"{self.backend} exited (code {self.proc.wait()}); see {self.log_path}")
+            self._log.write(line)  # the peer's own logging may share stdout
 
     def run(self, prompts: list[list[int]], max_tokens: int) -> dict:
-        self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens}) + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens}) + "\n")
+            self.proc.stdin.flush()
+        except OSError:  # the peer is gone: say how
+            pass
         out = self._read()
         if "error" in out:
-            raise RuntimeError(f"{self.backend}: {out['error']}")
+            raise self._failure(f"answered an error: {out['error']}")
         return out
 
     def memory(self) -> dict[str, int]:
@@ -99,7 +149,10 @@ class Peer:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.stdin.close()
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -144,7 +197,7 @@ def start_peers(spec: PeerSpec, model_dir: Path, threads: int, max_model_len: in
             print(f"bench: starting {name} ({python}) on {model}", file=sys.stderr, flush=True)
             try:
                 peers[name] = Peer(backend, python, model, threads, max_model_len, max_num_seqs, log_dir, dtype,
-                                   prefix_caching, name)
+                                   prefix_caching, name, timeout_s=PEER_TIMEOUT_S)
             except (RuntimeError, ValueError) as e:
                 print(f"bench: {name} skipped: {e}", file=sys.stderr)
     return peers

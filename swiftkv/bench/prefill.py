@@ -5,14 +5,18 @@ llama.cpp, interleaved so a noisy machine affects all alike. Reports tokens/s an
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import statistics
 import time
-from pathlib import Path
 
-from swiftkv.bench.env import environment, measure_bandwidth, reset_peak_memory, tree_memory, warn_if_busy
+from swiftkv.bench.env import (
+    environment,
+    measure_bandwidth,
+    reset_peak_memory,
+    tree_memory,
+    warn_if_busy,
+)
 from swiftkv.bench.interleave import interleave
 from swiftkv.bench.systems import (
     TransformersSystem,
@@ -20,6 +24,7 @@ from swiftkv.bench.systems import (
     swiftkv_systems,
 )
 from swiftkv.bench.workloads import random_token_prompts
+from swiftkv.fileio import atomic_write_json
 from swiftkv.models.footprint import checkpoint_bytes, decode_weight_bytes, held_bytes
 from swiftkv.platforms import dtype_name, resolve_dtype
 
@@ -60,6 +65,7 @@ def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512,
         systems["transformers"] = TransformersSystem(load_transformers_model(path, m.compute_dtype),
                                                      dtype, batch_size=batch)
     running = start_peers(peers, path, env["threads"], max_len + decode_tokens + 64, max(8, batch), dtype=dtype) if peers else {}
+    failed: dict[str, str] = {}
     reset_peak_memory()  # the peak below: the runs, not the peers' one-time checkpoint preparation
     systems.update(running)
     skv = m.swiftkv_config
@@ -72,21 +78,37 @@ def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512,
               "load_s": {"swiftkv": load_s, **{name: p.load_s for name, p in running.items()}},
               "held_bytes": held_bytes(m), "checkpoint_bytes": checkpoint_bytes(path),
               "decode_weight_bytes": {name: decode_weight_bytes(m, s.llm.swiftkv) for name, s in engines.items()},
-              "prefill": {}, "decode": {}}
+              "prefill": {}, "decode": {}, "spread": {}, "failed": failed}
 
-    def measure(prompts, n, repeats, desc, pick=statistics.median, timer=_wall) -> dict[str, float]:
+    def measure(key: str, prompts, n, repeats, pick=statistics.median, timer=_wall, scale: float = 1.0) -> dict:
+        """Rate (``scale`` / seconds) per system under ``result[key]``, its repeats' range under
+        ``result["spread"][key]``; systems that fail are dropped (named in ``result["failed"]``) and the JSON so far
+        written, so a peer that crashes later loses nothing measured."""
         calls = {name: (lambda s=s: timer(s, prompts, n)) for name, s in systems.items()}
-        return {name: pick(t) for name, t in interleave(calls, repeats, desc).items()}
+        times = interleave(calls, repeats, key, failed=failed)
+        rates = {k: scale / pick(t) for k, t in times.items()}
+        result["spread"][key] = {k: [scale / max(t), scale / min(t)] for k, t in times.items()}
+        for name in [n for n in systems if n in failed]:
+            systems.pop(name).close()
+            running.pop(name, None)
+        return rates
+
+    def save() -> None:
+        if out:
+            atomic_write_json(out, result, indent=2)
 
     try:
         for n in lengths:
             prompt = random_token_prompts(rng, 1, (n, n), m.config.vocab_size)
-            result["prefill"][n] = {k: n / t for k, t in measure(prompt, 1, reps, f"prefill @ {n}").items()}
+            result["prefill"][n] = measure(f"prefill@{n}", prompt, 1, reps, scale=n)
+            save()
         prompts = random_token_prompts(rng, max(1, batch), (64, 64), m.config.vocab_size)
-        result["decode"] = {k: 1 / t for k, t in measure(prompts[:1], decode_tokens, 2, "decode b1", min, _tpot).items()}
+        result["decode"] = measure("decode", prompts[:1], decode_tokens, 2, min, _tpot)
+        save()
         if batch > 1:  # 0: no aggregate figure
-            result[f"decode_b{batch}"] = {k: batch * decode_tokens / t
-                                          for k, t in measure(prompts, decode_tokens, 2, f"decode b{batch}", min).items()}
+            result[f"decode_b{batch}"] = measure(f"decode_b{batch}", prompts, decode_tokens, 2, min,
+                                                 scale=batch * decode_tokens)
+            save()
         own = tree_memory(os.getpid(), children=False)  # the peers are this process's children
         result["memory"] = {"swiftkv": {"rss_after_load": loaded["rss"], "peak": own["peak"]},
                             **{name: p.memory() for name, p in running.items()}}
@@ -101,7 +123,7 @@ def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512,
     result["ratios"] = _ratios(result)
     print(format_report(result))
     if out:
-        Path(out).write_text(json.dumps(result, indent=2))
+        atomic_write_json(out, result, indent=2)
         print(f"wrote {out}")
     return result
 
@@ -152,4 +174,5 @@ def format_report(r: dict) -> str:
                      + ", ".join(f"{k} {v:.0%}" for k, v in r["decode_roofline_fraction"].items())
                      + " of the roofline of the weight bytes it reads")
     lines += [f"  {k}: {v:.2f}x" for k, v in r["ratios"].items()]
+    lines += [f"FAILED {name}: {why}" for name, why in r.get("failed", {}).items()]
     return "\n".join(lines)

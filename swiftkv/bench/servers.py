@@ -14,9 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
-from swiftkv.bench.env import KV_CACHE_GIB, tree_memory
+from swiftkv.bench.env import KV_CACHE_GIB, log_tail, tree_memory
+from swiftkv.bench.online import import_httpx
 from swiftkv.bench.peers import _peer_env, find_peer_python, gguf_for, plain_checkpoint
 
 SERVER_KINDS = ("swiftkv", "swiftkv-baseline", "vllm", "vllm-swiftkv", "llama-server")
@@ -59,6 +58,7 @@ class Server:
 
     def wait_ready(self, timeout: float = 900.0) -> None:
         """Until ``/v1/models`` answers; ``RuntimeError`` with the log's tail if the process dies or times out."""
+        httpx = import_httpx()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -74,10 +74,7 @@ class Server:
         raise RuntimeError(f"{self.name} did not answer within {timeout:.0f} s:\n{self.log_tail()}")
 
     def log_tail(self, n: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, n)
 
     def memory(self) -> dict[str, int]:
         return tree_memory(self.proc.pid) if self.proc and self.proc.poll() is None else {"rss": 0, "peak": 0}
