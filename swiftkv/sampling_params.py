@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+GREEDY_BELOW = 1e-5  # a temperature below this samples greedily (vLLM's _SAMPLING_EPS)
+FP32_TINY, FP32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38  # fp32's smallest normal and largest finite
+
 
 @dataclass
 class SamplingParams:
     """How to pick tokens and when to stop.
 
-    ``temperature == 0`` is greedy. ``seed`` makes sampling reproducible per request.
+    ``temperature`` below 1e-5 is greedy (as vLLM: a smaller one would only overflow fp32). ``top_p`` always
+    keeps the most likely token. ``seed`` makes sampling reproducible per request.
     ``logprobs = k`` returns the chosen token's logprob and the top-``k`` alternatives per step;
     ``prompt_logprobs = k`` returns them for prompt tokens (computed with the full-sequence path).
     Penalties as vLLM applies them, to the logits before sampling: ``repetition_penalty`` (> 0, 1 = off)
@@ -44,7 +48,8 @@ class SamplingParams:
             self.top_k = 0
         checks = [
             (isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}"),
-            (_num(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature!r}"),
+            (_num(self.temperature) and 0 <= self.temperature < float("inf"),
+             f"temperature must be a finite number >= 0, got {self.temperature!r}"),
             (_num(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}"),
             (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}"),
             (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
@@ -58,8 +63,9 @@ class SamplingParams:
              f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}"),
             (_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}"),
-            (_num(self.repetition_penalty) and 0 < self.repetition_penalty < float("inf"),
-             f"repetition_penalty must be greater than zero (1 = off), got {self.repetition_penalty!r}"),
+            (_num(self.repetition_penalty) and FP32_TINY <= self.repetition_penalty <= FP32_MAX,
+             f"repetition_penalty must be greater than zero (1 = off) and within fp32's normal range "
+             f"[{FP32_TINY:.3g}, {FP32_MAX:.3g}], got {self.repetition_penalty!r}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be a non-empty string or a list of them"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers"),
             (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
@@ -73,7 +79,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def has_penalties(self) -> bool:

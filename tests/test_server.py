@@ -249,3 +249,70 @@ def test_ttft_metric_counts_from_the_request_not_from_the_engine(serve, monkeypa
     assert r.status_code == 200
     ttft = _histogram_sum(httpx.get(srv.url + "/metrics").text, "swiftkv_time_to_first_token_seconds")
     assert 0.4 <= ttft <= took
+
+
+def test_a_reader_that_stops_reading_holds_a_bounded_mailbox(tiny_chat_model_dir):
+    """The engine thread runs on while a handler does not read: its mailbox keeps at most ``keep`` cumulative
+    outputs per engine request (it was one per step, unbounded: a client that never read its socket grew the
+    server by GBs), and the last one read is complete."""
+    from swiftkv.llm import LLM
+    from swiftkv.sampling_params import SamplingParams
+    from swiftkv.server.async_engine import AsyncEngine
+
+    llm = LLM(tiny_chat_model_dir, dtype="float32", kv_cache_memory=64 << 20)
+    engine = AsyncEngine(llm.engine)
+
+    async def main():
+        box = engine.submit("slow", [5, 6, 7], SamplingParams(n=1, max_tokens=120, ignore_eos=True, logprobs=5))
+        peak = 0
+        while "slow" in engine._requests:  # until the engine finished it, nothing read
+            peak = max(peak, box.qsize())
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        outs = [await box.get() for _ in range(box.qsize())]
+        return peak, outs
+
+    try:
+        peak, outs = asyncio.run(main())
+    finally:
+        asyncio.run(engine.shutdown(grace_s=0))
+    assert 1 <= peak <= 4 and len(outs) <= 4
+    assert [len(o.outputs[0].token_ids) for o in outs] == sorted(len(o.outputs[0].token_ids) for o in outs)
+    assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 120 and len(outs[-1].outputs[0].logprobs) == 120
+
+
+def test_a_client_that_never_reads_its_stream(serve):
+    """A raw socket with a tiny receive buffer asks for a long, fat stream and never reads: the server holds a
+    bounded mailbox for it meanwhile, and when the client goes, the request is aborted and its KV freed."""
+    import json
+    import socket
+
+    srv, app = serve()
+    try:
+        engine = app.state.engine
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", srv.port))
+        body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 320, "n": 16, "logprobs": 20, "stream": True,
+                           "ignore_eos": True}).encode()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline, peak, seen = time.monotonic() + 60, 0, None
+        while time.monotonic() < deadline:
+            reqs = list(engine._requests.values())
+            seen = seen or (reqs[0] if reqs else None)
+            peak = max([peak] + [r.queue.qsize() for r in reqs])
+            if seen is not None and seen.tokens >= 16 * 320:  # the engine is done; the client read (almost) nothing
+                break
+            time.sleep(0.02)
+        assert seen is not None and seen.tokens == 16 * 320
+        assert 1 < peak <= 4, peak  # the handler fell behind, and held a few outputs, not one per step (320)
+        sock.close()
+        h = _wait_blocks_free(srv.url)
+        assert h["kv_blocks_used"] == 0 and h["running"] == 0
+        deadline = time.monotonic() + 30
+        while engine._requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not engine._requests  # nothing kept for the client that went
+    finally:
+        srv.stop()

@@ -201,3 +201,68 @@ def test_fuzz_no_5xx(server, route, body):
 def test_fuzz_left_the_server_healthy(server):
     h = httpx.get(server[0].url + "/health", timeout=10).json()
     assert h["status"] == "ok"
+
+
+@pytest.mark.parametrize("extra", [
+    {"temperature": 1e-300}, {"temperature": 5e-324}, {"temperature": 1e-38}, {"top_p": 1e-300, "temperature": 1},
+    {"repetition_penalty": 1e-300, "temperature": 1}, {"repetition_penalty": 1e-37, "temperature": 0.01},
+    {"min_tokens": 2, "stop_token_ids": list(range(49152))},
+])
+def test_extreme_sampling_values_never_fail_other_requests(serve, extra):
+    """Values that once built an inf/NaN distribution (and failed every request of their engine step) are a 400
+    or are clamped to work, while three greedy requests run beside them to their last token."""
+    srv, _ = serve()
+    try:
+        _concurrent_greedy_beside(srv.url, lambda: _post(srv.url, "/v1/completions",
+                                                         {"model": MODEL, "prompt": "hi", "max_tokens": 8, **extra}),
+                                  ok_statuses=(200, 400))
+    finally:
+        srv.stop()
+
+
+def test_a_row_that_fails_fails_its_request_alone(serve, monkeypatch):
+    """A sampling failure in one row (injected for seed 666) answers that request with an error; the greedy
+    requests in the same steps finish every token."""
+    import swiftkv.layers.sampler as sampler
+
+    real = sampler._sample_row
+
+    def faulty(logits, p, gen):
+        if p.seed == 666:
+            raise RuntimeError("injected row fault")
+        return real(logits, p, gen)
+
+    monkeypatch.setattr(sampler, "_sample_row", faulty)
+    srv, _ = serve()
+    try:
+        statuses = _concurrent_greedy_beside(srv.url, lambda: _post(
+            srv.url, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 8, "temperature": 1,
+                                         "seed": 666}), ok_statuses=(500,))
+        assert statuses and set(statuses) == {500}
+    finally:
+        srv.stop()
+
+
+def _concurrent_greedy_beside(url: str, send_bad, ok_statuses: tuple[int, ...], tokens: int = 60) -> list[int]:
+    """Three greedy requests of ``tokens`` tokens; ``send_bad()`` sent over and over while they run. Asserts every
+    greedy request got all its tokens and every bad one an allowed status; returns the bad ones' statuses."""
+    results, statuses = [], []
+
+    def greedy():
+        r = _post(url, "/v1/completions", {"model": MODEL, "prompt": "hello there", "max_tokens": tokens,
+                                           "temperature": 0, "ignore_eos": True})
+        results.append((r.status_code, r.json()))
+
+    threads = [threading.Thread(target=greedy) for _ in range(3)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads) or not statuses:
+        r = send_bad()
+        statuses.append(r.status_code)
+        assert r.status_code in ok_statuses, r.text
+    for t in threads:
+        t.join()
+    for status, body in results:
+        assert status == 200, body
+        assert body["usage"]["completion_tokens"] == tokens and body["choices"][0]["finish_reason"] == "length"
+    return statuses

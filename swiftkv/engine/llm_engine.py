@@ -44,10 +44,14 @@ class EngineConfig:
 
 
 class EngineStepError(RuntimeError):
-    """A model step failed; only the requests it touched (``request_ids``) were failed."""
+    """A model step failed; only the requests it touched (``request_ids``) were failed. When only some rows
+    failed (their sampling parameters made no finite distribution), ``outputs`` holds the step's outputs of the
+    other requests, which went on."""
 
-    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+    def __init__(self, request_ids: list[str], cause: BaseException,
+                 outputs: list[RequestOutput] | None = None) -> None:
         super().__init__(f"engine step failed for {len(request_ids)} request(s): {cause!r}")
+        self.outputs = outputs or []
         self.request_ids = request_ids
         self.cause = cause
 
@@ -124,6 +128,11 @@ class LLMEngine:
             raise ValueError("prompt is empty: at least one token is needed")
         if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if params.min_tokens:
+            stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+            if len(stops) >= vocab and all(t in stops for t in range(vocab)):
+                raise ValueError("stop_token_ids (with the eos tokens) cover the whole vocabulary: nothing can be "
+                                 "sampled before min_tokens; drop min_tokens or some stop_token_ids")
         n = len(prompt_token_ids)
         if n >= self.max_model_len:
             raise ValueError(f"prompt has {n} tokens; the model's context is {self.max_model_len} tokens")
@@ -156,17 +165,18 @@ class LLMEngine:
         if not out:
             return []
         try:
-            results = self.runner.execute(out)
+            results, row_errors = self.runner.execute(out)
         except Exception as e:  # fail only the requests of this batch; the engine keeps serving
             failed = list(dict.fromkeys(s.request_id for s in out.seqs))
-            for rid in failed:
-                for seq in self.requests.pop(rid).seqs:
-                    if not seq.is_finished:
-                        self.scheduler.finish(seq, "error")
+            self._fail(failed)
             raise EngineStepError(failed, e) from e
         self.scheduler.update_after_step(out)
+        failed = list(dict.fromkeys(seq.request_id for seq, _ in row_errors))  # one request's row: it alone fails
+        self._fail(failed)
         advanced: dict[str, None] = {}
         for seq, token, lp in results:
+            if seq.request_id in failed:  # another of its n samples failed
+                continue
             seq.token_ids.append(token)
             if lp is not None:
                 seq.logprobs.append(lp)
@@ -178,7 +188,17 @@ class LLMEngine:
                 if seq.detokenizer is not None:
                     seq.detokenizer.flush()  # the final text equals a full decode of the output
             advanced[seq.request_id] = None
-        return [self.output_of(rid) for rid in advanced]
+        outputs = [self.output_of(rid) for rid in advanced]
+        if failed:
+            raise EngineStepError(failed, ValueError("; ".join(dict.fromkeys(why for _, why in row_errors))), outputs)
+        return outputs
+
+    def _fail(self, request_ids: list[str]) -> None:
+        """Finish every sequence of these requests with ``error`` (blocks freed) and forget them."""
+        for rid in request_ids:
+            for seq in self.requests.pop(rid).seqs:
+                if not seq.is_finished:
+                    self.scheduler.finish(seq, "error")
 
     def output_of(self, request_id: str, release: bool = True) -> RequestOutput:
         """The current (cumulative) output of a request; finished requests are forgotten."""

@@ -82,11 +82,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput):
-        """Run one step. Returns [(seq, token, logprobs)] for the sequences that sampled."""
+        """Run one step. Returns ``([(seq, token, logprobs)], [(seq, error)])``: the sequences that sampled, and
+        those whose row could not be sampled (their parameters made no finite distribution)."""
         ids, positions, meta, rows = self.prepare(out)
         hidden = self.model(ids, positions, meta, logits_seq_ids=rows, fused=self.fused, swiftkv=self.swiftkv)
         if not rows:
-            return []
+            return [], []
         logits = self.model.compute_logits(hidden)
         seqs: list[Sequence] = [out.seqs[r] for r in rows]
         self._mask_stops_before_min_tokens(logits, seqs)
@@ -94,8 +95,9 @@ class ModelRunner:
             logits = logits.float()
             apply_penalties(logits, [s.params for s in seqs], [s.prompt_token_ids for s in seqs],
                             [s.output_token_ids for s in seqs])
-        tokens, logprobs = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        return list(zip(seqs, tokens, logprobs))
+        tokens, logprobs, errors = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        return ([(s, t, lp) for r, (s, t, lp) in enumerate(zip(seqs, tokens, logprobs)) if r not in errors],
+                [(seqs[r], why) for r, why in errors.items()])
 
     def _mask_stops_before_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """Before a sequence has ``min_tokens`` outputs, its stop tokens (eos unless ``ignore_eos``,

@@ -8,22 +8,35 @@ from swiftkv.sampling_params import SamplingParams
 
 
 class Sampler:
-    """Samples one token per row of logits. Greedy rows are batched; others use their generator."""
+    """Samples one token per row of logits. Greedy rows are batched; others use their generator.
+
+    A row that cannot be sampled (its logits, after penalties, temperature and top-k/top-p, hold no finite
+    distribution) gets no token and an error message; the other rows are sampled as usual, so one request's
+    parameters never fail its neighbours."""
 
     def __call__(
         self,
         logits: torch.Tensor,
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
-    ) -> tuple[list[int], list[tuple[float, dict[int, float]] | None]]:
-        """logits [M, vocab] -> (token ids, per-row (chosen logprob, top-k logprobs) or None)."""
+    ) -> tuple[list[int | None], list[tuple[float, dict[int, float]] | None], dict[int, str]]:
+        """logits [M, vocab] -> (token ids (None for a failed row), per-row (chosen logprob, top-k logprobs) or
+        None, {row: why it failed})."""
         logits = logits.float()
-        tokens = logits.argmax(-1).tolist()
+        tokens: list[int | None] = logits.argmax(-1).tolist()
+        errors: dict[int, str] = {}
         for r, p in enumerate(params):
-            if not p.greedy:
-                tokens[r] = _sample_row(logits[r], p, generators[r])
+            if not torch.isfinite(logits[r]).any():
+                errors[r] = "every logit is -inf or NaN after penalties and masks: nothing can be sampled"
+            elif not p.greedy:
+                try:
+                    tokens[r] = _sample_row(logits[r], p, generators[r])
+                except (RuntimeError, ValueError) as e:  # an invalid distribution from extreme parameters
+                    errors[r] = f"sampling failed: {e}"
+        for r in errors:
+            tokens[r] = None
         logprobs: list[tuple[float, dict[int, float]] | None] = [None] * len(params)
-        rows = [r for r, p in enumerate(params) if p.logprobs is not None]
+        rows = [r for r, p in enumerate(params) if p.logprobs is not None and r not in errors]
         if rows:
             lp = torch.log_softmax(logits[rows], -1)
             for j, r in enumerate(rows):
@@ -31,7 +44,7 @@ class Sampler:
                 top = lp[j].topk(k) if k else None
                 alts = dict(zip(top.indices.tolist(), top.values.tolist())) if top is not None else {}
                 logprobs[r] = (float(lp[j, tokens[r]]), alts)
-        return tokens, logprobs
+        return tokens, logprobs, errors
 
 
 def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],
@@ -53,15 +66,22 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts:
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
-    x = logits / p.temperature
+    # the logits are fp32: their largest finite value bounds the division (a tiny temperature is greedy anyway,
+    # SamplingParams.greedy); inf - inf in the softmax would otherwise give NaN
+    x = (logits / p.temperature).clamp(min=torch.finfo(torch.float32).min, max=torch.finfo(torch.float32).max)
+    x = torch.where(logits == float("-inf"), logits, x)  # masked tokens stay masked
     if p.top_k and p.top_k < x.shape[-1]:
         kth = x.topk(p.top_k).values[-1]
         x = x.masked_fill(x < kth, float("-inf"))
     if p.top_p < 1.0:
         sorted_x, idx = x.sort(descending=True)
         probs = sorted_x.softmax(-1)
-        # drop tokens once the mass before them already reaches top_p (always keep the first)
+        # drop tokens once the mass before them already reaches top_p; the first is always kept (a top_p that
+        # rounds to 0 in fp32 would otherwise drop it too)
         drop = probs.cumsum(-1) - probs >= p.top_p
+        drop[0] = False
         x = x.scatter(0, idx, sorted_x.masked_fill(drop, float("-inf")))
     probs = x.softmax(-1)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        raise ValueError("the sampling distribution is not finite (extreme temperature or penalties)")
     return int(torch.multinomial(probs, 1, generator=gen))

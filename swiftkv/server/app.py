@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from swiftkv.outputs import CompletionOutput
-from swiftkv.server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from swiftkv.server.async_engine import AsyncEngine, EngineDeadError, OutputMailbox, QueueFullError
 from swiftkv.server.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, error_body
 from swiftkv.server import responses as R
 from swiftkv.server.body_limit import BodySizeLimit
@@ -210,7 +210,7 @@ async def _run(engine: AsyncEngine, rid: str, jobs: list[tuple[list[int], str | 
     Aborts every unfinished request when the client disconnects, the timeout passes, or the
     consumer stops early (e.g. a cancelled stream).
     """
-    queue: asyncio.Queue = asyncio.Queue()
+    queue = OutputMailbox()  # a slow reader holds a few outputs per sub-request, not one per step
     sub_ids: dict[str, int] = {}
     n = params.n
     try:

@@ -1,5 +1,5 @@
 """One engine loop shared by all HTTP requests: a background thread steps the engine and hands
-outputs to each request's asyncio queue. Bounded waiting queue, aborts, timeouts, shutdown."""
+outputs to each request's mailbox (bounded for slow readers). Bounded waiting queue, aborts, timeouts, shutdown."""
 
 from __future__ import annotations
 
@@ -24,9 +24,46 @@ class EngineDeadError(RuntimeError):
     """The engine is shutting down or was stopped."""
 
 
+class OutputMailbox:
+    """Where the engine thread leaves one HTTP request's outputs for its handler, in order. A reader that keeps
+    up gets every step's output (one streamed chunk per token); for a reader that falls behind -- a client that
+    stops reading its socket -- at most ``keep`` outputs per engine request wait, a newer one superseding the
+    oldest (outputs are cumulative, so nothing is lost: the next chunk carries several tokens). Its memory is
+    bounded however slowly the client reads. ``put_nowait`` runs on the event loop (the engine thread hands
+    items over with ``call_soon_threadsafe``)."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self._items: deque[RequestOutput | BaseException] = deque()
+        self._count: dict[str, int] = {}
+        self._ready = asyncio.Event()
+
+    def put_nowait(self, item: RequestOutput | BaseException) -> None:
+        if isinstance(item, RequestOutput):
+            rid = item.request_id
+            if self._count.get(rid, 0) >= self.keep:  # superseded: drop the oldest of this request's outputs
+                self._items.remove(next(x for x in self._items if isinstance(x, RequestOutput) and x.request_id == rid))
+            else:
+                self._count[rid] = self._count.get(rid, 0) + 1
+        self._items.append(item)
+        self._ready.set()
+
+    async def get(self) -> RequestOutput | BaseException:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._items.popleft()
+        if isinstance(item, RequestOutput):
+            self._count[item.request_id] -= 1
+        return item
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+
 @dataclass
 class _Request:
-    queue: asyncio.Queue
+    queue: OutputMailbox
     loop: asyncio.AbstractEventLoop
     n: int = 1  # sequences (samples) it runs
     tokens: int = 0  # generated so far, all samples
@@ -54,8 +91,8 @@ class AsyncEngine:
     # -- called from the event loop -----------------------------------------------------------
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-               prompt: str | None = None, queue: asyncio.Queue | None = None,
-               arrival: float | None = None) -> asyncio.Queue:
+               prompt: str | None = None, queue: OutputMailbox | None = None,
+               arrival: float | None = None) -> OutputMailbox:
         """Queue a request; outputs (or an exception) arrive on ``queue`` (new if not given). ``arrival``
         (``time.monotonic()``, default now) is when the client's request came in: the TTFT metric counts from it.
 
@@ -70,7 +107,7 @@ class AsyncEngine:
         if in_flight + params.n - self.engine.scheduler.max_num_seqs > self.max_waiting:
             self.metrics.rejected.inc()
             raise QueueFullError(f"{self.max_waiting} sequences already waiting")
-        req = _Request(queue or asyncio.Queue(), asyncio.get_running_loop(), params.n,
+        req = _Request(queue or OutputMailbox(), asyncio.get_running_loop(), params.n,
                        arrival=time.monotonic() if arrival is None else arrival)
         self._requests[request_id] = req
         self._pending.append(("add", request_id, (prompt_token_ids, params, prompt)))
@@ -117,8 +154,8 @@ class AsyncEngine:
             if busy:
                 try:
                     outputs = self.engine.step()
-                except EngineStepError as e:
-                    failed = e
+                except EngineStepError as e:  # the failed requests alone; the others' outputs go on
+                    outputs, failed = e.outputs, e
             deliveries += self._collect(outputs, failed)
             for req, item in deliveries:
                 req.loop.call_soon_threadsafe(req.queue.put_nowait, item)

@@ -28,7 +28,7 @@ def test_sampled_frequencies_match_the_hand_computed_distribution(kw, expected):
     gen = torch.Generator().manual_seed(0)
     counts = [0] * len(PROBS)
     for _ in range(5):
-        tokens, _ = Sampler()(logits, [params] * len(logits), [gen] * len(logits))
+        tokens, _, _ = Sampler()(logits, [params] * len(logits), [gen] * len(logits))
         for t in tokens:
             counts[t] += 1
     freq = [c / sum(counts) for c in counts]
@@ -80,3 +80,30 @@ def test_frequency_and_presence_penalties_hand_computed():
 def test_bad_penalties_and_min_tokens_are_refused_as_vllm_does(kw, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):
         SamplingParams(**kw)
+
+
+def test_a_row_that_cannot_be_sampled_fails_alone():
+    """Extreme but valid parameters are clamped (a tiny temperature is greedy, top_p keeps the top token); a row
+    with nothing to sample (every logit masked) fails alone, its neighbours sampled as usual."""
+    logits = torch.tensor([[math.log(p) for p in PROBS]] * 5)
+    logits[1] = float("-inf")
+    params = [SamplingParams(temperature=1e-300), SamplingParams(temperature=1.0),
+              SamplingParams(temperature=1.0, top_p=1e-300), SamplingParams(temperature=5e-324),
+              SamplingParams(temperature=1e-38, top_k=2)]
+    gen = torch.Generator().manual_seed(0)
+    tokens, logprobs, errors = Sampler()(logits, params, [gen] * 5)
+    assert set(errors) == {1} and "nothing can be sampled" in errors[1]
+    assert tokens == [0, None, 0, 0, 0]
+    assert all(p.greedy for p in (params[0], params[3], params[4])) and not params[2].greedy
+    huge = torch.tensor([[3e38, 3e38, -3e38, 0.0]])  # a temperature below 1 overflows these to inf
+    for _ in range(20):
+        t, _, e = Sampler()(huge, [SamplingParams(temperature=0.5)], [gen])
+        assert not e and t[0] in (0, 1)
+
+
+def test_fp32_unrepresentable_penalties_are_refused():
+    with pytest.raises(ValueError, match="repetition_penalty must be greater than zero"):
+        SamplingParams(repetition_penalty=1e-300)
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        SamplingParams(temperature=float("inf"))
+    assert SamplingParams(repetition_penalty=1e-30).repetition_penalty == 1e-30
