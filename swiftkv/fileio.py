@@ -2,8 +2,9 @@
 not write is replaced without being asked.
 
 Temporaries live beside their target (same file system, so the final ``os.replace`` is atomic)
-and are named ``.NAME.tmp-PID...``; :func:`clean_stale_temps` removes the ones a killed process
-left behind.
+and are named ``.NAME.swiftkv-tmp-PID-RANDOM`` (``swiftkv-old`` for a directory being replaced);
+:func:`clean_stale_temps` removes the ones a killed process left behind, and only names of that form:
+a user's ``.bashrc.old-2024`` or ``.vim.tmp-1`` is never ours to delete.
 """
 
 from __future__ import annotations
@@ -11,13 +12,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-_TEMP = re.compile(r"^\..+\.(tmp|old)-(\d+)")
+_TEMP = re.compile(r"^\..+\.swiftkv-(tmp|old)-(\d+)-[0-9a-z_]{8}")  # what _temp_name and mkdtemp make
+
+
+def _temp_name(target: str, kind: str = "tmp") -> str:
+    """``.TARGET.swiftkv-KIND-PID-RANDOM``: a name only swiftkv makes, with the writer's PID (stale once it died)."""
+    return f".{target}.swiftkv-{kind}-{os.getpid()}-{secrets.token_hex(4)}"
 STAMP_FILE = "swiftkv_stamp.txt"  # what a cached directory was built from
 
 
@@ -34,17 +41,21 @@ def umask() -> int:
     return mask
 
 
-def apply_umask(path: Path) -> None:
+def apply_umask(path: Path, keep_modes: dict[str, int] | None = None) -> None:
     """Give ``path`` (and, for a directory, everything in it) the permissions any tool gives new files under
     the user's umask: ``0o666 & ~umask`` for files, ``0o777 & ~umask`` for directories and executables. Temporary
     directories are made 0700 and some writers (safetensors) make 0600 files: a checkpoint written that way
-    could not be read by another user, or by a server container reading a mounted volume."""
+    could not be read by another user, or by a server container reading a mounted volume. ``keep_modes``
+    (name in ``path`` -> the source file's mode): copies that keep their source's stricter permissions (a 0600
+    file stays 0600)."""
     mask = umask()
     paths = [path] + (list(path.rglob("*")) if path.is_dir() and not path.is_symlink() else [])
     for p in paths:
         if not p.is_symlink():
             executable = p.is_dir() or p.stat().st_mode & 0o111
             os.chmod(p, (0o777 if executable else 0o666) & ~mask)
+    for name, mode in (keep_modes or {}).items():  # files copied from the user's: never more open than the source
+        os.chmod(path / name, mode & 0o777 & ~mask)
 
 
 def read_json_object(file: Path) -> dict:
@@ -68,7 +79,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    tmp = path.with_name(_temp_name(path.stem) + path.suffix)
     try:
         write(tmp)
         apply_umask(tmp)
@@ -118,9 +129,20 @@ def is_swiftkv_checkpoint(path: Path) -> bool:
     return isinstance(config, dict) and (config.get("swiftkv") is True or (path / STAMP_FILE).exists())
 
 
+# the files a checkpoint carries beside its config and weights (copied from the model it was made from; nothing
+# else: not a README, not a 2 GB .gguf) -- tokenizer, chat template, generation config, licence
+SIDE_FILES = re.compile(r"^(generation_config\.json|tokenizer\.json|tokenizer_config\.json|tokenizer\.model|"
+                        r"special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt|"
+                        r"chat_template\.(jinja|json)|(LICENSE|NOTICE|USE_POLICY)(\.md|\.txt)?)$")
+# what a checkpoint swiftkv writes may hold: replacing it deletes nothing else
+CHECKPOINT_FILES = re.compile(r"^(config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
+                              + re.escape(STAMP_FILE) + ")$|" + SIDE_FILES.pattern)
+
+
 def check_replaceable(out: Path, overwrite: bool = False) -> None:
-    """Refuse (``ValueError``) to replace a file, or a non-empty directory that is not a swiftkv
-    checkpoint, unless ``overwrite``."""
+    """Refuse (``ValueError``) to replace a file, a non-empty directory that is not a swiftkv checkpoint, or a
+    checkpoint holding files the format does not explain (a README, ``.git/``, eval results kept in it: replacing
+    the directory would delete them), unless ``overwrite``."""
     if overwrite or not out.exists():
         return
     if not out.is_dir():
@@ -129,26 +151,34 @@ def check_replaceable(out: Path, overwrite: bool = False) -> None:
     if any(out.iterdir()) and not is_swiftkv_checkpoint(out):
         raise ValueError(f"{out} is a non-empty directory that is not a swiftkv checkpoint; refusing to replace "
                          "its contents. Choose a new or empty directory (or pass --overwrite to replace it).")
+    extra = sorted(p.name for p in out.iterdir() if not CHECKPOINT_FILES.match(p.name))
+    if extra:
+        raise ValueError(f"{out} is a swiftkv checkpoint that also holds {', '.join(extra[:5])}"
+                         f"{' ...' if len(extra) > 5 else ''}, which replacing it would delete; move them out or "
+                         "choose another output directory (or pass --overwrite to replace it all).")
 
 
 @contextmanager
-def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(out: str | os.PathLike, overwrite: bool = False,
+                     keep_modes: dict[str, int] | None = None) -> Iterator[Path]:
     """Yield a temporary directory to fill; on success it replaces ``out`` in one rename.
 
-    ``out`` may be missing, empty or a swiftkv checkpoint; anything else needs ``overwrite``
-    (:func:`check_replaceable`). On an exception ``out`` is left exactly as it was.
+    ``out`` may be missing, empty or a swiftkv checkpoint of only the files the format explains; anything
+    else needs ``overwrite`` (:func:`check_replaceable`). On an exception ``out`` is left exactly as it was.
+    ``keep_modes``, filled by the caller while writing: files whose (stricter) permissions to keep
+    (:func:`apply_umask`).
     """
     out = Path(out).resolve()
     check_replaceable(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_name(out.name)[:-8], dir=out.parent))  # PID, then mkdtemp's 8 chars
     try:
         yield tmp
-        apply_umask(tmp)
+        apply_umask(tmp, keep_modes)
         old = None
         if out.exists() or out.is_symlink():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            old = out.parent / _temp_name(out.name, "old")
             os.replace(out, old)
         os.replace(tmp, out)
         if old is not None:

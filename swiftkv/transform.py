@@ -151,8 +151,9 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, skv: Swif
     out = Path(out).resolve()
     if out == src.resolve():
         raise ValueError(f"the output directory {out} is the model being read; choose another --out.")
-    with atomic_directory(out, overwrite) as tmp:
-        copy_side_files(src, tmp)
+    modes: dict[str, int] = {}
+    with atomic_directory(out, overwrite, modes) as tmp:
+        copy_side_files(src, tmp, modes)
         write_sharded(tmp, specs, produce, max_shard_size, desc="convert")
         config = swiftkv_hf_config(config, skv)
         saved = {dt for dt, _ in specs.values() if dt.is_floating_point}

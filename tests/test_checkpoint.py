@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from swiftkv.cli import main as cli_main
 from swiftkv.config import SwiftKVConfig
 from swiftkv.models.full_sequence import full_logits
 from swiftkv.models.loader import load_model, save_checkpoint
-from swiftkv.transform import to_swiftkv
+from swiftkv.transform import convert_checkpoint, to_swiftkv
 
 SEQS = [list(range(3, 30)), [9, 8, 7, 6]]
 
@@ -302,3 +303,56 @@ def test_shipped_model_assembles_into_a_fresh_cache(hf_dir, tmp_path, monkeypatc
     model = load_model(builtin.resolve_model("tiny-swiftkv"))[0]
     assert torch.equal(dict(model.named_parameters())["model.layers.3.self_attn.q_proj_swiftkv.weight"],
                        trained["model.layers.3.self_attn.q_proj_swiftkv.weight"] + 1)
+
+
+def test_the_temporary_cleaner_never_deletes_the_users_backups(hf_dir, tmp_path, capsys):
+    """Backup files and directories named like .X.old-N / .X.tmp-N beside --out are the user's: convert leaves
+    them, and removes only its own stale temporaries (``.X.swiftkv-tmp-PID-RANDOM`` of a dead PID)."""
+    path, _ = hf_dir("llama")
+    home = tmp_path / "home"
+    home.mkdir()
+    vim = home / ".vim.old-20231205"
+    vim.mkdir()
+    (vim / "vimrc").write_text("set nu")
+    (home / ".bashrc.old-2024-01-15").write_text("alias ll='ls -l'")
+    (home / ".notes.tmp-1").write_text("draft")
+    dead = home / ".newmodel.swiftkv-tmp-999999999-ab12cd34"  # a killed convert's half-written directory
+    dead.mkdir()
+    alive = home / f".other.swiftkv-tmp-{os.getpid()}-ab12cd34"  # a running process's
+    alive.write_text("")
+    assert cli_main(["convert", str(path), "--out", str(home / "newmodel"), "-l", "3"]) == 0
+    assert (vim / "vimrc").read_text() == "set nu" and (home / ".bashrc.old-2024-01-15").exists()
+    assert (home / ".notes.tmp-1").exists() and alive.exists() and not dead.exists()
+
+
+def test_replacing_a_checkpoint_refuses_files_the_format_does_not_explain(hf_dir, tmp_path, capsys):
+    path, _ = hf_dir("llama")
+    ckpt = tmp_path / "ckpt"
+    assert cli_main(["convert", str(path), "--out", str(ckpt), "-l", "3"]) == 0
+    (ckpt / "README.md").write_text("my notes")
+    (ckpt / ".git").mkdir()
+    assert cli_main(["convert", str(path), "--out", str(ckpt), "-l", "4"]) == 2
+    err = capsys.readouterr().err
+    assert ".git, README.md" in err and "--overwrite" in err and (ckpt / "README.md").read_text() == "my notes"
+    assert cli_main(["convert", str(path), "--out", str(ckpt), "-l", "4", "--overwrite"]) == 0
+    assert not (ckpt / "README.md").exists()
+
+
+def test_side_files_copied_are_known_ones_with_the_sources_permissions(hf_dir, tmp_path):
+    """Only tokenizer / config / licence files come along (not a 2 GB .gguf or a README), read through symlinks
+    (the hub cache's layout), and a private (0600) file stays private."""
+    path, _ = hf_dir("llama")
+    blob = tmp_path / "blob"
+    blob.write_text('{"model_max_length": 64}')
+    os.chmod(blob, 0o600)
+    (path / "tokenizer_config.json").unlink(missing_ok=True)
+    (path / "tokenizer_config.json").symlink_to(blob)
+    (path / "model.gguf").write_bytes(b"GGUF")
+    (path / "README.md").write_text("hub card")
+    (path / "LICENSE").write_text("licence")
+    out = convert_checkpoint(path, tmp_path / "skv", SwiftKVConfig(6, 3))
+    names = {p.name for p in out.iterdir()}
+    assert {"tokenizer_config.json", "LICENSE"} <= names and not {"model.gguf", "README.md"} & names
+    assert not (out / "tokenizer_config.json").is_symlink()
+    assert (out / "tokenizer_config.json").read_text() == blob.read_text()
+    assert (out / "tokenizer_config.json").stat().st_mode & 0o777 == 0o600

@@ -152,11 +152,13 @@ def test_resume_refuses_other_settings_and_cleans_stale_temps(setup, tmp_path):
     first = Trainer(_student(path), tok, _cfg(tmp_path), rows, eval_rows)
     first.train_step()
     first.save()
-    stale = tmp_path / "run" / ".trainer_state.tmp-999999999.pt"  # a kill during torch.save leaves this
+    stale = tmp_path / "run" / ".trainer_state.swiftkv-tmp-999999999-0badcafe.pt"  # a kill during torch.save leaves this
+    backup = tmp_path / "run" / ".trainer_state.tmp-999999999.pt"  # not a name swiftkv makes: the user's, kept
+    backup.write_bytes(b"mine")
     stale.write_bytes(b"")
     with pytest.raises(ValueError, match=r"lr: saved 0.01, now 0.02"):
         Trainer(_student(path), tok, _cfg(tmp_path, lr=2e-2), rows, eval_rows).resume()
-    assert not stale.exists()
+    assert not stale.exists() and backup.read_bytes() == b"mine"
     with pytest.raises(ValueError, match="trained tensors differ"):
         Trainer(_student(path, l=2), tok, _cfg(tmp_path), rows, eval_rows).resume()
     same = Trainer(_student(path), tok, _cfg(tmp_path, eval_every=5), rows, eval_rows)  # bookkeeping may change
@@ -324,3 +326,22 @@ def test_bf16_run_writes_the_base_weights_unchanged_beside_the_trained_tensors(s
             assert torch.equal(p.detach().bfloat16(), trained[name])
         else:
             assert torch.equal(p.detach(), base[name].detach()), name
+
+
+def test_distill_refuses_an_unrelated_non_empty_out(tmp_path):
+    from swiftkv.distill.pipeline import check_run_directory
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "log.json").write_text('{"my": "experiment"}')
+    with pytest.raises(ValueError, match="not a swiftkv distill run"):
+        check_run_directory(mine)
+    check_run_directory(mine, overwrite=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.json").write_text('{"config": {}, "log": []}')  # an earlier run's: restarting it is fine
+    check_run_directory(run)
+    check_run_directory(tmp_path / "new")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        check_run_directory(tmp_path / "file")

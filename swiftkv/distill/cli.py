@@ -17,7 +17,7 @@ def cmd_distill(args) -> None:
                         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, data=args.data,
                         held_out_fraction=args.held_out_fraction, feature_cache=args.feature_cache, epochs=args.epochs)
     distill(args.model, cfg, layout_request(args), adapter_rank=args.adapter_rank, kv_init=args.kv_init,
-            resume=args.resume, device=args.device, dtype=args.dtype)
+            resume=args.resume, device=args.device, dtype=args.dtype, overwrite=args.overwrite)
 
 
 def cmd_distill_data(args) -> None:
@@ -77,6 +77,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (a GPU when one is visible), cpu or cuda; under torchrun "
                    "each process takes GPU LOCAL_RANK (scripts/distill_gpu.sh)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/trainer_state.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into --out even if it is a non-empty directory that is not a distill run")
     p.add_argument("--feature-cache", default=None, metavar="DIR",
                    help="compute the frozen model's states (layer-l input, teacher output) once per conversation "
                         "into DIR (resumable; 4 bytes x hidden per token) so each epoch runs only the SwiftKV path; "

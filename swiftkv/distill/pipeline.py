@@ -16,20 +16,42 @@ from swiftkv.builtin import resolve_model
 from swiftkv.config import LayoutRequest
 from swiftkv.distill.report import plot_logs, save_trained_tensors
 from swiftkv.distill.trainer import DistillConfig, Trainer
+from swiftkv.fileio import read_json_object
 from swiftkv.models.arch import adapter_rank_of
 from swiftkv.models.loader import load_model, load_tokenizer, save_checkpoint
 from swiftkv.platforms import resolve_device, resolve_dtype
 from swiftkv.transform import to_swiftkv
 
 
+def check_run_directory(out: Path, overwrite: bool = False) -> None:
+    """Refuse (``ValueError``) an ``--out`` that is a file, or a non-empty directory that is not a distill run
+    (no ``trainer_state.pt``, no distill ``log.json``): a run writes ``log.json``, ``distill.png`` and ``model/``
+    there, replacing any of the user's files of those names. ``overwrite`` allows it."""
+    if overwrite or not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {out} is a file; a distill run writes a directory. Choose another --out.")
+    names = {p.name for p in out.iterdir()}
+    try:
+        log = read_json_object(out / "log.json") if "log.json" in names else {}
+    except ValueError:
+        log = {}
+    if names and "trainer_state.pt" not in names and not {"config", "log"} <= set(log):
+        raise ValueError(f"--out {out} is a non-empty directory that is not a swiftkv distill run (it has no "
+                         "trainer_state.pt or distill log.json); a run writes log.json, distill.png and model/ there. "
+                         "Choose a new or empty directory (or pass --overwrite to write into it).")
+
+
 def distill(model: str | None, cfg: DistillConfig, layout: LayoutRequest | None = None, *, adapter_rank: int = 0,
-            kv_init: str = "lstsq", resume: bool = False, device: str = "auto", dtype: str = "auto") -> list[dict]:
+            kv_init: str = "lstsq", resume: bool = False, device: str = "auto", dtype: str = "auto",
+            overwrite: bool = False) -> list[dict]:
     """Distill ``model`` (a base model, converted first with ``layout`` and ``adapter_rank``, or a SwiftKV
     checkpoint, trained further) into ``cfg.out``; returns the training log. Under ``torchrun`` each process
     trains its share (DDP, one GPU per process on CUDA) and rank 0 writes. ``kv_init``: ``lstsq`` (fit the
     new K/V projections on calibration tokens) or ``mean`` (the reference's mean of the group's k/v_proj).
     ``dtype``: the autocast dtype (``auto``: bf16 only where the device multiplies it natively)."""
     layout = layout or LayoutRequest()  # default: half the layers
+    check_run_directory(Path(cfg.out), overwrite)
     if kv_init not in ("lstsq", "mean"):
         raise ValueError(f"kv_init must be lstsq or mean, got {kv_init!r}")
     dev = resolve_device(device)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from swiftkv.fileio import STAMP_FILE, atomic_directory, read_json_object
+from swiftkv.fileio import SIDE_FILES, atomic_directory, read_json_object
 from swiftkv.models.arch import check_supported
 from swiftkv.models.footprint import release_unheld_pages
 from swiftkv.models.llama import LlamaForCausalLM
@@ -177,13 +177,16 @@ def load_model(
     return model, path
 
 
-def copy_side_files(source_dir: Path, out: Path) -> None:
-    """Tokenizer, chat template, generation config...: every file of ``source_dir`` but the weights, the
-    config and swiftkv's stamp."""
+def copy_side_files(source_dir: Path, out: Path, modes: dict[str, int] | None = None) -> None:
+    """The tokenizer, chat template, generation config and licence files of ``source_dir``
+    (:data:`~swiftkv.fileio.SIDE_FILES`; nothing else: not a README, not a multi-GB GGUF). A symlink (the Hugging
+    Face cache's layout) is read through; each copy's source mode goes into ``modes`` so that a private (0600)
+    file stays private (:func:`~swiftkv.fileio.atomic_directory`'s ``keep_modes``)."""
     for f in Path(source_dir).iterdir():
-        skip = f.name == "config.json" or f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json")
-        if f.is_file() and not skip and f.name != STAMP_FILE:
-            shutil.copy2(f, out / f.name)
+        if SIDE_FILES.match(f.name) and f.is_file():
+            shutil.copyfile(f, out / f.name)
+            if modes is not None:
+                modes[f.name] = f.stat().st_mode
 
 
 def save_checkpoint(model: LlamaForCausalLM, out_dir: str | os.PathLike, source_dir: str | os.PathLike | None = None,
@@ -200,9 +203,10 @@ def save_checkpoint(model: LlamaForCausalLM, out_dir: str | os.PathLike, source_
     out = Path(out_dir).resolve()
     if source_dir is not None and out == Path(source_dir).resolve():
         raise ValueError(f"the output directory {out} is the model being read; choose another --out.")
-    with atomic_directory(out, overwrite) as tmp:
+    modes: dict[str, int] = {}
+    with atomic_directory(out, overwrite, modes) as tmp:
         if source_dir is not None:
-            copy_side_files(Path(source_dir), tmp)
+            copy_side_files(Path(source_dir), tmp, modes)
         state = {n: p.detach() for n, p in model.named_parameters()}  # a tied lm_head appears once
         write_sharded(tmp, {n: (t.dtype, tuple(t.shape)) for n, t in state.items()}, state.__getitem__,
                       max_shard_size, desc="save")
