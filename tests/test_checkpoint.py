@@ -356,3 +356,30 @@ def test_side_files_copied_are_known_ones_with_the_sources_permissions(hf_dir, t
     assert not (out / "tokenizer_config.json").is_symlink()
     assert (out / "tokenizer_config.json").read_text() == blob.read_text()
     assert (out / "tokenizer_config.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_sharded_checkpoint_in_the_hub_cache_layout_loads(hf_dir, tmp_path):
+    """snapshot_download stores every file as a symlink into ../../blobs/: a sharded checkpoint laid out so loads
+    (same logits), while an index naming an absolute path is still refused."""
+    path, hf = hf_dir("llama")
+    snapshot = tmp_path / "models--org--tiny" / "snapshots" / "0123abc"
+    blobs = tmp_path / "models--org--tiny" / "blobs"
+    blobs.mkdir(parents=True)
+    staged = tmp_path / "staged"
+    hf.save_pretrained(staged, max_shard_size="100KB")
+    snapshot.mkdir(parents=True)
+    for i, f in enumerate(sorted(staged.iterdir())):
+        blob = blobs / f"{i:040x}"
+        f.rename(blob)
+        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    assert len(list(snapshot.glob("model-*.safetensors"))) > 1
+    ids = [[3, 1, 4, 1, 5]]
+    torch.testing.assert_close(full_logits(load_model(snapshot)[0], ids)[0],
+                               full_logits(load_model(path)[0], ids)[0])
+    index = snapshot / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"][next(iter(data["weight_map"]))] = str(blobs / ("0" * 40))
+    index.unlink()
+    index.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="which is outside"):
+        load_model(snapshot)
