@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 GREEDY_BELOW = 1e-5  # a temperature below this samples greedily (vLLM's _SAMPLING_EPS)
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 512  # each is searched in the output every step (OpenAI allows 4)
 FP32_TINY, FP32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38  # fp32's smallest normal and largest finite
 
 
@@ -67,6 +69,9 @@ class SamplingParams:
              f"repetition_penalty must be greater than zero (1 = off) and within fp32's normal range "
              f"[{FP32_TINY:.3g}, {FP32_MAX:.3g}], got {self.repetition_penalty!r}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be a non-empty string or a list of them"),
+            (len(self.stop) <= MAX_STOP_STRINGS and all(len(s) <= MAX_STOP_CHARS for s in self.stop),
+             f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters each, got "
+             f"{len(self.stop)} (longest {max(map(len, self.stop), default=0)})"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers"),
             (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
              f"logprobs must be an integer in [0, 20], got {self.logprobs!r}"),
@@ -80,6 +85,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+    @cached_property
+    def stop_token_set(self) -> frozenset[int]:
+        """``stop_token_ids`` as a set: checked for every generated token."""
+        return frozenset(self.stop_token_ids)
 
     @property
     def has_penalties(self) -> bool:

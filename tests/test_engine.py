@@ -395,3 +395,39 @@ def test_kv_cache_takes_memory_as_its_blocks_fill(base):
     outs = _run(engine, prompts, GREEDY)
     assert [o.outputs[0].token_ids for o in outs] == [greedy_generate(base, p, 8) for p in prompts]
     assert float(engine.runner.kv_cache[:, :, :, -1].abs().sum()) == 0.0  # unused blocks read as zeros
+
+
+def test_stop_strings_are_found_across_steps_searching_only_the_new_tail(tiny_chat_model_dir):
+    """A stop string that straddles the text of several steps is still found (the search starts far enough back),
+    and the text is cut before it, as a full-text search would."""
+    from swiftkv.llm import LLM
+    from swiftkv.sampling_params import SamplingParams
+
+    llm = LLM(tiny_chat_model_dir, dtype="float32", kv_cache_memory=16 << 20)
+    free = llm.generate(["hello"], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].outputs[0].text
+    assert len(free) > 12, free
+    stop = free[7:12]  # most likely spread over several tokens
+    out = llm.generate(["hello"], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]))[0]
+    assert out.outputs[0].finish_reason == "stop" and out.outputs[0].text == free[:free.find(stop)]
+
+
+def test_cache_salt_isolates_prefix_caching(tiny_chat_model_dir):
+    """vLLM's cache_salt: a prompt cached under one salt is not found under another (or none), and is under the
+    same salt; so a tenant cannot tell, from hit counters or timing, whether another's prompt is cached."""
+    from swiftkv.llm import LLM
+    from swiftkv.sampling_params import SamplingParams
+
+    llm = LLM(tiny_chat_model_dir, dtype="float32", kv_cache_memory=16 << 20)
+    eng, params = llm.engine, SamplingParams(temperature=0, max_tokens=1)
+    prompt = list(range(100, 164))  # four 16-token blocks
+
+    def hits(salt):
+        before = eng.block_manager.num_hit_tokens
+        eng.add_request(prompt, params, cache_salt=salt)
+        while eng.has_unfinished_requests():
+            eng.step()
+        return eng.block_manager.num_hit_tokens - before
+
+    assert hits("tenant-a") == 0
+    assert hits("tenant-b") == 0 and hits(None) == 0
+    assert hits("tenant-a") == 48 and hits(None) == 48  # the same salt (or none, twice) shares: 3 full blocks

@@ -122,10 +122,10 @@ async def _stream_request(url: str, n_tokens: int, disconnect_after: int | None 
     return got
 
 
-def _wait_blocks_free(url: str, timeout: float = 30.0) -> dict:
+def _wait_blocks_free(url: str, timeout: float = 30.0, headers: dict | None = None) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        h = httpx.get(url + "/health").json()
+        h = httpx.get(url + "/health", headers=headers).json()
         if h["kv_blocks_used"] == 0 and h["running"] == 0 and h["waiting"] == 0:
             return h
         time.sleep(0.1)
@@ -167,7 +167,10 @@ def test_queue_full_and_api_key(serve):
         assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
         r429 = next(r for r in asyncio.run(flood()) if r.status_code == 429)
         assert r429.headers["retry-after"] and r429.json()["error"]["type"] == "rate_limit_error"
-        assert _wait_blocks_free(url)["kv_blocks_used"] == 0
+        assert _wait_blocks_free(url, headers={"Authorization": "Bearer sekret"})["kv_blocks_used"] == 0
+        assert httpx.get(url + "/health").json() == {"status": "ok"}  # no counters without the key
+        assert httpx.get(url + "/metrics").status_code == 401
+        assert "swiftkv_prefix_cache" in httpx.get(url + "/metrics", headers={"Authorization": "Bearer sekret"}).text
     finally:
         srv.stop()
 

@@ -97,7 +97,9 @@ def test_model_retrieve_and_openapi_error_responses(server):
 
 def test_docs_behind_key_and_auth_details(serve):
     srv, _ = serve(api_key="sekret")
-    assert httpx.get(srv.url + "/docs").status_code == 404 and httpx.get(srv.url + "/openapi.json").status_code == 404
+    assert httpx.get(srv.url + "/docs").status_code == 401 and httpx.get(srv.url + "/openapi.json").status_code == 401
+    key = {"Authorization": "Bearer sekret"}
+    assert httpx.get(srv.url + "/docs", headers=key).status_code == 404  # off unless enable_docs
     for header in ("Bearer sekret", "bearer sekret", "BEARER  sekret"):
         assert httpx.get(srv.url + "/v1/models", headers={"Authorization": header}).status_code == 200, header
     for header in ("Bearer sekret2", "Basic sekret", "sekret", "Bearer x sekret"):
@@ -266,3 +268,87 @@ def _concurrent_greedy_beside(url: str, send_bad, ok_statuses: tuple[int, ...], 
         assert status == 200, body
         assert body["usage"]["completion_tokens"] == tokens and body["choices"][0]["finish_reason"] == "length"
     return statuses
+
+
+def test_stop_strings_are_capped(server):
+    r = _post(server[0].url, "/v1/completions", {"model": MODEL, "prompt": "hi", "stop": [f"s{i}" for i in range(17)]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop", r.text
+    assert "at most 16 strings" in r.json()["error"]["message"]
+    r = _post(server[0].url, "/v1/completions", {"model": MODEL, "prompt": "hi", "stop": ["x" * 513]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop", r.text
+
+
+def test_unauthenticated_clients_are_refused_before_their_body_is_read(serve, tiny_chat_model_dir):
+    """With a key set, a client without it gets its 401 from the headers alone: the server does not wait for (or
+    parse) a body of several MB. And an empty key (an unset shell variable) is refused at start."""
+    import socket
+
+    from conftest import start_server
+
+    srv, _ = serve(api_key="sekret")
+    try:
+        sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 4000000\r\n\r\n" + b"[" * 1000)  # the rest of the body never comes
+        reply = sock.recv(4096)
+        sock.close()
+        assert reply.startswith(b"HTTP/1.1 401"), reply[:200]
+    finally:
+        srv.stop()
+    with pytest.raises(ValueError, match="API key is empty"):
+        start_server(tiny_chat_model_dir, api_key="  ")
+
+
+def test_a_prompt_too_long_to_fit_is_refused_before_tokenizing(server):
+    srv, app = server
+    tokenizer, calls = app.state.tokenizer, []
+    real = tokenizer.encode
+    tokenizer.encode = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        r = _post(srv.url, "/v1/completions", {"model": MODEL, "prompt": "word " * 200_000, "max_tokens": 1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "characters" in r.text, r.text
+        r = _post(srv.url, "/v1/chat/completions", {"model": MODEL, "max_tokens": 1,
+                                                   "messages": [{"role": "user", "content": "word " * 200_000}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+        assert not calls
+    finally:
+        del tokenizer.encode
+
+
+def test_long_prompts_do_not_hold_up_short_ones():
+    """Two tokenizer lanes: while a long prompt's tokenization is stuck, a short one is tokenized."""
+    from swiftkv.server.tokenize import SHORT_PROMPT_CHARS, TokenizerLanes
+
+    release = threading.Event()
+
+    class Tok:
+        def get_vocab(self):
+            return {"abc": 0, "d": 1}
+
+        def encode(self, text):
+            if len(text) > SHORT_PROMPT_CHARS:
+                release.wait(30)
+            return [len(text)]
+
+    lanes = TokenizerLanes(Tok(), max_model_len=1 << 20)
+
+    async def main():
+        long = asyncio.ensure_future(lanes.run(SHORT_PROMPT_CHARS + 1, lambda t: t.encode("x" * (SHORT_PROMPT_CHARS + 1))))
+        short = await asyncio.wait_for(lanes.run(5, lambda t: t.encode("hello")), timeout=10)
+        assert not long.done()
+        release.set()
+        return short, await long
+
+    try:
+        assert asyncio.run(main()) == ([5], [SHORT_PROMPT_CHARS + 1])
+    finally:
+        release.set()
+        lanes.shutdown()
+    assert lanes.too_long(2 * 3 * (1 << 20) + 1) and lanes.too_long(2 * 3 * (1 << 20)) is None
+
+
+def test_cache_salt_is_accepted_and_checked(server):
+    ok = _post(server[0].url, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1, "cache_salt": "t1"})
+    assert ok.status_code == 200, ok.text
+    bad = _post(server[0].url, "/v1/completions", {"model": MODEL, "prompt": "hi", "cache_salt": ""})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache_salt", bad.text

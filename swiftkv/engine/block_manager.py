@@ -83,7 +83,7 @@ class BlockManager:
             return 0
         bs, hit = self.block_size, []
         limit = (seq.num_tokens - 1) // bs  # full blocks strictly before the last token
-        parent = None
+        parent = seq.cache_salt  # a salted request shares cached prefixes only with the same salt
         for i in range(limit):
             h = hash((parent, tuple(seq.token_ids[i * bs : (i + 1) * bs])))
             block = self.cached.get(h)
@@ -107,7 +107,7 @@ class BlockManager:
             return
         bs = self.block_size
         for i in range(len(seq.block_hashes), min(seq.num_computed_tokens // bs, len(seq.block_table))):
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.cache_salt
             h = hash((parent, tuple(seq.token_ids[i * bs : (i + 1) * bs])))
             seq.block_hashes.append(h)
             block = seq.block_table[i]

@@ -96,9 +96,10 @@ class LLMEngine:
         return self.runner.kv_bytes_per_token
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, prompt: str | None = None) -> str:
+                    request_id: str | None = None, prompt: str | None = None, cache_salt: str | None = None) -> str:
         """Queue a request (``params.n`` samples, one sequence each); returns its id. Raises
-        ``ValueError`` for impossible requests. Sample ``i`` of a seeded request uses seed + i."""
+        ``ValueError`` for impossible requests. Sample ``i`` of a seeded request uses seed + i. ``cache_salt``
+        (vLLM's): the request shares prefix-cache blocks only with requests of the same salt (tenants)."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
@@ -110,7 +111,7 @@ class LLMEngine:
         for i in range(params.n):
             p = params if params.n == 1 else replace(params, n=1, seed=None if params.seed is None else params.seed + i)
             seq = Sequence(f"{request_id}#{i}", req.prompt_token_ids, p, arrival=time.monotonic(),
-                           request_id=request_id)
+                           request_id=request_id, cache_salt=cache_salt)
             seq.generator = (torch.Generator(self.runner.device).manual_seed(p.seed) if p.seed is not None
                              else None if p.greedy else self._global_gen)
             if self.tokenizer is not None:
@@ -226,10 +227,15 @@ class LLMEngine:
         p = seq.params
         n_out = seq.num_tokens - seq.num_prompt_tokens
         if n_out >= p.min_tokens:
-            if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            if token in p.stop_token_set or (not p.ignore_eos and token in self.eos_token_ids):
                 return "stop"
-            if p.stop and any(s in self._raw_text(seq) for s in p.stop):
-                return "stop"
+            if p.stop:
+                text = self._raw_text(seq)
+                # only the new tail (plus what a stop string may straddle): not the whole text every step
+                start = max(0, min(seq.stop_scanned_chars, len(text)) - max(map(len, p.stop)) + 1)
+                seq.stop_scanned_chars = len(text)
+                if any(text.find(s, start) != -1 for s in p.stop):
+                    return "stop"
         if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
             return "length"
         return None

@@ -38,6 +38,8 @@ class Sequence:
     detokenizer: IncrementalDetokenizer | None = None  # output text, extended every step (engine-owned)
     request_id: str = ""  # the request this sequence samples for
     generator: torch.Generator | None = None  # seeded per sequence; None = greedy
+    cache_salt: str | None = None  # mixed into the first block's prefix hash: only the same salt shares a prefix
+    stop_scanned_chars: int = 0  # output text already searched for stop strings (only the new tail is searched)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -20,7 +18,9 @@ from swiftkv.outputs import CompletionOutput
 from swiftkv.server.async_engine import AsyncEngine, EngineDeadError, OutputMailbox, QueueFullError
 from swiftkv.server.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, error_body
 from swiftkv.server import responses as R
+from swiftkv.server.auth import ApiKeyGate, authorized
 from swiftkv.server.body_limit import BodySizeLimit
+from swiftkv.server.tokenize import TokenizerLanes
 
 MAX_REQUEST_BYTES = 4 << 20  # default body limit (413 above it)
 # what the OpenAPI document lists for the /v1 routes (every error has OpenAI's error body)
@@ -45,23 +45,29 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_waiting: int
     ``/docs`` and ``/openapi.json`` are served unless an ``api_key`` is set (then only with
     ``enable_docs=True``). Bodies over ``max_request_bytes`` get a 413 before they are parsed.
     """
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty (an unset shell variable?); give a non-empty --api-key, or none")
     engine = AsyncEngine(llm.engine, max_waiting=max_waiting)
     tokenizer = llm.tokenizer
     max_model_len = llm.engine.max_model_len
-    # tokenizing a long prompt takes a while: off the event loop (one thread: the tokenizer is not
-    # meant for concurrent use), so /health and streams stay responsive
-    tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swiftkv-tokenize")
+    # tokenizing a long prompt takes a while: off the event loop, so /health and streams stay responsive, and in
+    # two lanes, so long prompts never hold up short ones
+    lanes = TokenizerLanes(tokenizer, max_model_len)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         await engine.shutdown(shutdown_grace)
-        tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        lanes.shutdown()
 
     docs = enable_docs if enable_docs is not None else api_key is None
     app = FastAPI(title="swiftkv", lifespan=lifespan, docs_url="/docs" if docs else None, redoc_url=None,
                   openapi_url="/openapi.json" if docs else None)
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
+    # the key is checked from the headers before the body is read (added last: runs first)
+    app.add_middleware(ApiKeyGate, api_key=api_key,
+                       open_paths=frozenset({"/health"} | ({"/docs", "/docs/oauth2-redirect", "/openapi.json"}
+                                                           if docs else set())))
     app.state.engine, app.state.tokenizer = engine, tokenizer
 
     @app.exception_handler(APIError)
@@ -86,20 +92,16 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_waiting: int
         msg = f"{field}: {text}" if field else text
         return JSONResponse(error_body(msg, param=field), status_code=400)
 
-    def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), api_key.encode()):
-            raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", "authentication_error")
-
     def check_model(name: str) -> None:
         if name != model_name:
             raise APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}", "not_found_error",
                            "model")
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
+        """Liveness for anyone; the engine's counters (prefix-cache hits among them) only with the key, if set."""
+        if not authorized(dict(request.scope["headers"]), api_key):
+            return {"status": "ok"}
         return {"status": "ok", **engine.stats()}
 
     @app.get("/metrics")
@@ -109,21 +111,27 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_waiting: int
 
     card = {"id": model_name, "object": "model", "created": 0, "owned_by": "swiftkv", "max_model_len": max_model_len}
 
-    @app.get("/v1/models", dependencies=[Depends(check_key)], responses=ERRORS)
+    @app.get("/v1/models", responses=ERRORS)
     async def models():
         return {"object": "list", "data": [card]}
 
-    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(check_key)], responses=ERRORS)
+    @app.get("/v1/models/{model_id:path}", responses=ERRORS)
     async def model_card(model_id: str):
         check_model(model_id)
         return card
 
-    def encode(prompt) -> list[int]:
+    def encode(tok, prompt) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
                 raise APIError(400, "prompt is empty", param="prompt")
-            return tokenizer.encode(prompt)
+            return tok.encode(prompt)
         return list(prompt)
+
+    def prompt_chars(chars: int, param: str) -> int:
+        """``chars``, after refusing a prompt that long (400) before it is tokenized: no text that long fits."""
+        if (why := lanes.too_long(chars)) is not None:
+            raise APIError(400, why, param=param)
+        return chars
 
     def check_admissible(num_requests: int) -> None:
         most = max_waiting + llm.engine.scheduler.max_num_seqs
@@ -131,10 +139,7 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_waiting: int
             raise APIError(400, f"this request needs {num_requests} sequences (prompts x n) but the server admits at "
                            f"most {most} at once (--max-waiting {max_waiting} + max_num_seqs); split it", param="n")
 
-    async def in_pool(fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(tokenize_pool, fn, *args)
-
-    @app.post("/v1/completions", dependencies=[Depends(check_key)], responses=ERRORS)
+    @app.post("/v1/completions", responses=ERRORS)
     async def completions(req: CompletionRequest, request: Request):
         arrival = time.monotonic()  # TTFT counts from here, tokenization included (as the client sees it)
         check_model(req.model)
@@ -143,28 +148,33 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_waiting: int
         if not prompts:
             raise APIError(400, "prompt is empty", param="prompt")
         check_admissible(len(prompts) * req.n)
-        jobs = await in_pool(lambda: [(encode(p), p if isinstance(p, str) else None) for p in prompts])
+        lengths = [len(p) for p in prompts if isinstance(p, str)]
+        prompt_chars(max(lengths, default=0), "prompt")  # each prompt must fit on its own
+        jobs = await lanes.run(sum(lengths), lambda tok: [(encode(tok, p), p if isinstance(p, str) else None)
+                                                          for p in prompts])
         rid = f"cmpl-{uuid.uuid4().hex}"
-        stream = _run(engine, rid, jobs, params, request, request_timeout, arrival)
+        stream = _run(engine, rid, jobs, params, request, request_timeout, arrival, req.cache_salt)
         if req.stream:
             first = await _first(stream)
             return _sse(R.completion_chunks(rid, model_name, first, stream, tokenizer, req, jobs))
         outs = [o async for o in stream]
         return R.completion_response(rid, model_name, outs, tokenizer, jobs)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)], responses=ERRORS)
+    @app.post("/v1/chat/completions", responses=ERRORS)
     async def chat(req: ChatCompletionRequest, request: Request):
         arrival = time.monotonic()
         check_model(req.model)
         params = _params(req)
         check_admissible(req.n)
+        conversation = req.conversation()
+        chars = prompt_chars(sum(len(str(m.get("content") or "")) for m in conversation), "messages")
         try:
-            ids = list(await in_pool(lambda: tokenizer.apply_chat_template(
-                req.conversation(), add_generation_prompt=True, tokenize=True, return_dict=False)))
+            ids = list(await lanes.run(chars, lambda tok: tok.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=True, return_dict=False)))
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = _run(engine, rid, [(ids, None)], params, request, request_timeout, arrival)
+        stream = _run(engine, rid, [(ids, None)], params, request, request_timeout, arrival, req.cache_salt)
         if req.stream:
             first = await _first(stream)
             return _sse(R.chat_chunks(rid, model_name, first, stream, tokenizer, req, len(ids)))
@@ -202,7 +212,8 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
 
 
 async def _run(engine: AsyncEngine, rid: str, jobs: list[tuple[list[int], str | None]], params,
-               request: Request, timeout: float, arrival: float) -> AsyncIterator[tuple[int, CompletionOutput]]:
+               request: Request, timeout: float, arrival: float,
+               salt: str | None = None) -> AsyncIterator[tuple[int, CompletionOutput]]:
     """Submit one engine request of ``n`` samples per prompt; yield (choice index, cumulative
     completion) whenever a choice advances (choice ``j * n + i``: sample i of prompt j). ``arrival``
     (``time.monotonic()``): when the HTTP request came in, for the TTFT metric.
@@ -216,7 +227,7 @@ async def _run(engine: AsyncEngine, rid: str, jobs: list[tuple[list[int], str | 
     try:
         for j, (ids, text) in enumerate(jobs):
             sid = f"{rid}-{j}"
-            engine.submit(sid, ids, params, text, queue, arrival)
+            engine.submit(sid, ids, params, text, queue, arrival, salt)
             sub_ids[sid] = j
     except QueueFullError as e:
         for sid in sub_ids:

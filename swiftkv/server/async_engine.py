@@ -92,7 +92,7 @@ class AsyncEngine:
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                prompt: str | None = None, queue: OutputMailbox | None = None,
-               arrival: float | None = None) -> OutputMailbox:
+               arrival: float | None = None, cache_salt: str | None = None) -> OutputMailbox:
         """Queue a request; outputs (or an exception) arrive on ``queue`` (new if not given). ``arrival``
         (``time.monotonic()``, default now) is when the client's request came in: the TTFT metric counts from it.
 
@@ -110,7 +110,7 @@ class AsyncEngine:
         req = _Request(queue or OutputMailbox(), asyncio.get_running_loop(), params.n,
                        arrival=time.monotonic() if arrival is None else arrival)
         self._requests[request_id] = req
-        self._pending.append(("add", request_id, (prompt_token_ids, params, prompt)))
+        self._pending.append(("add", request_id, (prompt_token_ids, params, prompt, cache_salt)))
         self.metrics.prompt_tokens.inc(len(prompt_token_ids))
         self._wake.set()
         return req.queue
@@ -173,7 +173,7 @@ class AsyncEngine:
                 self.engine.abort_request(rid)
             elif rid in self._requests:  # not aborted before it started
                 try:
-                    self.engine.add_request(args[0], args[1], rid, args[2])
+                    self.engine.add_request(args[0], args[1], rid, args[2], args[3])
                 except ValueError as e:
                     failed.append((self._requests.pop(rid), e))
         return failed

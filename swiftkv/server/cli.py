@@ -22,7 +22,7 @@ def cmd_serve(args) -> None:
               enable_prefix_caching=args.enable_prefix_caching, prefill_batch_tokens=args.prefill_batch_tokens or None)
     name = args.served_model_name or (args.model and os.path.basename(os.path.normpath(str(args.model)))) \
         or DEFAULT_SWIFTKV_MODEL
-    api_key = args.api_key or os.environ.get("SWIFTKV_API_KEY")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("SWIFTKV_API_KEY")  # "" is refused
     app = build_app(llm, name, api_key=api_key, max_waiting=args.max_waiting, request_timeout=args.request_timeout,
                     enable_docs=args.enable_docs, max_request_bytes=args.max_request_bytes)
     print(f"serving {name} (swiftkv={llm.swiftkv}) on http://{args.host}:{args.port}/v1", file=sys.stderr)

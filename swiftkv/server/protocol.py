@@ -54,6 +54,7 @@ class _Common(BaseModel):
     stop_token_ids: list[int] | None = None
     repetition_penalty: float | None = Field(default=1.0, gt=0, allow_inf_nan=False)
     min_tokens: int = Field(default=0, ge=0)
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)  # prefix cache per tenant (vLLM)
 
     _check_stop = field_validator("stop")(check_text)
 
