@@ -383,3 +383,77 @@ def test_sharded_checkpoint_in_the_hub_cache_layout_loads(hf_dir, tmp_path):
     index.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="which is outside"):
         load_model(snapshot)
+
+
+def test_a_config_that_does_not_describe_the_weights_is_refused_before_building(hf_dir):
+    path, _ = hf_dir("llama")
+    _edit_config(path, num_hidden_layers=10**9)  # would build layers until killed
+    with pytest.raises(ValueError, match=r"num_hidden_layers=1000000000 but the weights hold layers 0\.\.5"):
+        load_model(path)
+    _edit_config(path, num_hidden_layers=6, intermediate_size=4096)
+    with pytest.raises(ValueError, match=r"gate_proj.weight as \[4096, 64\] .* weights hold \[112, 64\]"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header-length", "header-json", "offsets"])
+def test_corrupt_safetensors_headers_are_one_line_errors(hf_dir, damage):
+    path, _ = hf_dir("llama")
+    f = path / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    if damage == "truncated":
+        data = data[: 8 + n + 100]
+    elif damage == "header-length":
+        data[:8] = (len(data) * 2).to_bytes(8, "little")
+    elif damage == "header-json":
+        data[8:12] = b"\xff{[x"
+    else:
+        header = json.loads(data[8 : 8 + n])
+        name = next(k for k in header if k != "__metadata__")
+        header[name]["data_offsets"] = [0, 10**12]
+        raw = json.dumps(header).encode().ljust(n)
+        data[8 : 8 + n] = raw[:n] if len(raw) == n else raw
+        data[:8] = len(raw).to_bytes(8, "little")
+    f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="is not a valid safetensors file") as e:
+        load_model(path)
+    assert "\n" not in str(e.value) and "re-" in str(e.value)
+
+
+def test_a_single_file_larger_than_memory_is_refused_cleanly(hf_dir, tmp_path):
+    """A 64 GB single-file checkpoint (sparse: no disk used) under an 8 GB address-space limit: the memory check
+    reads the header (8-byte length + JSON), never maps the file, and refuses with the usual one-line message."""
+    import subprocess
+    import sys
+
+    path, _ = hf_dir("llama")
+    f = path / "model.safetensors"
+    with open(f, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    size = 64 << 30
+    name = "model.embed_tokens.weight"
+    header[name]["data_offsets"] = [header[name]["data_offsets"][0], header[name]["data_offsets"][0]]  # placeholder
+    old_end = max(e["data_offsets"][1] for k, e in header.items() if k != "__metadata__")
+    header["model.extra_pad.weight"] = {"dtype": "F32", "shape": [size // 4], "data_offsets": [old_end, old_end + size]}
+    header[name]["data_offsets"] = [0, 0]
+    header.pop(name)  # keep every other tensor as it is
+    raw = json.dumps(header).encode()
+    body_start = 8 + n
+    with open(f, "rb") as fh:
+        fh.seek(body_start)
+        body = fh.read()
+    with open(f, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little") + raw + body)
+        fh.truncate(8 + len(raw) + old_end + size)
+    code = f"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+from swiftkv.llm import LLM
+try:
+    LLM({str(path)!r}, dtype="float32")
+except ValueError as e:
+    print("REFUSED", e)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert "REFUSED" in run.stdout and "needs about 6" in run.stdout, (run.stdout, run.stderr[-1500:])

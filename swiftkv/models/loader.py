@@ -11,17 +11,18 @@ resolved one floor up (:func:`swiftkv.builtin.resolve_model`). Only this module,
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
 from swiftkv.fileio import SIDE_FILES, atomic_directory, read_json_object
-from swiftkv.models.arch import check_supported
+from swiftkv.models.arch import check_supported, head_dim_of
 from swiftkv.models.footprint import release_unheld_pages
 from swiftkv.models.llama import LlamaForCausalLM
 from swiftkv.models.registry import BUILTIN_MODELS, DEFAULT_MODEL
-from swiftkv.models.shards import DEFAULT_SHARD_SIZE, read_tensors, write_sharded
+from swiftkv.models.shards import DEFAULT_SHARD_SIZE, read_tensors, tensor_index, weight_files, write_sharded
 from swiftkv.platforms import DTYPES, resolve_dtype
 
 
@@ -144,6 +145,32 @@ def load_state(model: LlamaForCausalLM, tensors: dict[str, torch.Tensor], source
             attn.q_proj = attn.k_proj = attn.v_proj = None  # free the never-loaded teacher q/k/v
 
 
+def check_config_matches_weights(config, path: Path) -> None:
+    """Refuse (``ValueError``), from the safetensors headers alone and before any module is built, a config that
+    does not describe the checkpoint's tensors: a layer count or size that the weights do not have (a config
+    claiming 10^9 layers would otherwise build layers until the process is killed)."""
+    index = tensor_index(weight_files(path))
+    layers = {int(m.group(1)) for n in index if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+    where = f"{path}/config.json"
+    n = config.num_hidden_layers
+    if len(layers) != n or (layers and (min(layers), max(layers)) != (0, n - 1)):  # never a range of n: n is untrusted
+        have = f"layers 0..{max(layers)}" if layers and len(layers) == max(layers) + 1 else f"{len(layers)} layers"
+        raise ValueError(f"{where} says num_hidden_layers={config.num_hidden_layers} but the weights hold {have}; "
+                         "fix the config or re-download the checkpoint.")
+    hd = head_dim_of(config)
+    expected = {"model.embed_tokens.weight": (config.vocab_size, config.hidden_size),
+                "model.layers.0.self_attn.q_proj.weight": (config.num_attention_heads * hd, config.hidden_size),
+                "model.layers.0.self_attn.k_proj.weight": (config.num_key_value_heads * hd, config.hidden_size),
+                "model.layers.0.mlp.gate_proj.weight": (config.intermediate_size, config.hidden_size)}
+    for name, shape in expected.items():
+        if name not in index:
+            raise ValueError(f"{path} has no tensor {name}; it is not a Llama-family checkpoint swiftkv reads.")
+        if index[name].shape != shape:
+            raise ValueError(f"{where} describes {name} as {list(shape)} (from hidden_size, heads, vocab_size, "
+                             f"intermediate_size) but the weights hold {list(index[name].shape)}; fix the config or "
+                             "re-download the checkpoint.")
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     dtype: str | torch.dtype = "float32",
@@ -161,6 +188,7 @@ def load_model(
     path = resolve_model_path(name_or_path)
     config = load_config(path)
     dt = parse_dtype(dtype, config, device)
+    check_config_matches_weights(config, path)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     if for_inference and torch.device(device).type == "cpu":

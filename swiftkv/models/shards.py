@@ -84,19 +84,65 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
+
+
+def read_header(f: Path) -> dict[str, dict]:
+    """The JSON header of a safetensors file (tensor name -> dtype, shape, data_offsets), read as the format
+    defines it -- an 8-byte little-endian length, then that much JSON -- without mapping the file (a file larger
+    than memory is described, not mapped). A file that is not a valid one: ``ValueError`` naming it."""
+    bad = f"{f} is not a valid safetensors file (corrupt or truncated?)"
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
+                raise ValueError(f"{bad}: its header length {n} does not fit the file's {size} bytes; "
+                                 "re-download or re-convert it.")
+            header = json.loads(fh.read(n))
+    except OSError as e:
+        raise ValueError(f"{bad}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{bad}: its header is not JSON ({e}); re-download or re-convert it.") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{bad}: its header is not a JSON object; re-download or re-convert it.")
+    end = size - 8 - n
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+              and isinstance(entry.get("shape"), list) and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
+              and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+              and all(isinstance(o, int) for o in entry["data_offsets"])
+              and 0 <= entry["data_offsets"][0] <= entry["data_offsets"][1] <= end)
+        if not ok:
+            raise ValueError(f"{bad}: the header's entry for {name!r} is malformed or points past the end of the "
+                             "file; re-download or re-convert it.")
+    return header
+
+
 def tensor_index(files: list[Path]) -> dict[str, TensorInfo]:
-    """Every tensor of ``files`` (names -> :class:`TensorInfo`); a name in two files is an error."""
+    """Every tensor of ``files`` (names -> :class:`TensorInfo`), from their headers alone; a name in two files is
+    an error, and so is a dtype swiftkv does not read."""
     index: dict[str, TensorInfo] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():
-                s = sf.get_slice(name)
-                if name in index:
-                    raise ValueError(f"tensor {name} is stored twice ({index[name].file.name} and {f.name})")
-                dtype = _DTYPES.get(s.get_dtype())
-                if dtype is None:
-                    raise ValueError(f"{f}: tensor {name} has dtype {s.get_dtype()}, which swiftkv does not read")
-                index[name] = TensorInfo(f, dtype, tuple(s.get_shape()))
+        if not f.exists():
+            raise ValueError(f"Weight shard {f.name} listed in the index is missing from {f.parent}.")
+        for name, entry in read_header(f).items():
+            if name == "__metadata__":
+                continue
+            if name in index:
+                raise ValueError(f"tensor {name} is stored twice ({index[name].file.name} and {f.name})")
+            dtype = _DTYPES.get(entry["dtype"])
+            if dtype is None:
+                raise ValueError(f"{f}: tensor {name} has dtype {entry['dtype']}, which swiftkv does not read")
+            info = TensorInfo(f, dtype, tuple(entry["shape"]))
+            if entry["data_offsets"][1] - entry["data_offsets"][0] != info.nbytes:
+                raise ValueError(f"{f} is not a valid safetensors file (corrupt or truncated?): tensor {name} has "
+                                 f"{entry['data_offsets'][1] - entry['data_offsets'][0]} bytes for its shape's "
+                                 f"{info.nbytes}; re-download or re-convert it.")
+            index[name] = info
     return index
 
 
