@@ -7,10 +7,11 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
-from swiftkv.models.loader import load_model, load_tokenizer
+from swiftkv.models.loader import load_config, load_model, load_tokenizer, parse_dtype
 from swiftkv.outputs import RequestOutput
 from swiftkv.sampling_params import SamplingParams
 
@@ -75,6 +76,9 @@ class LLM:
         from swiftkv.models.registry import DEFAULT_SWIFTKV_MODEL
 
         path = resolve_model(DEFAULT_SWIFTKV_MODEL if model is None else model)
+        if device == "cpu" and parse_dtype(dtype, load_config(path)) == torch.float16:
+            raise ValueError("float16 does not run on the CPU path (its kernels compute in float32 or bfloat16); "
+                             "use dtype bfloat16 or float32 (--dtype)")
         if device == "cpu":
             check_fits(path, dtype, kv_cache_memory, max_num_batched_tokens)
         self.model, self.model_path = load_model(path, dtype=dtype, device=device, for_inference=True)

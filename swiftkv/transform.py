@@ -121,7 +121,7 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, skv: Swif
     about one shard whatever the model's size. ``dtype`` casts floating tensors (None keeps each as stored).
     Written atomically (:func:`swiftkv.fileio.atomic_directory`), with the user's umask."""
     from swiftkv.fileio import atomic_directory
-    from swiftkv.models.loader import copy_side_files, load_config
+    from swiftkv.models.loader import check_config_matches_weights, copy_side_files, load_config
     from swiftkv.models.shards import read_tensor, tensor_index, weight_files, write_sharded
 
     src = Path(src)
@@ -131,6 +131,7 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, skv: Swif
                          "original model.")
     if skv.num_layers != config.num_hidden_layers:
         raise ValueError(f"SwiftKV config is for {skv.num_layers} layers; the model has {config.num_hidden_layers}.")
+    check_config_matches_weights(config, src)  # a config that cannot load is not written out with rc 0
     index = tensor_index(weight_files(src))
     plan = swiftkv_init_plan(config, skv)
     missing = sorted({s for _, sources in plan.values() for s in sources} - set(index))

@@ -457,3 +457,22 @@ except ValueError as e:
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert "REFUSED" in run.stdout and "needs about 6" in run.stdout, (run.stdout, run.stderr[-1500:])
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("num_attention_heads", 0, "num_attention_heads must be a positive integer, got 0"),
+    ("num_key_value_heads", 0, "num_key_value_heads must be a positive integer"),
+    ("hidden_size", -64, "hidden_size must be a positive integer, got -64"),
+    ("rms_norm_eps", "x", "Cannot read .*config.json: Validation error for field 'rms_norm_eps'"),
+    ("num_key_value_heads", 3, "must be a multiple of num_key_value_heads"),
+])
+def test_invalid_configs_are_one_line_errors_in_load_and_convert(hf_dir, tmp_path, capsys, field, value, match):
+    path, _ = hf_dir("llama")
+    _edit_config(path, **{field: value})
+    capsys.readouterr()
+    for argv in (["generate", str(path), "--prompt", "hi", "--raw", "--max-tokens", "1"],
+                 ["convert", str(path), "--out", str(tmp_path / "out"), "-l", "3"]):
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and __import__("re").search(match, err[0]), err
+    assert not (tmp_path / "out").exists()  # convert wrote nothing it could not load

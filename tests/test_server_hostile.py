@@ -64,7 +64,14 @@ def test_penalties_reach_the_engine_and_unknown_fields_are_ignored_with_a_warnin
         r = _post(server[0].url, "/v1/completions", {**body, "repetition_penalty": 2.0, "frequency_penalty": 2,
                                                      "not_a_field": 1, "guided_json": {}})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] != plain
-    assert "ignored (not known to this server): guided_json, not_a_field" in caplog.text
+    assert "ignored (not known to this server): 'guided_json', 'not_a_field'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="swiftkv.server"):
+        r = _post(server[0].url, "/v1/completions", {**body, "max_tokens": 1, "x\nFORGED 200 OK\x1b[2J": 1,
+                                                     "k" * 100_000: 1})
+    assert r.status_code == 200
+    line = next(rec.getMessage() for rec in caplog.records if "ignored" in rec.getMessage())
+    assert "\n" not in line and "\x1b" not in line and len(line) < 300, line  # repr'd and cut: no forged log lines
 
 
 def test_top_p_zero_means_the_most_likely_token(server):
@@ -352,3 +359,39 @@ def test_cache_salt_is_accepted_and_checked(server):
     assert ok.status_code == 200, ok.text
     bad = _post(server[0].url, "/v1/completions", {"model": MODEL, "prompt": "hi", "cache_salt": ""})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache_salt", bad.text
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--kv-cache-gb", "inf"], "--kv-cache-gb must be a finite number > 0, got inf"),
+    (["--kv-cache-gb", "nan"], "--kv-cache-gb must be a finite number"),
+    (["--port", "70000"], "--port must be a finite number >= 0 and <= 65535"),
+    (["--max-request-bytes", "0"], "--max-request-bytes must be"),
+    (["--request-timeout", "-5"], "--request-timeout must be a finite number > 0"),
+    (["--request-timeout", "nan"], "--request-timeout must be"),
+    (["--max-waiting", "-1"], "--max-waiting must be"),
+    (["--api-key", ""], "--api-key is empty"),
+    (["--dtype", "float16"], "float16 does not run on the CPU path"),
+])
+def test_serve_refuses_impossible_settings_at_start(tiny_chat_model_dir, capsys, argv, match):
+    from swiftkv.cli import main
+
+    assert main(["serve", str(tiny_chat_model_dir), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and match in err[-1] and "Traceback" not in "\n".join(err), err
+
+
+def test_non_finite_logprobs_are_json_null():
+    """A -inf logprob (a masked alternative) is null in both bodies, never a bare -Infinity (invalid JSON) or a
+    500 from a strict encoder."""
+    from swiftkv.outputs import CompletionOutput, Logprob
+    from swiftkv.server import responses as R
+
+    class Tok:
+        def decode(self, ids):
+            return f"t{ids[0]}"
+
+    c = CompletionOutput(0, "t1", [1], "length",
+                         [Logprob(1, float("-inf"), {1: float("-inf"), 2: float("nan"), 3: -0.5})])
+    for body in (R._completion_logprobs(c, Tok()), R._chat_logprobs(c, Tok())):
+        text = json.dumps(body, allow_nan=False)  # raises on a non-finite number
+        assert "null" in text and "-0.5" in text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from swiftkv.cli_args import DTYPE_HELP, add_swiftkv_layout_args, layout_request
+from swiftkv.cli_args import DTYPE_HELP, add_swiftkv_layout_args, check_range, layout_request
 from swiftkv.models.registry import DEFAULT_MODEL
 
 
@@ -28,6 +28,7 @@ def cmd_distill_data(args) -> None:
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens,
                             seed=args.seed)
+    check_range("--kv-cache-gb", args.kv_cache_gb, 0, low_open=True)
     llm = LLM(args.model, swiftkv=False, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               kv_cache_memory=int(args.kv_cache_gb * (1 << 30)))
     prompts = select_prompts(llm.tokenizer, load_conversations(args.data), args.conversations, args.held_out,

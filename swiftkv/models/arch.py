@@ -10,6 +10,18 @@ from swiftkv.config import SwiftKVConfig
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "llama_swiftkv", "qwen2_swiftkv")
 
 
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads")
+
+
+def check_sizes(values: dict) -> None:
+    """``ValueError`` for a size in ``values`` (config field -> value; from :data:`SIZES`) that is not a positive
+    integer: transformers fails on some with a bare ``ZeroDivisionError``, accepts others."""
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"config: {name} must be a positive integer, got {value!r}; fix config.json.")
+
+
 def check_supported(config) -> None:
     """Raise a clear ``ValueError`` for architectures or features this model cannot run."""
     mt = getattr(config, "model_type", None)
@@ -18,6 +30,13 @@ def check_supported(config) -> None:
             f"Unsupported architecture model_type={mt!r} "
             f"({getattr(config, 'architectures', None)}). Supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
         )
+    check_sizes({name: getattr(config, name, None) for name in SIZES})
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise ValueError(f"config: num_attention_heads ({config.num_attention_heads}) must be a multiple of "
+                         f"num_key_value_heads ({config.num_key_value_heads}); fix config.json.")
+    if getattr(config, "head_dim", None) is None and config.hidden_size % config.num_attention_heads:
+        raise ValueError(f"config: hidden_size ({config.hidden_size}) is not a multiple of num_attention_heads "
+                         f"({config.num_attention_heads}) and no head_dim is given; fix config.json.")
     if getattr(config, "sliding_window", None) and (mt == "mistral" or getattr(config, "use_sliding_window", False)):
         raise ValueError(
             f"{mt} config uses sliding-window attention (sliding_window={config.sliding_window}), "

@@ -16,9 +16,10 @@ import shutil
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 from swiftkv.fileio import SIDE_FILES, atomic_directory, read_json_object
-from swiftkv.models.arch import check_supported, head_dim_of
+from swiftkv.models.arch import SIZES, check_sizes, check_supported, head_dim_of
 from swiftkv.models.footprint import release_unheld_pages
 from swiftkv.models.llama import LlamaForCausalLM
 from swiftkv.models.registry import BUILTIN_MODELS, DEFAULT_MODEL
@@ -72,8 +73,9 @@ def load_config(path: str | os.PathLike):
     _check_config_json(Path(path) / "config.json")
     try:
         config = AutoConfig.from_pretrained(str(path))
-    except (ValueError, KeyError, OSError, AttributeError, TypeError) as e:
-        raise ValueError(f"Cannot read {Path(path) / 'config.json'}: {e}") from None
+    except (ValueError, KeyError, OSError, AttributeError, TypeError, ArithmeticError, StrictDataclassError) as e:
+        # transformers' own validation (a field of the wrong type, heads = 0): one line, naming the file
+        raise ValueError(f"Cannot read {Path(path) / 'config.json'}: {' '.join(str(e).split())}") from None
     check_supported(config)
     return config
 
@@ -81,6 +83,7 @@ def load_config(path: str | os.PathLike):
 def _check_config_json(file: Path) -> None:
     """What transformers reports as a raw traceback: invalid JSON, an unknown dtype."""
     config = read_json_object(file)
+    check_sizes({name: config[name] for name in SIZES if name in config})
     for key in ("dtype", "torch_dtype"):
         value = config.get(key)
         if value is not None and (not isinstance(value, str) or not isinstance(getattr(torch, value, None), torch.dtype)):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from swiftkv.cli_args import DTYPE_HELP
+from swiftkv.cli_args import DTYPE_HELP, check_range
 from swiftkv.models.registry import DEFAULT_SWIFTKV_MODEL
 
 
@@ -17,6 +17,7 @@ def cmd_serve(args) -> None:
     from swiftkv.llm import LLM
     from swiftkv.server.app import build_app
 
+    check_serve_args(args)
     llm = LLM(args.model, swiftkv=args.swiftkv, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=int(args.kv_cache_gb * (1 << 30)),
               enable_prefix_caching=args.enable_prefix_caching, prefill_batch_tokens=args.prefill_batch_tokens or None)
@@ -27,6 +28,20 @@ def cmd_serve(args) -> None:
                     enable_docs=args.enable_docs, max_request_bytes=args.max_request_bytes)
     print(f"serving {name} (swiftkv={llm.swiftkv}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
+
+
+def check_serve_args(args) -> None:
+    """Every number of ``swiftkv serve``'s command line, and the key, checked before the model is loaded."""
+    check_range("--port", args.port, 0, 65535)
+    check_range("--kv-cache-gb", args.kv_cache_gb, 0, low_open=True)
+    check_range("--max-num-seqs", args.max_num_seqs, 1)
+    check_range("--max-num-batched-tokens", args.max_num_batched_tokens, 1)
+    check_range("--prefill-batch-tokens", args.prefill_batch_tokens, 0)
+    check_range("--max-waiting", args.max_waiting, 0)
+    check_range("--max-request-bytes", args.max_request_bytes, 1)
+    check_range("--request-timeout", args.request_timeout, 0, low_open=True)
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key is empty (an unset shell variable?); give a non-empty key, or leave it out")
 
 
 def add_parsers(sub) -> None:

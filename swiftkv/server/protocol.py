@@ -29,6 +29,12 @@ def check_text(value: Any) -> Any:
     return value
 
 
+def _loggable(text: str, limit: int = 64) -> str:
+    """``text`` as one safe log token: ``repr`` (no raw newline or escape code) cut to ``limit`` characters."""
+    r = repr(text)
+    return r if len(r) <= limit else r[: limit - 4] + "...'"
+
+
 class _Common(BaseModel):
     """Fields common to completions and chat. A field this server does not know is ignored, with a warning in
     the server's log naming it (vLLM's rule; OpenAI's own API refuses them): clients written for other
@@ -63,8 +69,9 @@ class _Common(BaseModel):
     def _log_unknown_fields(cls, data: Any) -> Any:
         if isinstance(data, dict):
             unknown = sorted(str(k) for k in data if k not in cls.model_fields)
-            if unknown:
-                logger.warning("request fields ignored (not known to this server): %s", ", ".join(unknown[:20]))
+            if unknown:  # repr'd and cut: a client's key may hold newlines, escape codes or 100 KB
+                logger.warning("request fields ignored (not known to this server): %s%s",
+                               ", ".join(_loggable(k) for k in unknown[:20]), " ..." if len(unknown) > 20 else "")
         return data
 
     def _sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import AsyncIterator
 
@@ -13,14 +14,20 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _json_number(x: float) -> float | None:
+    """A logprob as JSON allows it: -inf (a masked token) or NaN is ``null``, not a bare ``-Infinity``/``NaN``
+    that JSON parsers refuse (nor a 500 from a strict encoder)."""
+    return x if math.isfinite(x) else None
+
+
 def _completion_logprobs(c: CompletionOutput, tokenizer, start: int = 0) -> dict | None:
     if c.logprobs is None:
         return None
     lps = c.logprobs[start:]
     return {
         "tokens": [tokenizer.decode([lp.token_id]) for lp in lps],
-        "token_logprobs": [lp.logprob for lp in lps],
-        "top_logprobs": [{tokenizer.decode([t]): v for t, v in lp.top.items()} for lp in lps],
+        "token_logprobs": [_json_number(lp.logprob) for lp in lps],
+        "top_logprobs": [{tokenizer.decode([t]): _json_number(v) for t, v in lp.top.items()} for lp in lps],
         "text_offset": [],
     }
 
@@ -31,7 +38,7 @@ def _chat_logprobs(c: CompletionOutput, tokenizer, start: int = 0) -> dict | Non
 
     def entry(tok: int, lp: float) -> dict:
         s = tokenizer.decode([tok])
-        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+        return {"token": s, "logprob": _json_number(lp), "bytes": list(s.encode("utf-8"))}
 
     return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top.items()]}
                         for lp in c.logprobs[start:]]}
