@@ -146,6 +146,36 @@ def test_rotary_in_place_touches_only_the_given_heads():
     assert torch.equal(y[:, 5:], x[:, 5:])
 
 
+@needs_ops
+def test_bf16_elementwise_ops_are_the_fp32_ops_rounded_once():
+    """bf16 rows: widened exactly, the fp32 kernel's arithmetic, one round-to-nearest-even on the way out (as
+    PyTorch's .bfloat16()): bit-equal to the fp32 kernel's output rounded; within a bf16 ulp of PyTorch's own ops
+    (which round after each op); NaN stays NaN."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(37, 1000, generator=g) * 3).bfloat16()[:, :576]
+    w = torch.randn(576, generator=g).bfloat16()
+    gu = (torch.randn(37, 224, generator=g) * 6).bfloat16()
+    gu[0, 0] = float("nan")
+    gate, up = gu.chunk(2, -1)
+    r = torch.randn(21, 7, 32, generator=g).bfloat16()
+    cos, sin = torch.randn(21, 32, generator=g), torch.randn(21, 32, generator=g)
+    with torch.inference_mode():
+        norm = cpu_ops.rms_norm(x, w, 1e-5)
+        assert norm.dtype == torch.bfloat16
+        assert torch.equal(norm, cpu_ops.rms_norm(x.float(), w.float(), 1e-5).bfloat16())
+        torch.testing.assert_close(norm.float(), (w * F.rms_norm(x.float(), (576,), eps=1e-5).bfloat16()).float(),
+                                   rtol=2**-7, atol=1e-3)
+        act = cpu_ops.silu_and_mul(gate, up)
+        torch.testing.assert_close(act, cpu_ops.silu_and_mul(gate.float(), up.float()).bfloat16(), atol=0, rtol=0,
+                                   equal_nan=True)
+        assert act[0, 0].isnan() and not act[1:].isnan().any()
+        rot = r.clone()
+        assert cpu_ops.rotary_inplace(rot[:, :5], cos, sin)
+        wide = r.float()
+        assert cpu_ops.rotary_inplace(wide[:, :5], cos, sin)
+        assert torch.equal(rot, wide.bfloat16()) and torch.equal(rot[:, 5:], r[:, 5:])
+
+
 @pytest.mark.parametrize("q_len,kv_len", [(1, 9), (5, 9), (33, 34), (100, 300)])
 def test_split_bottom_right_causal_attention_matches_masked_sdpa(q_len, kv_len):
     g = torch.Generator().manual_seed(q_len)

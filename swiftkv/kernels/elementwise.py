@@ -2,8 +2,9 @@
 fused), rotary embedding in place (``csrc/skv_elementwise.c``, built by :mod:`swiftkv.kernels.build`).
 
 vLLM's CPU backend has the same three custom ops. They run only where nothing needs gradients
-(inference), on fp32 CPU rows; elsewhere (training, bf16, GPUs, odd shapes) each op returns None
-(rotary: False) and the layer runs its PyTorch code. ``SWIFTKV_CPU_OPS=0`` switches them off.
+(inference), on fp32 or bf16 CPU rows (bf16: computed in fp32 and rounded once, where PyTorch rounds after
+each of its ops); elsewhere (training, GPUs, odd shapes) each op returns None (rotary: False) and the layer
+runs its PyTorch code. ``SWIFTKV_CPU_OPS=0`` switches them off.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from swiftkv.kernels import build
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _FUNCTIONS = {
-    "skv_rms_norm": (ctypes.c_int, [_P, _I64, _P, _P, _I64, _I64, ctypes.c_float, ctypes.c_int]),
-    "skv_silu_and_mul": (ctypes.c_int, [_P, _P, _I64, _P, _I64, _I64, ctypes.c_int]),
-    "skv_rotary_inplace": (ctypes.c_int, [_P, _I64, _I64, _I64, _I64, _P, _P, ctypes.c_int]),
+    "skv_rms_norm": (ctypes.c_int, [_P, _I64, _P, _P, _I64, _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int]),
+    "skv_silu_and_mul": (ctypes.c_int, [_P, _P, _I64, _P, _I64, _I64, ctypes.c_int, ctypes.c_int]),
+    "skv_rotary_inplace": (ctypes.c_int, [_P, _I64, _I64, _I64, _I64, _P, _P, ctypes.c_int, ctypes.c_int]),
 }
 
 
@@ -31,9 +32,15 @@ def library() -> ctypes.CDLL | None:
 
 
 def _takes(*tensors: torch.Tensor) -> bool:
-    """fp32 on CPU, no gradient wanted, kernels built."""
-    return (not torch.is_grad_enabled() and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
-            and library() is not None)
+    """All fp32 or all bf16, on CPU, no gradient wanted, kernels built."""
+    dt = tensors[0].dtype
+    return (not torch.is_grad_enabled() and dt in (torch.float32, torch.bfloat16)
+            and all(t.dtype == dt and t.device.type == "cpu" for t in tensors) and library() is not None)
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """A small operand (norm weight, cos/sin rows) as contiguous fp32 (bf16 values widen exactly)."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
 
 
 def _check(rc: int, op: str) -> None:
@@ -45,14 +52,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     """x [..., N] -> normalised [..., N], scaled by ``weight``; None where the kernel does not take it
     (gradients wanted, not fp32 CPU, N % 8, last dim strided, kernel not built)."""
     n = x.shape[-1]
-    if n % 8 or x.stride(-1) != 1 or not _takes(x, weight):
+    if n % 8 or x.stride(-1) != 1 or not _takes(x) or weight.device.type != "cpu":
         return None
     x2 = x.reshape(-1, n)  # [M, N]; a view when rows are evenly spaced
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     out = torch.empty(x2.shape, dtype=x.dtype)
-    _check(library().skv_rms_norm(x2.data_ptr(), x2.stride(0), weight.data_ptr(), out.data_ptr(), x2.shape[0], n, eps,
-                             torch.get_num_threads()), "rms_norm")
+    w = _fp32(weight)
+    _check(library().skv_rms_norm(x2.data_ptr(), x2.stride(0), w.data_ptr(), out.data_ptr(), x2.shape[0], n, eps,
+                                  torch.get_num_threads(), x.dtype == torch.bfloat16), "rms_norm")
     return out.view(x.shape)
 
 
@@ -66,7 +74,7 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     m, i = gate.shape
     out = torch.empty(m, i, dtype=gate.dtype)
     _check(library().skv_silu_and_mul(gate.data_ptr(), up.data_ptr(), gate.stride(0), out.data_ptr(), m, i,
-                                     torch.get_num_threads()), "silu_and_mul")
+                                      torch.get_num_threads(), gate.dtype == torch.bfloat16), "silu_and_mul")
     return out
 
 
@@ -74,9 +82,9 @@ def rotary_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> boo
     """Rotate every head of x [N, heads, D] (token rows evenly spaced, a token's heads contiguous,
     D % 16 == 0) in place; cos, sin [N, D]. False (x untouched) where the kernel does not take it."""
     n, heads, d = x.shape
-    if d % 16 or x.stride(2) != 1 or x.stride(1) != d or not _takes(x, cos, sin):
+    if d % 16 or x.stride(2) != 1 or x.stride(1) != d or not _takes(x) or cos.device.type != "cpu":
         return False
-    cos, sin = cos.contiguous(), sin.contiguous()
+    cos, sin = _fp32(cos), _fp32(sin)
     _check(library().skv_rotary_inplace(x.data_ptr(), n, heads, d, x.stride(0), cos.data_ptr(), sin.data_ptr(),
-                                   torch.get_num_threads()), "rotary_inplace")
+                                        torch.get_num_threads(), x.dtype == torch.bfloat16), "rotary_inplace")
     return True

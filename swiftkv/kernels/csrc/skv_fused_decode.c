@@ -57,11 +57,11 @@ int skv_fused_decode_layers(const skv_layer *layers, int64_t n, const skv_step *
     for (int64_t li = 0; li < n; li++) {
         const skv_layer *L = &layers[li];
         const int64_t heads = L->swiftkv ? H : H + 2 * Hkv, row = heads * D; /* [q | k | v] row width */
-        int rc = skv_rms_norm(s->h, N, L->input_norm, x, M, N, s->eps, T);
+        int rc = skv_rms_norm(s->h, N, L->input_norm, x, M, N, s->eps, T, 0);
         if (!rc) rc = skv_linear(&L->q, x, M, wide, row, g, T);
         if (!rc && !L->swiftkv) rc = skv_linear(&L->k, x, M, wide + H * D, row, g, T);
         if (!rc && !L->swiftkv) rc = skv_linear(&L->v, x, M, wide + (H + Hkv) * D, row, g, T);
-        if (!rc) rc = skv_rotary_inplace(wide, M, L->swiftkv ? H : H + Hkv, D, row, s->cos, s->sin, T);
+        if (!rc) rc = skv_rotary_inplace(wide, M, L->swiftkv ? H : H + Hkv, D, row, s->cos, s->sin, T, 0);
         if (rc) return rc;
         const int64_t kc = L->owner * owner_stride, vc = kc + Hkv * head; /* element offsets in the cache */
         for (int64_t m = 0; m < M; m++) {
@@ -80,10 +80,10 @@ int skv_fused_decode_layers(const skv_layer *layers, int64_t n, const skv_step *
         if (!rc) rc = skv_linear(&L->o, attn, M, y, N, g, T);
         if (rc) return rc;
         add_into(s->h, y, M * N);
-        rc = skv_rms_norm(s->h, N, L->post_norm, x, M, N, s->eps, T);
+        rc = skv_rms_norm(s->h, N, L->post_norm, x, M, N, s->eps, T, 0);
         if (!rc) rc = skv_linear(&L->gate, x, M, wide, 2 * I, g, T);
         if (!rc) rc = skv_linear(&L->up, x, M, wide + I, 2 * I, g, T);
-        if (!rc) rc = skv_silu_and_mul(wide, wide + I, 2 * I, act, M, I, T);
+        if (!rc) rc = skv_silu_and_mul(wide, wide + I, 2 * I, act, M, I, T, 0);
         if (!rc) rc = skv_linear(&L->down, act, M, y, N, g, T);
         if (rc) return rc;
         add_into(s->h, y, M * N);
@@ -97,11 +97,11 @@ int skv_fused_decode_store_kv(const skv_store_kv *d, const skv_step *s) {
     for (int64_t j = 0; j < 2 * d->n; j++)
         if (d->kv[j].out_features != Hkv * D) return -1;
     float *x = s->scratch, *kv = x + M * N; /* kv [M, row]: [k_0 | v_0 | k_1 | v_1 | ...] per token */
-    int rc = skv_rms_norm(s->h, N, d->norm, x, M, N, s->eps, s->nthreads);
+    int rc = skv_rms_norm(s->h, N, d->norm, x, M, N, s->eps, s->nthreads, 0);
     for (int64_t j = 0; !rc && j < 2 * d->n; j++)
         rc = skv_linear(&d->kv[j], x, M, kv + j * Hkv * D, row, s->gemv_rows, s->nthreads);
     for (int64_t j = 0; !rc && j < d->n; j++) /* the K heads of leader j: Hkv rows of D, `row` apart */
-        rc = skv_rotary_inplace(kv + j * 2 * Hkv * D, M, Hkv, D, row, s->cos, s->sin, s->nthreads);
+        rc = skv_rotary_inplace(kv + j * 2 * Hkv * D, M, Hkv, D, row, s->cos, s->sin, s->nthreads, 0);
     if (rc) return rc;
     const int64_t head = s->num_blocks * s->block_size * D;
     for (int64_t j = 0; j < d->n; j++) {

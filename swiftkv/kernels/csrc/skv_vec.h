@@ -54,6 +54,19 @@ static inline void skv_load_u4x32(const uint8_t *p, __m256 out[4]) {
 /* one fp16 value (raw bits) as fp32: exact */
 static inline float skv_f16(uint16_t h) { return _cvtsh_ss(h); }
 
+/* eight fp32 stored as bf16 bits, rounded to nearest even (as PyTorch's conversion; NaN stays NaN) */
+static inline void skv_store_bf16x8(uint16_t *p, __m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+    const __m256i abs = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
+    const __m256i nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7f800000));
+    const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    r = _mm256_blendv_epi8(r, quiet, nan);
+    /* each 32-bit lane holds a value <= 0xffff: unsigned saturation packs it exactly */
+    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+
 /* fp32 -> bf16 bits, rounded to nearest even (as PyTorch's conversion; NaN stays NaN) */
 static inline uint16_t skv_to_bf16(float f) {
     union { float f; uint32_t u; } v = {f};
