@@ -229,3 +229,92 @@ def test_engine_greedy_matches_full_sequence_on_torch_ops(monkeypatch, l, G, ker
             done[out.request_id] = out
     assert [done[i].outputs[0].token_ids for i in ids] == refs
     assert len(calls) == (5 if kernels == "on" else 0), calls  # the engine really ran on the kernels (or not)
+
+
+needs_bf16_dot = pytest.mark.skipif(
+    not __import__("swiftkv.kernels.linear", fromlist=["x"]).bf16_dot_available(),
+    reason="the CPU has no AVX512-BF16 dot products (avx512_bf16): the fp32 panel GEMM runs for bf16 models here")
+
+
+@needs_ops
+@needs_bf16_dot
+@pytest.mark.parametrize("kind", ["f32", "bf16", "q8_0", "q4_1"])
+def test_bf16_dot_gemm_is_the_bf16_rounded_product(kind):
+    """The AVX512-BF16 panel GEMM: x and W rounded to bf16 (nearest even), every product summed in fp32 -- the
+    fp32 matmul of the rounded operands to fp32 summation-order error, for every held kind and row count."""
+    from conftest import gguf_like
+
+    from swiftkv.kernels import linear as kernels
+    from swiftkv.layers.weights import hold
+
+    w = gguf_like(72, 96, kind) if kind.startswith("q") else torch.randn(72, 96) * 0.05
+    held = hold(w.bfloat16() if kind == "bf16" else w, torch.bfloat16)
+    assert held.kind == {"f32": "bf16", "bf16": "bf16", "q8_0": "q8", "q4_1": "q4"}[kind] or kind == "f32"
+    c = held.c_weight()
+    for m in (5, 8, 31, 64):
+        x = torch.randn(m, 96)
+        ref = x.bfloat16().float() @ held.dense().bfloat16().float().T
+        got = kernels.linear(x, c, bf16_dot=True)
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
+        assert not torch.allclose(got, kernels.linear(x, c), atol=1e-6, rtol=0)  # really the rounded operands
+
+
+def test_bf16_dot_falls_back_without_the_cpu_feature(monkeypatch):
+    """The choice is made from the CPU's flags: without avx512_bf16 (or switched off) the fp32 panel GEMM runs,
+    and a shape the dot-product kernel does not take (in_features % 32) falls back inside the library."""
+    import swiftkv.platforms as platforms
+    from swiftkv.kernels import linear as kernels
+
+    monkeypatch.setattr(platforms, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c", "avx512_bf16"}))
+    assert not kernels.bf16_dot_available()  # no avx512bw / avx512vl
+    monkeypatch.setattr(platforms, "cpu_flags", lambda: frozenset({"avx512_bf16", "avx512bw", "avx512vl"}))
+    assert kernels.bf16_dot_available()
+    monkeypatch.setenv("SWIFTKV_BF16_DOT", "0")
+    assert not kernels.bf16_dot_available()
+    if kernels.library() is not None and "avx512_bf16" in __import__("pathlib").Path("/proc/cpuinfo").read_text():
+        w = torch.randn(16, 40)  # 40 % 32 != 0: the dot-product kernel refuses, skv_gemm answers
+        x = torch.randn(8, 40)
+        torch.testing.assert_close(kernels.linear(x, kernels.c_weight("f32", w), bf16_dot=True), x @ w.T,
+                                   atol=1e-5, rtol=1e-5)
+
+
+@needs_ops
+@needs_bf16_dot
+def test_bf16_engine_batched_decode_with_dot_products_matches_the_bf16_model(monkeypatch):
+    """Eight sequences decoding together in bf16 (the fused decoder's matmuls above 4 rows take the dot-product
+    GEMM): greedy output checked along its own path against the full-sequence bf16 model, as vLLM does."""
+    from conftest import assert_greedy_close
+
+    from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
+    from swiftkv.models.loader import load_model, save_checkpoint
+    from swiftkv.sampling_params import SamplingParams
+    from swiftkv.transform import to_swiftkv
+
+    import tempfile
+    from pathlib import Path
+
+    hf = tiny_hf_model("llama", seed=3, hidden_size=128, intermediate_size=256, num_hidden_layers=4)
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(Path(d) / "base")
+        from swiftkv.config import SwiftKVConfig
+
+        path = save_checkpoint(to_swiftkv(load_model(Path(d) / "base")[0], SwiftKVConfig(4, 2)), Path(d) / "skv",
+                               source_dir=Path(d) / "base")
+        reference = load_model(path, dtype="bfloat16")[0]
+        prompts = [[5 + i, 9, 17 + 2 * i, 3] for i in range(8)]
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+        outs = {}
+        for dot in ("1", "0"):
+            monkeypatch.setenv("SWIFTKV_BF16_DOT", dot)
+            engine = LLMEngine(load_model(path, dtype="bfloat16", for_inference=True)[0],
+                               config=EngineConfig(kv_cache_memory=4 << 20, block_size=4))
+            assert engine.runner.fused is not None
+            ids = [engine.add_request(p, params) for p in prompts]
+            done = {}
+            while engine.has_unfinished_requests():
+                done.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
+            outs[dot] = [done[i] for i in ids]
+        for p, o in zip(prompts, outs["1"]):
+            assert_greedy_close(reference, p, o, 0.02)
+        lp = [[x.logprob for x in o.logprobs] for o in outs["1"]]
+        assert lp != [[x.logprob for x in o.logprobs] for o in outs["0"]]  # the dot-product path really ran

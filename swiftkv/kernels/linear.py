@@ -30,7 +30,7 @@ class CWeight(ctypes.Structure):
 
 
 _FUNCTIONS = {
-    "skv_linear": (ctypes.c_int, [ctypes.POINTER(CWeight), _P, _I64, _P, _I64, _I64, ctypes.c_int]),
+    "skv_linear": (ctypes.c_int, [ctypes.POINTER(CWeight), _P, _I64, _P, _I64, _I64, _I64, ctypes.c_int]),
     "skv_widen": (ctypes.c_int, [ctypes.POINTER(CWeight), _I64, _I64, _P, _I64, ctypes.c_int]),
 }
 _checked: list[bool] = []
@@ -59,15 +59,25 @@ def c_weight(kind: str, data: torch.Tensor, scale: torch.Tensor | None = None, o
                    in_features if in_features is not None else data.shape[1])
 
 
-def linear(x: torch.Tensor, w: CWeight, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [M, I] (fp32) @ W^T (+ bias)`` -> ``[M, O]`` fp32 (into ``out`` when given)."""
+def bf16_dot_available() -> bool:
+    """Whether this CPU has AVX512-BF16 dot products (then a bf16 model's batched matmuls use them: twice the
+    fp32 FMA's work per instruction). ``SWIFTKV_BF16_DOT=0`` switches them off."""
+    from swiftkv.platforms import cpu_flags
+
+    return os.environ.get("SWIFTKV_BF16_DOT", "1") != "0" and {"avx512_bf16", "avx512bw", "avx512vl"} <= cpu_flags()
+
+
+def linear(x: torch.Tensor, w: CWeight, out: torch.Tensor | None = None, bf16_dot: bool = False) -> torch.Tensor:
+    """``x [M, I] (fp32) @ W^T (+ bias)`` -> ``[M, O]`` fp32 (into ``out`` when given). ``bf16_dot`` (only where
+    :func:`bf16_dot_available`): above ``GEMV_ROWS`` rows, x and W rounded to bf16 and multiplied with AVX512-BF16
+    dot products, summed in fp32 -- what a bf16 model computes."""
     lib = library()
     if lib is None:
         raise RuntimeError("the matmul kernels are not available on this machine")
     x = x.contiguous()
     m = x.shape[0]
     y = torch.empty(m, w.out_features, dtype=torch.float32) if out is None else out
-    rc = lib.skv_linear(ctypes.byref(w), x.data_ptr(), m, y.data_ptr(), y.stride(0), GEMV_ROWS,
+    rc = lib.skv_linear(ctypes.byref(w), x.data_ptr(), m, y.data_ptr(), y.stride(0), GEMV_ROWS, int(bf16_dot),
                         torch.get_num_threads())
     _check(rc, "skv_linear")
     return y

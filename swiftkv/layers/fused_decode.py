@@ -25,6 +25,7 @@ import torch
 
 from swiftkv.config import SwiftKVConfig
 from swiftkv.kernels import fused_decode as kernels
+from swiftkv.kernels import linear as linear_kernels
 from swiftkv.kernels.linear import GEMM_MAX_ROWS, GEMV_ROWS, CWeight
 from swiftkv.layers.linear import Linear
 
@@ -179,5 +180,7 @@ class FusedDecoder:
                              sin.data_ptr(), cache.data_ptr(), cache.shape[3], cache.shape[4], tables.shape[1],
                              int(cache.dtype == torch.bfloat16), None if slots is None else slots.data_ptr(),
                              tables.data_ptr(), kv_lens.data_ptr(), scratch.data_ptr(), GEMV_ROWS,
+                             # a bf16 model (its cache is bf16; h is widened to fp32 for the call): its matmuls
+                             int(cache.dtype == torch.bfloat16 and linear_kernels.bf16_dot_available()),
                              torch.get_num_threads())
         return step, [cos, sin, kv_lens, tables, slots, scratch]

@@ -56,7 +56,7 @@ class HeldLinearMethod:
         held, shape = self.held, x.shape
         x2 = x.reshape(-1, shape[-1])  # [M, I]
         if self._kernels_take(x2):
-            y = kernels.linear(x2.float(), self._c).to(x.dtype)
+            y = kernels.linear(x2.float(), self._c, bf16_dot=self._bf16_dot(x2)).to(x.dtype)
             if bias is not None:
                 y += bias
         elif held.is_dense and held.data.dtype == x.dtype:
@@ -67,12 +67,17 @@ class HeldLinearMethod:
 
     def _kernels_take(self, x: torch.Tensor) -> bool:
         """Decode-sized batches with no gradient wanted, except bf16 GEMM-sized ones on bf16 weights where the
-        CPU multiplies bf16 natively (oneDNN is faster there)."""
+        CPU multiplies bf16 natively but has no AVX512-BF16 dot products for the panel GEMM (oneDNN is faster)."""
         m = x.shape[0]
         if self._c is None or not 1 <= m <= kernels.GEMM_MAX_ROWS or x.requires_grad:
             return False
         native_bf16 = self.held.kind == "bf16" and m > kernels.GEMV_ROWS and _onednn_bf16(x)
-        return not native_bf16
+        return not native_bf16 or self._bf16_dot(x)
+
+    @staticmethod
+    def _bf16_dot(x: torch.Tensor) -> bool:
+        """A bf16 GEMM-sized batch on a CPU with AVX512-BF16: the panel GEMM's dot-product form."""
+        return x.dtype == torch.bfloat16 and x.shape[0] > kernels.GEMV_ROWS and kernels.bf16_dot_available()
 
     def _widened_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Prefill-sized batches: the weight widened to ``x``'s dtype (row chunks), then oneDNN."""

@@ -24,10 +24,12 @@ class Sampler:
         None, {row: why it failed})."""
         logits = logits.float()
         tokens: list[int | None] = logits.argmax(-1).tolist()
+        top = logits.amax(-1)  # one pass for all rows: NaN if a row holds one, -inf if every token is masked
+        unusable = (top.isnan() | (top == float("-inf"))).tolist()
         errors: dict[int, str] = {}
         for r, p in enumerate(params):
-            if not torch.isfinite(logits[r]).any():
-                errors[r] = "every logit is -inf or NaN after penalties and masks: nothing can be sampled"
+            if unusable[r]:
+                errors[r] = "the logits are NaN, or every token is masked: nothing can be sampled"
             elif not p.greedy:
                 try:
                     tokens[r] = _sample_row(logits[r], p, generators[r])

@@ -93,6 +93,9 @@ def test_a_row_that_cannot_be_sampled_fails_alone():
     gen = torch.Generator().manual_seed(0)
     tokens, logprobs, errors = Sampler()(logits, params, [gen] * 5)
     assert set(errors) == {1} and "nothing can be sampled" in errors[1]
+    nan = logits.clone()
+    nan[3, 2] = float("nan")
+    assert set(Sampler()(nan, params, [gen] * 5)[2]) == {1, 3}
     assert tokens == [0, None, 0, 0, 0]
     assert all(p.greedy for p in (params[0], params[3], params[4])) and not params[2].greedy
     huge = torch.tensor([[3e38, 3e38, -3e38, 0.0]])  # a temperature below 1 overflows these to inf

@@ -58,9 +58,9 @@ int skv_fused_decode_layers(const skv_layer *layers, int64_t n, const skv_step *
         const skv_layer *L = &layers[li];
         const int64_t heads = L->swiftkv ? H : H + 2 * Hkv, row = heads * D; /* [q | k | v] row width */
         int rc = skv_rms_norm(s->h, N, L->input_norm, x, M, N, s->eps, T, 0);
-        if (!rc) rc = skv_linear(&L->q, x, M, wide, row, g, T);
-        if (!rc && !L->swiftkv) rc = skv_linear(&L->k, x, M, wide + H * D, row, g, T);
-        if (!rc && !L->swiftkv) rc = skv_linear(&L->v, x, M, wide + (H + Hkv) * D, row, g, T);
+        if (!rc) rc = skv_linear(&L->q, x, M, wide, row, g, s->gemm_bf16, T);
+        if (!rc && !L->swiftkv) rc = skv_linear(&L->k, x, M, wide + H * D, row, g, s->gemm_bf16, T);
+        if (!rc && !L->swiftkv) rc = skv_linear(&L->v, x, M, wide + (H + Hkv) * D, row, g, s->gemm_bf16, T);
         if (!rc) rc = skv_rotary_inplace(wide, M, L->swiftkv ? H : H + Hkv, D, row, s->cos, s->sin, T, 0);
         if (rc) return rc;
         const int64_t kc = L->owner * owner_stride, vc = kc + Hkv * head; /* element offsets in the cache */
@@ -77,14 +77,14 @@ int skv_fused_decode_layers(const skv_layer *layers, int64_t n, const skv_step *
         rc = skv_paged_decode_attention(q, (char *)s->kv_cache + kc * esize, (char *)s->kv_cache + vc * esize,
                                         s->block_tables, s->kv_lens, attn, M, H, Hkv, D, s->num_blocks, s->block_size,
                                         s->max_blocks, 1.0f / sqrtf((float)D), s->kv_bf16, T);
-        if (!rc) rc = skv_linear(&L->o, attn, M, y, N, g, T);
+        if (!rc) rc = skv_linear(&L->o, attn, M, y, N, g, s->gemm_bf16, T);
         if (rc) return rc;
         add_into(s->h, y, M * N);
         rc = skv_rms_norm(s->h, N, L->post_norm, x, M, N, s->eps, T, 0);
-        if (!rc) rc = skv_linear(&L->gate, x, M, wide, 2 * I, g, T);
-        if (!rc) rc = skv_linear(&L->up, x, M, wide + I, 2 * I, g, T);
+        if (!rc) rc = skv_linear(&L->gate, x, M, wide, 2 * I, g, s->gemm_bf16, T);
+        if (!rc) rc = skv_linear(&L->up, x, M, wide + I, 2 * I, g, s->gemm_bf16, T);
         if (!rc) rc = skv_silu_and_mul(wide, wide + I, 2 * I, act, M, I, T, 0);
-        if (!rc) rc = skv_linear(&L->down, act, M, y, N, g, T);
+        if (!rc) rc = skv_linear(&L->down, act, M, y, N, g, s->gemm_bf16, T);
         if (rc) return rc;
         add_into(s->h, y, M * N);
     }
@@ -99,7 +99,7 @@ int skv_fused_decode_store_kv(const skv_store_kv *d, const skv_step *s) {
     float *x = s->scratch, *kv = x + M * N; /* kv [M, row]: [k_0 | v_0 | k_1 | v_1 | ...] per token */
     int rc = skv_rms_norm(s->h, N, d->norm, x, M, N, s->eps, s->nthreads, 0);
     for (int64_t j = 0; !rc && j < 2 * d->n; j++)
-        rc = skv_linear(&d->kv[j], x, M, kv + j * Hkv * D, row, s->gemv_rows, s->nthreads);
+        rc = skv_linear(&d->kv[j], x, M, kv + j * Hkv * D, row, s->gemv_rows, s->gemm_bf16, s->nthreads);
     for (int64_t j = 0; !rc && j < d->n; j++) /* the K heads of leader j: Hkv rows of D, `row` apart */
         rc = skv_rotary_inplace(kv + j * 2 * Hkv * D, M, Hkv, D, row, s->cos, s->sin, s->nthreads, 0);
     if (rc) return rc;

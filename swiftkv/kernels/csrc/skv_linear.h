@@ -3,7 +3,9 @@
 #define SKV_LINEAR_H
 #include "skv_weight.h"
 
-/* x [M, I], y [M, O] (rows ldy apart), plus w->bias if any. Returns 0, -1 bad shapes, -2 out of memory. */
+/* x [M, I], y [M, O] (rows ldy apart), plus w->bias if any. Above gemv_rows rows with `bf16_dot` (a bf16
+ * model on a CPU with avx512_bf16): skv_gemm_bf16 where it takes the shape. Returns 0, -1 bad shapes, -2 out of
+ * memory. */
 int skv_linear(const skv_weight *w, const float *x, int64_t M, float *y, int64_t ldy, int64_t gemv_rows,
-               int nthreads);
+               int64_t bf16_dot, int nthreads);
 #endif

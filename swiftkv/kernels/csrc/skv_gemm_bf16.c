@@ -1,0 +1,107 @@
+/* The panel GEMM of skv_gemm.c with AVX512-BF16 dot products (vdpbf16ps: 32 bf16 products per instruction into
+ * 16 fp32 sums, twice the fp32 FMA's work), for a model computing in bf16 on a CPU with avx512_bf16 (Zen 4,
+ * Sapphire Rapids and later). Activations and weights are rounded to bf16 (nearest even) first -- the values a
+ * bf16 model holds -- and every product is summed in fp32. Per panel of 8 output rows the weights are widened
+ * once into a thread's own bf16 buffer (bf16 weights are read in place); a 3 x 4 register tile of 512-bit
+ * accumulators runs over every input row. Compiled for these instructions through function attributes only:
+ * call it only where the CPU has them (the Python side checks its flags). */
+#include <stdlib.h>
+#include <string.h>
+
+#include "skv_dequant.h"
+#include "skv_gemm.h"
+
+#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
+#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define NR 8 /* output rows per panel */
+#define MR 3 /* input rows per micro-tile */
+#define OR 4 /* output rows per micro-tile: MR x OR = 12 accumulators */
+
+/* n fp32 (n % 16 == 0) -> bf16 bits, rounded to nearest even */
+BF16_TARGET static void to_bf16(const float *src, uint16_t *dst, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const __m256bh b = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i));
+        memcpy(dst + i, &b, sizeof(b));
+    }
+}
+
+/* y[r, c] (rows ldy apart) = x[r, :] . P[c, :] for R input rows and C panel rows, 32 inputs per step */
+BF16_TARGET static inline __attribute__((always_inline)) void tile(const uint16_t *x, int64_t I, const uint16_t *P,
+                                                                   float *y, int64_t ldy, const int R, const int C) {
+    __m512 acc[MR][OR];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < I; k += 32) {
+        __m512bh w[OR];
+        for (int c = 0; c < C; c++) w[c] = (__m512bh)_mm512_loadu_si512(P + c * I + k);
+        for (int r = 0; r < R; r++) {
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * I + k);
+            for (int c = 0; c < C; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, w[c]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) y[r * ldy + c] = _mm512_reduce_add_ps(acc[r][c]);
+}
+
+#define TILE_C(R, C)                                   \
+    switch (C) {                                       \
+        case 1: tile(xm, I, Pc, ym, ldy, R, 1); break; \
+        case 2: tile(xm, I, Pc, ym, ldy, R, 2); break; \
+        case 3: tile(xm, I, Pc, ym, ldy, R, 3); break; \
+        default: tile(xm, I, Pc, ym, ldy, R, 4); break; \
+    }
+
+BF16_TARGET static void panel_times_rows(const uint16_t *x, int64_t M, int64_t I, const uint16_t *P, float *y,
+                                         int64_t ldy, int rows) {
+    for (int c0 = 0; c0 < rows; c0 += OR) {
+        const int C = rows - c0 < OR ? rows - c0 : OR;
+        const uint16_t *Pc = P + c0 * I;
+        for (int64_t m = 0; m < M; m += MR) {
+            const uint16_t *xm = x + m * I;
+            float *ym = y + m * ldy + c0;
+            const int64_t R = M - m < MR ? M - m : MR;
+            if (R == 3) { TILE_C(3, C) } else if (R == 2) { TILE_C(2, C) } else { TILE_C(1, C) }
+        }
+    }
+}
+
+BF16_TARGET int skv_gemm_bf16(const skv_weight *w, const float *x, int64_t M, float *y, int64_t ldy, int nthreads) {
+    const int64_t I = w->in_features, O = w->out_features;
+    if (skv_weight_check(w) || M < 1 || ldy < O || I % 32) return -1;
+    uint16_t *xb = aligned_alloc(64, ((sizeof(uint16_t) * M * I + 63) / 64) * 64); /* [M, I] bf16 */
+    if (!xb) return -2;
+    to_bf16(x, xb, M * I);
+    const int64_t panels = (O + NR - 1) / NR;
+    const int inplace = w->kind == SKV_BF16; /* bf16 rows are a panel already */
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        uint16_t *P = inplace ? NULL : aligned_alloc(64, ((sizeof(uint16_t) * I * NR + 63) / 64) * 64); /* [NR, I] */
+        float *row = inplace ? NULL : aligned_alloc(64, ((sizeof(float) * I + 63) / 64) * 64);
+        if (!inplace && (!P || !row)) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; p++) {
+            if (!inplace && (!P || !row)) continue;
+            const int64_t o0 = p * NR;
+            const int rows = O - o0 < NR ? (int)(O - o0) : NR;
+            for (int j = 0; j < rows && !inplace; j++) {
+                skv_dequant_row(w, o0 + j, row);
+                to_bf16(row, P + j * I, I);
+            }
+            panel_times_rows(xb, M, I, inplace ? (const uint16_t *)w->q + o0 * I : P, y + o0, ldy, rows);
+        }
+        free(P);
+        free(row);
+    }
+    free(xb);
+    return failed ? -2 : 0;
+}
+#else
+int skv_gemm_bf16(const skv_weight *w, const float *x, int64_t M, float *y, int64_t ldy, int nthreads) {
+    (void)w, (void)x, (void)M, (void)y, (void)ldy, (void)nthreads;
+    return -1; /* this compiler cannot emit the instructions: the caller uses skv_gemm */
+}
+#endif
