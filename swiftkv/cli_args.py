@@ -4,17 +4,17 @@ them so none imports another for them."""
 from __future__ import annotations
 
 import argparse
+import math
 
 from swiftkv.config import LayoutRequest
 
 DTYPE_HELP = "auto (default: bf16 only where the CPU multiplies bf16 natively, else float32), float32, bfloat16"
 
 
-def check_range(option: str, value: float | int, low: float, high: float = float("inf"),
-                low_open: bool = False) -> None:
+def check_range(option: str, value: float, low: float, high: float = float("inf"), low_open: bool = False) -> None:
     """``ValueError`` unless ``value`` is a finite number in [low, high] (``(low, high]`` with ``low_open``): a
     command line's numbers checked before any model is loaded (``inf``, ``nan`` and negative sizes included)."""
-    ok = value == value and abs(value) != float("inf") and (value > low if low_open else value >= low) and value <= high
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
     if not ok:
         bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high != float("inf") else "")
         raise ValueError(f"{option} must be a finite number {bounds}, got {value}")

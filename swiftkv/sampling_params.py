@@ -66,12 +66,12 @@ class SamplingParams:
             (_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}"),
             (_num(self.repetition_penalty) and FP32_TINY <= self.repetition_penalty <= FP32_MAX,
-             f"repetition_penalty must be greater than zero (1 = off) and within fp32's normal range "
-             f"[{FP32_TINY:.3g}, {FP32_MAX:.3g}], got {self.repetition_penalty!r}"),
+             (f"repetition_penalty must be greater than zero (1 = off) and within fp32's normal range "
+              f"[{FP32_TINY:.3g}, {FP32_MAX:.3g}], got {self.repetition_penalty!r}")),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be a non-empty string or a list of them"),
             (len(self.stop) <= MAX_STOP_STRINGS and all(len(s) <= MAX_STOP_CHARS for s in self.stop),
-             f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters each, got "
-             f"{len(self.stop)} (longest {max(map(len, self.stop), default=0)})"),
+             (f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters each, got "
+              f"{len(self.stop)} (longest {max(map(len, self.stop), default=0)})")),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers"),
             (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
              f"logprobs must be an integer in [0, 20], got {self.logprobs!r}"),

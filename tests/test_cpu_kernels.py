@@ -262,7 +262,7 @@ def test_bf16_dot_gemm_is_the_bf16_rounded_product(kind):
 def test_bf16_dot_falls_back_without_the_cpu_feature(monkeypatch):
     """The choice is made from the CPU's flags: without avx512_bf16 (or switched off) the fp32 panel GEMM runs,
     and a shape the dot-product kernel does not take (in_features % 32) falls back inside the library."""
-    import swiftkv.platforms as platforms
+    from swiftkv import platforms
     from swiftkv.kernels import linear as kernels
 
     monkeypatch.setattr(platforms, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c", "avx512_bf16"}))
@@ -280,41 +280,36 @@ def test_bf16_dot_falls_back_without_the_cpu_feature(monkeypatch):
 
 @needs_ops
 @needs_bf16_dot
-def test_bf16_engine_batched_decode_with_dot_products_matches_the_bf16_model(monkeypatch):
+def test_bf16_engine_batched_decode_with_dot_products_matches_the_bf16_model(monkeypatch, tmp_path):
     """Eight sequences decoding together in bf16 (the fused decoder's matmuls above 4 rows take the dot-product
     GEMM): greedy output checked along its own path against the full-sequence bf16 model, as vLLM does."""
     from conftest import assert_greedy_close
 
+    from swiftkv.config import SwiftKVConfig
     from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
     from swiftkv.models.loader import load_model, save_checkpoint
     from swiftkv.sampling_params import SamplingParams
     from swiftkv.transform import to_swiftkv
 
-    import tempfile
-    from pathlib import Path
-
-    hf = tiny_hf_model("llama", seed=3, hidden_size=128, intermediate_size=256, num_hidden_layers=4)
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(Path(d) / "base")
-        from swiftkv.config import SwiftKVConfig
-
-        path = save_checkpoint(to_swiftkv(load_model(Path(d) / "base")[0], SwiftKVConfig(4, 2)), Path(d) / "skv",
-                               source_dir=Path(d) / "base")
-        reference = load_model(path, dtype="bfloat16")[0]
-        prompts = [[5 + i, 9, 17 + 2 * i, 3] for i in range(8)]
-        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
-        outs = {}
-        for dot in ("1", "0"):
-            monkeypatch.setenv("SWIFTKV_BF16_DOT", dot)
-            engine = LLMEngine(load_model(path, dtype="bfloat16", for_inference=True)[0],
-                               config=EngineConfig(kv_cache_memory=4 << 20, block_size=4))
-            assert engine.runner.fused is not None
-            ids = [engine.add_request(p, params) for p in prompts]
-            done = {}
-            while engine.has_unfinished_requests():
-                done.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
-            outs[dot] = [done[i] for i in ids]
-        for p, o in zip(prompts, outs["1"]):
-            assert_greedy_close(reference, p, o, 0.02)
-        lp = [[x.logprob for x in o.logprobs] for o in outs["1"]]
-        assert lp != [[x.logprob for x in o.logprobs] for o in outs["0"]]  # the dot-product path really ran
+    tiny_hf_model("llama", seed=3, hidden_size=128, intermediate_size=256, num_hidden_layers=4).save_pretrained(
+        tmp_path / "base")
+    path = save_checkpoint(to_swiftkv(load_model(tmp_path / "base")[0], SwiftKVConfig(4, 2)), tmp_path / "skv",
+                           source_dir=tmp_path / "base")
+    reference = load_model(path, dtype="bfloat16")[0]
+    prompts = [[5 + i, 9, 17 + 2 * i, 3] for i in range(8)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+    outs = {}
+    for dot in ("1", "0"):
+        monkeypatch.setenv("SWIFTKV_BF16_DOT", dot)
+        engine = LLMEngine(load_model(path, dtype="bfloat16", for_inference=True)[0],
+                           config=EngineConfig(kv_cache_memory=4 << 20, block_size=4))
+        assert engine.runner.fused is not None
+        ids = [engine.add_request(p, params) for p in prompts]
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
+        outs[dot] = [done[i] for i in ids]
+    for p, o in zip(prompts, outs["1"]):
+        assert_greedy_close(reference, p, o, 0.02)
+    lp = [[x.logprob for x in o.logprobs] for o in outs["1"]]
+    assert lp != [[x.logprob for x in o.logprobs] for o in outs["0"]]  # the dot-product path really ran

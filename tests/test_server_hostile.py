@@ -232,7 +232,7 @@ def test_extreme_sampling_values_never_fail_other_requests(serve, extra):
 def test_a_row_that_fails_fails_its_request_alone(serve, monkeypatch):
     """A sampling failure in one row (injected for seed 666) answers that request with an error; the greedy
     requests in the same steps finish every token."""
-    import swiftkv.layers.sampler as sampler
+    from swiftkv.layers import sampler
 
     real = sampler._sample_row
 

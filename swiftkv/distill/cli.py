@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from swiftkv.cli_args import DTYPE_HELP, add_swiftkv_layout_args, check_range, layout_request
+from swiftkv.cli_args import (
+    DTYPE_HELP,
+    add_swiftkv_layout_args,
+    check_range,
+    layout_request,
+)
 from swiftkv.models.registry import DEFAULT_MODEL
 
 

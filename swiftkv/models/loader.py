@@ -23,7 +23,13 @@ from swiftkv.models.arch import SIZES, check_sizes, check_supported, head_dim_of
 from swiftkv.models.footprint import release_unheld_pages
 from swiftkv.models.llama import LlamaForCausalLM
 from swiftkv.models.registry import BUILTIN_MODELS, DEFAULT_MODEL
-from swiftkv.models.shards import DEFAULT_SHARD_SIZE, read_tensors, tensor_index, weight_files, write_sharded
+from swiftkv.models.shards import (
+    DEFAULT_SHARD_SIZE,
+    read_tensors,
+    tensor_index,
+    weight_files,
+    write_sharded,
+)
 from swiftkv.platforms import DTYPES, resolve_dtype
 
 

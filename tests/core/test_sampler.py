@@ -91,7 +91,7 @@ def test_a_row_that_cannot_be_sampled_fails_alone():
               SamplingParams(temperature=1.0, top_p=1e-300), SamplingParams(temperature=5e-324),
               SamplingParams(temperature=1e-38, top_k=2)]
     gen = torch.Generator().manual_seed(0)
-    tokens, logprobs, errors = Sampler()(logits, params, [gen] * 5)
+    tokens, _, errors = Sampler()(logits, params, [gen] * 5)
     assert set(errors) == {1} and "nothing can be sampled" in errors[1]
     nan = logits.clone()
     nan[3, 2] = float("nan")
