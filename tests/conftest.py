@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import random
 
 import pytest
@@ -20,6 +21,8 @@ def needs_kernels(binding: str, reason: str = "no AVX2/FMA/F16C or no C compiler
 
 
 def pytest_configure(config):
+    # tests are not benchmarks: no waiting for quiet CPUs before each timed run (swiftkv.bench.interleave)
+    os.environ.setdefault("SWIFTKV_BENCH_QUIET_WAIT_S", "0")
     config.addinivalue_line("markers", "kernel_library(binding, reason): needs swiftkv.kernels.<binding>.library()")
 
 

@@ -336,6 +336,16 @@ def test_bench_entry_points_on_a_tiny_model(tiny_chat_model_dir, tmp_path, capsy
     assert r["env"]["kv_cache_gib"] == KV_CACHE_GIB
     assert r["kv_bytes_per_token"]["swiftkv"] * 6 == r["kv_bytes_per_token"]["baseline"] * 4  # AcrossKV G = 3
     assert json.loads((tmp_path / "prefill.json").read_text())["ratios"] == r["ratios"]
+    import pytest
+
+    from swiftkv.bench.flops import prefill_flops
+
+    model = load_model(ckpt)[0]
+    skv, gf = model.swiftkv_config, r["prefill_gflops"][48]
+    for name, swift in (("swiftkv", True), ("baseline", False)):  # each system's model, at its measured rate
+        assert gf[name] == pytest.approx(prefill_flops(model.config, skv, 48, swift) * r["prefill"][48][name] / 48 / 1e9)
+    assert gf["swiftkv"] / gf["baseline"] < r["prefill"][48]["swiftkv"] / r["prefill"][48]["baseline"]  # fewer FLOPs
+    assert r["matmul_peak_gflops"] > 0 and "matmul peak measured here" in capsys.readouterr().out
     w = Workload.make("shared-prefix", 49152, num_requests=3, prompt_len=(5, 9), max_tokens=3)
     assert len({tuple(p[:1500]) for p in w.prompts}) == 1 and len(w.prompts[0]) >= 1505
     w = Workload("custom", [p[-40:] for p in w.prompts], 3)

@@ -17,6 +17,7 @@ from swiftkv.bench.env import (
     tree_memory,
     warn_if_busy,
 )
+from swiftkv.bench.flops import measure_matmul_peak, prefill_flops
 from swiftkv.bench.interleave import interleave
 from swiftkv.bench.systems import (
     TransformersSystem,
@@ -27,6 +28,9 @@ from swiftkv.bench.workloads import random_token_prompts
 from swiftkv.fileio import atomic_write_json
 from swiftkv.models.footprint import checkpoint_bytes, decode_weight_bytes, held_bytes
 from swiftkv.platforms import dtype_name, resolve_dtype
+
+
+SWIFTKV_SYSTEMS = ("swiftkv", "vllm-swiftkv")  # the systems that run the SwiftKV model (the others: the original)
 
 
 def _wall(system, prompts: list[list[int]], n: int) -> float:
@@ -115,17 +119,28 @@ def run_prefill_bench(model: str | None = None, lengths: tuple[int, ...] = (512,
         # after every run (the bandwidth sample's 1 GiB tensor must not count in the peak above); on a shared
         # machine the bandwidth varies between runs too: compare fractions within one run
         result["bandwidth_bytes_s"] = bw = measure_bandwidth()
+        result["matmul_peak_gflops"] = measure_matmul_peak(m.compute_dtype) / 1e9
     finally:
         for s in systems.values():
             s.close()
     result["decode_roofline_fraction"] = {  # tokens/s over bandwidth / bytes read per batch-1 step
         name: result["decode"][name] * result["decode_weight_bytes"][name] / bw for name in engines}
+    result["prefill_gflops"] = prefill_rates(result, m.config, skv)
     result["ratios"] = _ratios(result)
     print(format_report(result))
     if out:
         atomic_write_json(out, result, indent=2)
         print(f"wrote {out}")
     return result
+
+
+def prefill_rates(r: dict, config, skv) -> dict:
+    """GFLOP/s each system reached at each prefill length: the FLOPs its model needs for one prompt of that length
+    (``bench/flops.py``: the SwiftKV model's for swiftkv and vllm-swiftkv, the original's for the others) times its
+    prompts per second. Beside ``matmul_peak_gflops`` (a square matmul in the compute dtype, same run), it says
+    how far from the GEMM limit each prefill runs."""
+    return {n: {name: prefill_flops(config, skv, int(n), name in SWIFTKV_SYSTEMS) * rate / int(n) / 1e9
+                for name, rate in tps.items()} for n, tps in r["prefill"].items()}
 
 
 def _rows(r: dict) -> list[tuple[str, dict[str, float]]]:
@@ -173,6 +188,12 @@ def format_report(r: dict) -> str:
                      f"{r['bandwidth_bytes_s'] / 1e9:.1f} GB/s; batch-1 decode at "
                      + ", ".join(f"{k} {v:.0%}" for k, v in r["decode_roofline_fraction"].items())
                      + " of the roofline of the weight bytes it reads")
+    if "prefill_gflops" in r:
+        peak = r.get("matmul_peak_gflops")
+        for n, rates in r["prefill_gflops"].items():
+            lines.append(f"prefill @ {n} GFLOP/s: " + ", ".join(
+                f"{k} {v:.0f}" + (f" ({v / peak:.0%})" if peak else "") for k, v in rates.items())
+                + (f" -- of a {peak:.0f} GFLOP/s {e['dtype']} matmul peak measured here" if peak else ""))
     lines += [f"  {k}: {v:.2f}x" for k, v in r["ratios"].items()]
     lines += [f"FAILED {name}: {why}" for name, why in r.get("failed", {}).items()]
     return "\n".join(lines)
