@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import needs_kernels, tiny_hf_model, to_distinct_swiftkv
+from conftest import needs_kernels, quantize_q4_1, tiny_hf_model, to_distinct_swiftkv
 
 from swiftkv.kernels import elementwise as cpu_ops
 from swiftkv.kernels import paged_attention
@@ -313,3 +313,25 @@ def test_bf16_engine_batched_decode_with_dot_products_matches_the_bf16_model(mon
         assert_greedy_close(reference, p, o, 0.02)
     lp = [[x.logprob for x in o.logprobs] for o in outs["1"]]
     assert lp != [[x.logprob for x in o.logprobs] for o in outs["0"]]  # the dot-product path really ran
+
+
+@needs_ops
+def test_bf16_batches_route_by_cpu(monkeypatch):
+    """Which path a bf16 batch on bf16 weights takes, from the CPU's flags alone: the AVX512-BF16 panel GEMM up to
+    32 rows without AMX, oneDNN above (and always with AMX: its tiles); blocked weights always take the kernels."""
+    from swiftkv import platforms
+    from swiftkv.layers.linear import DOT_OVER_ONEDNN_MAX_ROWS, HeldLinearMethod
+    from swiftkv.layers.weights import hold
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this PyTorch build")
+    dense = HeldLinearMethod(hold(torch.randn(64, 64).bfloat16(), torch.bfloat16), None)
+    blocked = HeldLinearMethod(hold(quantize_q4_1(torch.randn(64, 64)), torch.bfloat16), None)
+    assert dense.held.kind == "bf16" and blocked.held.kind == "q4"
+    rows = {m: torch.zeros(m, 64, dtype=torch.bfloat16) for m in (2, 8, DOT_OVER_ONEDNN_MAX_ROWS, 64)}
+    for flags, dense_kernel_rows in ((("avx512_bf16", "avx512bw", "avx512vl"), {2, 8, DOT_OVER_ONEDNN_MAX_ROWS}),
+                                     (("avx512_bf16", "avx512bw", "avx512vl", "amx_bf16"), {2}),
+                                     (("avx512_bf16",), {2})):  # native bf16 without the dot products' VL/BW
+        monkeypatch.setattr(platforms, "cpu_flags", lambda f=flags: frozenset({"avx2", "fma", "f16c", *f}))
+        assert {m for m, x in rows.items() if dense._kernels_take(x)} == dense_kernel_rows, flags
+        assert all(blocked._kernels_take(x) for x in rows.values())

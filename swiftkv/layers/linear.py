@@ -25,6 +25,9 @@ from swiftkv.kernels import linear as kernels
 from swiftkv.layers.weights import HeldWeight, hold
 
 WIDEN_CHUNK_BYTES = 64 << 20
+# bf16 weights, bf16 batches: the AVX512-BF16 panel GEMM beats oneDNN's bf16 GEMM up to this many rows on a CPU
+# without AMX (Zen 4, 2 threads: 1.7x at 8 rows, 1.04-1.26x at 32, 0.83-1.11x at 64)
+DOT_OVER_ONEDNN_MAX_ROWS = 32
 _widen_buffers: dict[torch.dtype, torch.Tensor] = {}  # reused across layers and steps (no page faults)
 
 
@@ -67,12 +70,14 @@ class HeldLinearMethod:
 
     def _kernels_take(self, x: torch.Tensor) -> bool:
         """Decode-sized batches with no gradient wanted, except bf16 GEMM-sized ones on bf16 weights where the
-        CPU multiplies bf16 natively but has no AVX512-BF16 dot products for the panel GEMM (oneDNN is faster)."""
+        CPU multiplies bf16 natively: oneDNN takes those, but for the AVX512-BF16 panel GEMM's range without AMX
+        (``DOT_OVER_ONEDNN_MAX_ROWS``; with AMX oneDNN's tiles are the faster path)."""
         m = x.shape[0]
         if self._c is None or not 1 <= m <= kernels.GEMM_MAX_ROWS or x.requires_grad:
             return False
-        native_bf16 = self.held.kind == "bf16" and m > kernels.GEMV_ROWS and _onednn_bf16(x)
-        return not native_bf16 or self._bf16_dot(x)
+        if not (self.held.kind == "bf16" and m > kernels.GEMV_ROWS and _onednn_bf16(x)):
+            return True
+        return self._bf16_dot(x) and m <= DOT_OVER_ONEDNN_MAX_ROWS and not _has_amx()
 
     @staticmethod
     def _bf16_dot(x: torch.Tensor) -> bool:
@@ -94,6 +99,12 @@ class HeldLinearMethod:
             part = bias[start : start + n] if bias is not None else None
             y[:, start : start + n] = dense_matmul(x, kernels.widen(self._c, start, n, buf[:n]), part)
         return y
+
+
+def _has_amx() -> bool:
+    from swiftkv.platforms import cpu_flags
+
+    return "amx_bf16" in cpu_flags()
 
 
 def _onednn_bf16(x: torch.Tensor) -> bool:
