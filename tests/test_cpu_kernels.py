@@ -335,3 +335,49 @@ def test_bf16_batches_route_by_cpu(monkeypatch):
         monkeypatch.setattr(platforms, "cpu_flags", lambda f=flags: frozenset({"avx2", "fma", "f16c", *f}))
         assert {m for m, x in rows.items() if dense._kernels_take(x)} == dense_kernel_rows, flags
         assert all(blocked._kernels_take(x) for x in rows.values())
+
+
+@needs_attention
+def test_prefill_attention_choice_per_cpu(monkeypatch, tmp_path):
+    """bf16 prompts on a CPU with AMX take PyTorch's SDPA (oneDNN's flash attention on the tiles), elsewhere the
+    paged prefill kernel; SWIFTKV_PREFILL_ATTENTION overrides; either way the greedy output is the bf16 model's."""
+    from conftest import assert_greedy_close
+
+    from swiftkv import platforms
+    from swiftkv.config import SwiftKVConfig
+    from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
+    from swiftkv.models.loader import load_model, save_checkpoint
+    from swiftkv.sampling_params import SamplingParams
+    from swiftkv.transform import to_swiftkv
+
+    assert paged_attention.prefill_kernel_preferred(torch.float32)
+    monkeypatch.setenv("SWIFTKV_PREFILL_ATTENTION", "fast")
+    with pytest.raises(ValueError, match="use one of auto, kernel, sdpa"):
+        paged_attention.prefill_kernel_preferred(torch.bfloat16)
+    monkeypatch.delenv("SWIFTKV_PREFILL_ATTENTION")
+    tiny_hf_model("llama", seed=4, num_hidden_layers=4).save_pretrained(tmp_path / "base")
+    path = save_checkpoint(to_swiftkv(load_model(tmp_path / "base")[0], SwiftKVConfig(4, 2)), tmp_path / "skv",
+                           source_dir=tmp_path / "base")
+    reference = load_model(path, dtype="bfloat16")[0]
+    prompts = [[5, 9, 17, 3, 8, 1, 2], list(range(1, 30))]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    real, calls = paged_attention.prefill_attention, []
+    monkeypatch.setattr(paged_attention, "prefill_attention", lambda *a: calls.append(1) or real(*a))
+    base = frozenset(platforms.cpu_flags())
+    for flags, override, kernel in ((base - {"amx_bf16"}, None, True), (base | {"amx_bf16"}, None, False),
+                                    (base | {"amx_bf16"}, "kernel", True), (base - {"amx_bf16"}, "sdpa", False)):
+        monkeypatch.setattr(platforms, "cpu_flags", lambda f=flags: f)
+        if override:
+            monkeypatch.setenv("SWIFTKV_PREFILL_ATTENTION", override)
+        assert paged_attention.prefill_kernel_preferred(torch.bfloat16) == kernel
+        calls.clear()
+        engine = LLMEngine(load_model(path, dtype="bfloat16", for_inference=True)[0],
+                           config=EngineConfig(kv_cache_memory=4 << 20, block_size=4, max_num_batched_tokens=16))
+        ids = [engine.add_request(p, params) for p in prompts]
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
+        assert bool(calls) == kernel, (flags, override)
+        for p, i in zip(prompts, ids):
+            assert_greedy_close(reference, p, done[i], 0.02)
+        monkeypatch.delenv("SWIFTKV_PREFILL_ATTENTION", raising=False)

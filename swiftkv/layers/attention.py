@@ -98,7 +98,8 @@ class AttentionMetadata:
     def attend(self, owner: int, q: torch.Tensor) -> torch.Tensor:
         """q [num_queries, heads, D] -> [num_queries, heads, D]."""
         decode = all(n == 1 for n in self.q_lens)
-        if self.kv_cache is not None and not decode and paged_attention.can_run(q, self.kv_cache, prefill=True):
+        if (self.kv_cache is not None and not decode and paged_attention.can_run(q, self.kv_cache, prefill=True)
+                and paged_attention.prefill_kernel_preferred(q.dtype)):
             # prompts, fresh or after cached keys (and any decode rows beside them), read in place
             kc, vc = self.kv_cache[owner, 0], self.kv_cache[owner, 1]
             return paged_attention.prefill_attention(q, kc, vc, self.block_tables, self.q_lens_tensor(),
