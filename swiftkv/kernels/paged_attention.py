@@ -45,12 +45,12 @@ def can_run(q: torch.Tensor, kv_cache: torch.Tensor, prefill: bool = False) -> b
 
 
 _PREFILL_CHOICES = ("auto", "kernel", "sdpa")
-_said_prefill: set[str] = set()
+_said_prefill: set[torch.dtype] = set()
 
 
 def prefill_kernel_preferred(dtype: torch.dtype) -> bool:
     """Whether prompts' attention should run this kernel (fp32 FMAs over the paged cache) rather than PyTorch's
-    SDPA over gathered blocks, for this CPU and compute dtype, decided from the CPU's flags and said once on stderr.
+    SDPA over gathered blocks, for this CPU and compute dtype, decided from the CPU's flags (SDPA said once on stderr).
     ``SWIFTKV_PREFILL_ATTENTION=kernel|sdpa`` overrides. ``auto``: SDPA for bf16 on a CPU with AMX, whose
     oneDNN flash attention runs on the tiles (measured on a Sapphire Rapids-class Xeon, bf16, default model:
     prefill @ 2,048 1.8x with SDPA: 2,689 vs 1,500 tokens/s); this kernel everywhere else (Zen 4, bf16: 1.33x
@@ -62,12 +62,10 @@ def prefill_kernel_preferred(dtype: torch.dtype) -> bool:
         raise ValueError(f"SWIFTKV_PREFILL_ATTENTION={choice!r}: use one of {', '.join(_PREFILL_CHOICES)}")
     if choice == "auto":
         choice = "sdpa" if dtype == torch.bfloat16 and "amx_bf16" in cpu_flags() else "kernel"
-        key = f"{dtype}:{choice}"
-        if key not in _said_prefill:
-            _said_prefill.add(key)
-            why = "oneDNN's flash attention on AMX tiles" if choice == "sdpa" else "swiftkv's paged prefill kernel"
-            print(f"swiftkv: prefill attention ({str(dtype).removeprefix('torch.')}): {why} "
-                  "(SWIFTKV_PREFILL_ATTENTION=kernel|sdpa overrides)", file=sys.stderr)
+        if choice == "sdpa" and dtype not in _said_prefill:  # the default (this kernel) goes unsaid
+            _said_prefill.add(dtype)
+            print("swiftkv: prefill attention: PyTorch's SDPA (oneDNN's flash attention on the AMX tiles) for bf16 "
+                  "(SWIFTKV_PREFILL_ATTENTION=kernel overrides)", file=sys.stderr)
     return choice == "kernel"
 
 
