@@ -22,9 +22,14 @@ from pathlib import Path
 _TEMP = re.compile(r"^\..+\.swiftkv-(tmp|old)-(\d+)-[0-9a-z_]{8}")  # what _temp_name and mkdtemp make
 
 
+def _temp_prefix(target: str, kind: str = "tmp") -> str:
+    """``.TARGET.swiftkv-KIND-PID-``: the start of a name only swiftkv makes, with the writer's PID (stale once it
+    died); 8 random characters follow (``_TEMP``)."""
+    return f".{target}.swiftkv-{kind}-{os.getpid()}-"
+
+
 def _temp_name(target: str, kind: str = "tmp") -> str:
-    """``.TARGET.swiftkv-KIND-PID-RANDOM``: a name only swiftkv makes, with the writer's PID (stale once it died)."""
-    return f".{target}.swiftkv-{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+    return _temp_prefix(target, kind) + secrets.token_hex(4)
 STAMP_FILE = "swiftkv_stamp.txt"  # what a cached directory was built from
 
 
@@ -172,7 +177,7 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False,
     check_replaceable(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_name(out.name)[:-8], dir=out.parent))  # PID, then mkdtemp's 8 chars
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out.name), dir=out.parent))  # + mkdtemp's 8 random chars
     try:
         yield tmp
         apply_umask(tmp, keep_modes)

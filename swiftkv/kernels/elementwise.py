@@ -38,9 +38,10 @@ def _takes(*tensors: torch.Tensor) -> bool:
             and all(t.dtype == dt and t.device.type == "cpu" for t in tensors) and library() is not None)
 
 
-def _fp32(t: torch.Tensor) -> torch.Tensor:
-    """A small operand (norm weight, cos/sin rows) as contiguous fp32 (bf16 values widen exactly)."""
-    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+def as_fp32(t: torch.Tensor) -> torch.Tensor:
+    """A small operand (norm weight, cos/sin rows, a step's hidden rows) as contiguous fp32, no copy where it is
+    one already (bf16 values widen exactly)."""
+    return t.detach().float().contiguous()
 
 
 def _check(rc: int, op: str) -> None:
@@ -58,7 +59,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     out = torch.empty(x2.shape, dtype=x.dtype)
-    w = _fp32(weight)
+    w = as_fp32(weight)
     _check(library().skv_rms_norm(x2.data_ptr(), x2.stride(0), w.data_ptr(), out.data_ptr(), x2.shape[0], n, eps,
                                   torch.get_num_threads(), x.dtype == torch.bfloat16), "rms_norm")
     return out.view(x.shape)
@@ -84,7 +85,7 @@ def rotary_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> boo
     n, heads, d = x.shape
     if d % 16 or x.stride(2) != 1 or x.stride(1) != d or not _takes(x) or cos.device.type != "cpu":
         return False
-    cos, sin = _fp32(cos), _fp32(sin)
+    cos, sin = as_fp32(cos), as_fp32(sin)
     _check(library().skv_rotary_inplace(x.data_ptr(), n, heads, d, x.stride(0), cos.data_ptr(), sin.data_ptr(),
                                         torch.get_num_threads(), x.dtype == torch.bfloat16), "rotary_inplace")
     return True

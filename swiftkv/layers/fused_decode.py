@@ -26,6 +26,7 @@ import torch
 from swiftkv.config import SwiftKVConfig
 from swiftkv.kernels import fused_decode as kernels
 from swiftkv.kernels import linear as linear_kernels
+from swiftkv.kernels.elementwise import as_fp32
 from swiftkv.kernels.linear import GEMM_MAX_ROWS, GEMV_ROWS, CWeight
 from swiftkv.layers.linear import Linear
 
@@ -68,10 +69,6 @@ def _c_weight(lin: Linear | None, alive: list) -> CWeight | None:
     return held.c_weight(bias)
 
 
-def _fp32(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().float().contiguous()
-
-
 class FusedDecoder:
     """The decoder layers as C descriptors (built once; the weights must not change after)."""
 
@@ -80,7 +77,7 @@ class FusedDecoder:
         self.dims = dims  # hidden, heads, kv heads, head dim, intermediate
         self.specs = specs
         self.eps = specs[0].eps
-        self._norms = [(_fp32(s.input_norm), _fp32(s.post_norm)) for s in specs]  # (a bf16 model's: widened)
+        self._norms = [(as_fp32(s.input_norm), as_fp32(s.post_norm)) for s in specs]  # (a bf16 model's: widened)
         self._arrays: dict[tuple, ctypes.Array | None] = {}
         # every tensor a descriptor points into: kept alive here, so a later change to the model (against
         # the rule above) leaves stale values, never dangling pointers
@@ -141,7 +138,7 @@ class FusedDecoder:
         model's ``store_swiftkv`` in one call); False where the step is not one it takes (nothing done)."""
         if self._store is None or not self._takes(h_l, meta, True):
             return False
-        h_l = _fp32(h_l)
+        h_l = as_fp32(h_l)
         row = 2 * self._store.n * self.dims[2] * self.dims[3]
         scratch = torch.empty(kernels.store_kv_scratch_floats(h_l.shape[0], self.dims[0], row))
         step, _keep = self._step(h_l, cos, sin, meta, True, scratch)
@@ -155,7 +152,7 @@ class FusedDecoder:
         ws = [_c_weight(lin, self._alive) for pair in spec.kv for lin in pair]
         if any(w is None for w in ws):
             return None
-        kv, owners, norm = (CWeight * len(ws))(*ws), torch.tensor(spec.owners), _fp32(spec.norm)
+        kv, owners, norm = (CWeight * len(ws))(*ws), torch.tensor(spec.owners), as_fp32(spec.norm)
         self._alive += [spec, kv, owners, norm]
         return kernels.CStoreKV(norm.data_ptr(), kv, owners.data_ptr(), len(spec.owners))
 
@@ -173,7 +170,7 @@ class FusedDecoder:
     def _step(self, h, cos, sin, meta, stores: bool, scratch: torch.Tensor) -> tuple[kernels.CStep, list]:
         """The C view of this step, and the tensors it points into (to keep alive during the call)."""
         hidden, heads, kv_heads, d, inter = self.dims
-        cos, sin, kv_lens = _fp32(cos), _fp32(sin), meta.kv_lens_tensor()
+        cos, sin, kv_lens = as_fp32(cos), as_fp32(sin), meta.kv_lens_tensor()
         cache, tables = meta.kv_cache, meta.block_tables.contiguous()
         slots = meta.slot_mapping.contiguous() if stores else None
         step = kernels.CStep(h.shape[0], hidden, heads, kv_heads, d, inter, self.eps, h.data_ptr(), cos.data_ptr(),

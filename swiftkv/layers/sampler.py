@@ -23,8 +23,9 @@ class Sampler:
         """logits [M, vocab] -> (token ids (None for a failed row), per-row (chosen logprob, top-k logprobs) or
         None, {row: why it failed})."""
         logits = logits.float()
-        tokens: list[int | None] = logits.argmax(-1).tolist()
-        top = logits.amax(-1)  # one pass for all rows: NaN if a row holds one, -inf if every token is masked
+        best = logits.argmax(-1)  # argmax takes a NaN as the maximum
+        tokens: list[int | None] = best.tolist()
+        top = logits.gather(1, best[:, None])[:, 0]  # NaN if a row holds one, -inf if every token is masked
         unusable = (top.isnan() | (top == float("-inf"))).tolist()
         errors: dict[int, str] = {}
         for r, p in enumerate(params):
