@@ -92,8 +92,9 @@ class LLM:
     def from_model(cls, model, tokenizer, model_path: str | os.PathLike = "", config: EngineConfig | None = None,
                    swiftkv: bool | None = None) -> LLM:
         """Wrap an already loaded model without reloading it (``swiftkv``: the path to run, None the model's
-        default). The model is prepared for inference in place if it was not loaded so; another ``LLM`` on
-        the same model (the other mode, say) shares its weights."""
+        default). The model must be prepared for inference (``load_model(..., for_inference=True)`` or
+        ``model.prepare_for_inference()``); another ``LLM`` on the same model (the other mode, say) shares its
+        weights."""
         llm = cls.__new__(cls)
         llm.model, llm.model_path, llm.tokenizer = model, model_path, tokenizer
         llm.engine = LLMEngine(model, tokenizer, config or EngineConfig(), swiftkv)

@@ -4,7 +4,6 @@ engine's greedy output with them against the full-sequence model run on PyTorch'
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from conftest import needs_kernels, quantize_q4_1, tiny_hf_model, to_distinct_sw
 
 from swiftkv.kernels import elementwise as cpu_ops
 from swiftkv.kernels import paged_attention
-from swiftkv.layers.attention import _sdpa
+from swiftkv.layers.attention import sdpa as _sdpa
 from swiftkv.layers.rotary import apply_rotary
 
 needs_attention = needs_kernels("paged_attention", "no AVX2/FMA or no C compiler: the paged-attention kernel cannot run here")
@@ -111,7 +110,7 @@ def test_paged_prefill_attention_refuses_impossible_lengths():
         paged_attention.prefill_attention(torch.zeros(2, 2, 16), kc, kc, tables, torch.tensor([2]), torch.tensor([17]))
     with pytest.raises(ValueError, match="3 query tokens"):
         paged_attention.prefill_attention(torch.zeros(3, 2, 16), kc, kc, tables, torch.tensor([2]), torch.tensor([4]))
-    assert not paged_attention.can_run(torch.zeros(1, 2, 16), torch.zeros(2, 4, 5, 16), prefill=True)  # block 5
+    assert not paged_attention.can_run(torch.zeros(2, 4, 5, 16), prefill=True)  # block 5
 
 
 @needs_ops
@@ -220,8 +219,8 @@ def test_engine_greedy_matches_full_sequence_on_torch_ops(monkeypatch, l, G, ker
                 calls[_n] = calls.get(_n, 0) + 1
             return out
         monkeypatch.setattr(module, name, counted)
-    engine = LLMEngine(copy.deepcopy(model), config=EngineConfig(kv_cache_memory=4 << 20, block_size=4,
-                                                                max_num_batched_tokens=16))
+    model.prepare_for_inference()  # the kernel switches as set above (held forms chosen now)
+    engine = LLMEngine(model, config=EngineConfig(kv_cache_memory=4 << 20, block_size=4, max_num_batched_tokens=16))
     ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)) for p in prompts]
     done = {}
     while engine.has_unfinished_requests():
@@ -350,10 +349,12 @@ def test_prefill_attention_choice_per_cpu(monkeypatch, tmp_path):
     from swiftkv.sampling_params import SamplingParams
     from swiftkv.transform import to_swiftkv
 
-    assert paged_attention.prefill_kernel_preferred(torch.float32)
+    from swiftkv.kernels.switches import KernelSwitches
+
+    assert KernelSwitches.from_env().prefill_kernel_preferred(torch.float32)
     monkeypatch.setenv("SWIFTKV_PREFILL_ATTENTION", "fast")
     with pytest.raises(ValueError, match="use one of auto, kernel, sdpa"):
-        paged_attention.prefill_kernel_preferred(torch.bfloat16)
+        KernelSwitches.from_env()
     monkeypatch.delenv("SWIFTKV_PREFILL_ATTENTION")
     tiny_hf_model("llama", seed=4, num_hidden_layers=4).save_pretrained(tmp_path / "base")
     path = save_checkpoint(to_swiftkv(load_model(tmp_path / "base")[0], SwiftKVConfig(4, 2)), tmp_path / "skv",
@@ -369,7 +370,7 @@ def test_prefill_attention_choice_per_cpu(monkeypatch, tmp_path):
         monkeypatch.setattr(platforms, "cpu_flags", lambda f=flags: f)
         if override:
             monkeypatch.setenv("SWIFTKV_PREFILL_ATTENTION", override)
-        assert paged_attention.prefill_kernel_preferred(torch.bfloat16) == kernel
+        assert KernelSwitches.from_env().prefill_kernel_preferred(torch.bfloat16) == kernel
         calls.clear()
         engine = LLMEngine(load_model(path, dtype="bfloat16", for_inference=True)[0],
                            config=EngineConfig(kv_cache_memory=4 << 20, block_size=4, max_num_batched_tokens=16))

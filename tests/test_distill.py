@@ -268,7 +268,7 @@ def test_adapters_reload_and_the_fast_path_matches(setup, trained_adapters, tmp_
     ids = torch.tensor([t for s in seqs for t in s])
     pos = torch.cat([torch.arange(len(s)) for s in seqs])
     with torch.no_grad():  # fast path: later layers only for each sequence's last token
-        fast = loaded.compute_logits(loaded(ids, pos, AttentionMetadata.full([len(s) for s in seqs]), [0, 1]))
+        fast = loaded.compute_logits(loaded(ids, pos, AttentionMetadata.full([len(s) for s in seqs], logits_seq_ids=[0, 1])))
     torch.testing.assert_close(fast, torch.stack([w[-1] for w in want]), atol=1e-4, rtol=1e-4)
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from conftest import tiny_hf_model
@@ -22,11 +20,19 @@ L = 6
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
+    """The plain model (the tests' full-sequence reference); ``_fresh(base)`` loads it again for an engine."""
     path = tmp_path_factory.mktemp("base")
-    tiny_hf_model("llama", num_hidden_layers=L).save_pretrained(path)
+    hf = tiny_hf_model("llama", num_hidden_layers=L)
+    _bf16_values(hf)
+    hf.save_pretrained(path)
     model = load_model(path)[0]
-    _bf16_values(model)
+    model.checkpoint_dir = path
     return model
+
+
+def _fresh(base):
+    """The base model loaded again from its checkpoint (an engine's model is prepared for inference)."""
+    return load_model(base.checkpoint_dir)[0]
 
 
 def _bf16_values(model) -> None:
@@ -39,8 +45,9 @@ def _bf16_values(model) -> None:
 
 
 def _model(base, l, G):
+    """A model of its own (the engine's, and its test's reference): the base's layout at l == L."""
     if l == L:
-        return base
+        return _fresh(base)
     model = to_swiftkv(base, SwiftKVConfig(L, l, G))
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():  # distinct SwiftKV weights, so the engine must really use them
@@ -67,12 +74,14 @@ def _run(engine, prompts, params):
 
 
 def _engine(model, blocks=512, block_size=4, swiftkv=None, **kw):
-    """An engine on a copy of ``model`` (the engine prepares its model for inference, in place: weights in
-    their held form), so ``model`` stays the plain full-sequence reference the tests compare against."""
+    """An engine on ``model``, prepared for inference here (weights in their held form); the engine never
+    changes it, so the test's full-sequence reference may run the same model."""
     bytes_per_block = kv_bytes_per_token(model.config, model.layout(swiftkv), torch.float32) * block_size
     config = EngineConfig(kv_cache_memory=blocks * bytes_per_block, block_size=block_size, **kw)
-    engine = LLMEngine(copy.deepcopy(model), None, config, swiftkv)
-    assert engine.runner.fused is not None or fused_decode.library() is None  # decode really runs fused here
+    model.prepare_for_inference()
+    engine = LLMEngine(model, None, config, swiftkv)
+    # decode really runs fused here, unless switched off or not built
+    assert engine.runner.fused is not None or not engine.runner.switches.fused_decode or fused_decode.library() is None
     return engine
 
 
@@ -124,7 +133,7 @@ def test_kv_bytes_per_token_with_acrosskv():
 
 
 def test_engine_cache_really_shrinks(base):
-    e_base, e_skv = _engine(base), _engine(_model(base, 2, 2))
+    e_base, e_skv = _engine(_fresh(base)), _engine(_model(base, 2, 2))
     assert e_skv.runner.kv_cache.shape[0] == 4 and e_base.runner.kv_cache.shape[0] == 6
     assert e_skv.kv_bytes_per_token * 6 == e_base.kv_bytes_per_token * 4
 
@@ -151,7 +160,7 @@ def test_later_layers_and_lm_head_only_see_logits_tokens(base, monkeypatch):
 
 def test_baseline_lm_head_only_on_logits_tokens(base):
     seen = []
-    engine = _engine(base, max_num_batched_tokens=16)
+    engine = _engine(_fresh(base), max_num_batched_tokens=16)
     h = engine.model.lm_head.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
     try:
         _run(engine, _prompts([30]), SamplingParams(temperature=0, max_tokens=1))
@@ -163,16 +172,16 @@ def test_baseline_lm_head_only_on_logits_tokens(base):
 def test_seeded_sampling_is_reproducible(base):
     params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=123, max_tokens=12, ignore_eos=True)
     prompts = _prompts([7, 11])
-    a = [o.outputs[0].token_ids for o in _run(_engine(base), prompts, params)]
-    b = [o.outputs[0].token_ids for o in _run(_engine(base), prompts[::-1], params)][::-1]
+    a = [o.outputs[0].token_ids for o in _run(_engine(_fresh(base)), prompts, params)]
+    b = [o.outputs[0].token_ids for o in _run(_engine(_fresh(base)), prompts[::-1], params)][::-1]
     assert a == b
-    c = _run(_engine(base), prompts, SamplingParams(temperature=1.0, seed=124, max_tokens=12, ignore_eos=True))
+    c = _run(_engine(_fresh(base)), prompts, SamplingParams(temperature=1.0, seed=124, max_tokens=12, ignore_eos=True))
     assert [o.outputs[0].token_ids for o in c] != a
 
 
 def test_top_k_1_is_greedy(base):
     prompts = _prompts([9])
-    out = _run(_engine(base), prompts, SamplingParams(temperature=0.8, top_k=1, max_tokens=6, ignore_eos=True))
+    out = _run(_engine(_fresh(base)), prompts, SamplingParams(temperature=0.8, top_k=1, max_tokens=6, ignore_eos=True))
     assert out[0].outputs[0].token_ids == greedy_generate(base, prompts[0], 6)
 
 
@@ -188,7 +197,7 @@ def test_invalid_sampling_params(kw, match):
 
 
 def test_invalid_requests(base):
-    engine = _engine(base)
+    engine = _engine(_fresh(base))
     with pytest.raises(ValueError, match="empty"):
         engine.add_request([], GREEDY)
     with pytest.raises(ValueError, match=r"\[0, 128\)"):
@@ -198,7 +207,7 @@ def test_invalid_requests(base):
 
 
 def test_abort_frees_blocks(base):
-    engine = _engine(base)
+    engine = _engine(_fresh(base))
     rid = engine.add_request(_prompts([20])[0], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
     engine.step()
     engine.step()
@@ -227,12 +236,12 @@ def test_logprobs_and_prompt_logprobs(base):
 def test_stop_token_ids(base):
     prompt = _prompts([8])[0]
     ref = greedy_generate(base, prompt, 8)
-    (out,) = _run(_engine(base), [prompt], SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[ref[2]], ignore_eos=True))
+    (out,) = _run(_engine(_fresh(base)), [prompt], SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[ref[2]], ignore_eos=True))
     assert out.outputs[0].token_ids == ref[: ref.index(ref[2]) + 1] and out.outputs[0].finish_reason == "stop"
 
 
 def test_request_that_cannot_fit_the_cache_is_refused(base):
-    engine = _engine(base, blocks=4, block_size=4)  # 16 tokens of KV
+    engine = _engine(_fresh(base), blocks=4, block_size=4)  # 16 tokens of KV
     with pytest.raises(ValueError, match="needs 5 KV blocks but the cache has only 4"):
         engine.add_request(list(range(10)), SamplingParams(max_tokens=8))
     engine.add_request(list(range(10)), SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
@@ -287,7 +296,7 @@ def test_prefix_caching_under_eviction_preemption_and_aborts(base, l, G):
 # -- requests: n samples, min_tokens, switching modes ---------------------------------------------
 
 def test_n_samples_are_the_seeded_single_requests(base):
-    engine = LLMEngine(copy.deepcopy(_model(base, 3, 1)), config=EngineConfig(kv_cache_memory=8 << 20))
+    engine = _engine(_model(base, 3, 1), blocks=512)
     prompt = _prompts([9])[0]
     params = SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=6, ignore_eos=True)
     rid = engine.add_request(prompt, params)
@@ -310,15 +319,19 @@ def _run_to_end(engine) -> dict:
 
 
 def test_min_tokens_masks_stop_tokens_before_it(base):
-    engine = LLMEngine(copy.deepcopy(base), config=EngineConfig(kv_cache_memory=8 << 20))
     prompt = _prompts([7])[0]
     first = greedy_generate(base, prompt, 1)[0]
+    engine = _engine(_fresh(base))
     rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=5, stop_token_ids=[first]))
     assert _run_to_end(engine)[rid].outputs[0].token_ids == [first]  # stops at once without min_tokens
     rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=5, min_tokens=3, stop_token_ids=[first]))
     out = _run_to_end(engine)[rid].outputs[0].token_ids
     assert first not in out[:3] and len(out) >= 3
-    engine.eos_token_ids |= {first}  # eos too, unless ignore_eos
+    model = _fresh(base)
+    model.config.eos_token_id = first  # eos too, unless ignore_eos
+    engine = _engine(model)
+    rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=4))
+    assert _run_to_end(engine)[rid].outputs[0].token_ids == [first]
     rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=4, min_tokens=2))
     assert first not in _run_to_end(engine)[rid].outputs[0].token_ids[:2]
 
@@ -356,7 +369,9 @@ def test_set_swiftkv_with_a_live_engine(base):
     from swiftkv.llm import LLM
 
     config = EngineConfig(kv_cache_memory=8 << 20)
-    llm = LLM.from_model(copy.deepcopy(_model(base, 2, 2)), None, config=config)
+    model = _model(base, 2, 2)
+    model.prepare_for_inference()
+    llm = LLM.from_model(model, None, config=config)
     prompt, params = _prompts([10])[0], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     swiftkv_out = llm.generate([prompt], params)[0].outputs[0].token_ids
     assert llm.swiftkv and not hasattr(llm.model, "set_swiftkv")  # the mode is the engine's, not the model's
@@ -367,7 +382,9 @@ def test_set_swiftkv_with_a_live_engine(base):
     weights = {id(m.held) for m in llm.model.modules() if getattr(m, "held", None) is not None}
     llm.set_swiftkv(False)  # rebuilds the engine for the original layout, on the same held weights
     assert {id(m.held) for m in llm.model.modules() if getattr(m, "held", None) is not None} == weights
-    teacher = LLM.from_model(copy.deepcopy(base), None, config=config)  # the converted model's teacher: the base
+    teacher = _fresh(base)  # the converted model's teacher: the base
+    teacher.prepare_for_inference()
+    teacher = LLM.from_model(teacher, None, config=config)
     assert llm.generate([prompt], params)[0].outputs[0].token_ids == teacher.generate([prompt], params)[0].outputs[0].token_ids
     assert llm.engine.runner.kv_cache.shape[0] == L  # one KV owner per layer again
     llm.set_swiftkv(True)
@@ -385,7 +402,7 @@ def test_kv_cache_takes_memory_as_its_blocks_fill(base):
 
     if not os.path.exists("/proc/self/statm"):
         pytest.skip("needs Linux's /proc to read the resident set size")
-    model = copy.deepcopy(base)
+    model = _fresh(base)
     model.prepare_for_inference()
     before = rss()
     engine = LLMEngine(model, None, EngineConfig(kv_cache_memory=2 << 30, block_size=4))

@@ -5,13 +5,12 @@ and panel-GEMM batches, chunked prompts and prefix-cache hits."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from conftest import needs_kernels, quantize_q4_1, tiny_hf_model, to_distinct_swiftkv
 
 from swiftkv.kernels import fused_decode as fused_kernels
+from swiftkv.kernels.switches import KernelSwitches
 from swiftkv.layers import fused_decode
 
 needs_fused = needs_kernels("fused_decode", "no AVX2/FMA or no C compiler: the fused decode layers cannot run here")
@@ -39,26 +38,20 @@ def _run_engine(model, prompts, max_tokens, monkeypatch, fused: bool):
 
     monkeypatch.setenv("SWIFTKV_FUSED_DECODE", "1" if fused else "0")
     ran = []
-    run = fused_decode.FusedDecoder.run
+    run, store = fused_decode.FusedDecoder.run_layers, fused_decode.FusedDecoder.store_swiftkv
 
-    def counted(self, h, *a):
-        out = run(self, h, *a)
-        if out is not None:
-            ran.append(h.shape[0])
-        return out
-
-    monkeypatch.setattr(fused_decode.FusedDecoder, "run", counted)
-    store = fused_decode.FusedDecoder.store_swiftkv
+    def counted(self, h, *a, **kw):
+        ran.append(h.shape[0])
+        return run(self, h, *a, **kw)
 
     def counted_store(self, h, *a):
-        done = store(self, h, *a)
-        if done:
-            ran.append("store")
-        return done
+        ran.append("store")
+        return store(self, h, *a)
 
+    monkeypatch.setattr(fused_decode.FusedDecoder, "run_layers", counted)
     monkeypatch.setattr(fused_decode.FusedDecoder, "store_swiftkv", counted_store)
-    engine = LLMEngine(copy.deepcopy(model), config=EngineConfig(kv_cache_memory=4 << 20, block_size=4,
-                                                                max_num_batched_tokens=24))
+    model.prepare_for_inference()  # (the first call; the engine never changes the model)
+    engine = LLMEngine(model, config=EngineConfig(kv_cache_memory=4 << 20, block_size=4, max_num_batched_tokens=24))
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
     ids = [engine.add_request(p, params) for p in prompts]
     done = {}
@@ -103,8 +96,7 @@ def test_engine_greedy_with_fused_decode_matches_eager_and_full_sequence(monkeyp
 def test_bf16_engine_fused_decode_agrees_with_eager(monkeypatch, arch, l, G):
     """Computing in bf16 (bf16 KV cache): the fused call computes each step in fp32 and rounds K/V and the
     residual stream to bf16, eager bf16 rounds after every op: the same tokens, log-probs close."""
-    model = copy.deepcopy(_compact_model(arch, l, G))
-    model.to(torch.bfloat16)
+    model = _compact_model(arch, l, G).to(torch.bfloat16)
     prompts = [[5, 9, 17, 3], list(range(1, 30)), [100] * 11]
     fused, ran, engine = _run_engine(model, prompts, 8, monkeypatch, fused=True)
     assert engine.runner.kv_cache.dtype == torch.bfloat16 and any(m != "store" for m in ran)
@@ -115,12 +107,11 @@ def test_bf16_engine_fused_decode_agrees_with_eager(monkeypatch, arch, l, G):
                                    atol=0.05, rtol=0)
 
 
-def _fused(model, dtype=torch.float32):
-    """The fused decoder the engine would build for ``model`` (prepared, on a copy)."""
-    model = copy.deepcopy(model)
+def _fused(model, dtype=torch.float32, switches=None):
+    """The fused decoder the engine would build for ``model`` (prepared here, in place)."""
     model.prepare_for_inference(dtype)
-    return fused_decode.FusedDecoder.build(model.decode_dims(), model.decode_specs(), model.store_kv_spec(),
-                                           model.swiftkv_config)
+    decoder = fused_decode.FusedDecoder.build(model.fused_decode_spec(), switches or KernelSwitches())
+    return decoder if decoder is not None and decoder.runs(model.swiftkv_config, True) else None
 
 
 @needs_fused
@@ -137,8 +128,7 @@ def test_fused_decoder_applies_only_where_it_can(monkeypatch):
     adapted = to_swiftkv(_compact_model("llama", 6, 1), SwiftKVConfig(6, 3, 1), adapter_rank=2)
     assert _fused(adapted) is None
 
-    monkeypatch.setenv("SWIFTKV_FUSED_DECODE", "0")
-    assert fused_kernels.library() is None
-    monkeypatch.setenv("SWIFTKV_FUSED_DECODE", "1")
+    assert _fused(_compact_model("llama", 3, 1), switches=KernelSwitches(fused_decode=False)) is None
+    assert _fused(_compact_model("llama", 3, 1), switches=KernelSwitches(paged_attention=False)) is None
     monkeypatch.setenv("SWIFTKV_CPU_OPS", "0")  # one of the kernels it is made of
     assert fused_kernels.library() is None

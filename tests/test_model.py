@@ -160,7 +160,7 @@ def test_logits_selection_equals_full_last_token(hf_dir):
     full = full_logits(model, seqs)
     ids = torch.tensor([t for s in seqs for t in s])
     pos = torch.cat([torch.arange(len(s)) for s in seqs])
-    hidden = model(ids, pos, AttentionMetadata.full([len(s) for s in seqs]), logits_seq_ids=[0, 2])
+    hidden = model(ids, pos, AttentionMetadata.full([len(s) for s in seqs], logits_seq_ids=[0, 2]))
     got = model.compute_logits(hidden)
     torch.testing.assert_close(got[0], full[0][-1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1], full[2][-1], atol=1e-5, rtol=1e-5)

@@ -14,6 +14,7 @@ from swiftkv.engine.model_runner import ModelRunner
 from swiftkv.engine.request import Request
 from swiftkv.engine.scheduler import Scheduler
 from swiftkv.engine.sequence import Sequence
+from swiftkv.layers.sampler import top_logprobs
 from swiftkv.models.arch import kv_bytes_per_token
 from swiftkv.models.full_sequence import full_logits
 from swiftkv.models.llama import LlamaForCausalLM
@@ -57,9 +58,9 @@ class EngineStepError(RuntimeError):
 
 
 class LLMEngine:
-    """Continuous-batching engine over one model, in SwiftKV or baseline mode (``swiftkv``; None: the model's
-    default path). The model is prepared for inference, in place, if it was not loaded so; engines in either
-    mode can share one model (its weights are held once)."""
+    """Continuous-batching engine over one model prepared for inference (``load_model(..., for_inference=True)``
+    or ``model.prepare_for_inference()``; the engine never changes it), in SwiftKV or baseline mode (``swiftkv``;
+    None: the model's default path). Engines in either mode can share one model (its weights are held once)."""
 
     def __init__(self, model: LlamaForCausalLM, tokenizer=None, config: EngineConfig | None = None,
                  swiftkv: bool | None = None) -> None:
@@ -71,7 +72,8 @@ class LLMEngine:
         num_blocks = config.kv_cache_memory // block_bytes
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={config.kv_cache_memory} B holds no {block_bytes}-byte KV block")
-        self.runner = ModelRunner(model, num_blocks, config.block_size, self.swiftkv)
+        self.eos_token_ids = self._eos_ids()
+        self.runner = ModelRunner(model, num_blocks, config.block_size, self.swiftkv, self.eos_token_ids)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.prefill_batch_tokens)
@@ -80,7 +82,6 @@ class LLMEngine:
         # generators live where the logits do (a CPU generator cannot sample CUDA tensors)
         self._global_gen = torch.Generator(self.runner.device).manual_seed(config.seed)
         self._ids = itertools.count()
-        self.eos_token_ids = self.runner.eos_token_ids = self._eos_ids()
 
     def _eos_ids(self) -> set[int]:
         ids = getattr(self.model.config, "eos_token_id", None)
@@ -243,9 +244,5 @@ class LLMEngine:
     def _prompt_logprobs(self, prompt: list[int], k: int) -> list[Logprob | None]:
         """Prompt logprobs from the full-sequence path (exact in SwiftKV mode too)."""
         lp = torch.log_softmax(full_logits(self.model, [prompt], swiftkv=self.swiftkv)[0], -1)  # [T, vocab]
-        out: list[Logprob | None] = [None]
-        for t in range(1, len(prompt)):
-            top = lp[t - 1].topk(k) if k else None
-            alts = dict(zip(top.indices.tolist(), top.values.tolist())) if top is not None else {}
-            out.append(Logprob(prompt[t], float(lp[t - 1, prompt[t]]), alts))
-        return out
+        return [None] + [Logprob(prompt[t], float(lp[t - 1, prompt[t]]), top_logprobs(lp[t - 1], k))
+                         for t in range(1, len(prompt))]

@@ -13,9 +13,11 @@ import torch
 
 from swiftkv.engine.scheduler import SchedulerOutput
 from swiftkv.engine.sequence import Sequence
+from swiftkv.kernels.switches import KernelSwitches
 from swiftkv.layers.attention import AttentionMetadata
 from swiftkv.layers.fused_decode import FusedDecoder
-from swiftkv.layers.sampler import Sampler, apply_penalties
+from swiftkv.layers.paged_attention import PagedAttention
+from swiftkv.layers.sampler import Sampler, SamplingMetadata
 from swiftkv.memory import no_huge_pages
 from swiftkv.models.arch import head_dim_of, kv_bytes_per_token
 from swiftkv.models.llama import LlamaForCausalLM
@@ -33,31 +35,38 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 
 class ModelRunner:
-    """Runs one model (prepared for inference once: :meth:`~swiftkv.models.llama.SwiftKVCausalLM.prepare_for_inference`)
-    over its paged KV cache. Decode steps run the layers in one native call where the layers' own
-    descriptions allow it (:class:`~swiftkv.layers.fused_decode.FusedDecoder`, decided here, once)."""
+    """Owns the step for one model prepared for inference
+    (:meth:`~swiftkv.models.llama.SwiftKVCausalLM.prepare_for_inference`; refused otherwise, never changed here):
+    packs the scheduled work flat, builds the step's frozen metadata, picks the layer executor once per step
+    (the fused decoder when every query is one token and it takes the step, else the model's eager layers), runs
+    the model over its paged KV cache and hands the logits to the sampler."""
 
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, swiftkv: bool) -> None:
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, swiftkv: bool,
+                 eos_token_ids: set[int] | None = None) -> None:
+        if model.inference_dtype is None:
+            raise ValueError("the model is not prepared for inference: call model.prepare_for_inference() first "
+                             "(or load it with swiftkv.models.loader.load_model(..., for_inference=True))")
         self.model, self.swiftkv = model, swiftkv
-        model.prepare_for_inference()  # a no-op for a model loaded for inference
         self.block_size = block_size
         cfg = model.config
         self.device, self.dtype = model.compute_device, model.compute_dtype
         self.skv = model.layout(swiftkv)
-        self.fused = FusedDecoder.build(model.decode_dims(), model.decode_specs(), model.store_kv_spec(),
-                                        model.swiftkv_config)
+        self.switches = KernelSwitches.from_env()  # read once: a step never asks the environment
         # [owners, K/V, kv_heads, blocks, block_size, head_dim], allocated once
         self.kv_cache = _zeros((self.skv.num_kv_owners, 2, cfg.num_key_value_heads, num_blocks, block_size,
                                 head_dim_of(cfg)), self.dtype, self.device)
+        self.attn = PagedAttention(self.kv_cache, self.switches)
+        fused = FusedDecoder.build(model.fused_decode_spec(), self.switches)
+        self.fused = fused if fused is not None and fused.runs(self.skv, swiftkv) else None
         self.sampler = Sampler()
-        self.eos_token_ids: set[int] = set()  # set by the engine: masked before min_tokens
+        self.eos_token_ids = frozenset(eos_token_ids or ())  # blocked before min_tokens unless ignore_eos
 
     @property
     def kv_bytes_per_token(self) -> int:
         return kv_bytes_per_token(self.model.config, self.skv, self.dtype)
 
-    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        """Flat token ids, positions, attention metadata, and the batch rows that need logits."""
+    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Flat token ids, positions, and the step's attention metadata (with the sequences that need logits)."""
         bs = self.block_size
         ids: list[int] = []
         q_lens, kv_lens, needs_logits = [], [], []
@@ -74,38 +83,34 @@ class ModelRunner:
         positions = torch.cat([torch.arange(kv - q, kv) for q, kv in zip(q_lens, kv_lens)])
         rows = torch.repeat_interleave(torch.arange(len(q_lens)), torch.tensor(q_lens))
         slots = tables[rows, positions // bs] * bs + positions % bs  # [N] cache slot per token
-        meta = AttentionMetadata(
-            q_lens=q_lens, kv_lens=kv_lens, kv_cache=self.kv_cache,
-            slot_mapping=slots.to(self.device), block_tables=tables.to(self.device),
-        )
-        return torch.tensor(ids, device=self.device), positions.to(self.device), meta, needs_logits
+        meta = AttentionMetadata(q_lens=q_lens, kv_lens=kv_lens, slot_mapping=slots.to(self.device),
+                                 block_tables=tables.to(self.device), logits_seq_ids=needs_logits)
+        return torch.tensor(ids, device=self.device), positions.to(self.device), meta
+
+    def sampling_metadata(self, seqs: list[Sequence]) -> SamplingMetadata:
+        """The sampler's view of the sequences that sample this step."""
+        def blocked(s: Sequence) -> set[int]:  # stop ids cannot be sampled before min_tokens (vLLM's rule)
+            p = s.params
+            if len(s.output_token_ids) >= p.min_tokens:
+                return set()
+            return set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+
+        return SamplingMetadata([s.params for s in seqs], [s.generator for s in seqs],
+                                [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
+                                [blocked(s) for s in seqs])
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput):
         """Run one step. Returns ``([(seq, token, logprobs)], [(seq, error)])``: the sequences that sampled, and
         those whose row could not be sampled (their parameters made no finite distribution)."""
-        ids, positions, meta, rows = self.prepare(out)
-        hidden = self.model(ids, positions, meta, logits_seq_ids=rows, fused=self.fused, swiftkv=self.swiftkv)
-        if not rows:
+        ids, positions, meta = self.prepare(out)
+        fused = self.fused is not None and self.fused.takes(meta, len(ids), self.kv_cache)
+        hidden = self.model(ids, positions, meta, self.attn, swiftkv=self.swiftkv,
+                            executor=self.fused if fused else None)
+        if not meta.logits_seq_ids:
             return [], []
-        logits = self.model.compute_logits(hidden)
-        seqs: list[Sequence] = [out.seqs[r] for r in rows]
-        self._mask_stops_before_min_tokens(logits, seqs)
-        if any(s.params.has_penalties for s in seqs):
-            logits = logits.float()
-            apply_penalties(logits, [s.params for s in seqs], [s.prompt_token_ids for s in seqs],
-                            [s.output_token_ids for s in seqs])
-        tokens, logprobs, errors = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        return ([(s, t, lp) for r, (s, t, lp) in enumerate(zip(seqs, tokens, logprobs)) if r not in errors],
-                [(seqs[r], why) for r, why in errors.items()])
-
-    def _mask_stops_before_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
-        """Before a sequence has ``min_tokens`` outputs, its stop tokens (eos unless ``ignore_eos``,
-        and ``stop_token_ids``) cannot be sampled (vLLM's rule)."""
-        for r, seq in enumerate(seqs):
-            p = seq.params
-            if len(seq.output_token_ids) < p.min_tokens:
-                stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
-                ids = [t for t in stops if 0 <= t < logits.shape[-1]]
-                if ids:
-                    logits[r, ids] = float("-inf")
+        seqs: list[Sequence] = [out.seqs[r] for r in meta.logits_seq_ids]
+        sampled = self.sampler(self.model.compute_logits(hidden), self.sampling_metadata(seqs))
+        errors = sampled.errors
+        return ([(s, t, lp) for r, (s, t, lp) in enumerate(zip(seqs, sampled.tokens, sampled.logprobs))
+                 if r not in errors], [(seqs[r], why) for r, why in errors.items()])

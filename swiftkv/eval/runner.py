@@ -60,7 +60,9 @@ def run_eval(cfg: EvalConfig, out_dir: str | os.PathLike | None = None) -> dict:
     from swiftkv.models.registry import DEFAULT_SWIFTKV_MODEL
 
     start = time.perf_counter()
-    model, path = load_model(resolve_model(cfg.model or DEFAULT_SWIFTKV_MODEL), dtype=cfg.dtype)
+    # inference-only from the start (weights held once): the generation tasks' engines take it so, and the
+    # log-likelihood tasks run the same model's full-sequence path
+    model, path = load_model(resolve_model(cfg.model or DEFAULT_SWIFTKV_MODEL), dtype=cfg.dtype, for_inference=True)
     if model.swiftkv_config.is_baseline:
         raise ValueError(f"{path} is not a SwiftKV model (no layer takes SingleInputKV), so SwiftKV and teacher would "
                          "score identically; convert or distill it first (swiftkv convert / swiftkv distill)")

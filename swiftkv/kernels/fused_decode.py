@@ -6,7 +6,6 @@ when it loads. ``SWIFTKV_FUSED_DECODE=0`` switches it off; so does switching off
 from __future__ import annotations
 
 import ctypes
-import os
 
 from swiftkv.kernels import build, elementwise, paged_attention
 from swiftkv.kernels import linear as linear_kernels
@@ -49,10 +48,9 @@ _checked: list[bool] = []
 
 
 def library() -> ctypes.CDLL | None:
-    """The library, or None where the fused calls cannot run: switched off (themselves or any kernel they
-    are made of), no AVX2/FMA/F16C, no compiler."""
-    if os.environ.get("SWIFTKV_FUSED_DECODE", "1") == "0":
-        return None
+    """The library, or None where the fused calls cannot run: any kernel they are made of switched off, no
+    AVX2/FMA/F16C, no compiler (the engine's own switch, ``SWIFTKV_FUSED_DECODE``, is in
+    :class:`~swiftkv.kernels.switches.KernelSwitches`)."""
     if not (linear_kernels.library() and elementwise.library() and paged_attention.library()):
         return None
     lib = build.load(_FUNCTIONS)

@@ -6,15 +6,13 @@ small C kernel (``csrc/skv_paged_attention.c``) that follows each sequence's blo
 the cached rows, the query heads of a KV head together. :func:`prefill_attention` does the same for
 prompts (fresh, after a cached prefix, or a chunk of one; ``csrc/skv_paged_prefill.c``): flash-attention
 tiles, the group's query heads sharing each block of keys, the blocks right of the diagonal never read.
-``SWIFTKV_PAGED_ATTENTION=0`` switches both off (then :class:`~swiftkv.layers.attention.AttentionMetadata`
-gathers and calls PyTorch's SDPA, as before).
+The engine's :class:`~swiftkv.layers.paged_attention.PagedAttention` calls them (``SWIFTKV_PAGED_ATTENTION=0``
+switches both off there: then it gathers and calls PyTorch's SDPA).
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
-import sys
 
 import torch
 
@@ -30,43 +28,17 @@ _FUNCTIONS = {
 
 
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel, or None where it cannot run (switched off, no AVX2/FMA, no compiler)."""
-    if os.environ.get("SWIFTKV_PAGED_ATTENTION", "1") == "0":
-        return None
+    """The compiled kernel, or None where it cannot run (no AVX2/FMA, no compiler)."""
     return build.load(_FUNCTIONS)
 
 
-def can_run(q: torch.Tensor, kv_cache: torch.Tensor, prefill: bool = False) -> bool:
-    """Whether :func:`decode_attention` (or, with ``prefill``, :func:`prefill_attention`) takes these tensors:
-    CPU, fp32 or bf16 alike, head_dim % 8 == 0; the prefill kernel also needs block_size % 4 == 0.
+def can_run(kv_cache: torch.Tensor, prefill: bool = False) -> bool:
+    """Whether :func:`decode_attention` (or, with ``prefill``, :func:`prefill_attention`) takes this cache (and
+    queries of its dtype): CPU, fp32 or bf16, head_dim % 8 == 0; the prefill kernel also needs block_size % 4 == 0.
     ``kv_cache`` is any view whose last two dims are [block_size, D]."""
-    return (q.dtype == kv_cache.dtype and q.dtype in (torch.float32, torch.bfloat16) and q.device.type == "cpu"
-            and q.shape[-1] % 8 == 0 and (not prefill or kv_cache.shape[-2] % 4 == 0) and library() is not None)
-
-
-_PREFILL_CHOICES = ("auto", "kernel", "sdpa")
-_said_prefill: set[torch.dtype] = set()
-
-
-def prefill_kernel_preferred(dtype: torch.dtype) -> bool:
-    """Whether prompts' attention should run this kernel (fp32 FMAs over the paged cache) rather than PyTorch's
-    SDPA over gathered blocks, for this CPU and compute dtype, decided from the CPU's flags (SDPA said once on stderr).
-    ``SWIFTKV_PREFILL_ATTENTION=kernel|sdpa`` overrides. ``auto``: SDPA for bf16 on a CPU with AMX, whose
-    oneDNN flash attention runs on the tiles (measured on a Sapphire Rapids-class Xeon, bf16, default model:
-    prefill @ 2,048 1.8x with SDPA: 2,689 vs 1,500 tokens/s); this kernel everywhere else (Zen 4, bf16: 1.33x
-    SDPA; AVX2 fp32: 1.4x)."""
-    from swiftkv.platforms import cpu_flags
-
-    choice = os.environ.get("SWIFTKV_PREFILL_ATTENTION", "auto")
-    if choice not in _PREFILL_CHOICES:
-        raise ValueError(f"SWIFTKV_PREFILL_ATTENTION={choice!r}: use one of {', '.join(_PREFILL_CHOICES)}")
-    if choice == "auto":
-        choice = "sdpa" if dtype == torch.bfloat16 and "amx_bf16" in cpu_flags() else "kernel"
-        if choice == "sdpa" and dtype not in _said_prefill:  # the default (this kernel) goes unsaid
-            _said_prefill.add(dtype)
-            print("swiftkv: prefill attention: PyTorch's SDPA (oneDNN's flash attention on the AMX tiles) for bf16 "
-                  "(SWIFTKV_PREFILL_ATTENTION=kernel overrides)", file=sys.stderr)
-    return choice == "kernel"
+    return (kv_cache.dtype in (torch.float32, torch.bfloat16) and kv_cache.device.type == "cpu"
+            and kv_cache.shape[-1] % 8 == 0 and (not prefill or kv_cache.shape[-2] % 4 == 0)
+            and library() is not None)
 
 
 def _check(rc: int, what: str) -> None:

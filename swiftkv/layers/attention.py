@@ -1,178 +1,162 @@
-"""Causal attention over a flat token batch, with or without a paged KV cache.
+"""Causal attention over a flat token batch: frozen metadata, and the backends that read it.
 
-One :class:`AttentionMetadata` describes a forward pass. The queries of sequence ``s`` are always
-the *last* ``q_lens[s]`` tokens of its context of ``kv_lens[s]`` tokens; this covers training
-(whole sequences), chunked prefill, decode, and SwiftKV's "only the tokens that need logits"
-(after :meth:`AttentionMetadata.select_last`).
+One :class:`AttentionMetadata` describes a forward pass, as pure data. The queries of sequence ``s`` are always
+the *last* ``q_lens[s]`` tokens of its context of ``kv_lens[s]`` tokens; this covers training (whole
+sequences), chunked prefill, decode, and SwiftKV's "only the tokens that need logits" (after
+:meth:`AttentionMetadata.select_last`).
 
-Keys and values are stored per *KV owner* (see :class:`swiftkv.config.SwiftKVConfig`): a layer
-that owns its KV calls :meth:`store`; every layer then calls :meth:`attend` with its owner index.
+Keys and values are stored per *KV owner* (see :class:`swiftkv.config.SwiftKVConfig`): a layer that owns its
+KV calls ``backend.store(owner, k, v, meta)``; every layer then calls ``backend.attend(owner, q, meta)``. Two
+backends share that interface (vLLM's ``AttentionImpl``; nano-vllm's ``Attention``): :class:`FullSequenceAttention`
+here (training, evaluation, the transformers wrapper: no cache) and
+:class:`~swiftkv.layers.paged_attention.PagedAttention` (the engine's paged KV cache).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from swiftkv.kernels import paged_attention
 
-
-@dataclass
+@dataclass(frozen=True)
 class AttentionMetadata:
-    q_lens: list[int]
-    kv_lens: list[int]
+    """Where each query token sits: per-sequence query and context lengths, and (paged mode) the cache slots and
+    block tables. ``logits_seq_ids`` lists the sequences whose last token needs logits (None: every token)."""
+
+    q_lens: tuple[int, ...]
+    kv_lens: tuple[int, ...]
     # Full-sequence mode: where each sequence's keys start in this pass's flat K/V tensors.
-    kv_starts: list[int] = field(default_factory=list)
-    # Paged-cache mode (engine). kv_cache: [num_owners, 2, kv_heads, num_blocks, block_size, D]
-    # (head-major, so gathering a sequence's blocks yields [kv_heads, tokens, D] without a copy).
-    kv_cache: torch.Tensor | None = None
+    kv_starts: tuple[int, ...] = ()
+    # Full-sequence mode only: per-sequence boolean masks [len, len] (True = attend) replacing the causal mask,
+    # e.g. one shared context followed by several continuations that each see only the context and themselves
+    # (evaluation packs multiple-choice items this way). None = causal.
+    masks: tuple[torch.Tensor | None, ...] | None = None
+    # Paged mode (engine):
     slot_mapping: torch.Tensor | None = None  # [num_tokens] int64: cache slot of each token
     block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks] int64
-    # This pass's freshly computed K/V per owner: {owner: (k, v)}, each [num_tokens, kv_heads, D].
-    fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    # Full-sequence mode only: per-sequence boolean masks [len, len] (True = attend) replacing the
-    # causal mask, e.g. one shared context followed by several continuations that each see only
-    # the context and themselves (evaluation packs multiple-choice items this way). None = causal.
-    masks: list[torch.Tensor | None] | None = None
-    _decode_mask: torch.Tensor | None = None
-    _kv_lens: torch.Tensor | None = None  # see kv_lens_tensor()
-    _q_lens: torch.Tensor | None = None
-    _gather_buf: tuple[torch.Tensor, torch.Tensor] | None = None  # reused by every layer's decode
+    logits_seq_ids: tuple[int, ...] | None = None
+    # derived in __post_init__ (int64 CPU tensors the native kernels read; the flat rows that need logits)
+    q_lens_t: torch.Tensor = field(init=False, repr=False)
+    kv_lens_t: torch.Tensor = field(init=False, repr=False)
+    logits_indices: torch.Tensor | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.kv_starts and self.q_lens == self.kv_lens:  # keys are this pass's tokens
-            self.kv_starts = [0]
+        put = object.__setattr__  # frozen: set the normalised and derived fields once, here
+        put(self, "q_lens", tuple(self.q_lens))
+        put(self, "kv_lens", tuple(self.kv_lens))
+        if self.logits_seq_ids is not None:
+            put(self, "logits_seq_ids", tuple(self.logits_seq_ids))
+        if self.masks is not None:
+            if len(self.masks) != len(self.q_lens):
+                raise ValueError(f"{len(self.masks)} attention masks for {len(self.q_lens)} sequences")
+            put(self, "masks", tuple(self.masks))
+        starts = self.kv_starts
+        if not starts and self.q_lens == self.kv_lens:  # keys are this pass's tokens
+            starts = [0]
             for n in self.q_lens[:-1]:
-                self.kv_starts.append(self.kv_starts[-1] + n)
+                starts.append(starts[-1] + n)
+        put(self, "kv_starts", tuple(starts))
+        put(self, "q_lens_t", torch.tensor(self.q_lens, dtype=torch.long))
+        put(self, "kv_lens_t", torch.tensor(self.kv_lens, dtype=torch.long))
+        idx = None
+        if self.needs_selection:  # the last token of each listed sequence
+            idx = (self.q_lens_t.cumsum(0) - 1)[list(self.logits_seq_ids)]
+        put(self, "logits_indices", idx)
 
     @classmethod
-    def full(cls, seq_lens: list[int], masks: list[torch.Tensor | None] | None = None) -> AttentionMetadata:
+    def full(cls, seq_lens: list[int], masks: list[torch.Tensor | None] | None = None,
+             logits_seq_ids: list[int] | None = None) -> AttentionMetadata:
         """Whole sequences, no cache (training, evaluation, the transformers wrapper)."""
-        if masks is not None and len(masks) != len(seq_lens):
-            raise ValueError(f"{len(masks)} attention masks for {len(seq_lens)} sequences")
-        return cls(q_lens=list(seq_lens), kv_lens=list(seq_lens), masks=masks)
+        return cls(q_lens=tuple(seq_lens), kv_lens=tuple(seq_lens), masks=masks, logits_seq_ids=logits_seq_ids)
 
     @property
     def num_seqs(self) -> int:
         return len(self.q_lens)
 
-    def kv_lens_tensor(self) -> torch.Tensor:
-        """``kv_lens`` as an int64 CPU tensor, made once per step (the native decode kernels read it)."""
-        if self._kv_lens is None:
-            self._kv_lens = torch.tensor(self.kv_lens)
-        return self._kv_lens
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.q_lens)
 
-    def q_lens_tensor(self) -> torch.Tensor:
-        """``q_lens`` as an int64 CPU tensor, made once per step (the native prefill kernel reads it)."""
-        if self._q_lens is None:
-            self._q_lens = torch.tensor(self.q_lens)
-        return self._q_lens
+    @property
+    def paged(self) -> bool:
+        return self.block_tables is not None
 
-    def select_last(self, seq_ids: list[int]) -> AttentionMetadata:
-        """Metadata for one query per listed sequence: its last token (SwiftKV later layers)."""
-        paged = self.kv_cache is not None
+    @property
+    def is_decode(self) -> bool:
+        """One query per sequence (decode, or SwiftKV's later layers after :meth:`select_last`)."""
+        return all(n == 1 for n in self.q_lens)
+
+    @property
+    def needs_selection(self) -> bool:
+        """Whether only some tokens need logits (then SwiftKV's later layers run on those alone)."""
+        ids = self.logits_seq_ids
+        return ids is not None and not (self.is_decode and ids == tuple(range(self.num_seqs)))
+
+    def select_last(self) -> AttentionMetadata:
+        """Metadata for one query per sequence of ``logits_seq_ids``: its last token (SwiftKV's later layers)."""
+        ids = list(self.logits_seq_ids or ())
         return replace(
             self,
-            q_lens=[1] * len(seq_ids),
-            kv_lens=[self.kv_lens[s] for s in seq_ids],
-            kv_starts=[] if paged else [self.kv_starts[s] for s in seq_ids],
-            block_tables=self.block_tables[seq_ids] if paged else None,
+            q_lens=(1,) * len(ids),
+            kv_lens=tuple(self.kv_lens[s] for s in ids),
+            kv_starts=() if self.paged else tuple(self.kv_starts[s] for s in ids),
+            masks=None if self.masks is None else tuple(self.masks[s] for s in ids),
+            block_tables=self.block_tables[ids] if self.paged else None,
             slot_mapping=None,
-            fresh={} if paged else self.fresh,  # paged: later layers read the cache
-            _decode_mask=None,
-            _kv_lens=None,
-            _q_lens=None,
-            _gather_buf=None,
+            logits_seq_ids=None,
         )
 
-    def store(self, owner: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Keep this pass's K/V of ``owner`` (and write them to the paged cache if any)."""
+
+class AttentionBackend(Protocol):
+    """What a layer calls: keep ``owner``'s K/V of this pass, and attend with ``owner``'s keys."""
+
+    def store(self, owner: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None: ...
+
+    def attend(self, owner: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor: ...
+
+
+class FullSequenceAttention:
+    """Whole sequences without a cache: each owner's K/V of this pass, kept for the layers that read them
+    (one instance per forward; after :meth:`AttentionMetadata.select_last` the kept keys stay valid)."""
+
+    def __init__(self) -> None:
+        self.fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # {owner: (k, v)} [num_tokens, kv_heads, D]
+
+    def store(self, owner: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
         self.fresh[owner] = (k, v)
-        if self.kv_cache is not None:
-            h, d = k.shape[1], k.shape[2]
-            self.kv_cache[owner, 0].view(h, -1, d).index_copy_(1, self.slot_mapping, k.transpose(0, 1))
-            self.kv_cache[owner, 1].view(h, -1, d).index_copy_(1, self.slot_mapping, v.transpose(0, 1))
 
-    def attend(self, owner: int, q: torch.Tensor) -> torch.Tensor:
+    def attend(self, owner: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [num_queries, heads, D] -> [num_queries, heads, D]."""
-        decode = all(n == 1 for n in self.q_lens)
-        if (self.kv_cache is not None and not decode and paged_attention.can_run(q, self.kv_cache, prefill=True)
-                and paged_attention.prefill_kernel_preferred(q.dtype)):
-            # prompts, fresh or after cached keys (and any decode rows beside them), read in place
-            kc, vc = self.kv_cache[owner, 0], self.kv_cache[owner, 1]
-            return paged_attention.prefill_attention(q, kc, vc, self.block_tables, self.q_lens_tensor(),
-                                                     self.kv_lens_tensor())
-        no_prior = self.q_lens == self.kv_lens and owner in self.fresh
-        if self.kv_cache is None or no_prior:
-            k, v = self.fresh[owner]
-            return self._attend_fresh(q, k, v)
-        if decode:
-            return self._attend_decode(owner, q)
-        return self._attend_cached_chunks(owner, q)
-
-    # -- implementations ---------------------------------------------------------------------
-
-    def _attend_fresh(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        n = self.q_lens[0]
-        same_len = self.q_lens == self.kv_lens and all(x == n for x in self.q_lens) and len(k) == len(q)
-        if same_len and self.masks is None:
-            b, h, d = self.num_seqs, q.shape[1], q.shape[2]
-            qb = q.view(b, n, h, d).transpose(1, 2)  # [B, H, T, D]
-            kb = k.view(b, n, k.shape[1], d).transpose(1, 2)  # [B, Hkv, T, D]
-            vb = v.view(b, n, v.shape[1], d).transpose(1, 2)
-            out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=True)
-            return out.transpose(1, 2).reshape(b * n, h, d)
-        outs, q0 = [], 0
-        masks = self.masks or [None] * self.num_seqs
-        for ql, kl, k0, mask in zip(self.q_lens, self.kv_lens, self.kv_starts, masks):
-            qs, ks, vs = q[q0 : q0 + ql], k[k0 : k0 + kl], v[k0 : k0 + kl]
-            outs.append(_sdpa(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1), mask).transpose(0, 1))
-            q0 += ql
-        return torch.cat(outs)
-
-    def _attend_cached_chunks(self, owner: int, q: torch.Tensor) -> torch.Tensor:
-        kc, vc = self.kv_cache[owner, 0], self.kv_cache[owner, 1]  # [Hkv, blocks, block_size, D]
-        h, block_size, d = kc.shape[0], kc.shape[2], kc.shape[3]
-        outs, q0 = [], 0
-        for s, (ql, kl) in enumerate(zip(self.q_lens, self.kv_lens)):
-            blocks = self.block_tables[s, : -(-kl // block_size)]
-            k = kc.index_select(1, blocks).view(h, -1, d)[:, :kl]  # [Hkv, kl, D]
-            v = vc.index_select(1, blocks).view(h, -1, d)[:, :kl]
-            outs.append(_sdpa(q[q0 : q0 + ql].transpose(0, 1), k, v).transpose(0, 1))
-            q0 += ql
-        return torch.cat(outs)
-
-    def _attend_decode(self, owner: int, q: torch.Tensor) -> torch.Tensor:
-        """One query per sequence over its cached blocks: in place where the native kernel runs
-        (:mod:`swiftkv.kernels.paged_attention`); otherwise one gather per K and V, then one SDPA call
-        (small batches: fewest ops) or two matmuls around a masked softmax (faster from ~8 rows)."""
-        kc, vc = self.kv_cache[owner, 0], self.kv_cache[owner, 1]  # [Hkv, blocks, block_size, D]
-        if paged_attention.can_run(q, kc):  # in place: no gathered copy
-            return paged_attention.decode_attention(q, kc, vc, self.block_tables, self.kv_lens_tensor())
-        b, heads, d = q.shape
-        h, block_size = kc.shape[0], kc.shape[2]
-        flat = self.block_tables.flatten()
-        if self._gather_buf is None:  # allocated once per step: fresh big buffers page-fault
-            self._gather_buf = (kc.new_empty(h, flat.numel(), block_size, d), vc.new_empty(h, flat.numel(), block_size, d))
-            kv_lens = torch.tensor(self.kv_lens, device=q.device)
-            pos = torch.arange(self.block_tables.shape[1] * block_size, device=q.device)
-            attend = pos[None, :] < kv_lens[:, None]  # [B, S]; kept in the form this step's path uses
-            self._decode_mask = attend.view(b, 1, 1, -1) if b <= 8 else ~attend.view(1, b, 1, -1)
-        k = torch.index_select(kc, 1, flat, out=self._gather_buf[0]).view(h, b, -1, d)  # [Hkv, B, S, D]
-        v = torch.index_select(vc, 1, flat, out=self._gather_buf[1]).view(h, b, -1, d)
-        if b <= 8:  # mask: True = attend
-            out = F.scaled_dot_product_attention(q.view(b, heads, 1, d), k.transpose(0, 1), v.transpose(0, 1),
-                                                 attn_mask=self._decode_mask, enable_gqa=True)
-            return out.view(b, heads, d)  # [B, H, 1, D] -> [B, H, D]
-        qh = q.view(b, h, heads // h, d).transpose(0, 1)  # [Hkv, B, group, D]
-        scores = torch.matmul(qh, k.transpose(-1, -2)).float() * d**-0.5  # [Hkv, B, group, S]
-        probs = scores.masked_fill_(self._decode_mask, float("-inf")).softmax(-1).to(q.dtype)  # mask: True = masked
-        return torch.matmul(probs, v).transpose(0, 1).reshape(b, heads, d)
+        k, v = self.fresh[owner]
+        return attend_fresh(q, k, v, meta)
 
 
-def _sdpa(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def attend_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """Queries over keys of this pass (``meta.kv_starts`` into ``k``/``v``): one batched SDPA for equal lengths."""
+    n = meta.q_lens[0]
+    same_len = meta.q_lens == meta.kv_lens and all(x == n for x in meta.q_lens) and len(k) == len(q)
+    if same_len and meta.masks is None:
+        b, h, d = meta.num_seqs, q.shape[1], q.shape[2]
+        qb = q.view(b, n, h, d).transpose(1, 2)  # [B, H, T, D]
+        kb = k.view(b, n, k.shape[1], d).transpose(1, 2)  # [B, Hkv, T, D]
+        vb = v.view(b, n, v.shape[1], d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=True)
+        return out.transpose(1, 2).reshape(b * n, h, d)
+    outs, q0 = [], 0
+    masks = meta.masks or (None,) * meta.num_seqs
+    for ql, kl, k0, mask in zip(meta.q_lens, meta.kv_lens, meta.kv_starts, masks):
+        qs, ks, vs = q[q0 : q0 + ql], k[k0 : k0 + kl], v[k0 : k0 + kl]
+        if mask is not None and ql != kl:  # a selected last query: its row of the mask
+            mask = mask[kl - ql :]
+        outs.append(sdpa(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1), mask).transpose(0, 1))
+        q0 += ql
+    return torch.cat(outs)
+
+
+def sdpa(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """One sequence, head-first: q [H, ql, D] are the last ql of kl keys [Hkv, kl, D]; causal,
     or ``mask`` [ql, kl] (True = attend) when given.
 

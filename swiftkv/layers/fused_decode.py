@@ -7,10 +7,10 @@ function (:mod:`swiftkv.kernels.fused_decode`) that calls the same kernels the l
 (gemv / panel GEMM on the held weights, RMSNorm, rotary, the K/V store, paged attention, SiLU-and-mul) in
 the same order, so its output equals eager decode up to float rounding.
 
-It is built by the model runner from the descriptions the layers give (:class:`DecodeLayerSpec`,
-:class:`StoreKVSpec`), and applies to steps whose queries are one token per sequence over the paged
-cache (decode, and SwiftKV's later layers of any step), up to ``GEMM_MAX_ROWS`` sequences, when no
-gradient is wanted. A model computing in bf16 (a bf16 KV cache) runs there too: the call widens the step's
+It is built by the model runner from the descriptions the layers give (:class:`FusedDecodeSpec`), and is
+a layer executor like the model itself (the same ``run_layers`` and ``store_swiftkv``): the runner hands it to
+the model for the steps it takes (:meth:`FusedDecoder.takes`: one query token per sequence over the paged
+cache, up to ``GEMM_MAX_ROWS`` sequences, no gradient wanted), chosen once per step. A model computing in bf16 (a bf16 KV cache) runs there too: the call widens the step's
 activations to fp32, computes in fp32, stores K/V rounded to bf16 and rounds the result back (eager bf16
 rounds after every op, so the two agree to bf16 precision, not bit for bit). :meth:`FusedDecoder.build` returns None where a layer gives no description (SwiftKV
 adapters, an activation other than SiLU, a weight the kernels cannot read).
@@ -28,6 +28,7 @@ from swiftkv.kernels import fused_decode as kernels
 from swiftkv.kernels import linear as linear_kernels
 from swiftkv.kernels.elementwise import as_fp32
 from swiftkv.kernels.linear import GEMM_MAX_ROWS, GEMV_ROWS, CWeight
+from swiftkv.kernels.switches import KernelSwitches
 from swiftkv.layers.linear import Linear
 
 
@@ -58,6 +59,18 @@ class StoreKVSpec:
     owners: list[int]
 
 
+@dataclass
+class FusedDecodeSpec:
+    """A model for the fused decode: (hidden, heads, KV heads, head dim, intermediate), each layer's description
+    (None where a layer cannot run there), SingleInputKV's store (None: not a SwiftKV model), the checkpoint's
+    layout."""
+
+    dims: tuple[int, int, int, int, int]
+    layers: list[DecodeLayerSpec | None]
+    store: StoreKVSpec | None
+    skv: SwiftKVConfig
+
+
 def _c_weight(lin: Linear | None, alive: list) -> CWeight | None:
     """The C view of a prepared projection (with an fp32 copy of its bias, kept in ``alive``), or None where the
     kernels cannot read it."""
@@ -73,9 +86,10 @@ class FusedDecoder:
     """The decoder layers as C descriptors (built once; the weights must not change after)."""
 
     def __init__(self, dims: tuple[int, int, int, int, int], specs: list[DecodeLayerSpec],
-                 store: StoreKVSpec | None) -> None:
+                 store: StoreKVSpec | None, bf16_dot: bool) -> None:
         self.dims = dims  # hidden, heads, kv heads, head dim, intermediate
         self.specs = specs
+        self.bf16_dot = bf16_dot and linear_kernels.bf16_dot_available()  # a bf16 model's batched matmuls
         self.eps = specs[0].eps
         self._norms = [(as_fp32(s.input_norm), as_fp32(s.post_norm)) for s in specs]  # (a bf16 model's: widened)
         self._arrays: dict[tuple, ctypes.Array | None] = {}
@@ -85,11 +99,12 @@ class FusedDecoder:
         self._store = self._store_kv(store)
 
     @classmethod
-    def build(cls, dims: tuple[int, int, int, int, int], specs: list[DecodeLayerSpec | None],
-              store: StoreKVSpec | None, skv: SwiftKVConfig) -> FusedDecoder | None:
-        """A decoder for these layers (``specs``: one per layer, from the layers themselves), or None where it
-        does not apply."""
-        if kernels.library() is None or not specs or any(s is None for s in specs):
+    def build(cls, spec: FusedDecodeSpec, switches: KernelSwitches) -> FusedDecoder | None:
+        """A decoder for the model ``spec`` describes (from the layers themselves), or None where it does not
+        apply (switched off, a layer it cannot run, kernels not built)."""
+        dims, specs, skv = spec.dims, spec.layers, spec.skv
+        if (not switches.fused_decode or kernels.library() is None or not specs or any(s is None for s in specs)
+                or not switches.paged_attention):
             return None
         hidden, _, _, d, inter = dims
         if hidden % 8 or d % 16 or inter % 8:
@@ -97,7 +112,7 @@ class FusedDecoder:
         norms = [n for s in specs for n in (s.input_norm, s.post_norm)]
         if any(n.device.type != "cpu" for n in norms) or any(s.eps != specs[0].eps for s in specs):
             return None
-        decoder = cls(dims, specs, store)
+        decoder = cls(dims, specs, spec.store, switches.bf16_dot)
         return decoder if decoder._layers(skv, True) is not None else None
 
     def _layers(self, skv: SwiftKVConfig, swiftkv: bool) -> ctypes.Array | None:
@@ -119,31 +134,40 @@ class FusedDecoder:
             self._arrays[key] = None if descs is None else (kernels.CLayer * len(descs))(*descs)
         return self._arrays[key]
 
-    def run(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta, skv: SwiftKVConfig, start: int,
-            end: int, swiftkv: bool) -> torch.Tensor | None:
-        """Layers ``start..end-1`` on ``h [M, hidden]`` (one query per sequence over the paged cache);
-        None (nothing done) where the step is not one it takes."""
+    def takes(self, meta, num_rows: int, kv_cache: torch.Tensor) -> bool:
+        """Whether a step is one the fused calls take: one query per sequence over an fp32 or bf16 CPU paged cache,
+        at most ``GEMM_MAX_ROWS`` rows, no gradient wanted."""
+        return (meta.paged and meta.is_decode and 1 <= num_rows <= GEMM_MAX_ROWS and not torch.is_grad_enabled()
+                and kv_cache.dtype in (torch.float32, torch.bfloat16) and kv_cache.device.type == "cpu"
+                and kv_cache.is_contiguous())
+
+    def run_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta, attn, start: int, end: int,
+                   swiftkv: bool = False, skv: SwiftKVConfig | None = None) -> torch.Tensor:
+        """Layers ``start..end-1`` of layout ``skv`` on ``h [M, hidden]`` (a step :meth:`takes`), over ``attn``'s
+        paged cache (:class:`~swiftkv.layers.paged_attention.PagedAttention`)."""
         layers = self._layers(skv, swiftkv)
+        if layers is None:
+            raise ValueError("this layout has a projection the fused decode cannot read (the runner checks this)")
         stores = any(not (swiftkv and skv.is_swiftkv_layer(i)) for i in range(start, end))
-        if layers is None or not self._takes(h, meta, stores):
-            return None
         h32 = h.to(torch.float32, copy=True).contiguous()  # updated in place
         scratch = torch.empty(kernels.layers_scratch_floats(h.shape[0], *self.dims))
-        step, _keep = self._step(h32, cos, sin, meta, stores, scratch)
+        step, _keep = self._step(h32, cos, sin, meta, attn.kv_cache, stores, scratch)
         kernels.run_layers(layers, start, end, step)
         return h32.to(h.dtype)
 
-    def store_swiftkv(self, h_l: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta) -> bool:
+    def store_swiftkv(self, h_l: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta, attn) -> None:
         """SingleInputKV's K/V of every later KV owner from ``h_l [M, hidden]`` into the paged cache (the
-        model's ``store_swiftkv`` in one call); False where the step is not one it takes (nothing done)."""
-        if self._store is None or not self._takes(h_l, meta, True):
-            return False
+        model's ``store_swiftkv`` in one call)."""
         h_l = as_fp32(h_l)
         row = 2 * self._store.n * self.dims[2] * self.dims[3]
         scratch = torch.empty(kernels.store_kv_scratch_floats(h_l.shape[0], self.dims[0], row))
-        step, _keep = self._step(h_l, cos, sin, meta, True, scratch)
+        step, _keep = self._step(h_l, cos, sin, meta, attn.kv_cache, True, scratch)
         kernels.store_kv(self._store, step)
-        return True
+
+    def runs(self, skv: SwiftKVConfig, swiftkv: bool) -> bool:
+        """Whether every layer of this path (and SingleInputKV's store, on a SwiftKV path) has a C view."""
+        needs_store = swiftkv and not skv.is_baseline
+        return self._layers(skv, swiftkv) is not None and (self._store is not None or not needs_store)
 
     def _store_kv(self, spec: StoreKVSpec | None) -> kernels.CStoreKV | None:
         """The SingleInputKV store's descriptor (None: not a SwiftKV model, or a weight without a C view)."""
@@ -156,28 +180,18 @@ class FusedDecoder:
         self._alive += [spec, kv, owners, norm]
         return kernels.CStoreKV(norm.data_ptr(), kv, owners.data_ptr(), len(spec.owners))
 
-    def _takes(self, h: torch.Tensor, meta, stores: bool) -> bool:
-        """Whether the step is one the fused calls take: one query per sequence over an fp32 or bf16 CPU paged
-        cache (activations of the same dtype), at most ``GEMM_MAX_ROWS`` rows, no gradient, slots known where
-        K/V are stored."""
-        cache = meta.kv_cache
-        return not (cache is None or torch.is_grad_enabled() or not 1 <= h.shape[0] <= GEMM_MAX_ROWS
-                    or h.dtype not in (torch.float32, torch.bfloat16) or cache.dtype != h.dtype
-                    or h.device.type != "cpu"
-                    or not cache.is_contiguous() or any(n != 1 for n in meta.q_lens)
-                    or (stores and meta.slot_mapping is None) or kernels.library() is None)
-
-    def _step(self, h, cos, sin, meta, stores: bool, scratch: torch.Tensor) -> tuple[kernels.CStep, list]:
+    def _step(self, h, cos, sin, meta, cache: torch.Tensor, stores: bool,
+              scratch: torch.Tensor) -> tuple[kernels.CStep, list]:
         """The C view of this step, and the tensors it points into (to keep alive during the call)."""
         hidden, heads, kv_heads, d, inter = self.dims
-        cos, sin, kv_lens = as_fp32(cos), as_fp32(sin), meta.kv_lens_tensor()
-        cache, tables = meta.kv_cache, meta.block_tables.contiguous()
+        cos, sin, kv_lens = as_fp32(cos), as_fp32(sin), meta.kv_lens_t
+        tables = meta.block_tables.contiguous()
         slots = meta.slot_mapping.contiguous() if stores else None
         step = kernels.CStep(h.shape[0], hidden, heads, kv_heads, d, inter, self.eps, h.data_ptr(), cos.data_ptr(),
                              sin.data_ptr(), cache.data_ptr(), cache.shape[3], cache.shape[4], tables.shape[1],
                              int(cache.dtype == torch.bfloat16), None if slots is None else slots.data_ptr(),
                              tables.data_ptr(), kv_lens.data_ptr(), scratch.data_ptr(), GEMV_ROWS,
                              # a bf16 model (its cache is bf16; h is widened to fp32 for the call): its matmuls
-                             int(cache.dtype == torch.bfloat16 and linear_kernels.bf16_dot_available()),
+                             int(cache.dtype == torch.bfloat16 and self.bf16_dot),
                              torch.get_num_threads())
         return step, [cos, sin, kv_lens, tables, slots, scratch]

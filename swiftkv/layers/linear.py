@@ -161,3 +161,20 @@ class VocabEmbedding(nn.Embedding):
         if self.held is None:
             return super().forward(ids)
         return self.held.rows(ids.reshape(-1)).to(self.compute_dtype).view(*ids.shape, self.held.in_features)
+
+
+@torch.no_grad()
+def hold_weights(root: nn.Module, embed: VocabEmbedding, lm_head: Linear, dtype: torch.dtype) -> None:
+    """Prepare ``root`` for inference in ``dtype``: the embedding and every :class:`Linear` under it hold their
+    weights once (a tied LM head shares the embedding's), the other parameters (norms, biases, adapters: small)
+    move to ``dtype``, and ``root`` becomes inference-only."""
+    tied = lm_head.weight is embed.weight
+    embed.prepare(dtype)
+    for module in root.modules():
+        if isinstance(module, Linear) and module is not lm_head:
+            module.prepare(dtype)
+    lm_head.prepare(dtype, held=embed.held if tied else None)
+    for p in root.parameters():
+        if p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    root.eval().requires_grad_(False)

@@ -1,28 +1,50 @@
-"""Token sampling: penalties, greedy, temperature, top-k, top-p, per-request seeds, logprobs."""
+"""Token sampling, the whole logits pipeline: min-tokens mask, penalties, greedy, temperature, top-k, top-p,\nper-request seeds, logprobs."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from swiftkv.sampling_params import SamplingParams
 
 
+@dataclass(frozen=True)
+class SamplingMetadata:
+    """Per row of logits: its request's parameters and generator, prompt and output ids (for penalties), and the
+    ids it may not sample yet (its stop ids, eos included, while it has fewer than ``min_tokens`` outputs)."""
+
+    params: list[SamplingParams]
+    generators: list[torch.Generator | None]
+    prompt_ids: list[list[int]]
+    output_ids: list[list[int]]
+    blocked_ids: list[set[int]]
+
+
+@dataclass
+class SamplerOutput:
+    tokens: list[int | None]  # None for a failed row
+    logprobs: list[tuple[float, dict[int, float]] | None]  # (chosen logprob, top-k logprobs) where asked
+    errors: dict[int, str]  # {row: why it could not be sampled}
+
+
 class Sampler:
-    """Samples one token per row of logits. Greedy rows are batched; others use their generator.
+    """The whole logits pipeline, in vLLM v1's order: fp32, the min-tokens mask, penalties, then per row greedy
+    (batched) or temperature, top-k, top-p and a draw from its generator; logprobs (after the mask and penalties).
 
     A row that cannot be sampled (its logits, after penalties, temperature and top-k/top-p, hold no finite
     distribution) gets no token and an error message; the other rows are sampled as usual, so one request's
     parameters never fail its neighbours."""
 
-    def __call__(
-        self,
-        logits: torch.Tensor,
-        params: list[SamplingParams],
-        generators: list[torch.Generator | None],
-    ) -> tuple[list[int | None], list[tuple[float, dict[int, float]] | None], dict[int, str]]:
-        """logits [M, vocab] -> (token ids (None for a failed row), per-row (chosen logprob, top-k logprobs) or
-        None, {row: why it failed})."""
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        """logits [M, vocab] -> one token (or error) per row."""
+        params = meta.params
         logits = logits.float()
+        for r, blocked in enumerate(meta.blocked_ids):
+            if ids := [t for t in blocked if 0 <= t < logits.shape[-1]]:
+                logits[r, ids] = float("-inf")
+        if any(p.has_penalties for p in params):
+            apply_penalties(logits, params, meta.prompt_ids, meta.output_ids)
         best = logits.argmax(-1)  # argmax takes a NaN as the maximum
         tokens: list[int | None] = best.tolist()
         top = logits.gather(1, best[:, None])[:, 0]  # NaN if a row holds one, -inf if every token is masked
@@ -33,7 +55,7 @@ class Sampler:
                 errors[r] = "the logits are NaN, or every token is masked: nothing can be sampled"
             elif not p.greedy:
                 try:
-                    tokens[r] = _sample_row(logits[r], p, generators[r])
+                    tokens[r] = _sample_row(logits[r], p, meta.generators[r])
                 except (RuntimeError, ValueError) as e:  # an invalid distribution from extreme parameters
                     errors[r] = f"sampling failed: {e}"
         for r in errors:
@@ -43,11 +65,16 @@ class Sampler:
         if rows:
             lp = torch.log_softmax(logits[rows], -1)
             for j, r in enumerate(rows):
-                k = params[r].logprobs
-                top = lp[j].topk(k) if k else None
-                alts = dict(zip(top.indices.tolist(), top.values.tolist())) if top is not None else {}
-                logprobs[r] = (float(lp[j, tokens[r]]), alts)
-        return tokens, logprobs, errors
+                logprobs[r] = (float(lp[j, tokens[r]]), top_logprobs(lp[j], params[r].logprobs))
+        return SamplerOutput(tokens, logprobs, errors)
+
+
+def top_logprobs(logprobs: torch.Tensor, k: int) -> dict[int, float]:
+    """The ``k`` most likely tokens of one row of logprobs ``[vocab]``: {token id: logprob} (empty for k = 0)."""
+    if not k:
+        return {}
+    top = logprobs.topk(k)
+    return dict(zip(top.indices.tolist(), top.values.tolist()))
 
 
 def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],

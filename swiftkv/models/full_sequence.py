@@ -43,7 +43,7 @@ def greedy_generate(
     out: list[int] = []
     for _ in range(max_new_tokens):
         ids = torch.tensor(seq, device=dev)
-        hidden = model(ids, torch.arange(len(seq), device=dev), AttentionMetadata.full([len(seq)]), [0],
+        hidden = model(ids, torch.arange(len(seq), device=dev), AttentionMetadata.full([len(seq)], logits_seq_ids=[0]),
                        swiftkv=swiftkv)
         tok = int(model.compute_logits(hidden)[0].argmax())
         out.append(tok)

@@ -12,16 +12,18 @@ config sets ``swiftkv_adapter_rank > 0``, low-rank adapters on the later layers'
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN
 
 from swiftkv.config import SwiftKVConfig
-from swiftkv.kernels import elementwise as cpu_ops
+from swiftkv.layers.activation import ActAndMul
 from swiftkv.layers.adapter import LowRankAdapter
-from swiftkv.layers.attention import AttentionMetadata
-from swiftkv.layers.fused_decode import DecodeLayerSpec, FusedDecoder, StoreKVSpec
-from swiftkv.layers.linear import Linear, VocabEmbedding
+from swiftkv.layers.attention import (
+    AttentionBackend,
+    AttentionMetadata,
+    FullSequenceAttention,
+)
+from swiftkv.layers.fused_decode import DecodeLayerSpec, FusedDecodeSpec, StoreKVSpec
+from swiftkv.layers.linear import Linear, VocabEmbedding, hold_weights
 from swiftkv.layers.norm import RMSNorm
 from swiftkv.layers.rotary import RotaryEmbedding, apply_rotary_
 from swiftkv.models.arch import (
@@ -40,13 +42,10 @@ class LlamaMLP(nn.Module):
         self.gate_proj = Linear(h, i, bias=bias)
         self.up_proj = Linear(h, i, bias=bias)
         self.down_proj = Linear(i, h, bias=bias)
-        self.act = F.silu if config.hidden_act == "silu" else ACT2FN[config.hidden_act]
+        self.act_fn = ActAndMul(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        if self.act is F.silu and (act := cpu_ops.silu_and_mul(gate, up)) is not None:  # inference on CPU: one pass
-            return self.down_proj(act)
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.act_fn(self.gate_proj(x), self.up_proj(x)))
 
 
 class LlamaAttention(nn.Module):
@@ -69,15 +68,16 @@ class LlamaAttention(nn.Module):
         rank = adapter_rank_of(config) if skv.is_swiftkv_layer(layer) else 0
         self.o_adapter_swiftkv = LowRankAdapter(q_out, h, rank) if rank else None
 
-    def forward(self, x, cos, sin, meta: AttentionMetadata, owner: int, swiftkv: bool) -> torch.Tensor:
+    def forward(self, x, cos, sin, meta: AttentionMetadata, attn: AttentionBackend, owner: int,
+                swiftkv: bool) -> torch.Tensor:
         n, H, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         if swiftkv:  # K/V of this owner were stored from the SingleInputKV projections
             q = apply_rotary_(self.q_proj_swiftkv(x).view(n, H, D), cos, sin)
         else:
             q = apply_rotary_(self.q_proj(x).view(n, H, D), cos, sin)  # [N, H, D]
             k = apply_rotary_(self.k_proj(x).view(n, Hkv, D), cos, sin)  # [N, Hkv, D]
-            meta.store(owner, k, self.v_proj(x).view(n, Hkv, D))
-        out = meta.attend(owner, q).reshape(n, -1)  # [N, H, D] -> [N, H*D]
+            attn.store(owner, k, self.v_proj(x).view(n, Hkv, D), meta)
+        out = attn.attend(owner, q, meta).reshape(n, -1)  # [N, H, D] -> [N, H*D]
         if swiftkv and self.o_adapter_swiftkv is not None:
             return self.o_proj(out) + self.o_adapter_swiftkv(out)
         return self.o_proj(out)
@@ -97,15 +97,15 @@ class LlamaDecoderLayer(nn.Module):
         """This layer for the fused decode (:mod:`swiftkv.layers.fused_decode`), or None where it cannot run
         there (SwiftKV adapters, an activation other than SiLU)."""
         attn, mlp = self.self_attn, self.mlp
-        if mlp.act is not F.silu or self.mlp_adapter_swiftkv is not None or attn.o_adapter_swiftkv is not None:
+        if not mlp.act_fn.is_silu or self.mlp_adapter_swiftkv is not None or attn.o_adapter_swiftkv is not None:
             return None
         return DecodeLayerSpec(self.input_layernorm.weight, self.post_attention_layernorm.weight,
                                float(self.input_layernorm.eps), attn.q_proj, attn.k_proj, attn.v_proj,
                                getattr(attn, "q_proj_swiftkv", None), attn.o_proj, mlp.gate_proj, mlp.up_proj,
                                mlp.down_proj)
 
-    def forward(self, h, cos, sin, meta, owner: int, swiftkv: bool) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, owner, swiftkv)
+    def forward(self, h, cos, sin, meta, attn, owner: int, swiftkv: bool) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, attn, owner, swiftkv)
         x = self.post_attention_layernorm(h)
         if swiftkv and self.mlp_adapter_swiftkv is not None:  # parallel adapter beside the MLP
             return h + self.mlp(x) + self.mlp_adapter_swiftkv(x)
@@ -169,80 +169,62 @@ class SwiftKVCausalLM:
         if enabled and self.swiftkv_config.is_baseline:
             raise ValueError("This model has no SwiftKV layers; convert it first (swiftkv convert).")
         if not enabled and not self.teacher_available:
-            raise ValueError(
-                "This SwiftKV checkpoint has no original q/k/v for layers >= "
-                f"{self.swiftkv_config.num_key_value_layers}, so the original model cannot be run; "
-                "load a checkpoint that keeps the teacher tensors."
-            )
+            raise ValueError(f"This SwiftKV checkpoint has no original q/k/v for layers >= "
+                             f"{self.swiftkv_config.num_key_value_layers}, so the original model cannot be run; "
+                             "load a checkpoint that keeps the teacher tensors.")
 
     # -- forward pieces (reused by distillation) ----------------------------------------------
+    # run_layers and store_swiftkv are the eager layer executor; the engine's fused decoder
+    # (swiftkv.layers.fused_decode) has the same two methods and stands in for them when the runner says so.
 
-    def run_layers(self, h, cos, sin, meta, start: int, end: int, swiftkv: bool = False,
-                   skv: SwiftKVConfig | None = None, fused: FusedDecoder | None = None) -> torch.Tensor:
-        """Layers ``start..end-1`` of layout ``skv`` (default: the default path's; distillation runs both);
-        ``fused`` (the engine's, for decode steps) runs them in one native call where it takes the step."""
+    def run_layers(self, h, cos, sin, meta: AttentionMetadata, attn: AttentionBackend, start: int, end: int,
+                   swiftkv: bool = False, skv: SwiftKVConfig | None = None) -> torch.Tensor:
+        """Layers ``start..end-1`` of layout ``skv`` (default: the default path's; distillation runs both)."""
         skv = skv or self.layout()
-        if fused is not None and (out := fused.run(h, cos, sin, meta, skv, start, end, swiftkv)) is not None:
-            return out
         for i in range(start, end):
-            owner = skv.kv_owner(i)
-            h = self.model.layers[i](h, cos, sin, meta, owner, swiftkv and skv.is_swiftkv_layer(i))
+            h = self.model.layers[i](h, cos, sin, meta, attn, skv.kv_owner(i), swiftkv and skv.is_swiftkv_layer(i))
         return h
 
-    def embed_prefix(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                     end: int, fused: FusedDecoder | None = None,
-                     skv: SwiftKVConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Embeddings, RoPE tables and layers ``0..end-1``: ``(h, cos, sin)``. For ``end <= l`` this
-        is identical for teacher and SwiftKV, so distillation and evaluation compute it once."""
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Embeddings and RoPE tables: ``(h, cos, sin)``. With layers ``0..l-1`` (:meth:`run_layers`) this is
+        identical for teacher and SwiftKV, so distillation and evaluation compute it once."""
         h = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary_emb(positions, h.dtype)
-        return self.run_layers(h, cos, sin, meta, 0, end, skv=skv, fused=fused), cos, sin
+        return (h, *self.model.rotary_emb(positions, h.dtype))
 
-    def store_swiftkv(self, h_l: torch.Tensor, cos, sin, meta: AttentionMetadata,
-                      fused: FusedDecoder | None = None) -> None:
+    def store_swiftkv(self, h_l: torch.Tensor, cos, sin, meta: AttentionMetadata, attn: AttentionBackend) -> None:
         """SingleInputKV: K/V of every later KV owner from the residual stream entering layer l."""
-        if fused is not None and fused.store_swiftkv(h_l, cos, sin, meta):  # decode steps: one native call
-            return
         skv, n = self.swiftkv_config, h_l.shape[0]
         x = self.model.norm_swiftkv(h_l)
         for i in skv.group_leaders:
-            attn = self.model.layers[i].self_attn
-            k = attn.k_proj_swiftkv(x).view(n, attn.num_kv_heads, attn.head_dim)  # [N, Hkv, D]
-            v = attn.v_proj_swiftkv(x).view(n, attn.num_kv_heads, attn.head_dim)
-            meta.store(skv.kv_owner(i), apply_rotary_(k, cos, sin), v)
+            a = self.model.layers[i].self_attn
+            k = a.k_proj_swiftkv(x).view(n, a.num_kv_heads, a.head_dim)  # [N, Hkv, D]
+            v = a.v_proj_swiftkv(x).view(n, a.num_kv_heads, a.head_dim)
+            attn.store(skv.kv_owner(i), apply_rotary_(k, cos, sin), v, meta)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        meta: AttentionMetadata,
-        logits_seq_ids: list[int] | None = None,
-        fused: FusedDecoder | None = None,
-        swiftkv: bool | None = None,
-    ) -> torch.Tensor:
-        """Return final-normed hidden states ``[M, hidden]``.
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                attn: AttentionBackend | None = None, swiftkv: bool | None = None, executor=None) -> torch.Tensor:
+        """Return final-normed hidden states ``[M, hidden]``: of every token, or where ``meta.logits_seq_ids``
+        lists sequences, of their last tokens only (and in SwiftKV mode only those run layers ``l..L-1``).
 
-        ``logits_seq_ids`` lists the sequences whose last token needs logits; only those tokens
-        are returned (and, in SwiftKV mode, only they run layers ``l..L-1``). ``None`` returns
-        every token (full-sequence mode). ``fused``: the engine's fused decode (see :meth:`run_layers`).
-        ``swiftkv``: the SwiftKV path or the original model's (None: :attr:`default_swiftkv`).
+        ``attn``: the attention backend (default: a :class:`~swiftkv.layers.attention.FullSequenceAttention`);
+        ``swiftkv``: the SwiftKV path or the original model's (None: :attr:`default_swiftkv`); ``executor``: what
+        runs the layers (default: this model, eagerly; the engine passes its fused decoder for decode steps).
         """
-        L = self.config.num_hidden_layers
-        skv = self.layout(swiftkv)
+        attn = attn or FullSequenceAttention()
+        run = executor or self
+        L, skv = self.config.num_hidden_layers, self.layout(swiftkv)
         l = skv.num_key_value_layers
-        h, cos, sin = self.embed_prefix(input_ids, positions, meta, l, fused, skv)
+        h, cos, sin = self.embed(input_ids, positions)
+        h = run.run_layers(h, cos, sin, meta, attn, 0, l, skv=skv)
         if l < L:
-            self.store_swiftkv(h, cos, sin, meta, fused)
-        every_token = h.shape[0] == meta.num_seqs and logits_seq_ids == list(range(h.shape[0]))  # decode
-        if logits_seq_ids is not None and not every_token:
-            # keep only the tokens that need logits: the last token of each listed sequence
-            ends = torch.tensor(meta.q_lens, device=h.device).cumsum(0) - 1
-            idx = ends[logits_seq_ids]
+            run.store_swiftkv(h, cos, sin, meta, attn)
+        if meta.needs_selection:  # keep only the tokens that need logits: one index_select
+            idx = meta.logits_indices.to(h.device)
             h, cos, sin = h.index_select(0, idx), cos.index_select(0, idx), sin.index_select(0, idx)
-            meta = meta.select_last(logits_seq_ids)
-            if not logits_seq_ids:  # e.g. only partial prompt chunks: no token needs logits
+            meta = meta.select_last()
+            if not meta.num_seqs:  # e.g. only partial prompt chunks: no token needs logits
                 return self.model.norm(h)
-        h = self.run_layers(h, cos, sin, meta, l, L, swiftkv=True, skv=skv, fused=fused)
+        h = run.run_layers(h, cos, sin, meta, attn, l, L, swiftkv=True, skv=skv)
         return self.model.norm(h)
 
     # -- inference ------------------------------------------------------------------------------
@@ -256,50 +238,30 @@ class SwiftKVCausalLM:
     def compute_device(self) -> torch.device:
         return self.model.norm.weight.device
 
-    @torch.no_grad()
     def prepare_for_inference(self, dtype: torch.dtype | None = None) -> None:
         """Hold every weight once, in its stored form, for inference computing in ``dtype`` (default: the
         current one): each projection and the embedding get a :class:`~swiftkv.layers.weights.HeldWeight`
         (memory-mapped checkpoint bytes where those are the held form; a tied LM head shares the
         embedding's), norms and biases move to ``dtype``. Called once when a model is loaded for inference
-        (:func:`swiftkv.models.loader.load_model`, or by the engine for a model built otherwise); the model
-        is inference-only afterwards and its weights must not change."""
+        (:func:`swiftkv.models.loader.load_model`; an engine refuses a model that is not); the model is
+        inference-only afterwards and its weights must not change."""
         dtype = dtype or self.compute_dtype
         if self.inference_dtype is not None:
             if dtype != self.inference_dtype:
                 raise ValueError(f"the model is prepared for {self.inference_dtype}; load it again for {dtype}")
             return
-        embed = self.model.embed_tokens
-        tied = self.lm_head.weight is embed.weight
-        embed.prepare(dtype)
-        for module in self.modules():
-            if isinstance(module, Linear) and module is not self.lm_head:
-                module.prepare(dtype)
-        self.lm_head.prepare(dtype, held=embed.held if tied else None)
-        for p in self.parameters():  # what is left: norms, biases, adapters (small)
-            if p.dtype != dtype:
-                p.data = p.data.to(dtype)
-        self.eval().requires_grad_(False)
+        hold_weights(self, self.model.embed_tokens, self.lm_head, dtype)
         self.inference_dtype = dtype
 
-    def decode_specs(self) -> list[DecodeLayerSpec | None]:
-        """Each decoder layer's description for the fused decode (the runner builds it from these)."""
-        return [layer.decode_spec() for layer in self.model.layers]
-
-    def store_kv_spec(self) -> StoreKVSpec | None:
-        """SingleInputKV's store for the fused decode (None: not a SwiftKV model)."""
-        skv = self.swiftkv_config
-        if skv.is_baseline:
-            return None
-        attns = [self.model.layers[i].self_attn for i in skv.group_leaders]
-        return StoreKVSpec(self.model.norm_swiftkv.weight, float(self.model.norm_swiftkv.eps),
-                           [(a.k_proj_swiftkv, a.v_proj_swiftkv) for a in attns],
-                           [skv.kv_owner(i) for i in skv.group_leaders])
-
-    def decode_dims(self) -> tuple[int, int, int, int, int]:
-        """(hidden, heads, KV heads, head dim, intermediate): the shapes the fused decode needs."""
-        c = self.config
-        return c.hidden_size, c.num_attention_heads, c.num_key_value_heads, head_dim_of(c), c.intermediate_size
+    def fused_decode_spec(self) -> FusedDecodeSpec:
+        """This model for the engine's fused decode: shapes, each layer's description, SingleInputKV's store."""
+        c, skv, layers = self.config, self.swiftkv_config, self.model.layers
+        attns = [layers[i].self_attn for i in skv.group_leaders]
+        store = None if skv.is_baseline else StoreKVSpec(
+            self.model.norm_swiftkv.weight, float(self.model.norm_swiftkv.eps),
+            [(a.k_proj_swiftkv, a.v_proj_swiftkv) for a in attns], [skv.kv_owner(i) for i in skv.group_leaders])
+        dims = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, head_dim_of(c), c.intermediate_size
+        return FusedDecodeSpec(dims, [layer.decode_spec() for layer in layers], store, skv)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of final-normed hidden states (what :meth:`forward` returns)."""

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from swiftkv.config import SwiftKVConfig
-from swiftkv.layers.attention import AttentionMetadata
+from swiftkv.layers.attention import AttentionMetadata, FullSequenceAttention
 
 
 @dataclass
@@ -39,17 +39,16 @@ def paired_forward(model, input_ids: torch.Tensor, positions: torch.Tensor, seq_
     teacher = SwiftKVConfig.baseline(L)
     split = max(l, L - 1)  # the last layer's input is kept (l == L: no tail at all)
 
-    def meta() -> AttentionMetadata:  # one per path: each stores its own K/V
-        return AttentionMetadata.full(seq_lens, masks)
-
+    meta = AttentionMetadata.full(seq_lens, masks)
     with torch.no_grad():
-        h_l, cos, sin = model.embed_prefix(input_ids, positions, meta(), l)
-        m = meta()
-        t_last = model.run_layers(h_l, cos, sin, m, l, split, skv=teacher)
-        t = model.run_layers(t_last, cos, sin, m, split, L, skv=teacher)
+        h, cos, sin = model.embed(input_ids, positions)
+        h_l = model.run_layers(h, cos, sin, meta, FullSequenceAttention(), 0, l)
+        attn = FullSequenceAttention()  # one per path: each stores its own K/V
+        t_last = model.run_layers(h_l, cos, sin, meta, attn, l, split, skv=teacher)
+        t = model.run_layers(t_last, cos, sin, meta, attn, split, L, skv=teacher)
     out = PairedStates(h_l, t, t_last)
     if swiftkv:
-        out.swiftkv_last_input, out.swiftkv = swiftkv_tail(model, h_l, cos, sin, meta())
+        out.swiftkv_last_input, out.swiftkv = swiftkv_tail(model, h_l, cos, sin, meta)
     return out
 
 
@@ -60,11 +59,11 @@ def swiftkv_tail(model, h_l: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     records it when on (distillation trains these layers' SwiftKV tensors)."""
     skv = model.swiftkv_config
     L, l = skv.num_layers, skv.num_key_value_layers
-    split = max(l, L - 1)
+    split, attn = max(l, L - 1), FullSequenceAttention()
     if l < L:
-        model.store_swiftkv(h_l, cos, sin, meta)
-    last_input = model.run_layers(h_l, cos, sin, meta, l, split, swiftkv=True, skv=skv)
-    return last_input, model.run_layers(last_input, cos, sin, meta, split, L, swiftkv=True, skv=skv)
+        model.store_swiftkv(h_l, cos, sin, meta, attn)
+    last_input = model.run_layers(h_l, cos, sin, meta, attn, l, split, swiftkv=True, skv=skv)
+    return last_input, model.run_layers(last_input, cos, sin, meta, attn, split, L, swiftkv=True, skv=skv)
 
 
 def distribution_gap(teacher_logits: torch.Tensor, student_logits: torch.Tensor,

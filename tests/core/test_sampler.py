@@ -8,10 +8,19 @@ import re
 import pytest
 import torch
 
-from swiftkv.layers.sampler import Sampler
+from swiftkv.layers.sampler import Sampler, SamplingMetadata
 from swiftkv.sampling_params import SamplingParams
 
 PROBS = [0.5, 0.3, 0.15, 0.05]
+
+
+def sample(logits, params, gens, blocked=None, prompts=None, outputs=None):
+    """The sampler on rows with no prompt or output yet (no penalties' history), nothing blocked unless given:
+    ``(tokens, logprobs, errors)``."""
+    n = len(params)
+    out = Sampler()(logits, SamplingMetadata(params, gens, prompts or [[]] * n, outputs or [[]] * n,
+                                             blocked or [set()] * n))
+    return out.tokens, out.logprobs, out.errors
 
 
 @pytest.mark.parametrize("kw,expected", [
@@ -28,7 +37,7 @@ def test_sampled_frequencies_match_the_hand_computed_distribution(kw, expected):
     gen = torch.Generator().manual_seed(0)
     counts = [0] * len(PROBS)
     for _ in range(5):
-        tokens, _, _ = Sampler()(logits, [params] * len(logits), [gen] * len(logits))
+        tokens, _, _ = sample(logits, [params] * len(logits), [gen] * len(logits))
         for t in tokens:
             counts[t] += 1
     freq = [c / sum(counts) for c in counts]
@@ -91,16 +100,16 @@ def test_a_row_that_cannot_be_sampled_fails_alone():
               SamplingParams(temperature=1.0, top_p=1e-300), SamplingParams(temperature=5e-324),
               SamplingParams(temperature=1e-38, top_k=2)]
     gen = torch.Generator().manual_seed(0)
-    tokens, _, errors = Sampler()(logits, params, [gen] * 5)
+    tokens, _, errors = sample(logits, params, [gen] * 5)
     assert set(errors) == {1} and "nothing can be sampled" in errors[1]
     nan = logits.clone()
     nan[3, 2] = float("nan")
-    assert set(Sampler()(nan, params, [gen] * 5)[2]) == {1, 3}
+    assert set(sample(nan, params, [gen] * 5)[2]) == {1, 3}
     assert tokens == [0, None, 0, 0, 0]
     assert all(p.greedy for p in (params[0], params[3], params[4])) and not params[2].greedy
     huge = torch.tensor([[3e38, 3e38, -3e38, 0.0]])  # a temperature below 1 overflows these to inf
     for _ in range(20):
-        t, _, e = Sampler()(huge, [SamplingParams(temperature=0.5)], [gen])
+        t, _, e = sample(huge, [SamplingParams(temperature=0.5)], [gen])
         assert not e and t[0] in (0, 1)
 
 

@@ -1,0 +1,117 @@
+"""The engine's attention backend: K/V in a paged cache, attention read from it (CPU native kernels where they
+run, else gathered blocks and PyTorch's SDPA).
+
+The path is chosen once per step, from the step's :class:`~swiftkv.layers.attention.AttentionMetadata`, the
+cache and the runner's :class:`~swiftkv.kernels.switches.KernelSwitches` (vLLM's metadata builder + ``AttentionImpl``):
+
+- decode (one query per sequence): the native decode kernel in place, else one gather of K and V per layer into
+  a buffer reused by every layer of the step, then SDPA (up to 8 rows) or two matmuls around a masked softmax;
+- prompts: the native prefill kernel in place where it is this CPU's choice
+  (:meth:`~swiftkv.kernels.switches.KernelSwitches.prefill_kernel_preferred`); else a fresh prompt attends over
+  this pass's K/V with SDPA, a continuation over its gathered blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from swiftkv.kernels import paged_attention as kernels
+from swiftkv.kernels.switches import KernelSwitches
+from swiftkv.layers.attention import AttentionMetadata, attend_fresh, sdpa
+
+
+@dataclass
+class _StepPlan:
+    """The path for one metadata (one step, or its SwiftKV tail), and that path's buffers."""
+
+    meta: AttentionMetadata
+    path: str  # "decode_kernel" | "decode_gather" | "prefill_kernel" | "fresh_or_chunks"
+    fresh: dict[int, tuple[torch.Tensor, torch.Tensor]]  # this pass's K/V per owner (prompts without a prior)
+    gather: tuple[torch.Tensor, torch.Tensor] | None = None  # decode_gather: K and V buffers, reused by every layer
+    mask: torch.Tensor | None = None  # decode_gather: which cached positions each row attends
+
+
+class PagedAttention:
+    """K/V per owner in ``kv_cache [owners, 2, kv_heads, blocks, block_size, D]`` (head-major, so gathering a
+    sequence's blocks yields ``[kv_heads, tokens, D]`` without a copy)."""
+
+    def __init__(self, kv_cache: torch.Tensor, switches: KernelSwitches) -> None:
+        self.kv_cache = kv_cache
+        native = switches.paged_attention
+        self._decode_kernel = native and kernels.can_run(kv_cache)
+        self._prefill_kernel = (native and kernels.can_run(kv_cache, prefill=True)
+                                and switches.prefill_kernel_preferred(kv_cache.dtype))
+        self._plan: _StepPlan | None = None
+
+    def plan(self, meta: AttentionMetadata) -> _StepPlan:
+        """This metadata's path (chosen on its first use; a new metadata object starts a new plan)."""
+        if self._plan is None or self._plan.meta is not meta:
+            if meta.is_decode:
+                path = "decode_kernel" if self._decode_kernel else "decode_gather"
+            else:
+                path = "prefill_kernel" if self._prefill_kernel else "fresh_or_chunks"
+            self._plan = _StepPlan(meta, path, {})
+        return self._plan
+
+    def store(self, owner: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+        """Write this pass's K/V of ``owner`` [num_tokens, kv_heads, D] to the cache slots of ``meta``."""
+        plan = self.plan(meta)
+        if plan.path == "fresh_or_chunks":
+            plan.fresh[owner] = (k, v)
+        h, d = k.shape[1], k.shape[2]
+        self.kv_cache[owner, 0].view(h, -1, d).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        self.kv_cache[owner, 1].view(h, -1, d).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+
+    def attend(self, owner: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q [num_queries, heads, D] -> [num_queries, heads, D], over ``owner``'s cached keys."""
+        plan = self.plan(meta)
+        kc, vc = self.kv_cache[owner, 0], self.kv_cache[owner, 1]  # [Hkv, blocks, block_size, D]
+        if plan.path == "decode_kernel":
+            return kernels.decode_attention(q, kc, vc, meta.block_tables, meta.kv_lens_t)
+        if plan.path == "decode_gather":
+            return _decode_gathered(q, kc, vc, meta, plan)
+        if plan.path == "prefill_kernel":  # prompts, fresh or after cached keys (and any decode rows beside them)
+            return kernels.prefill_attention(q, kc, vc, meta.block_tables, meta.q_lens_t, meta.kv_lens_t)
+        if meta.q_lens == meta.kv_lens and owner in plan.fresh:  # no prior keys: this pass's K/V
+            return attend_fresh(q, *plan.fresh[owner], meta)
+        return _cached_chunks(q, kc, vc, meta)
+
+
+def _cached_chunks(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """Each sequence's queries over its gathered blocks (a prompt after a cached prefix, a chunk of one)."""
+    h, block_size, d = kc.shape[0], kc.shape[2], kc.shape[3]
+    outs, q0 = [], 0
+    for s, (ql, kl) in enumerate(zip(meta.q_lens, meta.kv_lens)):
+        blocks = meta.block_tables[s, : -(-kl // block_size)]
+        k = kc.index_select(1, blocks).view(h, -1, d)[:, :kl]  # [Hkv, kl, D]
+        v = vc.index_select(1, blocks).view(h, -1, d)[:, :kl]
+        outs.append(sdpa(q[q0 : q0 + ql].transpose(0, 1), k, v).transpose(0, 1))
+        q0 += ql
+    return torch.cat(outs)
+
+
+def _decode_gathered(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, meta: AttentionMetadata,
+                     plan: _StepPlan) -> torch.Tensor:
+    """One query per sequence over its cached blocks, gathered: one gather per K and V into the step's buffers,
+    then one SDPA call (small batches: fewest ops) or two matmuls around a masked softmax (faster from ~8 rows)."""
+    b, heads, d = q.shape
+    h, block_size = kc.shape[0], kc.shape[2]
+    flat = meta.block_tables.flatten()
+    if plan.gather is None:  # allocated once per step: fresh big buffers page-fault
+        plan.gather = (kc.new_empty(h, flat.numel(), block_size, d), vc.new_empty(h, flat.numel(), block_size, d))
+        pos = torch.arange(meta.block_tables.shape[1] * block_size, device=q.device)
+        attend = pos[None, :] < meta.kv_lens_t.to(q.device)[:, None]  # [B, S]; kept in the form this path uses
+        plan.mask = attend.view(b, 1, 1, -1) if b <= 8 else ~attend.view(1, b, 1, -1)
+    k = torch.index_select(kc, 1, flat, out=plan.gather[0]).view(h, b, -1, d)  # [Hkv, B, S, D]
+    v = torch.index_select(vc, 1, flat, out=plan.gather[1]).view(h, b, -1, d)
+    if b <= 8:  # mask: True = attend
+        out = F.scaled_dot_product_attention(q.view(b, heads, 1, d), k.transpose(0, 1), v.transpose(0, 1),
+                                             attn_mask=plan.mask, enable_gqa=True)
+        return out.view(b, heads, d)  # [B, H, 1, D] -> [B, H, D]
+    qh = q.view(b, h, heads // h, d).transpose(0, 1)  # [Hkv, B, group, D]
+    scores = torch.matmul(qh, k.transpose(-1, -2)).float() * d**-0.5  # [Hkv, B, group, S]
+    probs = scores.masked_fill_(plan.mask, float("-inf")).softmax(-1).to(q.dtype)  # mask: True = masked
+    return torch.matmul(probs, v).transpose(0, 1).reshape(b, heads, d)
