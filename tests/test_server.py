@@ -319,3 +319,45 @@ def test_a_client_that_never_reads_its_stream(serve):
         assert not engine._requests  # nothing kept for the client that went
     finally:
         srv.stop()
+
+
+def test_stats_are_a_snapshot_the_engine_thread_publishes(tiny_chat_model_dir):
+    """/health and /metrics read the counters the engine thread published after its latest step: the scheduler
+    and block manager are read on the engine thread only, never across threads while a step changes them."""
+    import threading
+
+    from swiftkv.llm import LLM
+    from swiftkv.sampling_params import SamplingParams
+    from swiftkv.server.async_engine import AsyncEngine
+
+    llm = LLM(tiny_chat_model_dir, dtype="float32", kv_cache_memory=64 << 20)
+    readers: set[str] = set()
+    sched = llm.engine.scheduler
+
+    class Watched(type(sched)):  # the scheduler, noting which thread reads its queues
+        @property
+        def running(self):
+            readers.add(threading.current_thread().name)
+            return self.__dict__["running"]
+
+    sched.__class__ = Watched
+    engine = AsyncEngine(llm.engine)
+    seen = []
+
+    async def main():
+        box = engine.submit("r", [5, 6, 7], SamplingParams(n=1, max_tokens=40, ignore_eos=True))
+        while "r" in engine._requests:
+            seen.append(engine.stats()["running"])  # as /health does, from the event loop's thread
+            await asyncio.sleep(0.002)
+        while box.qsize():
+            await box.get()
+        await asyncio.sleep(0.6)  # the idle engine thread publishes again
+        seen.append(engine.stats()["running"])
+
+    try:
+        readers.clear()
+        asyncio.run(main())
+    finally:
+        asyncio.run(engine.shutdown(grace_s=0))
+    assert readers == {"swiftkv-engine"}, readers
+    assert 1 in seen and seen[-1] == 0  # the snapshot followed the request: running, then done

@@ -45,6 +45,29 @@ def load(functions: Signatures | None = None) -> ctypes.CDLL | None:
     return lib
 
 
+class Binding:
+    """One kernel module's functions in the library: typed on first use, the layouts of the structs it mirrors
+    (``structs``: {number in ``skv_abi_layout``: ctypes mirror}) checked once. :meth:`library` is None where they
+    cannot run here -- switched off (``switch``: an environment variable, on unless ``0``), no AVX2/FMA/F16C, no
+    compiler -- the one "does not apply" answer of every binding: its ops then return None and their callers keep
+    PyTorch's path."""
+
+    def __init__(self, functions: Signatures, structs: dict[int, type[ctypes.Structure]] | None = None,
+                 switch: str | None = None) -> None:
+        self.functions, self.structs, self.switch = functions, structs or {}, switch
+        self._checked = False
+
+    def library(self) -> ctypes.CDLL | None:
+        if self.switch is not None and os.environ.get(self.switch, "1") == "0":
+            return None
+        lib = load(self.functions)
+        if lib is not None and not self._checked:
+            for which, struct in self.structs.items():
+                check_layout(lib, which, struct)
+            self._checked = True
+        return lib
+
+
 def check_layout(lib: ctypes.CDLL, which: int, struct: type[ctypes.Structure]) -> None:
     """Raise ``RuntimeError`` unless ``struct`` (a ctypes mirror) has the size and field offsets of the C
     struct number ``which`` in ``skv_abi_layout``."""

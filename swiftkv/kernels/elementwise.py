@@ -3,32 +3,29 @@ fused), rotary embedding in place (``csrc/skv_elementwise.c``, built by :mod:`sw
 
 vLLM's CPU backend has the same three custom ops. They run only where nothing needs gradients
 (inference), on fp32 or bf16 CPU rows (bf16: computed in fp32 and rounded once, where PyTorch rounds after
-each of its ops); elsewhere (training, GPUs, odd shapes) each op returns None (rotary: False) and the layer
+each of its ops); elsewhere (training, GPUs, odd shapes) each op returns None and the layer
 runs its PyTorch code. ``SWIFTKV_CPU_OPS=0`` switches them off.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 
 from swiftkv.kernels import build
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
-_FUNCTIONS = {
+_BINDING = build.Binding({
     "skv_rms_norm": (ctypes.c_int, [_P, _I64, _P, _P, _I64, _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int]),
     "skv_silu_and_mul": (ctypes.c_int, [_P, _P, _I64, _P, _I64, _I64, ctypes.c_int, ctypes.c_int]),
     "skv_rotary_inplace": (ctypes.c_int, [_P, _I64, _I64, _I64, _I64, _P, _P, ctypes.c_int, ctypes.c_int]),
-}
+}, switch="SWIFTKV_CPU_OPS")
 
 
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot run (switched off, no AVX2/FMA, no compiler)."""
-    if os.environ.get("SWIFTKV_CPU_OPS", "1") == "0":
-        return None
-    return build.load(_FUNCTIONS)
+    return _BINDING.library()
 
 
 def _takes(*tensors: torch.Tensor) -> bool:
@@ -79,13 +76,13 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
-def rotary_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+def rotary_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
     """Rotate every head of x [N, heads, D] (token rows evenly spaced, a token's heads contiguous,
-    D % 16 == 0) in place; cos, sin [N, D]. False (x untouched) where the kernel does not take it."""
+    D % 16 == 0) in place and return it; cos, sin [N, D]. None (x untouched) where the kernel does not take it."""
     n, heads, d = x.shape
     if d % 16 or x.stride(2) != 1 or x.stride(1) != d or not _takes(x) or cos.device.type != "cpu":
-        return False
+        return None
     cos, sin = as_fp32(cos), as_fp32(sin)
     _check(library().skv_rotary_inplace(x.data_ptr(), n, heads, d, x.stride(0), cos.data_ptr(), sin.data_ptr(),
                                         torch.get_num_threads(), x.dtype == torch.bfloat16), "rotary_inplace")
-    return True
+    return x

@@ -38,13 +38,12 @@ class CStoreKV(ctypes.Structure):
     _fields_ = [("norm", _P), ("kv", ctypes.POINTER(CWeight)), ("owners", _P), ("n", _I64)]
 
 
-_FUNCTIONS = {
+_BINDING = build.Binding({
     "skv_fused_decode_layers": (ctypes.c_int, [_P, _I64, ctypes.POINTER(CStep)]),
     "skv_fused_decode_scratch_floats": (_I64, [_I64] * 6),
     "skv_fused_decode_store_kv": (ctypes.c_int, [ctypes.POINTER(CStoreKV), ctypes.POINTER(CStep)]),
     "skv_fused_decode_store_kv_scratch_floats": (_I64, [_I64] * 3),
-}
-_checked: list[bool] = []
+}, structs={1: CLayer, 2: CStep, 3: CStoreKV})
 
 
 def library() -> ctypes.CDLL | None:
@@ -53,12 +52,7 @@ def library() -> ctypes.CDLL | None:
     :class:`~swiftkv.kernels.switches.KernelSwitches`)."""
     if not (linear_kernels.library() and elementwise.library() and paged_attention.library()):
         return None
-    lib = build.load(_FUNCTIONS)
-    if lib is not None and not _checked:
-        for which, struct in ((1, CLayer), (2, CStep), (3, CStoreKV)):
-            build.check_layout(lib, which, struct)
-        _checked.append(True)
-    return lib
+    return _BINDING.library()
 
 
 def run_layers(layers: ctypes.Array, start: int, end: int, step: CStep) -> None:

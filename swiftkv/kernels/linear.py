@@ -29,23 +29,16 @@ class CWeight(ctypes.Structure):
                 ("in_features", _I64)]
 
 
-_FUNCTIONS = {
+_BINDING = build.Binding({
     "skv_linear": (ctypes.c_int, [ctypes.POINTER(CWeight), _P, _I64, _P, _I64, _I64, _I64, ctypes.c_int]),
     "skv_widen": (ctypes.c_int, [ctypes.POINTER(CWeight), _I64, _I64, _P, _I64, ctypes.c_int]),
-}
-_checked: list[bool] = []
+}, structs={0: CWeight}, switch="SWIFTKV_COMPACT_WEIGHTS")
 
 
 def library() -> ctypes.CDLL | None:
     """The kernel library, or None where the matmul kernels cannot run (switched off, no AVX2/FMA/F16C, no
     compiler)."""
-    if os.environ.get("SWIFTKV_COMPACT_WEIGHTS", "1") == "0":
-        return None
-    lib = build.load(_FUNCTIONS)
-    if lib is not None and not _checked:
-        build.check_layout(lib, 0, CWeight)
-        _checked.append(True)
-    return lib
+    return _BINDING.library()
 
 
 def c_weight(kind: str, data: torch.Tensor, scale: torch.Tensor | None = None, offset: torch.Tensor | None = None,

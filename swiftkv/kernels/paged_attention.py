@@ -19,17 +19,26 @@ import torch
 from swiftkv.kernels import build
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
-_FUNCTIONS = {
-    "skv_paged_decode_attention": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64,
-                                                  ctypes.c_float, _I64, ctypes.c_int]),
-    "skv_paged_prefill_attention": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64,
-                                                   _I64, ctypes.c_float, _I64, ctypes.c_int]),
-}
+
+
+class CPagedAttn(ctypes.Structure):
+    """Mirror of ``skv_paged_attn`` (one call's arguments; checked against the library when it loads)."""
+
+    _fields_ = [("q", _P), ("out", _P), ("k_cache", _P), ("v_cache", _P), ("block_tables", _P), ("q_lens", _P),
+                ("kv_lens", _P), ("S", _I64), ("H", _I64), ("Hkv", _I64), ("D", _I64), ("num_blocks", _I64),
+                ("block_size", _I64), ("max_blocks", _I64), ("scale", ctypes.c_float), ("kv_bf16", _I64),
+                ("nthreads", ctypes.c_int)]
+
+
+_BINDING = build.Binding({
+    "skv_paged_decode_attention": (ctypes.c_int, [ctypes.POINTER(CPagedAttn)]),
+    "skv_paged_prefill_attention": (ctypes.c_int, [ctypes.POINTER(CPagedAttn)]),
+}, structs={4: CPagedAttn})
 
 
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, or None where it cannot run (no AVX2/FMA, no compiler)."""
-    return build.load(_FUNCTIONS)
+    return _BINDING.library()
 
 
 def can_run(kv_cache: torch.Tensor, prefill: bool = False) -> bool:
@@ -53,17 +62,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     q [B, H, D]; k_cache, v_cache [Hkv, num_blocks, block_size, D] (contiguous, one KV owner's);
     block_tables [B, max_blocks] int64; kv_lens [B] int64 -> [B, H, D].
     """
-    b, h, d = q.shape
-    hkv, num_blocks, block_size = k_cache.shape[:3]
+    b = q.shape[0]
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("the paged K/V cache must be contiguous")
     dtype = q.dtype
-    q, tables, lens = q.float().contiguous(), block_tables.contiguous(), kv_lens.contiguous()
+    q, tables = q.float().contiguous(), block_tables.contiguous()
     out = torch.empty_like(q)
-    rc = library().skv_paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
-                                             lens.data_ptr(), out.data_ptr(), b, h, hkv, d, num_blocks, block_size,
-                                             tables.shape[1], d**-0.5, int(k_cache.dtype == torch.bfloat16),
-                                             torch.get_num_threads())
+    rc = library().skv_paged_decode_attention(_args(q, out, k_cache, v_cache, tables, None, kv_lens.contiguous(), b))
     _check(rc, "decode")
     return out.to(dtype)
 
@@ -77,19 +82,26 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     (contiguous, one KV owner's, holding every key, this pass's included); block_tables [S, max_blocks]
     int64; q_lens, kv_lens [S] int64 -> [sum(q_lens), H, D].
     """
-    t, h, d = q.shape
-    hkv, num_blocks, block_size = k_cache.shape[:3]
+    t = q.shape[0]
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("the paged K/V cache must be contiguous")
     if int(q_lens.sum()) != t:
         raise ValueError(f"{t} query tokens for q_lens summing to {int(q_lens.sum())}")
     dtype = q.dtype
-    q, tables = q.float().contiguous(), block_tables.contiguous()
-    q_lens, kv_lens = q_lens.contiguous(), kv_lens.contiguous()
+    q, tables, q_lens = q.float().contiguous(), block_tables.contiguous(), q_lens.contiguous()
     out = torch.empty_like(q)
-    rc = library().skv_paged_prefill_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
-                                              q_lens.data_ptr(), kv_lens.data_ptr(), out.data_ptr(), len(q_lens), h, hkv,
-                                              d, num_blocks, block_size, tables.shape[1], d**-0.5,
-                                              int(k_cache.dtype == torch.bfloat16), torch.get_num_threads())
+    rc = library().skv_paged_prefill_attention(_args(q, out, k_cache, v_cache, tables, q_lens, kv_lens.contiguous(),
+                                                     len(q_lens)))
     _check(rc, "prefill")
     return out.to(dtype)
+
+
+def _args(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+          q_lens: torch.Tensor | None, kv_lens: torch.Tensor, num_seqs: int) -> ctypes.pointer:
+    """The call's :class:`CPagedAttn` (the tensors must outlive the call)."""
+    h, d = q.shape[1], q.shape[2]
+    hkv, num_blocks, block_size = k_cache.shape[:3]
+    return ctypes.pointer(CPagedAttn(q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                     tables.data_ptr(), None if q_lens is None else q_lens.data_ptr(),
+                                     kv_lens.data_ptr(), num_seqs, h, hkv, d, num_blocks, block_size, tables.shape[1],
+                                     d**-0.5, int(k_cache.dtype == torch.bfloat16), torch.get_num_threads()))

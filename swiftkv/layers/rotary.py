@@ -50,4 +50,5 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """:func:`apply_rotary`, in place where the CPU kernel takes it (inference, fp32): only for an
     ``x`` nobody else reads afterwards, e.g. a fresh projection's output. Returns the rotated x."""
-    return x if cpu_ops.rotary_inplace(x, cos, sin) else apply_rotary(x, cos, sin)
+    out = cpu_ops.rotary_inplace(x, cos, sin)
+    return out if out is not None else apply_rotary(x, cos, sin)

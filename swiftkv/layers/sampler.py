@@ -37,9 +37,10 @@ class Sampler:
     parameters never fail its neighbours."""
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-        """logits [M, vocab] -> one token (or error) per row."""
+        """logits [M, vocab] (left unchanged) -> one token (or error) per row."""
         params = meta.params
-        logits = logits.float()
+        edits = any(meta.blocked_ids) or any(p.has_penalties for p in params)
+        logits = logits.to(torch.float32, copy=edits)  # the caller's logits are never changed
         for r, blocked in enumerate(meta.blocked_ids):
             if ids := [t for t in blocked if 0 <= t < logits.shape[-1]]:
                 logits[r, ids] = float("-inf")

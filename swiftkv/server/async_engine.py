@@ -82,6 +82,7 @@ class AsyncEngine:
         self._requests: dict[str, _Request] = {}
         self._accepting = True
         self._stop = False
+        self._stats = self._read_stats()  # the engine thread's snapshot, replaced whole after every step
         # the engine thread runs every parallel op from here on: free this thread's OpenMP workers, or libgomp
         # (more workers than CPUs) sleeps its workers between regions and every step runs 1.4-1.9x slower
         release_openmp_threads()
@@ -123,6 +124,11 @@ class AsyncEngine:
             self._wake.set()
 
     def stats(self) -> dict:
+        """The scheduler's and KV cache's counters as the engine thread last published them (after its latest
+        step): never read across threads while a step changes them."""
+        return dict(self._stats)
+
+    def _read_stats(self) -> dict:  # engine thread (or before it starts)
         sched, bm = self.engine.scheduler, self.engine.block_manager
         return {"running": len(sched.running), "waiting": len(sched.waiting),
                 "kv_blocks_used": bm.num_used_blocks, "kv_blocks_free": bm.num_free_blocks,
@@ -159,8 +165,9 @@ class AsyncEngine:
             deliveries += self._collect(outputs, failed)
             for req, item in deliveries:
                 req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
+            self._stats = self._read_stats()  # after every step (and every add or abort)
             if deliveries or busy:
-                self.metrics.set_state(self.stats())
+                self.metrics.set_state(self._stats)
             if not busy:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()

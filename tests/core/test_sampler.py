@@ -119,3 +119,19 @@ def test_fp32_unrepresentable_penalties_are_refused():
     with pytest.raises(ValueError, match="temperature must be a finite number"):
         SamplingParams(temperature=float("inf"))
     assert SamplingParams(repetition_penalty=1e-30).repetition_penalty == 1e-30
+
+
+def test_the_pipeline_blocks_stops_then_penalises_then_reports_logprobs():
+    """vLLM v1's order in one sampler: a stop id is blocked before min_tokens, penalties apply to what is left,
+    and the logprobs (top-k through ``top_logprobs``, as prompt logprobs use) are those of the processed logits."""
+    from swiftkv.layers.sampler import top_logprobs
+
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    params = SamplingParams(temperature=0, logprobs=2, presence_penalty=1.5)
+    tokens, lps, errors = sample(logits, [params], [None], blocked=[{0}], outputs=[[1]])
+    processed = torch.log_softmax(torch.tensor([float("-inf"), 0.5, 1.0, 0.0]), -1)  # 0 blocked, 1 penalised
+    assert tokens == [2] and not errors
+    assert lps[0][0] == pytest.approx(float(processed[2]))
+    assert lps[0][1] == pytest.approx(top_logprobs(processed, 2)) and list(lps[0][1]) == [2, 1]
+    assert sample(logits, [params], [None])[0] == [0]  # nothing blocked, no output yet: the argmax
+    assert top_logprobs(processed, 0) == {}

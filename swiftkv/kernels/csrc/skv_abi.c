@@ -5,6 +5,7 @@
 #include <stdint.h>
 
 #include "skv_fused_decode.h"
+#include "skv_paged_attention.h"
 #include "skv_weight.h"
 
 #define PUT(x) if (n < cap) out[n++] = (int64_t)(x)
@@ -37,6 +38,16 @@ int64_t skv_abi_layout(int64_t which, int64_t *out, int64_t cap) {
         case 3:
             PUT(sizeof(skv_store_kv)); PUT(offsetof(skv_store_kv, norm)); PUT(offsetof(skv_store_kv, kv));
             PUT(offsetof(skv_store_kv, owners)); PUT(offsetof(skv_store_kv, n));
+            break;
+        case 4:
+            PUT(sizeof(skv_paged_attn)); PUT(offsetof(skv_paged_attn, q)); PUT(offsetof(skv_paged_attn, out));
+            PUT(offsetof(skv_paged_attn, k_cache)); PUT(offsetof(skv_paged_attn, v_cache));
+            PUT(offsetof(skv_paged_attn, block_tables)); PUT(offsetof(skv_paged_attn, q_lens));
+            PUT(offsetof(skv_paged_attn, kv_lens)); PUT(offsetof(skv_paged_attn, S)); PUT(offsetof(skv_paged_attn, H));
+            PUT(offsetof(skv_paged_attn, Hkv)); PUT(offsetof(skv_paged_attn, D));
+            PUT(offsetof(skv_paged_attn, num_blocks)); PUT(offsetof(skv_paged_attn, block_size));
+            PUT(offsetof(skv_paged_attn, max_blocks)); PUT(offsetof(skv_paged_attn, scale));
+            PUT(offsetof(skv_paged_attn, kv_bf16)); PUT(offsetof(skv_paged_attn, nthreads));
             break;
         default:
             return -1;

@@ -74,9 +74,10 @@ int skv_fused_decode_layers(const skv_layer *layers, int64_t n, const skv_step *
                 }
         }
         const int64_t esize = s->kv_bf16 ? 2 : 4;
-        rc = skv_paged_decode_attention(q, (char *)s->kv_cache + kc * esize, (char *)s->kv_cache + vc * esize,
-                                        s->block_tables, s->kv_lens, attn, M, H, Hkv, D, s->num_blocks, s->block_size,
-                                        s->max_blocks, 1.0f / sqrtf((float)D), s->kv_bf16, T);
+        const skv_paged_attn pa = {q, attn, (char *)s->kv_cache + kc * esize, (char *)s->kv_cache + vc * esize,
+                                   s->block_tables, NULL, s->kv_lens, M, H, Hkv, D, s->num_blocks, s->block_size,
+                                   s->max_blocks, 1.0f / sqrtf((float)D), s->kv_bf16, T};
+        rc = skv_paged_decode_attention(&pa);
         if (!rc) rc = skv_linear(&L->o, attn, M, y, N, g, s->gemm_bf16, T);
         if (rc) return rc;
         add_into(s->h, y, M * N);

@@ -123,10 +123,17 @@ static inline __attribute__((always_inline)) void attend_item(const float *q, co
         for (int64_t d = 0; d < D; d++) out[g * D + d] = acc[g * D + d] / total[g];
 }
 
-int skv_paged_decode_attention(const float *q, const void *k_cache, const void *v_cache, const int64_t *block_tables,
-                               const int64_t *kv_lens, float *out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
-                               int64_t num_blocks, int64_t block_size, int64_t max_blocks, float scale, int64_t kv_bf16,
-                               int nthreads) {
+int skv_paged_decode_attention(const skv_paged_attn *a) {
+    const float *q = a->q;
+    float *out = a->out;
+    const void *k_cache = a->k_cache, *v_cache = a->v_cache;
+    const int64_t *block_tables = a->block_tables, *q_lens = a->q_lens, *kv_lens = a->kv_lens;
+    const int64_t S = a->S, H = a->H, Hkv = a->Hkv, D = a->D, num_blocks = a->num_blocks, block_size = a->block_size;
+    const int64_t max_blocks = a->max_blocks, kv_bf16 = a->kv_bf16;
+    const float scale = a->scale;
+    const int nthreads = a->nthreads;
+    const int64_t B = S;
+    (void)q_lens;
     if (B < 1 || Hkv < 1 || H % Hkv || D % 8 || block_size < 1) return -1;
     const int64_t group = H / Hkv, head_stride = num_blocks * block_size * D, esize = kv_bf16 ? 2 : 4;
     int64_t longest = 0;

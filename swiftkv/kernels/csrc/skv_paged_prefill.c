@@ -161,10 +161,15 @@ static void attend_tile(const float *q, float *out, int64_t t0, int64_t nq, int6
     }
 }
 
-int skv_paged_prefill_attention(const float *q, const void *k_cache, const void *v_cache, const int64_t *block_tables,
-                                const int64_t *q_lens, const int64_t *kv_lens, float *out, int64_t S, int64_t H,
-                                int64_t Hkv, int64_t D, int64_t num_blocks, int64_t block_size, int64_t max_blocks,
-                                float scale, int64_t kv_bf16, int nthreads) {
+int skv_paged_prefill_attention(const skv_paged_attn *a) {
+    const float *q = a->q;
+    float *out = a->out;
+    const void *k_cache = a->k_cache, *v_cache = a->v_cache;
+    const int64_t *block_tables = a->block_tables, *q_lens = a->q_lens, *kv_lens = a->kv_lens;
+    const int64_t S = a->S, H = a->H, Hkv = a->Hkv, D = a->D, num_blocks = a->num_blocks, block_size = a->block_size;
+    const int64_t max_blocks = a->max_blocks, kv_bf16 = a->kv_bf16;
+    const float scale = a->scale;
+    const int nthreads = a->nthreads;
     if (S < 1 || Hkv < 1 || H % Hkv || D % 8 || block_size < 1 || block_size % 4) return -1;
     const int64_t group = H / Hkv, tile = TILE_ROWS / group > 0 ? TILE_ROWS / group : 1;
     const int64_t chunk = block_size >= CHUNK_KEYS ? block_size : CHUNK_KEYS / block_size * block_size;
