@@ -18,7 +18,6 @@ from swiftkv.config import SwiftKVConfig
 from swiftkv.models.llama import LlamaForCausalLM
 from swiftkv.models.shards import DEFAULT_SHARD_SIZE
 
-
 _SWIFTKV_FIELDS = ("swiftkv", "num_key_value_layers", "key_value_group_size", "swiftkv_adapter_rank")
 
 
@@ -121,8 +120,17 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, skv: Swif
     about one shard whatever the model's size. ``dtype`` casts floating tensors (None keeps each as stored).
     Written atomically (:func:`swiftkv.fileio.atomic_directory`), with the user's umask."""
     from swiftkv.fileio import atomic_directory
-    from swiftkv.models.loader import check_config_matches_weights, copy_side_files, load_config
-    from swiftkv.models.shards import read_tensor, tensor_index, weight_files, write_sharded
+    from swiftkv.models.loader import (
+        check_config_matches_weights,
+        copy_side_files,
+        load_config,
+    )
+    from swiftkv.models.shards import (
+        read_tensor,
+        tensor_index,
+        weight_files,
+        write_sharded,
+    )
 
     src = Path(src)
     config = load_config(src)
@@ -161,3 +169,36 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, skv: Swif
         config.dtype = str(saved.pop() if len(saved) == 1 else torch.float32).removeprefix("torch.")
         (tmp / "config.json").write_text(config.to_json_string())
     return out
+
+
+def original_checkpoint(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """The inverse of :func:`convert_checkpoint`: the original model a SwiftKV checkpoint ``src`` keeps (its teacher
+    tensors) written to ``out`` as a plain Llama/Qwen2 checkpoint (no ``*_swiftkv`` tensors, the base
+    ``model_type``) that other engines load; tensor by tensor, atomically."""
+    from swiftkv.fileio import atomic_directory
+    from swiftkv.models.loader import copy_side_files, load_config
+    from swiftkv.models.shards import (
+        read_tensor,
+        tensor_index,
+        weight_files,
+        write_sharded,
+    )
+
+    src = Path(src)
+    config = load_config(src)
+    if not getattr(config, "swiftkv", False):
+        raise ValueError(f"{src} is not a SwiftKV checkpoint: it is the original model already")
+    plain = base_hf_config(config)
+    index = {n: info for n, info in tensor_index(weight_files(src)).items() if "_swiftkv" not in n}
+    with torch.device("meta"):
+        needed = dict(LlamaForCausalLM(plain).named_parameters())  # a tied lm_head appears once
+    missing = [n for n in needed if n not in index]
+    if missing:
+        raise ValueError(f"{src} lacks the original model's tensors {missing[:3]}; other engines cannot run it")
+    with atomic_directory(Path(out), overwrite) as tmp:
+        copy_side_files(src, tmp)
+        write_sharded(tmp, {n: (i.dtype, i.shape) for n, i in index.items()}, lambda n: read_tensor(index[n], n),
+                      desc="original checkpoint")
+        plain.dtype = config.dtype
+        (tmp / "config.json").write_text(plain.to_json_string())
+    return Path(out)

@@ -354,3 +354,35 @@ def test_bench_entry_points_on_a_tiny_model(tiny_chat_model_dir, tmp_path, capsy
     assert all(s["output_tokens_per_s"] > 0 and len(s) > 5 for s in res["systems"].values())
     assert (tmp_path / "out" / "bench_custom.json").exists() and (tmp_path / "out" / "bench_custom.png").exists()
     assert "swiftkv/baseline" in capsys.readouterr().out
+
+
+def test_managed_process_logs_measures_and_stops(tmp_path):
+    """The one helper under the peers and servers: output in its log (restarts append), a live process measured,
+    a graceful stop for one that takes SIGINT, a forced one after the grace for one that ignores it."""
+    import os
+    import signal
+    import sys
+    import time
+
+    from swiftkv.bench.process import ManagedProcess
+
+    code = "import signal, sys, time; {}; print('ready', flush=True); time.sleep(60)"
+    log = tmp_path / "server.log"
+    polite = ManagedProcess("polite", [sys.executable, "-c", code.format("pass")], dict(os.environ), log,
+                            append_log=True)
+    polite.start()
+    deadline = time.monotonic() + 30
+    while "ready" not in polite.log_tail().splitlines() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert polite.running and polite.how_it_ended() is None and polite.memory()["rss"] > 0
+    polite.stop(grace_s=30)
+    assert not polite.running and polite.how_it_ended() is not None and polite.memory() == {"rss": 0, "peak": 0}
+    stubborn = ManagedProcess("stubborn", [sys.executable, "-c", code.format(
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)")], dict(os.environ), log, append_log=True)
+    stubborn.start()
+    while log.read_text().splitlines().count("ready") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = time.monotonic()
+    stubborn.stop(grace_s=0.5)
+    assert stubborn.how_it_ended() == f"signal {signal.SIGKILL.name}" and time.monotonic() - started < 20
+    assert log.read_text().count("==== ") == 2  # each start marked, the first run's output kept

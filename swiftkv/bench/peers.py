@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -21,9 +19,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from swiftkv.bench.env import KV_CACHE_GIB, log_tail, tree_memory
+from swiftkv.bench.env import KV_CACHE_GIB
 from swiftkv.bench.interleave import SystemFailed
 from swiftkv.bench.peer_worker import TAG
+from swiftkv.bench.process import ManagedProcess
 
 PEER_TIMEOUT_S = float(os.environ.get("SWIFTKV_BENCH_PEER_TIMEOUT_S", "3600"))  # a start or run longer: hung
 _MODULES = {"vllm": "vllm", "vllm-swiftkv": "vllm", "llama.cpp": "llama_cpp"}
@@ -83,14 +82,12 @@ class Peer:
         started = time.perf_counter()
         worker = Path(__file__).with_name("peer_worker.py")
         log = Path(log_dir or tempfile.gettempdir()) / f"swiftkv-peer-{self.name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log
-        self._log = open(log, "w")
-        self.proc = subprocess.Popen(
-            [python, str(worker), backend, model, "--threads", str(threads), "--max-model-len", str(max_model_len),
-             "--max-num-seqs", str(max_num_seqs), "--dtype", dtype] + (["--prefix-caching"] if prefix_caching else []),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
-            env=_peer_env(backend, python, threads))
+        self.process = ManagedProcess(
+            self.name, [python, str(worker), backend, model, "--threads", str(threads), "--max-model-len",
+                        str(max_model_len), "--max-num-seqs", str(max_num_seqs), "--dtype", dtype]
+            + (["--prefix-caching"] if prefix_caching else []), _peer_env(backend, python, threads), log, pipes=True)
+        self.proc = self.process.start()
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True, name=f"peer-{self.name}").start()
         try:
@@ -112,8 +109,7 @@ class Peer:
         self._lines.put(None)
 
     def _failure(self, what: str) -> SystemFailed:
-        self._log.flush()
-        return SystemFailed(f"{self.name} {what}; log {self.log_path}, last lines:\n{log_tail(self.log_path)}")
+        return SystemFailed(f"{self.name} {what}; log {self.log_path}, last lines:\n{self.process.log_tail()}")
 
     def _read(self) -> dict:
         deadline = time.monotonic() + self.timeout_s
@@ -121,16 +117,14 @@ class Peer:
             try:
                 line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                self.proc.kill()
-                self.proc.wait()
+                self.process.kill()
                 raise self._failure(f"did not answer within {self.timeout_s:.0f} s and was killed") from None
             if line is None:
-                code = self.proc.wait()
-                how = f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
-                raise self._failure(f"exited ({how})")
+                self.proc.wait()
+                raise self._failure(f"exited ({self.process.how_it_ended()})")
             if line.startswith(TAG):
                 return json.loads(line[len(TAG):])
-            self._log.write(line)  # the peer's own logging may share stdout
+            self.process.log(line)  # the peer's own logging may share stdout
 
     def run(self, prompts: list[list[int]], max_tokens: int) -> dict:
         try:
@@ -145,19 +139,10 @@ class Peer:
 
     def memory(self) -> dict[str, int]:
         """Resident and peak bytes of the peer's processes (vLLM runs its engine in a child process)."""
-        return tree_memory(self.proc.pid)
+        return self.process.memory()
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self._log.close()
+        self.process.stop(grace_s=60)
 
 
 @dataclass
@@ -218,35 +203,17 @@ def gguf_for(model_dir: Path, gguf: tuple[str, ...] | str | None) -> list[Path]:
 
 
 def plain_checkpoint(model_dir: Path) -> Path:
-    """The original model of a SwiftKV checkpoint as a plain Llama/Qwen2 directory (no ``*_swiftkv``
-    tensors, base ``model_type``) that other engines load; built once in the cache, tensor by tensor."""
-    import torch
+    """The original model of a SwiftKV checkpoint as a plain Llama/Qwen2 directory that other engines load
+    (:func:`swiftkv.transform.original_checkpoint`), built once in the cache; other checkpoints as they are."""
+    from swiftkv.fileio import cache_dir, stamp_matches, write_stamp
+    from swiftkv.models.loader import load_config
+    from swiftkv.transform import original_checkpoint
 
-    from swiftkv.fileio import atomic_directory, cache_dir, stamp_matches, write_stamp
-    from swiftkv.models.llama import LlamaForCausalLM
-    from swiftkv.models.loader import copy_side_files, load_config
-    from swiftkv.models.shards import read_tensor, tensor_index, weight_files, write_sharded
-    from swiftkv.transform import base_hf_config
-
-    config = load_config(model_dir)
-    if not getattr(config, "swiftkv", False):
+    if not getattr(load_config(model_dir), "swiftkv", False):
         return model_dir
     out = cache_dir() / "bench" / f"{model_dir.name}-plain"
     stamp = f"{model_dir.resolve()} {os.stat(model_dir / 'config.json').st_mtime_ns}"
-    if stamp_matches(out, stamp):
-        return out
-    plain = base_hf_config(config)
-    index = {n: info for n, info in tensor_index(weight_files(model_dir)).items() if "_swiftkv" not in n}
-    with torch.device("meta"):
-        needed = dict(LlamaForCausalLM(plain).named_parameters())  # a tied lm_head appears once
-    missing = [n for n in needed if n not in index]
-    if missing:
-        raise ValueError(f"{model_dir} lacks the original model's tensors {missing[:3]}; other engines cannot run it")
-    with atomic_directory(out, overwrite=True) as tmp:
-        copy_side_files(model_dir, tmp)
-        write_sharded(tmp, {n: (i.dtype, i.shape) for n, i in index.items()}, lambda n: read_tensor(index[n], n),
-                      desc="plain checkpoint")
-        plain.dtype = config.dtype
-        (tmp / "config.json").write_text(plain.to_json_string())
-    write_stamp(out, stamp)
+    if not stamp_matches(out, stamp):
+        original_checkpoint(model_dir, out, overwrite=True)
+        write_stamp(out, stamp)
     return out

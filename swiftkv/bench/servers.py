@@ -6,7 +6,6 @@ threads and KV cache space, the port, and a served name."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,9 +13,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from swiftkv.bench.env import KV_CACHE_GIB, log_tail, tree_memory
+from swiftkv.bench.env import KV_CACHE_GIB
 from swiftkv.bench.online import import_httpx
 from swiftkv.bench.peers import _peer_env, find_peer_python, gguf_for, plain_checkpoint
+from swiftkv.bench.process import ManagedProcess
 
 SERVER_KINDS = ("swiftkv", "swiftkv-baseline", "vllm", "vllm-swiftkv", "llama-server")
 SERVED_NAME = "model"  # what every request names
@@ -39,6 +39,7 @@ class Server:
     port: int
     info: dict = field(default_factory=dict)  # version, dtype, model, flags
     proc: subprocess.Popen | None = None
+    process: ManagedProcess | None = None
     log_path: Path | None = None
     ready_s: float | None = None
 
@@ -47,25 +48,21 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, log_dir: Path) -> None:
-        log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"server-{self.name}.log"
-        with open(self.log_path, "a") as log:  # the child keeps its own descriptor; restarts append
-            log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(self.argv)}\n")
-            log.flush()
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                         start_new_session=True)
-        self._started = time.perf_counter()
+        self.process = ManagedProcess(self.name, self.argv, self.env, self.log_path, append_log=True)  # restarts append
+        self.proc = self.process.start()
 
     def wait_ready(self, timeout: float = 900.0) -> None:
         """Until ``/v1/models`` answers; ``RuntimeError`` with the log's tail if the process dies or times out."""
         httpx = import_httpx()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} while starting:\n{self.log_tail()}")
+            if not self.process.running:
+                raise RuntimeError(f"{self.name} exited ({self.process.how_it_ended()}) while starting:\n"
+                                   f"{self.log_tail()}")
             try:
                 if httpx.get(self.url + "/v1/models", timeout=2).status_code == 200:
-                    self.ready_s = time.perf_counter() - self._started
+                    self.ready_s = time.perf_counter() - self.process.started_at
                     return
             except httpx.HTTPError:
                 pass
@@ -74,24 +71,15 @@ class Server:
         raise RuntimeError(f"{self.name} did not answer within {timeout:.0f} s:\n{self.log_tail()}")
 
     def log_tail(self, n: int = 15) -> str:
-        return log_tail(self.log_path, n)
+        return self.process.log_tail(n)
 
     def memory(self) -> dict[str, int]:
-        return tree_memory(self.proc.pid) if self.proc and self.proc.poll() is None else {"rss": 0, "peak": 0}
+        return self.process.memory() if self.process is not None else {"rss": 0, "peak": 0}
 
     def stop(self) -> None:
         """SIGINT to the process group (a graceful shutdown), SIGKILL after 30 s."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.proc.pid, sig)
-                self.proc.wait(timeout=wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-            except ProcessLookupError:
-                return
+        if self.process is not None:
+            self.process.stop(grace_s=30)
 
 
 def _version(argv: list[str]) -> str:

@@ -8,57 +8,65 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
 
 from swiftkv.outputs import CompletionOutput
-from swiftkv.server.async_engine import AsyncEngine, EngineDeadError, OutputMailbox, QueueFullError
-from swiftkv.server.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, error_body
 from swiftkv.server import responses as R
+from swiftkv.server.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    OutputMailbox,
+    QueueFullError,
+)
 from swiftkv.server.auth import ApiKeyGate, authorized
 from swiftkv.server.body_limit import BodySizeLimit
+from swiftkv.server.errors import ERRORS, APIError, add_error_handlers
+from swiftkv.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
 from swiftkv.server.tokenize import TokenizerLanes
 
 MAX_REQUEST_BYTES = 4 << 20  # default body limit (413 above it)
-# what the OpenAPI document lists for the /v1 routes (every error has OpenAI's error body)
-ERRORS = {code: {"model": ErrorResponse, "description": what} for code, what in {
-    400: "invalid request (the message names the field)", 401: "missing or wrong API key",
-    404: "unknown model", 413: "request body too large", 429: "server busy: retry after Retry-After seconds",
-    500: "generation failed", 503: "server shutting down", 504: "request timed out"}.items()}
+@dataclass(frozen=True)
+class ServerConfig:
+    """What the routes read from ``app.state.config`` (the engine and the tokenizer lanes are ``app.state.engine``
+    and ``app.state.lanes``, started and stopped in the app's lifespan)."""
 
+    llm: object  # swiftkv.llm.LLM
+    model_name: str
+    api_key: str | None
+    max_waiting: int
+    request_timeout: float
+    shutdown_grace: float
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 headers: dict | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
+    @property
+    def card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "swiftkv",
+                "max_model_len": self.llm.engine.max_model_len}
 
 
 def build_app(llm, model_name: str, api_key: str | None = None, max_waiting: int = 256,
               request_timeout: float = 600.0, shutdown_grace: float = 30.0, enable_docs: bool | None = None,
               max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
-    """The ASGI app over an :class:`~swiftkv.llm.LLM` (its engine runs in a background thread).
+    """The ASGI app over an :class:`~swiftkv.llm.LLM`: its engine runs in a background thread from the app's
+    startup to its shutdown (the lifespan), the routes (:data:`router`) read ``app.state``.
 
     ``/docs`` and ``/openapi.json`` are served unless an ``api_key`` is set (then only with
     ``enable_docs=True``). Bodies over ``max_request_bytes`` get a 413 before they are parsed.
     """
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key is empty (an unset shell variable?); give a non-empty --api-key, or none")
-    engine = AsyncEngine(llm.engine, max_waiting=max_waiting)
-    tokenizer = llm.tokenizer
-    max_model_len = llm.engine.max_model_len
-    # tokenizing a long prompt takes a while: off the event loop, so /health and streams stay responsive, and in
-    # two lanes, so long prompts never hold up short ones
-    lanes = TokenizerLanes(tokenizer, max_model_len)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        app.state.engine = AsyncEngine(llm.engine, max_waiting=max_waiting)
+        # tokenizing a long prompt takes a while: off the event loop, so /health and streams stay responsive, and
+        # in two lanes, so long prompts never hold up short ones
+        app.state.lanes = TokenizerLanes(llm.tokenizer, llm.engine.max_model_len)
         yield
-        await engine.shutdown(shutdown_grace)
-        lanes.shutdown()
+        await app.state.engine.shutdown(shutdown_grace)
+        app.state.lanes.shutdown()
 
     docs = enable_docs if enable_docs is not None else api_key is None
     app = FastAPI(title="swiftkv", lifespan=lifespan, docs_url="/docs" if docs else None, redoc_url=None,
@@ -68,120 +76,116 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_waiting: int
     app.add_middleware(ApiKeyGate, api_key=api_key,
                        open_paths=frozenset({"/health"} | ({"/docs", "/docs/oauth2-redirect", "/openapi.json"}
                                                            if docs else set())))
-    app.state.engine, app.state.tokenizer = engine, tokenizer
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, e: APIError):
-        return JSONResponse(error_body(e.message, e.type, e.param), status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException):
-        msg = "request body is not valid UTF-8 JSON" if "parsing the body" in str(e.detail) else str(e.detail)
-        return JSONResponse(error_body(msg), status_code=e.status_code, headers=getattr(e, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, e: RequestValidationError):
-        err = e.errors()[0] if e.errors() else {}
-        loc = [str(x) for x in err.get("loc", []) if x != "body"]
-        if err.get("type") == "json_invalid":
-            return JSONResponse(error_body(f"malformed JSON body: {err.get('msg', '')}"), status_code=400)
-        field = ".".join(loc) or None
-        text = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-        if not field and err.get("type") == "model_attributes_type":
-            text = "the request body must be a JSON object"
-        msg = f"{field}: {text}" if field else text
-        return JSONResponse(error_body(msg, param=field), status_code=400)
-
-    def check_model(name: str) -> None:
-        if name != model_name:
-            raise APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}", "not_found_error",
-                           "model")
-
-    @app.get("/health")
-    async def health(request: Request):
-        """Liveness for anyone; the engine's counters (prefix-cache hits among them) only with the key, if set."""
-        if not authorized(dict(request.scope["headers"]), api_key):
-            return {"status": "ok"}
-        return {"status": "ok", **engine.stats()}
-
-    @app.get("/metrics")
-    async def metrics():
-        engine.metrics.set_state(engine.stats())
-        return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4")
-
-    card = {"id": model_name, "object": "model", "created": 0, "owned_by": "swiftkv", "max_model_len": max_model_len}
-
-    @app.get("/v1/models", responses=ERRORS)
-    async def models():
-        return {"object": "list", "data": [card]}
-
-    @app.get("/v1/models/{model_id:path}", responses=ERRORS)
-    async def model_card(model_id: str):
-        check_model(model_id)
-        return card
-
-    def encode(tok, prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise APIError(400, "prompt is empty", param="prompt")
-            return tok.encode(prompt)
-        return list(prompt)
-
-    def prompt_chars(chars: int, param: str) -> int:
-        """``chars``, after refusing a prompt that long (400) before it is tokenized: no text that long fits."""
-        if (why := lanes.too_long(chars)) is not None:
-            raise APIError(400, why, param=param)
-        return chars
-
-    def check_admissible(num_requests: int) -> None:
-        most = max_waiting + llm.engine.scheduler.max_num_seqs
-        if num_requests > most:
-            raise APIError(400, f"this request needs {num_requests} sequences (prompts x n) but the server admits at "
-                           f"most {most} at once (--max-waiting {max_waiting} + max_num_seqs); split it", param="n")
-
-    @app.post("/v1/completions", responses=ERRORS)
-    async def completions(req: CompletionRequest, request: Request):
-        arrival = time.monotonic()  # TTFT counts from here, tokenization included (as the client sees it)
-        check_model(req.model)
-        params = _params(req)
-        prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) else [req.prompt]
-        if not prompts:
-            raise APIError(400, "prompt is empty", param="prompt")
-        check_admissible(len(prompts) * req.n)
-        lengths = [len(p) for p in prompts if isinstance(p, str)]
-        prompt_chars(max(lengths, default=0), "prompt")  # each prompt must fit on its own
-        jobs = await lanes.run(sum(lengths), lambda tok: [(encode(tok, p), p if isinstance(p, str) else None)
-                                                          for p in prompts])
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        stream = _run(engine, rid, jobs, params, request, request_timeout, arrival, req.cache_salt)
-        if req.stream:
-            first = await _first(stream)
-            return _sse(R.completion_chunks(rid, model_name, first, stream, tokenizer, req, jobs))
-        outs = [o async for o in stream]
-        return R.completion_response(rid, model_name, outs, tokenizer, jobs)
-
-    @app.post("/v1/chat/completions", responses=ERRORS)
-    async def chat(req: ChatCompletionRequest, request: Request):
-        arrival = time.monotonic()
-        check_model(req.model)
-        params = _params(req)
-        check_admissible(req.n)
-        conversation = req.conversation()
-        chars = prompt_chars(sum(len(str(m.get("content") or "")) for m in conversation), "messages")
-        try:
-            ids = list(await lanes.run(chars, lambda tok: tok.apply_chat_template(
-                conversation, add_generation_prompt=True, tokenize=True, return_dict=False)))
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from e
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = _run(engine, rid, [(ids, None)], params, request, request_timeout, arrival, req.cache_salt)
-        if req.stream:
-            first = await _first(stream)
-            return _sse(R.chat_chunks(rid, model_name, first, stream, tokenizer, req, len(ids)))
-        outs = [o async for o in stream]
-        return R.chat_response(rid, model_name, outs, tokenizer, len(ids))
-
+    app.state.config = ServerConfig(llm, model_name, api_key, max_waiting, request_timeout, shutdown_grace)
+    app.state.tokenizer = llm.tokenizer
+    add_error_handlers(app)
+    app.include_router(router)
     return app
+
+
+router = APIRouter()
+
+
+def _check_model(config: ServerConfig, name: str) -> None:
+    if name != config.model_name:
+        raise APIError(404, f"model {name!r} does not exist; this server serves {config.model_name!r}",
+                       "not_found_error", "model")
+
+
+@router.get("/health")
+async def health(request: Request):
+    """Liveness for anyone; the engine's counters (prefix-cache hits among them) only with the key, if set."""
+    if not authorized(dict(request.scope["headers"]), request.app.state.config.api_key):
+        return {"status": "ok"}
+    return {"status": "ok", **request.app.state.engine.stats()}
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    engine = request.app.state.engine
+    engine.metrics.set_state(engine.stats())
+    return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+@router.get("/v1/models", responses=ERRORS)
+async def models(request: Request):
+    return {"object": "list", "data": [request.app.state.config.card]}
+
+
+@router.get("/v1/models/{model_id:path}", responses=ERRORS)
+async def model_card(model_id: str, request: Request):
+    _check_model(request.app.state.config, model_id)
+    return request.app.state.config.card
+
+
+def _encode(tok, prompt) -> list[int]:
+    if isinstance(prompt, str):
+        if not prompt:
+            raise APIError(400, "prompt is empty", param="prompt")
+        return tok.encode(prompt)
+    return list(prompt)
+
+
+def _prompt_chars(lanes: TokenizerLanes, chars: int, param: str) -> int:
+    """``chars``, after refusing a prompt that long (400) before it is tokenized: no text that long fits."""
+    if (why := lanes.too_long(chars)) is not None:
+        raise APIError(400, why, param=param)
+    return chars
+
+
+def _check_admissible(config: ServerConfig, num_requests: int) -> None:
+    most = config.max_waiting + config.llm.engine.scheduler.max_num_seqs
+    if num_requests > most:
+        raise APIError(400, f"this request needs {num_requests} sequences (prompts x n) but the server admits at "
+                       f"most {most} at once (--max-waiting {config.max_waiting} + max_num_seqs); split it", param="n")
+
+
+@router.post("/v1/completions", responses=ERRORS)
+async def completions(req: CompletionRequest, request: Request):
+    arrival = time.monotonic()  # TTFT counts from here, tokenization included (as the client sees it)
+    state = request.app.state
+    config, lanes, tokenizer = state.config, state.lanes, state.tokenizer
+    _check_model(config, req.model)
+    params = _params(req)
+    prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) else [req.prompt]
+    if not prompts:
+        raise APIError(400, "prompt is empty", param="prompt")
+    _check_admissible(config, len(prompts) * req.n)
+    lengths = [len(p) for p in prompts if isinstance(p, str)]
+    _prompt_chars(lanes, max(lengths, default=0), "prompt")  # each prompt must fit on its own
+    jobs = await lanes.run(sum(lengths), lambda tok: [(_encode(tok, p), p if isinstance(p, str) else None)
+                                                      for p in prompts])
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    stream = _run(state.engine, rid, jobs, params, request, config.request_timeout, arrival, req.cache_salt)
+    if req.stream:
+        first = await _first(stream)
+        return _sse(R.completion_chunks(rid, config.model_name, first, stream, tokenizer, req, jobs))
+    outs = [o async for o in stream]
+    return R.completion_response(rid, config.model_name, outs, tokenizer, jobs)
+
+
+@router.post("/v1/chat/completions", responses=ERRORS)
+async def chat(req: ChatCompletionRequest, request: Request):
+    arrival = time.monotonic()
+    state = request.app.state
+    config, lanes, tokenizer = state.config, state.lanes, state.tokenizer
+    _check_model(config, req.model)
+    params = _params(req)
+    _check_admissible(config, req.n)
+    conversation = req.conversation()
+    chars = _prompt_chars(lanes, sum(len(str(m.get("content") or "")) for m in conversation), "messages")
+    try:
+        ids = list(await lanes.run(chars, lambda tok: tok.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True, return_dict=False)))
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages") from e
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    stream = _run(state.engine, rid, [(ids, None)], params, request, config.request_timeout, arrival, req.cache_salt)
+    if req.stream:
+        first = await _first(stream)
+        return _sse(R.chat_chunks(rid, config.model_name, first, stream, tokenizer, req, len(ids)))
+    outs = [o async for o in stream]
+    return R.chat_response(rid, config.model_name, outs, tokenizer, len(ids))
 
 
 def _params(req):
