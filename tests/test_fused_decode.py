@@ -132,3 +132,44 @@ def test_fused_decoder_applies_only_where_it_can(monkeypatch):
     assert _fused(_compact_model("llama", 3, 1), switches=KernelSwitches(paged_attention=False)) is None
     monkeypatch.setenv("SWIFTKV_CPU_OPS", "0")  # one of the kernels it is made of
     assert fused_kernels.library() is None
+
+
+@needs_fused
+def test_a_fused_call_runs_in_one_parallel_region(monkeypatch):
+    """Each fused call (a run of layers, SingleInputKV's store) opens one OpenMP region for all its kernels, its
+    threads (explicit slots) meeting at spin barriers between dependent ops -- not a region per kernel call
+    (~10 per layer), whose sleeping workers a second OpenMP pool used to make 1.4-1.9x slower. Counted by the
+    library itself; the greedy output is checked against the full-sequence model by the tests above."""
+    import torch
+
+    from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
+    from swiftkv.sampling_params import SamplingParams
+
+    regions = fused_kernels.parallel_regions
+    model = _compact_model("llama", 3, 1)
+    model.prepare_for_inference()
+    engine = LLMEngine(model, config=EngineConfig(kv_cache_memory=4 << 20, block_size=4))
+    assert engine.runner.fused is not None
+    opened = []
+    for name in ("run_layers", "store_swiftkv"):
+        real = getattr(fused_decode.FusedDecoder, name)
+
+        def counted(self, *a, _real=real, **kw):
+            before = regions()
+            out = _real(self, *a, **kw)
+            opened.append(regions() - before)
+            return out
+
+        monkeypatch.setattr(fused_decode.FusedDecoder, name, counted)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))  # a team of at least two slots, even on a one-core runner
+    try:
+        for rows in (1, 6):  # gemv and the panel GEMM
+            opened.clear()
+            for i in range(rows):
+                engine.add_request([5 + i, 9, 17, 3], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+            while engine.has_unfinished_requests():
+                engine.step()
+            assert opened and all(n == 1 for n in opened), opened  # (two runs of layers and a store per step)
+    finally:
+        torch.set_num_threads(threads)

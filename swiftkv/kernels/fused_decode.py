@@ -43,6 +43,7 @@ _BINDING = build.Binding({
     "skv_fused_decode_scratch_floats": (_I64, [_I64] * 6),
     "skv_fused_decode_store_kv": (ctypes.c_int, [ctypes.POINTER(CStoreKV), ctypes.POINTER(CStep)]),
     "skv_fused_decode_store_kv_scratch_floats": (_I64, [_I64] * 3),
+    "skv_parallel_regions": (_I64, []),
 }, structs={1: CLayer, 2: CStep, 3: CStoreKV})
 
 
@@ -64,6 +65,12 @@ def run_layers(layers: ctypes.Array, start: int, end: int, step: CStep) -> None:
 def store_kv(store: CStoreKV, step: CStep) -> None:
     """SingleInputKV's K/V of every later KV owner from ``step.h`` into the paged cache."""
     _check(library().skv_fused_decode_store_kv(ctypes.byref(store), ctypes.byref(step)))
+
+
+def parallel_regions() -> int:
+    """How many OpenMP regions the library's kernels have opened so far (a fused call opens one for all of its
+    kernels; each kernel called alone opens its own)."""
+    return library().skv_parallel_regions()
 
 
 def layers_scratch_floats(m: int, hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int) -> int:

@@ -6,7 +6,12 @@
 
 #include "skv_fused_decode.h"
 #include "skv_paged_attention.h"
+#include "skv_team.h"
 #include "skv_weight.h"
+
+atomic_llong skv_regions_opened = 0;
+
+int64_t skv_parallel_regions(void) { return atomic_load(&skv_regions_opened); }
 
 #define PUT(x) if (n < cap) out[n++] = (int64_t)(x)
 

@@ -1,7 +1,8 @@
 /* The elementwise ops of a decoder layer, one pass each (see swiftkv/kernels/elementwise.py): fp32 or bf16 rows
- * (bf16: widened exactly, computed in fp32, rounded once to nearest even on the way out), AVX2 + FMA, rows split
- * across OpenMP threads. In PyTorch each is 3-6 ops with their temporaries (and, in bf16, a rounding per op). */
+ * (bf16: widened exactly, computed in fp32, rounded once to nearest even on the way out), AVX2 + FMA, the work
+ * split across a team's slots (the `_part` functions). In PyTorch each is 3-6 ops with their temporaries (and, in bf16, a rounding per op). */
 #include <math.h>
+#include <omp.h>
 
 #include "skv_elementwise.h"
 #include "skv_vec.h"
@@ -18,13 +19,9 @@ static inline void store8(void *base, int64_t i, __m256 v, int bf16) {
         _mm256_storeu_ps((float *)base + i, v);
 }
 
-/* out[m] = x[m] / sqrt(mean(x[m]^2) + eps) * w, for x, out [M, N] (rows `stride` apart in x), N % 8 == 0;
- * x and out fp32, or bf16 with `bf16` (w always fp32) */
-int skv_rms_norm(const void *x, int64_t stride, const float *w, void *out, int64_t M, int64_t N, float eps,
-                 int nthreads, int bf16) {
-    if (N % 8) return -1;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (M > 1)
-    for (int64_t m = 0; m < M; m++) {
+void skv_rms_norm_part(const void *x, int64_t stride, const float *w, void *out, int64_t N, float eps, int bf16,
+                       int64_t m_lo, int64_t m_hi) {
+    for (int64_t m = m_lo; m < m_hi; m++) {
         __m256 ss = _mm256_setzero_ps();
         for (int64_t i = 0; i < N; i += 8) {
             __m256 v = load8(x, m * stride + i, bf16);
@@ -35,42 +32,62 @@ int skv_rms_norm(const void *x, int64_t stride, const float *w, void *out, int64
             store8(out, m * N + i, _mm256_mul_ps(_mm256_mul_ps(load8(x, m * stride + i, bf16), r),
                                                  _mm256_loadu_ps(w + i)), bf16);
     }
-    return 0;
 }
 
-/* out[m, i] = silu(gate[m, i]) * up[m, i] for gate, up [M, I] (rows `ld` apart in both), out [M, I], I % 8 == 0;
- * all fp32, or all bf16 with `bf16` */
-int skv_silu_and_mul(const void *gate, const void *up, int64_t ld, void *out, int64_t M, int64_t I, int nthreads,
-                     int bf16) {
-    if (I % 8) return -1;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (M * I > 16384)
+void skv_silu_and_mul_part(const void *gate, const void *up, int64_t ld, void *out, int64_t M, int64_t I, int bf16,
+                           int64_t i_lo, int64_t i_hi) {
     for (int64_t m = 0; m < M; m++)
-        for (int64_t i = 0; i < I; i += 8) {
+        for (int64_t i = i_lo; i < i_hi; i += 8) {
             const __m256 g = load8(gate, m * ld + i, bf16), u = load8(up, m * ld + i, bf16);
             const __m256 e = skv_vexp(_mm256_sub_ps(_mm256_setzero_ps(), g)); /* silu(g) = g / (1 + e^-g) */
             store8(out, m * I + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u), bf16);
         }
+}
+
+void skv_rotary_part(void *x, int64_t heads, int64_t D, int64_t stride, const float *cos, const float *sin, int bf16,
+                     int64_t p_lo, int64_t p_hi) {
+    const int64_t h = D / 2;
+    for (int64_t p = p_lo; p < p_hi; p++) {
+        const int64_t n = p / heads, hd = p % heads;
+        const float *c = cos + n * D, *s = sin + n * D;
+        const int64_t a = n * stride + hd * D, b = a + h; /* element offsets of the two halves */
+        for (int64_t i = 0; i < h; i += 8) {
+            const __m256 x1 = load8(x, a + i, bf16), x2 = load8(x, b + i, bf16);
+            store8(x, a + i, _mm256_fnmadd_ps(x2, _mm256_loadu_ps(s + i), _mm256_mul_ps(x1, _mm256_loadu_ps(c + i))), bf16);
+            store8(x, b + i, _mm256_fmadd_ps(x1, _mm256_loadu_ps(s + h + i), _mm256_mul_ps(x2, _mm256_loadu_ps(c + h + i))), bf16);
+        }
+    }
+}
+
+/* the public calls: one region each, the work split by skv_team_range */
+#define TEAM_REGION(BODY) /* over T threads */                                                                        \
+    _Pragma("omp parallel num_threads(T)") {                                                        \
+        const skv_team t = {omp_get_thread_num(), omp_get_num_threads(), NULL};                           \
+        if (t.ith == 0) SKV_COUNT_REGION();                                                               \
+        int64_t lo, hi;                                                                                   \
+        BODY                                                                                              \
+    }
+
+int skv_rms_norm(const void *x, int64_t stride, const float *w, void *out, int64_t M, int64_t N, float eps,
+                 int nthreads, int bf16) {
+    if (N % 8) return -1;
+    const int T = M > 1 ? nthreads : 1;
+    TEAM_REGION(skv_team_range(&t, M, 1, &lo, &hi); skv_rms_norm_part(x, stride, w, out, N, eps, bf16, lo, hi);)
     return 0;
 }
 
-/* Rotary embedding in place on the first `heads` heads of each token's row of x (rows `stride` floats
- * apart, head_dim D, D % 16 == 0): with h = D / 2, x[:h], x[h:] <- x[:h] cos[:h] - x[h:] sin[:h],
- * x[h:] cos[h:] + x[:h] sin[h:]; cos, sin [N, D] (transformers' rotate_half convention). */
+int skv_silu_and_mul(const void *gate, const void *up, int64_t ld, void *out, int64_t M, int64_t I, int nthreads,
+                     int bf16) {
+    if (I % 8) return -1;
+    const int T = M * I > 16384 ? nthreads : 1;
+    TEAM_REGION(skv_team_range(&t, I, 8, &lo, &hi); skv_silu_and_mul_part(gate, up, ld, out, M, I, bf16, lo, hi);)
+    return 0;
+}
+
 int skv_rotary_inplace(void *x, int64_t N, int64_t heads, int64_t D, int64_t stride, const float *cos,
                        const float *sin, int nthreads, int bf16) {
     if (D % 16) return -1;
-    const int64_t h = D / 2;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (N * heads * D > 16384)
-    for (int64_t n = 0; n < N; n++) {
-        const float *c = cos + n * D, *s = sin + n * D;
-        for (int64_t hd = 0; hd < heads; hd++) {
-            const int64_t a = n * stride + hd * D, b = a + h; /* element offsets of the two halves */
-            for (int64_t i = 0; i < h; i += 8) {
-                const __m256 x1 = load8(x, a + i, bf16), x2 = load8(x, b + i, bf16);
-                store8(x, a + i, _mm256_fnmadd_ps(x2, _mm256_loadu_ps(s + i), _mm256_mul_ps(x1, _mm256_loadu_ps(c + i))), bf16);
-                store8(x, b + i, _mm256_fmadd_ps(x1, _mm256_loadu_ps(s + h + i), _mm256_mul_ps(x2, _mm256_loadu_ps(c + h + i))), bf16);
-            }
-        }
-    }
+    const int T = N * heads * D > 16384 ? nthreads : 1;
+    TEAM_REGION(skv_team_range(&t, N * heads, 1, &lo, &hi); skv_rotary_part(x, heads, D, stride, cos, sin, bf16, lo, hi);)
     return 0;
 }

@@ -3,14 +3,14 @@
  * own, L1/L2 resident; fp32 weights are read in place); a 3 x 4 register tile (12 accumulators; 4 panel
  * and 3 input loads per 12 FMAs, horizontal sums once per tile) then runs over every input row.
  * Weights are read from memory in their held form once per call, so at batch 8-64 the work is the
- * FMAs, not the bytes. AVX2 + FMA; panels split across OpenMP threads. */
+ * FMAs, not the bytes. AVX2 + FMA; panels split across the team's slots (skv_gemm_part). */
 #include <stdlib.h>
 
 #include "skv_dequant.h"
 #include "skv_gemm.h"
 #include "skv_vec.h"
 
-#define NR 8 /* output rows per panel (widened, row-major: 8 x I floats, L1/L2 resident) */
+#define NR SKV_GEMM_PANEL /* output rows per panel (widened, row-major: 8 x I floats, L1/L2 resident) */
 #define MR 3 /* input rows per micro-tile */
 #define OR 4 /* output rows per micro-tile: MR x OR = 12 accumulators */
 
@@ -54,29 +54,20 @@ static void panel_times_rows(const float *x, int64_t M, int64_t I, const float *
     }
 }
 
-int skv_gemm(const skv_weight *w, const float *x, int64_t M, float *y, int64_t ldy, int nthreads) {
+int skv_gemm_part(const skv_weight *w, const float *x, int64_t M, float *y, int64_t ldy, int64_t o_lo,
+                  int64_t o_hi) {
     const int64_t I = w->in_features, O = w->out_features;
-    if (skv_weight_check(w) || M < 1 || ldy < O) return -1;
-    const int64_t panels = (O + NR - 1) / NR;
+    if (skv_weight_check(w) || M < 1 || ldy < O || o_lo % NR) return -1;
+    if (o_lo >= o_hi) return 0;
     const int dense = w->kind == SKV_F32; /* fp32 rows are a panel already */
-    int failed = 0;
-#pragma omp parallel num_threads(nthreads)
-    {
-        float *P = dense ? NULL : aligned_alloc(64, ((sizeof(float) * I * NR + 63) / 64) * 64); /* [NR, I] */
-        if (!dense && !P) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (int64_t p = 0; p < panels; p++) {
-            if (!dense && !P) continue;
-            const int64_t o0 = p * NR;
-            const int rows = O - o0 < NR ? (int)(O - o0) : NR;
-            const float *panel = dense ? (const float *)w->q + o0 * I : P;
-            for (int j = 0; j < rows && !dense; j++) skv_dequant_row(w, o0 + j, P + j * I);
-            panel_times_rows(x, M, I, panel, y + o0, ldy, rows);
-        }
-        free(P);
+    float *P = dense ? NULL : aligned_alloc(64, ((sizeof(float) * I * NR + 63) / 64) * 64); /* [NR, I] */
+    if (!dense && !P) return -2;
+    for (int64_t o0 = o_lo; o0 < o_hi; o0 += NR) {
+        const int rows = o_hi - o0 < NR ? (int)(o_hi - o0) : NR;
+        const float *panel = dense ? (const float *)w->q + o0 * I : P;
+        for (int j = 0; j < rows && !dense; j++) skv_dequant_row(w, o0 + j, P + j * I);
+        panel_times_rows(x, M, I, panel, y + o0, ldy, rows);
     }
-    return failed ? -2 : 0;
+    free(P);
+    return 0;
 }

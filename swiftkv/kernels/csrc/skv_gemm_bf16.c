@@ -13,7 +13,7 @@
 
 #if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
 #define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-#define NR 8 /* output rows per panel */
+#define NR SKV_GEMM_PANEL /* output rows per panel */
 #define MR 3 /* input rows per micro-tile */
 #define OR 4 /* output rows per micro-tile: MR x OR = 12 accumulators */
 
@@ -65,43 +65,35 @@ BF16_TARGET static void panel_times_rows(const uint16_t *x, int64_t M, int64_t I
     }
 }
 
-BF16_TARGET int skv_gemm_bf16(const skv_weight *w, const float *x, int64_t M, float *y, int64_t ldy, int nthreads) {
+BF16_TARGET int skv_gemm_bf16_part(const skv_weight *w, const float *x, int64_t M, float *y, int64_t ldy,
+                                   int64_t o_lo, int64_t o_hi) {
     const int64_t I = w->in_features, O = w->out_features;
-    if (skv_weight_check(w) || M < 1 || ldy < O || I % 32) return -1;
-    uint16_t *xb = aligned_alloc(64, ((sizeof(uint16_t) * M * I + 63) / 64) * 64); /* [M, I] bf16 */
-    if (!xb) return -2;
-    to_bf16(x, xb, M * I);
-    const int64_t panels = (O + NR - 1) / NR;
+    if (skv_weight_check(w) || M < 1 || ldy < O || I % 32 || o_lo % NR) return -1;
+    if (o_lo >= o_hi) return 0;
     const int inplace = w->kind == SKV_BF16; /* bf16 rows are a panel already */
-    int failed = 0;
-#pragma omp parallel num_threads(nthreads)
-    {
-        uint16_t *P = inplace ? NULL : aligned_alloc(64, ((sizeof(uint16_t) * I * NR + 63) / 64) * 64); /* [NR, I] */
-        float *row = inplace ? NULL : aligned_alloc(64, ((sizeof(float) * I + 63) / 64) * 64);
-        if (!inplace && (!P || !row)) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (int64_t p = 0; p < panels; p++) {
-            if (!inplace && (!P || !row)) continue;
-            const int64_t o0 = p * NR;
-            const int rows = O - o0 < NR ? (int)(O - o0) : NR;
-            for (int j = 0; j < rows && !inplace; j++) {
-                skv_dequant_row(w, o0 + j, row);
-                to_bf16(row, P + j * I, I);
-            }
-            panel_times_rows(xb, M, I, inplace ? (const uint16_t *)w->q + o0 * I : P, y + o0, ldy, rows);
-        }
-        free(P);
-        free(row);
+    uint16_t *xb = aligned_alloc(64, ((sizeof(uint16_t) * M * I + 63) / 64) * 64); /* [M, I] bf16, each slot's own */
+    uint16_t *P = inplace ? NULL : aligned_alloc(64, ((sizeof(uint16_t) * I * NR + 63) / 64) * 64); /* [NR, I] */
+    float *row = inplace ? NULL : aligned_alloc(64, ((sizeof(float) * I + 63) / 64) * 64);
+    if (!xb || (!inplace && (!P || !row))) {
+        free(xb), free(P), free(row);
+        return -2;
     }
-    free(xb);
-    return failed ? -2 : 0;
+    to_bf16(x, xb, M * I);
+    for (int64_t o0 = o_lo; o0 < o_hi; o0 += NR) {
+        const int rows = o_hi - o0 < NR ? (int)(o_hi - o0) : NR;
+        for (int j = 0; j < rows && !inplace; j++) {
+            skv_dequant_row(w, o0 + j, row);
+            to_bf16(row, P + j * I, I);
+        }
+        panel_times_rows(xb, M, I, inplace ? (const uint16_t *)w->q + o0 * I : P, y + o0, ldy, rows);
+    }
+    free(xb), free(P), free(row);
+    return 0;
 }
 #else
-int skv_gemm_bf16(const skv_weight *w, const float *x, int64_t M, float *y, int64_t ldy, int nthreads) {
-    (void)w, (void)x, (void)M, (void)y, (void)ldy, (void)nthreads;
+int skv_gemm_bf16_part(const skv_weight *w, const float *x, int64_t M, float *y, int64_t ldy, int64_t o_lo,
+                       int64_t o_hi) {
+    (void)w, (void)x, (void)M, (void)y, (void)ldy, (void)o_lo, (void)o_hi;
     return -1; /* this compiler cannot emit the instructions: the caller uses skv_gemm */
 }
 #endif

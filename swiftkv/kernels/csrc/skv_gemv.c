@@ -4,7 +4,7 @@
  * Blocked kinds: y[m, o] = sum_b scale[o, b] * (sum_j x[m, 32 b + j] * q[o, 32 b + j])
  *                          + sum_b offset[o, b] * xsum[m, b],   xsum[m, b] = sum_j x[m, 32 b + j].
  * With one or two input rows, each row keeps ACC independent accumulator chains (FMA latency, not
- * bandwidth, would bound a single chain). Rows of W split across OpenMP threads. */
+ * bandwidth, would bound a single chain). Rows of W split across the team's slots (skv_gemv_part). */
 #include <stdlib.h>
 
 #include "skv_gemv.h"
@@ -124,21 +124,21 @@ static inline __attribute__((always_inline)) void dense_row(const skv_weight *w,
     }
 }
 
-#define PARALLEL_ROWS _Pragma("omp parallel for schedule(static) num_threads(nthreads) if (O * I >= 32768)")
-#define BLOCKED_ROWS(MM) PARALLEL_ROWS for (int64_t o = 0; o < O; o++) blocked_row(w, x, xsum, o, y, ldy, MM);
-#define BF16_ROWS(MM) PARALLEL_ROWS for (int64_t o = 0; o < O; o++) dense_row(w, x, o, y, ldy, MM, 1);
-#define F32_ROWS(MM) PARALLEL_ROWS for (int64_t o = 0; o < O; o++) dense_row(w, x, o, y, ldy, MM, 0);
+#define BLOCKED_ROWS(MM) for (int64_t o = o_lo; o < o_hi; o++) blocked_row(w, x, xsum, o, y, ldy, MM);
+#define BF16_ROWS(MM) for (int64_t o = o_lo; o < o_hi; o++) dense_row(w, x, o, y, ldy, MM, 1);
+#define F32_ROWS(MM) for (int64_t o = o_lo; o < o_hi; o++) dense_row(w, x, o, y, ldy, MM, 0);
 
-int skv_gemv(const skv_weight *w, const float *x, int64_t M, float *y, int64_t ldy, int nthreads) {
+int skv_gemv_part(const skv_weight *w, const float *x, int64_t M, float *y, int64_t ldy, int64_t o_lo, int64_t o_hi) {
     const int64_t I = w->in_features, O = w->out_features;
     if (skv_weight_check(w) || M < 1 || M > SKV_GEMV_MAX_ROWS || ldy < O) return -1;
+    if (o_lo >= o_hi) return 0;
     if (w->kind == SKV_BF16) {
         FOR_EACH_M(BF16_ROWS)
     } else if (w->kind == SKV_F32) {
         FOR_EACH_M(F32_ROWS)
     } else {
         const int64_t nb = I / 32;
-        float *xsum = malloc(sizeof(float) * M * nb); /* [M, blocks]: the offset term's input */
+        float *xsum = malloc(sizeof(float) * M * nb); /* [M, blocks]: the offset term's input (each slot its own) */
         if (!xsum) return -2;
         for (int64_t i = 0; i < M * nb; i++) {
             __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(x + 32 * i), _mm256_loadu_ps(x + 32 * i + 8)),

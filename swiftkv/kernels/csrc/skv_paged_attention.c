@@ -10,6 +10,7 @@
  * sum of values in registers. (sequence, KV head) pairs are split across OpenMP threads; the query heads
  * sharing a KV head read each cached row from memory once. */
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 
 #include "skv_paged_attention.h"
@@ -123,50 +124,65 @@ static inline __attribute__((always_inline)) void attend_item(const float *q, co
         for (int64_t d = 0; d < D; d++) out[g * D + d] = acc[g * D + d] / total[g];
 }
 
-int skv_paged_decode_attention(const skv_paged_attn *a) {
-    const float *q = a->q;
-    float *out = a->out;
-    const void *k_cache = a->k_cache, *v_cache = a->v_cache;
-    const int64_t *block_tables = a->block_tables, *q_lens = a->q_lens, *kv_lens = a->kv_lens;
-    const int64_t S = a->S, H = a->H, Hkv = a->Hkv, D = a->D, num_blocks = a->num_blocks, block_size = a->block_size;
-    const int64_t max_blocks = a->max_blocks, kv_bf16 = a->kv_bf16;
-    const float scale = a->scale;
-    const int nthreads = a->nthreads;
-    const int64_t B = S;
-    (void)q_lens;
-    if (B < 1 || Hkv < 1 || H % Hkv || D % 8 || block_size < 1) return -1;
-    const int64_t group = H / Hkv, head_stride = num_blocks * block_size * D, esize = kv_bf16 ? 2 : 4;
+/* shape checks; the longest context (sizes each slot's scores), or -1 */
+static int64_t decode_check(const skv_paged_attn *a) {
+    if (a->S < 1 || a->Hkv < 1 || a->H % a->Hkv || a->D % 8 || a->block_size < 1) return -1;
     int64_t longest = 0;
-    for (int64_t b = 0; b < B; b++) {
-        if (kv_lens[b] < 1 || kv_lens[b] > max_blocks * block_size) return -1;
-        if (kv_lens[b] > longest) longest = kv_lens[b];
+    for (int64_t b = 0; b < a->S; b++) {
+        if (a->kv_lens[b] < 1 || a->kv_lens[b] > a->max_blocks * a->block_size) return -1;
+        if (a->kv_lens[b] > longest) longest = a->kv_lens[b];
     }
+    return longest;
+}
+
+static int skv_paged_decode_attention_part(const skv_paged_attn *a, int64_t longest, int64_t item_lo, int64_t item_hi) {
+    if (item_lo >= item_hi) return 0;
+    const int64_t Hkv = a->Hkv, D = a->D, group = a->H / Hkv, head_stride = a->num_blocks * a->block_size * D;
+    const int64_t esize = a->kv_bf16 ? 2 : 4;
+    float *scores = malloc(sizeof(float) * group * longest); /* [group, kv_len] */
+    float *work = malloc(sizeof(float) * 2 * group * D);     /* scaled queries, accumulators: [group, D] each */
+    int rc = 0;
+    if (!scores || !work) {
+        rc = -2;
+        item_hi = item_lo;
+    }
+    for (int64_t item = item_lo; item < item_hi; item++) { /* (sequence, KV head) */
+        const int64_t b = item / Hkv, kvh = item % Hkv;
+        const void *kh = (const char *)a->k_cache + kvh * head_stride * esize;
+        const void *vh = (const char *)a->v_cache + kvh * head_stride * esize;
+        const float *qi = a->q + item * group * D;
+        float *oi = a->out + item * group * D;
+        if (a->kv_bf16)
+            attend_item(qi, kh, vh, a->block_tables + b * a->max_blocks, a->kv_lens[b], oi, group, D, a->block_size,
+                        a->scale, scores, work, 1);
+        else
+            attend_item(qi, kh, vh, a->block_tables + b * a->max_blocks, a->kv_lens[b], oi, group, D, a->block_size,
+                        a->scale, scores, work, 0);
+    }
+    free(scores);
+    free(work);
+    return rc;
+}
+
+int skv_paged_decode_attention_team(const skv_team *t, const skv_paged_attn *a) {
+    const int64_t longest = decode_check(a);
+    if (longest < 0) return -1;
+    int64_t lo, hi;
+    skv_team_range(t, a->S * a->Hkv, 1, &lo, &hi);
+    return skv_paged_decode_attention_part(a, longest, lo, hi);
+}
+
+int skv_paged_decode_attention(const skv_paged_attn *a) {
+    if (decode_check(a) < 0) return -1;
     int failed = 0;
-#pragma omp parallel num_threads(nthreads)
+#pragma omp parallel num_threads(a->nthreads)
     {
-        float *scores = malloc(sizeof(float) * group * longest); /* [group, kv_len] */
-        float *work = malloc(sizeof(float) * 2 * group * D);     /* scaled queries, accumulators: [group, D] each */
-        if (!scores || !work) {
+        const skv_team t = {omp_get_thread_num(), omp_get_num_threads(), NULL};
+        if (t.ith == 0) SKV_COUNT_REGION();
+        if (skv_paged_decode_attention_team(&t, a)) {
 #pragma omp atomic write
             failed = 1;
         }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < B * Hkv; item++) {
-            if (!scores || !work) continue;
-            const int64_t b = item / Hkv, kvh = item % Hkv;
-            const void *kh = (const char *)k_cache + kvh * head_stride * esize;
-            const void *vh = (const char *)v_cache + kvh * head_stride * esize;
-            const float *qi = q + item * group * D;
-            float *oi = out + item * group * D;
-            if (kv_bf16)
-                attend_item(qi, kh, vh, block_tables + b * max_blocks, kv_lens[b], oi, group, D, block_size, scale,
-                            scores, work, 1);
-            else
-                attend_item(qi, kh, vh, block_tables + b * max_blocks, kv_lens[b], oi, group, D, block_size, scale,
-                            scores, work, 0);
-        }
-        free(scores);
-        free(work);
     }
     return failed ? -2 : 0;
 }

@@ -4,6 +4,8 @@
 #define SKV_PAGED_ATTENTION_H
 #include <stdint.h>
 
+#include "skv_team.h"
+
 /* One call's arguments (the Python side mirrors this struct with ctypes; skv_abi_layout checks it).
  * decode: q, out [S, H, D] fp32, one query token per sequence (q_lens unused);
  * prefill: q, out [sum(q_lens), H, D] fp32 (the sequences' query tokens, one after another), 1 <= q_lens[s] <=
@@ -22,5 +24,7 @@ typedef struct {
 
 /* Return 0, -1 for shapes they cannot take, -2 when out of memory. */
 int skv_paged_decode_attention(const skv_paged_attn *a);
+/* decode, slot t->ith's share of the (sequence, KV head) items, inside a team's region (a->nthreads unused) */
+int skv_paged_decode_attention_team(const skv_team *t, const skv_paged_attn *a);
 int skv_paged_prefill_attention(const skv_paged_attn *a);
 #endif
