@@ -16,11 +16,21 @@ import torch
 from swiftkv.kernels import build
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
+class CRows(ctypes.Structure):
+    """Mirror of ``skv_rows``: rows of fp32 or bf16 values, ``stride`` elements apart."""
+
+    _fields_ = [("data", _P), ("rows", _I64), ("width", _I64), ("stride", _I64), ("bf16", _I64)]
+
+
 _BINDING = build.Binding({
-    "skv_rms_norm": (ctypes.c_int, [_P, _I64, _P, _P, _I64, _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int]),
+    "skv_rms_norm": (ctypes.c_int, [ctypes.POINTER(CRows), _P, _P, ctypes.c_float, ctypes.c_int]),
     "skv_silu_and_mul": (ctypes.c_int, [_P, _P, _I64, _P, _I64, _I64, ctypes.c_int, ctypes.c_int]),
-    "skv_rotary_inplace": (ctypes.c_int, [_P, _I64, _I64, _I64, _I64, _P, _P, ctypes.c_int, ctypes.c_int]),
-}, switch="SWIFTKV_CPU_OPS")
+    "skv_rotary_inplace": (ctypes.c_int, [ctypes.POINTER(CRows), _I64, _I64, _P, _P, ctypes.c_int]),
+}, structs={5: CRows}, switch="SWIFTKV_CPU_OPS")
+
+
+def _rows(x: torch.Tensor, rows: int, width: int, stride: int) -> ctypes.pointer:
+    return ctypes.pointer(CRows(x.data_ptr(), rows, width, stride, int(x.dtype == torch.bfloat16)))
 
 
 def library() -> ctypes.CDLL | None:
@@ -57,8 +67,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
         x2 = x2.contiguous()
     out = torch.empty(x2.shape, dtype=x.dtype)
     w = as_fp32(weight)
-    _check(library().skv_rms_norm(x2.data_ptr(), x2.stride(0), w.data_ptr(), out.data_ptr(), x2.shape[0], n, eps,
-                                  torch.get_num_threads(), x.dtype == torch.bfloat16), "rms_norm")
+    _check(library().skv_rms_norm(_rows(x2, x2.shape[0], n, x2.stride(0)), w.data_ptr(), out.data_ptr(), eps,
+                                  torch.get_num_threads()), "rms_norm")
     return out.view(x.shape)
 
 
@@ -83,6 +93,6 @@ def rotary_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     if d % 16 or x.stride(2) != 1 or x.stride(1) != d or not _takes(x) or cos.device.type != "cpu":
         return None
     cos, sin = as_fp32(cos), as_fp32(sin)
-    _check(library().skv_rotary_inplace(x.data_ptr(), n, heads, d, x.stride(0), cos.data_ptr(), sin.data_ptr(),
-                                        torch.get_num_threads(), x.dtype == torch.bfloat16), "rotary_inplace")
+    _check(library().skv_rotary_inplace(_rows(x, n, heads * d, x.stride(0)), heads, d, cos.data_ptr(), sin.data_ptr(),
+                                        torch.get_num_threads()), "rotary_inplace")
     return x

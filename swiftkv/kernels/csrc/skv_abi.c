@@ -4,6 +4,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "skv_elementwise.h"
 #include "skv_fused_decode.h"
 #include "skv_paged_attention.h"
 #include "skv_team.h"
@@ -53,6 +54,10 @@ int64_t skv_abi_layout(int64_t which, int64_t *out, int64_t cap) {
             PUT(offsetof(skv_paged_attn, num_blocks)); PUT(offsetof(skv_paged_attn, block_size));
             PUT(offsetof(skv_paged_attn, max_blocks)); PUT(offsetof(skv_paged_attn, scale));
             PUT(offsetof(skv_paged_attn, kv_bf16)); PUT(offsetof(skv_paged_attn, nthreads));
+            break;
+        case 5:
+            PUT(sizeof(skv_rows)); PUT(offsetof(skv_rows, data)); PUT(offsetof(skv_rows, rows));
+            PUT(offsetof(skv_rows, width)); PUT(offsetof(skv_rows, stride)); PUT(offsetof(skv_rows, bf16));
             break;
         default:
             return -1;

@@ -68,11 +68,11 @@ void skv_rotary_part(void *x, int64_t heads, int64_t D, int64_t stride, const fl
         BODY                                                                                              \
     }
 
-int skv_rms_norm(const void *x, int64_t stride, const float *w, void *out, int64_t M, int64_t N, float eps,
-                 int nthreads, int bf16) {
-    if (N % 8) return -1;
-    const int T = M > 1 ? nthreads : 1;
-    TEAM_REGION(skv_team_range(&t, M, 1, &lo, &hi); skv_rms_norm_part(x, stride, w, out, N, eps, bf16, lo, hi);)
+int skv_rms_norm(const skv_rows *x, const float *w, void *out, float eps, int nthreads) {
+    if (x->width % 8) return -1;
+    const int T = x->rows > 1 ? nthreads : 1;
+    TEAM_REGION(skv_team_range(&t, x->rows, 1, &lo, &hi);
+                skv_rms_norm_part(x->data, x->stride, w, out, x->width, eps, (int)x->bf16, lo, hi);)
     return 0;
 }
 
@@ -84,10 +84,10 @@ int skv_silu_and_mul(const void *gate, const void *up, int64_t ld, void *out, in
     return 0;
 }
 
-int skv_rotary_inplace(void *x, int64_t N, int64_t heads, int64_t D, int64_t stride, const float *cos,
-                       const float *sin, int nthreads, int bf16) {
+int skv_rotary_inplace(const skv_rows *x, int64_t heads, int64_t D, const float *cos, const float *sin, int nthreads) {
     if (D % 16) return -1;
-    const int T = N * heads * D > 16384 ? nthreads : 1;
-    TEAM_REGION(skv_team_range(&t, N * heads, 1, &lo, &hi); skv_rotary_part(x, heads, D, stride, cos, sin, bf16, lo, hi);)
+    const int T = x->rows * heads * D > 16384 ? nthreads : 1;
+    TEAM_REGION(skv_team_range(&t, x->rows * heads, 1, &lo, &hi);
+                skv_rotary_part(x->data, heads, D, x->stride, cos, sin, (int)x->bf16, lo, hi);)
     return 0;
 }

@@ -6,16 +6,21 @@
 
 #include "skv_team.h"
 
-/* out[m] = x[m] / sqrt(mean(x[m]^2) + eps) * w for x, out [M, N] (rows `stride` apart in x), N % 8 == 0; w fp32 */
-int skv_rms_norm(const void *x, int64_t stride, const float *w, void *out, int64_t M, int64_t N, float eps,
-                 int nthreads, int bf16);
+/* Rows of fp32 or (bf16 = 1) bf16 values, `stride` elements apart (mirrored by the Python bindings; ABI-checked) */
+typedef struct {
+    void *data;
+    int64_t rows, width, stride, bf16;
+} skv_rows;
+
+/* out[m] = x[m] / sqrt(mean(x[m]^2) + eps) * w for x [M, N] (x->rows, x->width; N % 8 == 0), out [M, N] of x's dtype,
+ * contiguous; w fp32 */
+int skv_rms_norm(const skv_rows *x, const float *w, void *out, float eps, int nthreads);
 /* out[m, i] = silu(gate[m, i]) * up[m, i] for gate, up [M, I] (rows `ld` apart), out [M, I], I % 8 == 0 */
 int skv_silu_and_mul(const void *gate, const void *up, int64_t ld, void *out, int64_t M, int64_t I, int nthreads,
                      int bf16);
-/* rotary embedding in place on the first `heads` heads of each of N rows of x (rows `stride` elements apart,
- * head_dim D % 16 == 0); cos, sin [N, D] fp32 (transformers' rotate_half convention) */
-int skv_rotary_inplace(void *x, int64_t N, int64_t heads, int64_t D, int64_t stride, const float *cos,
-                       const float *sin, int nthreads, int bf16);
+/* rotary embedding in place on the first `heads` heads of each of the N = x->rows rows of x (head_dim D % 16 == 0;
+ * x->width unused); cos, sin [N, D] fp32 (transformers' rotate_half convention) */
+int skv_rotary_inplace(const skv_rows *x, int64_t heads, int64_t D, const float *cos, const float *sin, int nthreads);
 /* the same, slot by slot (no threads of their own; the checks above are the caller's): rows [m_lo, m_hi);
  * columns [i_lo, i_hi) (multiples of 8) of every row; (token, head) pairs [p_lo, p_hi) of the N x heads */
 void skv_rms_norm_part(const void *x, int64_t stride, const float *w, void *out, int64_t N, float eps, int bf16,
