@@ -382,3 +382,82 @@ def test_prefill_attention_choice_per_cpu(monkeypatch, tmp_path):
         for p, i in zip(prompts, ids):
             assert_greedy_close(reference, p, done[i], 0.02)
         monkeypatch.delenv("SWIFTKV_PREFILL_ATTENTION", raising=False)
+
+
+needs_int8_dot = pytest.mark.skipif(
+    not {"avx512_vnni", "avx512bw", "avx512vl"} <= __import__("swiftkv.platforms", fromlist=["x"]).cpu_flags(),
+    reason="the CPU has no AVX512-VNNI (avx512_vnni): the int8-activation gemv cannot run here")
+
+
+@needs_ops
+@needs_int8_dot
+@pytest.mark.parametrize("kind", ["q8_0", "q4_1"])
+@pytest.mark.parametrize("in_features", [96, 576])  # 3 blocks (an odd last pair), 18
+def test_int8_dot_gemv_is_the_int8_activation_product(kind, in_features):
+    """The AVX512-VNNI gemv: each block of 32 activations quantized to int8 (scale max|x| / 127, nearest even), the
+    code x activation sums exact in int32, scaled by weight and activation scales in fp32, plus the offsets times the
+    exact block sums: equal to that computation done here in fp64 to fp32 rounding, for every row count it takes."""
+    from conftest import gguf_like
+
+    from swiftkv.kernels import linear as kernels
+    from swiftkv.layers.weights import hold
+
+    held = hold(gguf_like(40, in_features, kind), torch.bfloat16)
+    assert held.kind == {"q8_0": "q8", "q4_1": "q4"}[kind]
+    nb = in_features // 32
+    codes = held.data.long()
+    if held.kind == "q4":  # byte j of a block: code j (low nibble), code 16 + j (high nibble)
+        b = codes.view(40, nb, 16)
+        codes = torch.cat([b & 15, b >> 4], -1).view(40, in_features)
+    scale = held.scale.double().repeat_interleave(32, 1)  # [O, I]
+    offset = held.offset.double()  # [O, nb]
+    c = held.c_weight()
+    for m in (1, 2, 3, 4):
+        x = torch.randn(m, in_features) * torch.linspace(0.1, 3, in_features)  # blocks of different ranges
+        xb = x.double().view(m, nb, 32)
+        d = xb.abs().amax(-1, keepdim=True) / 127
+        xq = torch.round(xb / d).view(m, in_features)  # (round: nearest even, as the kernel)
+        ref = (xq * d.repeat_interleave(32, 1).view(m, in_features)) @ (codes * scale).T + xb.sum(-1) @ offset.T
+        got = kernels.linear(x, c, int8_dot=True)
+        torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=2e-5)
+        exact = kernels.linear(x, c)  # the widened-fp32 gemv: the activations unrounded
+        assert not torch.allclose(got, exact, atol=1e-6, rtol=0)  # really the int8 activations
+        # ... and close to the exact product: int8 activations cost ~0.5% of the output's size (relative RMS)
+        assert float((got - exact).norm() / exact.norm()) < 0.02
+
+
+@needs_ops
+@needs_int8_dot
+def test_int8_dot_is_opt_in_and_reaches_the_fused_decode(monkeypatch, tmp_path):
+    """Off by default (it costs accuracy); with SWIFTKV_INT8_DOT=1 a bf16 engine's batch-1 decode runs it (the fused
+    decoder's matmul forms say so) and its log-probs stay near the int8-free engine's; a CPU without avx512_vnni
+    never takes it."""
+    from swiftkv import platforms
+    from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
+    from swiftkv.kernels import linear as kernels
+    from swiftkv.models.loader import load_model
+    from swiftkv.sampling_params import SamplingParams
+
+    hf = tiny_hf_model("llama", seed=5, hidden_size=128, intermediate_size=256, num_hidden_layers=4)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.copy_(quantize_q4_1(p))  # Q4_1 values: held as q4
+    hf.save_pretrained(tmp_path / "q4")
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
+    outs = {}
+    for opt_in in ("0", "1"):
+        monkeypatch.setenv("SWIFTKV_INT8_DOT", opt_in)
+        engine = LLMEngine(load_model(tmp_path / "q4", dtype="bfloat16", for_inference=True)[0],
+                           config=EngineConfig(kv_cache_memory=4 << 20, block_size=4))
+        assert engine.runner.fused is not None and engine.model.model.layers[0].mlp.gate_proj.held.kind == "q4"
+        assert bool(engine.runner.fused.bf16_dots & kernels.DOT_I8) == (opt_in == "1")
+        engine.add_request([5, 9, 17, 3, 8], params)
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                outs[opt_in] = o.outputs[0]
+    int8, plain = [lp.logprob for lp in outs["1"].logprobs], [lp.logprob for lp in outs["0"].logprobs]
+    assert int8 != plain  # really the int8 activations
+    torch.testing.assert_close(int8, plain, atol=0.1, rtol=0)
+    monkeypatch.setattr(platforms, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c", "avx512bw", "avx512vl"}))
+    assert not kernels.int8_dot_available()

@@ -28,7 +28,7 @@ class CStep(ctypes.Structure):
     _fields_ = [("M", _I64), ("hidden", _I64), ("H", _I64), ("Hkv", _I64), ("D", _I64), ("intermediate", _I64),
                 ("eps", ctypes.c_float), ("h", _P), ("cos", _P), ("sin", _P), ("kv_cache", _P),
                 ("num_blocks", _I64), ("block_size", _I64), ("max_blocks", _I64), ("kv_bf16", _I64), ("slots", _P),
-                ("block_tables", _P), ("kv_lens", _P), ("scratch", _P), ("gemv_rows", _I64), ("gemm_bf16", _I64),
+                ("block_tables", _P), ("kv_lens", _P), ("scratch", _P), ("gemv_rows", _I64), ("dots", _I64),
                 ("nthreads", ctypes.c_int)]
 
 

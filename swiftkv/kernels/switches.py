@@ -7,6 +7,8 @@ off (then PyTorch's path runs):
 - ``SWIFTKV_PAGED_ATTENTION``: the paged attention kernels (decode, prefill) over the cache in place;
 - ``SWIFTKV_FUSED_DECODE``: a decode step's layers in one native call;
 - ``SWIFTKV_BF16_DOT``: AVX512-BF16 dot products for a bf16 model's batched matmuls (where the CPU has them);
+- ``SWIFTKV_INT8_DOT=1`` (off by default, opt-in: it costs accuracy): AVX512-VNNI dot products on int8 activations
+  for a bf16 model's decode gemv over Q4/Q8-held weights (where the CPU has them);
 - ``SWIFTKV_PREFILL_ATTENTION=auto|kernel|sdpa``: which prompt attention runs (``auto``: per CPU).
 
 Two more are read where their kernels are called, since models outside an engine use them too:
@@ -37,6 +39,7 @@ class KernelSwitches:
     paged_attention: bool = True
     fused_decode: bool = True
     bf16_dot: bool = True
+    int8_dot: bool = False
     prefill_attention: str = "auto"
 
     def __post_init__(self) -> None:
@@ -50,6 +53,7 @@ class KernelSwitches:
         return cls(paged_attention=switched_on("SWIFTKV_PAGED_ATTENTION", env),
                    fused_decode=switched_on("SWIFTKV_FUSED_DECODE", env),
                    bf16_dot=switched_on("SWIFTKV_BF16_DOT", env),
+                   int8_dot=env.get("SWIFTKV_INT8_DOT", "0") == "1",
                    prefill_attention=env.get("SWIFTKV_PREFILL_ATTENTION", "auto"))
 
     def prefill_kernel_preferred(self, dtype: torch.dtype) -> bool:

@@ -86,10 +86,12 @@ class FusedDecoder:
     """The decoder layers as C descriptors (built once; the weights must not change after)."""
 
     def __init__(self, dims: tuple[int, int, int, int, int], specs: list[DecodeLayerSpec],
-                 store: StoreKVSpec | None, bf16_dot: bool) -> None:
+                 store: StoreKVSpec | None, switches: KernelSwitches) -> None:
         self.dims = dims  # hidden, heads, kv heads, head dim, intermediate
         self.specs = specs
-        self.bf16_dot = bf16_dot and linear_kernels.bf16_dot_available()  # a bf16 model's batched matmuls
+        # what a bf16 model's matmuls may use on this CPU (csrc/skv_linear.h)
+        self.bf16_dots = (linear_kernels.DOT_BF16 * (switches.bf16_dot and linear_kernels.bf16_dot_available())
+                          | linear_kernels.DOT_I8 * (switches.int8_dot and linear_kernels.int8_dot_available()))
         self.eps = specs[0].eps
         self._norms = [(as_fp32(s.input_norm), as_fp32(s.post_norm)) for s in specs]  # (a bf16 model's: widened)
         self._arrays: dict[tuple, ctypes.Array | None] = {}
@@ -112,7 +114,7 @@ class FusedDecoder:
         norms = [n for s in specs for n in (s.input_norm, s.post_norm)]
         if any(n.device.type != "cpu" for n in norms) or any(s.eps != specs[0].eps for s in specs):
             return None
-        decoder = cls(dims, specs, spec.store, switches.bf16_dot)
+        decoder = cls(dims, specs, spec.store, switches)
         return decoder if decoder._layers(skv, True) is not None else None
 
     def _layers(self, skv: SwiftKVConfig, swiftkv: bool) -> ctypes.Array | None:
@@ -192,6 +194,6 @@ class FusedDecoder:
                              int(cache.dtype == torch.bfloat16), None if slots is None else slots.data_ptr(),
                              tables.data_ptr(), kv_lens.data_ptr(), scratch.data_ptr(), GEMV_ROWS,
                              # a bf16 model (its cache is bf16; h is widened to fp32 for the call): its matmuls
-                             int(cache.dtype == torch.bfloat16 and self.bf16_dot),
+                             self.bf16_dots if cache.dtype == torch.bfloat16 else 0,
                              torch.get_num_threads())
         return step, [cos, sin, kv_lens, tables, slots, scratch]

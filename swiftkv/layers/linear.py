@@ -59,7 +59,7 @@ class HeldLinearMethod:
         held, shape = self.held, x.shape
         x2 = x.reshape(-1, shape[-1])  # [M, I]
         if self._kernels_take(x2):
-            y = kernels.linear(x2.float(), self._c, bf16_dot=self._bf16_dot(x2)).to(x.dtype)
+            y = kernels.linear(x2.float(), self._c, bf16_dot=self._bf16_dot(x2), int8_dot=self._int8_dot(x2)).to(x.dtype)
             if bias is not None:
                 y += bias
         elif held.is_dense and held.data.dtype == x.dtype:
@@ -83,6 +83,11 @@ class HeldLinearMethod:
     def _bf16_dot(x: torch.Tensor) -> bool:
         """A bf16 GEMM-sized batch on a CPU with AVX512-BF16: the panel GEMM's dot-product form."""
         return x.dtype == torch.bfloat16 and x.shape[0] > kernels.GEMV_ROWS and kernels.bf16_dot_available()
+
+    def _int8_dot(self, x: torch.Tensor) -> bool:
+        """A bf16 gemv-sized batch on a Q4/Q8-held weight on a CPU with AVX512-VNNI: int8 activations per block."""
+        return (x.dtype == torch.bfloat16 and x.shape[0] <= kernels.GEMV_ROWS and self.held.kind in ("q4", "q8")
+                and kernels.int8_dot_available())
 
     def _widened_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Prefill-sized batches: the weight widened to ``x``'s dtype (row chunks), then oneDNN."""

@@ -39,7 +39,7 @@ int64_t skv_abi_layout(int64_t which, int64_t *out, int64_t cap) {
             PUT(offsetof(skv_step, max_blocks)); PUT(offsetof(skv_step, kv_bf16)); PUT(offsetof(skv_step, slots));
             PUT(offsetof(skv_step, block_tables));
             PUT(offsetof(skv_step, kv_lens)); PUT(offsetof(skv_step, scratch)); PUT(offsetof(skv_step, gemv_rows));
-            PUT(offsetof(skv_step, gemm_bf16)); PUT(offsetof(skv_step, nthreads));
+            PUT(offsetof(skv_step, dots)); PUT(offsetof(skv_step, nthreads));
             break;
         case 3:
             PUT(sizeof(skv_store_kv)); PUT(offsetof(skv_store_kv, norm)); PUT(offsetof(skv_store_kv, kv));

@@ -64,7 +64,7 @@ static void linear_into(const Team *T, const skv_weight *w, const float *x, int6
                         const skv_step *s) {
     int64_t lo, hi;
     if (failed(T)) return;
-    keep(T, skv_linear_team(&T->t, w, x, M, y, n, s->gemv_rows, s->gemm_bf16, &lo, &hi));
+    keep(T, skv_linear_team(&T->t, w, x, M, y, n, s->gemv_rows, s->dots, &lo, &hi));
     for (int64_t m = 0; m < M; m++)
         for (int64_t o = lo; o < hi; o++) h[m * n + o] += y[m * n + o];
 }
@@ -72,7 +72,7 @@ static void linear_into(const Team *T, const skv_weight *w, const float *x, int6
 static void linear(const Team *T, const skv_weight *w, const float *x, int64_t M, float *y, int64_t ldy,
                    const skv_step *s) {
     int64_t lo, hi;
-    if (!failed(T)) keep(T, skv_linear_team(&T->t, w, x, M, y, ldy, s->gemv_rows, s->gemm_bf16, &lo, &hi));
+    if (!failed(T)) keep(T, skv_linear_team(&T->t, w, x, M, y, ldy, s->gemv_rows, s->dots, &lo, &hi));
 }
 
 static void rms_norm(const Team *T, const float *x, const float *w, float *out, const skv_step *s) {

@@ -28,7 +28,7 @@ typedef struct {
     const int64_t *kv_lens;            /* [M] */
     float *scratch;                    /* skv_fused_decode_scratch_floats(...) floats */
     int64_t gemv_rows;                 /* up to this many rows: gemv; above: the panel GEMM */
-    int64_t gemm_bf16;                 /* 1: above gemv_rows, bf16 dot products (a bf16 model, avx512_bf16) */
+    int64_t dots;                      /* SKV_DOT_* (skv_linear.h): a bf16 model's dot-product matmuls on this CPU */
     int nthreads;
 } skv_step;
 

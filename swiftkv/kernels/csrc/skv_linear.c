@@ -7,12 +7,14 @@
 #include "skv_team.h"
 
 int skv_linear_part(const skv_weight *w, const float *x, int64_t M, float *y, int64_t ldy, int64_t gemv_rows,
-                    int64_t bf16_dot, int64_t o_lo, int64_t o_hi) {
+                    int64_t dots, int64_t o_lo, int64_t o_hi) {
     int rc;
-    if (M <= gemv_rows && M <= SKV_GEMV_MAX_ROWS)
-        rc = skv_gemv_part(w, x, M, y, ldy, o_lo, o_hi);
-    else if (!bf16_dot || (rc = skv_gemm_bf16_part(w, x, M, y, ldy, o_lo, o_hi)) == -1)
+    if (M <= gemv_rows && M <= SKV_GEMV_MAX_ROWS) {
+        if (!(dots & SKV_DOT_I8) || (rc = skv_gemv_i8_part(w, x, M, y, ldy, o_lo, o_hi)) == -1)
+            rc = skv_gemv_part(w, x, M, y, ldy, o_lo, o_hi);
+    } else if (!(dots & SKV_DOT_BF16) || (rc = skv_gemm_bf16_part(w, x, M, y, ldy, o_lo, o_hi)) == -1) {
         rc = skv_gemm_part(w, x, M, y, ldy, o_lo, o_hi);
+    }
     if (rc == 0 && w->bias)
         for (int64_t m = 0; m < M; m++)
             for (int64_t o = o_lo; o < o_hi; o++) y[m * ldy + o] += w->bias[o];
@@ -20,13 +22,13 @@ int skv_linear_part(const skv_weight *w, const float *x, int64_t M, float *y, in
 }
 
 int skv_linear_team(const skv_team *t, const skv_weight *w, const float *x, int64_t M, float *y, int64_t ldy,
-                    int64_t gemv_rows, int64_t bf16_dot, int64_t *o_lo, int64_t *o_hi) {
+                    int64_t gemv_rows, int64_t dots, int64_t *o_lo, int64_t *o_hi) {
     skv_team_range(t, w->out_features, SKV_GEMM_PANEL, o_lo, o_hi);
-    return skv_linear_part(w, x, M, y, ldy, gemv_rows, bf16_dot, *o_lo, *o_hi);
+    return skv_linear_part(w, x, M, y, ldy, gemv_rows, dots, *o_lo, *o_hi);
 }
 
 int skv_linear(const skv_weight *w, const float *x, int64_t M, float *y, int64_t ldy, int64_t gemv_rows,
-               int64_t bf16_dot, int nthreads) {
+               int64_t dots, int nthreads) {
     const int small = M <= gemv_rows && w->out_features * w->in_features < 32768; /* not worth a second thread */
     int rc = 0;
 #pragma omp parallel num_threads(small ? 1 : nthreads)
@@ -34,7 +36,7 @@ int skv_linear(const skv_weight *w, const float *x, int64_t M, float *y, int64_t
         const skv_team t = {omp_get_thread_num(), omp_get_num_threads(), NULL};
         if (t.ith == 0) SKV_COUNT_REGION();
         int64_t lo, hi;
-        const int r = skv_linear_team(&t, w, x, M, y, ldy, gemv_rows, bf16_dot, &lo, &hi);
+        const int r = skv_linear_team(&t, w, x, M, y, ldy, gemv_rows, dots, &lo, &hi);
         if (r) {
 #pragma omp atomic write
             rc = r;

@@ -4,15 +4,17 @@
 #include "skv_team.h"
 #include "skv_weight.h"
 
-/* x [M, I], y [M, O] (rows ldy apart), plus w->bias if any. Above gemv_rows rows with `bf16_dot` (a bf16
- * model on a CPU with avx512_bf16): skv_gemm_bf16 where it takes the shape. Returns 0, -1 bad shapes, -2 out of
- * memory. One parallel region of `nthreads`. */
+#define SKV_DOT_BF16 1 /* above gemv_rows: skv_gemm_bf16 where it takes the shape (a bf16 model, avx512_bf16) */
+#define SKV_DOT_I8 2   /* up to gemv_rows: skv_gemv_i8 for the blocked kinds (a bf16 model, avx512_vnni) */
+
+/* x [M, I], y [M, O] (rows ldy apart), plus w->bias if any; `dots`: the SKV_DOT_* forms a bf16 model may use on
+ * this CPU. Returns 0, -1 bad shapes, -2 out of memory. One parallel region of `nthreads`. */
 int skv_linear(const skv_weight *w, const float *x, int64_t M, float *y, int64_t ldy, int64_t gemv_rows,
-               int64_t bf16_dot, int nthreads);
+               int64_t dots, int nthreads);
 /* Outputs [o_lo, o_hi) only (o_lo a multiple of SKV_GEMM_PANEL), bias included; no threads of its own. */
 int skv_linear_part(const skv_weight *w, const float *x, int64_t M, float *y, int64_t ldy, int64_t gemv_rows,
-                    int64_t bf16_dot, int64_t o_lo, int64_t o_hi);
+                    int64_t dots, int64_t o_lo, int64_t o_hi);
 /* Slot t->ith's share of the outputs (written to *o_lo, *o_hi), inside a team's region. */
 int skv_linear_team(const skv_team *t, const skv_weight *w, const float *x, int64_t M, float *y, int64_t ldy,
-                    int64_t gemv_rows, int64_t bf16_dot, int64_t *o_lo, int64_t *o_hi);
+                    int64_t gemv_rows, int64_t dots, int64_t *o_lo, int64_t *o_hi);
 #endif
