@@ -10,10 +10,13 @@ the same order, so its output equals eager decode up to float rounding.
 It is built by the model runner from the descriptions the layers give (:class:`FusedDecodeSpec`), and is
 a layer executor like the model itself (the same ``run_layers`` and ``store_swiftkv``): the runner hands it to
 the model for the steps it takes (:meth:`FusedDecoder.takes`: one query token per sequence over the paged
-cache, up to ``GEMM_MAX_ROWS`` sequences, no gradient wanted), chosen once per step. A model computing in bf16 (a bf16 KV cache) runs there too: the call widens the step's
+cache, up to ``GEMM_MAX_ROWS`` sequences, no gradient wanted), chosen once per step. Each call runs all its
+kernels inside one OpenMP region, its threads meeting at a spin barrier between dependent ops
+(``csrc/skv_team.h``). A model computing in bf16 (a bf16 KV cache) runs there too: the call widens the step's
 activations to fp32, computes in fp32, stores K/V rounded to bf16 and rounds the result back (eager bf16
-rounds after every op, so the two agree to bf16 precision, not bit for bit). :meth:`FusedDecoder.build` returns None where a layer gives no description (SwiftKV
-adapters, an activation other than SiLU, a weight the kernels cannot read).
+rounds after every op, so the two agree to bf16 precision, not bit for bit). :meth:`FusedDecoder.build` returns
+None where a layer gives no description (SwiftKV adapters, an activation other than SiLU, a weight the kernels
+cannot read).
 """
 
 from __future__ import annotations
