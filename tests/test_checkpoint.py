@@ -95,6 +95,17 @@ def test_checkpoint_without_teacher_qkv_loads(hf_dir, tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="no original q/k/v for layers >= 3"):
         full_logits(model, SEQS, swiftkv=False)
+    # the engine on it (a decode step runs fused where the kernels exist): greedy = the full-sequence model's
+    from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
+    from swiftkv.models.full_sequence import greedy_generate
+    from swiftkv.sampling_params import SamplingParams
+
+    engine = LLMEngine(load_model(out, for_inference=True)[0], config=EngineConfig(kv_cache_memory=4 << 20))
+    rid = engine.add_request(SEQS[0], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+    assert done[rid] == greedy_generate(model, SEQS[0], 6)
 
 
 def test_save_is_atomic_on_failure(hf_dir, tmp_path, monkeypatch):

@@ -80,7 +80,7 @@ def _swiftkv_greedy(path, prompts, tokens=TOKENS):
     from swiftkv.models.loader import load_model
     from swiftkv.sampling_params import SamplingParams
 
-    model, _ = load_model(path, dtype="float32")
+    model, _ = load_model(path, dtype="float32", for_inference=True)
     engine = LLMEngine(model, None, EngineConfig(max_num_seqs=8, kv_cache_memory=1 << 28))
     ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)) for p in prompts]
     done = {}

@@ -215,7 +215,7 @@ class SwiftKVCausalLM:
         L, skv = self.config.num_hidden_layers, self.layout(swiftkv)
         l = skv.num_key_value_layers
         h, cos, sin = self.embed(input_ids, positions)
-        h = run.run_layers(h, cos, sin, meta, attn, 0, l, skv=skv)
+        h = run.run_layers(h, cos, sin, meta, attn, 0, l, swiftkv=True, skv=skv)  # (none of 0..l-1 is SwiftKV's)
         if l < L:
             run.store_swiftkv(h, cos, sin, meta, attn)
         if meta.needs_selection:  # keep only the tokens that need logits: one index_select
