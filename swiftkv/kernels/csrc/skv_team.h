@@ -33,7 +33,7 @@ static inline void skv_team_sync(const skv_team *t) {
         return;
     }
     for (long spins = 0; atomic_load_explicit(&b->generation, memory_order_acquire) == gen; spins++) {
-        if (spins < (1L << 16))
+        if (spins < 4096) /* ~0.1-0.2 ms of pauses: longer than an op's wait, shorter than a time slice */
             _mm_pause();
         else
             sched_yield();
