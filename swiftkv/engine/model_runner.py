@@ -57,7 +57,7 @@ class ModelRunner:
                                 head_dim_of(cfg)), self.dtype, self.device)
         self.attn = PagedAttention(self.kv_cache, self.switches)
         fused = FusedDecoder.build(model.fused_decode_spec(), self.switches)
-        self.fused = fused if fused is not None and fused.runs(self.skv, swiftkv) else None
+        self.fused = fused if fused is not None and fused.runs(self.skv) else None
         self.sampler = Sampler()
         self.eos_token_ids = frozenset(eos_token_ids or ())  # blocked before min_tokens unless ignore_eos
 

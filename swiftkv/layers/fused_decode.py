@@ -169,10 +169,10 @@ class FusedDecoder:
         step, _keep = self._step(h_l, cos, sin, meta, attn.kv_cache, True, scratch)
         kernels.store_kv(self._store, step)
 
-    def runs(self, skv: SwiftKVConfig, swiftkv: bool) -> bool:
-        """Whether every layer of this path (and SingleInputKV's store, on a SwiftKV path) has a C view."""
-        needs_store = swiftkv and not skv.is_baseline
-        return self._layers(skv, swiftkv) is not None and (self._store is not None or not needs_store)
+    def runs(self, skv: SwiftKVConfig) -> bool:
+        """Whether every layer of layout ``skv`` (its SwiftKV layers on their SingleInputKV path: the key the model's
+        forward runs with) and, for a SwiftKV layout, SingleInputKV's store have a C view."""
+        return self._layers(skv, True) is not None and (self._store is not None or skv.is_baseline)
 
     def _store_kv(self, spec: StoreKVSpec | None) -> kernels.CStoreKV | None:
         """The SingleInputKV store's descriptor (None: not a SwiftKV model, or a weight without a C view)."""
