@@ -1,8 +1,8 @@
 """Paged KV-cache blocks: allocate, grow, free, and (optionally) reuse cached prompt prefixes.
 
 No model, no tensors: just block ids. Prefix caching follows vLLM v1: every *full* block gets a
-hash chained from its predecessor's (``hash((parent_hash, block_tokens))``), so a hash names the
-whole prefix up to that block. Blocks are reference counted; a block whose count drops to zero
+hash chained from its predecessor's (:func:`block_hash`: sha256 of the parent's hash and the block's tokens), so
+a hash names the whole prefix up to that block. Blocks are reference counted; a block whose count drops to zero
 goes to the free queue but keeps its hash, so a later request with the same prefix can take it
 back (a hit) until the block is evicted, least recently freed first. One block holds the K/V of
 every KV owner (every layer below ``l`` and every AcrossKV group), so a hit skips the whole
@@ -11,9 +11,22 @@ network for those tokens, SwiftKV's later layers included.
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
+from collections.abc import Sequence as Tokens
 
 from swiftkv.engine.sequence import Sequence
+
+
+def block_hash(parent: bytes | None, tokens: Tokens[int], salt: str | None = None) -> bytes:
+    """The prefix hash of a full block: sha256 of its parent block's hash (for a sequence's first block: its cache
+    salt, None and "" distinct) and its token ids. Python's ``hash()`` of a tuple, used before, is not collision
+    resistant: two prompts could be crafted to share a block hash and so one request's cached K/V (vLLM's
+    CVE-2025-25183); a sha256 collision cannot be crafted."""
+    h = hashlib.sha256(parent if parent is not None else b"\x00" if salt is None else b"\x01" + salt.encode())
+    h.update(array("q", tokens).tobytes())
+    return h.digest()
 
 
 class BlockManager:
@@ -28,8 +41,8 @@ class BlockManager:
         # free blocks, eviction order first (blocks without a hash are put in front)
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.ref_counts = [0] * num_blocks
-        self.cached: dict[int, int] = {}  # prefix hash -> block
-        self.block_hash: dict[int, int] = {}  # block -> its prefix hash (while cached)
+        self.cached: dict[bytes, int] = {}  # prefix hash -> block
+        self.block_hash: dict[int, bytes] = {}  # block -> its prefix hash (while cached)
         self.num_queried_tokens = 0  # prompt tokens looked up in the prefix cache
         self.num_hit_tokens = 0  # of those, found cached
 
@@ -83,9 +96,9 @@ class BlockManager:
             return 0
         bs, hit = self.block_size, []
         limit = (seq.num_tokens - 1) // bs  # full blocks strictly before the last token
-        parent = seq.cache_salt  # a salted request shares cached prefixes only with the same salt
+        parent = None  # (then the salt: a salted request shares cached prefixes only with the same salt)
         for i in range(limit):
-            h = hash((parent, tuple(seq.token_ids[i * bs : (i + 1) * bs])))
+            h = block_hash(parent, seq.token_ids[i * bs : (i + 1) * bs], seq.cache_salt)
             block = self.cached.get(h)
             if block is None:
                 break
@@ -107,8 +120,8 @@ class BlockManager:
             return
         bs = self.block_size
         for i in range(len(seq.block_hashes), min(seq.num_computed_tokens // bs, len(seq.block_table))):
-            parent = seq.block_hashes[-1] if seq.block_hashes else seq.cache_salt
-            h = hash((parent, tuple(seq.token_ids[i * bs : (i + 1) * bs])))
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            h = block_hash(parent, seq.token_ids[i * bs : (i + 1) * bs], seq.cache_salt)
             seq.block_hashes.append(h)
             block = seq.block_table[i]
             if h not in self.cached:  # else another block already holds this prefix: keep that one

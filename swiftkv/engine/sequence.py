@@ -29,7 +29,7 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)  # prefix hash of each full block (prefix caching)
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix hash of each full block (prefix caching)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     finish_reason: str | None = None
     num_preemptions: int = 0

@@ -140,3 +140,37 @@ def test_no_leak_after_random_requests_with_shared_prefixes_and_aborts():
     assert bm.num_free_blocks == bm.num_blocks and all(r == 0 for r in bm.ref_counts)
     assert finished > 100 and bm.num_hit_tokens > 0  # the shared prefixes were really reused
     assert all(bm.cached[h] == b for b, h in bm.block_hash.items())  # the two maps agree
+
+
+def test_block_hashes_are_sha256_of_the_whole_prefix():
+    """A block's hash is sha256 of its parent's hash (a first block: its salt) and its tokens: the same prefix gives
+    the same bytes in any process, a different parent, salt or token a different hash. Python's hash() of a tuple,
+    used before, can be made to collide (hash(-1) == hash(-2) shows how little it promises)."""
+    import hashlib
+    import subprocess
+    import sys
+    from array import array
+
+    from swiftkv.engine.block_manager import block_hash
+
+    a = block_hash(None, [1, 2, 3, 4])
+    assert a == hashlib.sha256(b"\x00" + array("q", [1, 2, 3, 4]).tobytes()).digest()
+    assert block_hash(None, [1, 2, 3, 5]) != a
+    assert len({block_hash(None, [1, 2, 3, 4], s) for s in (None, "", "tenant-a", "tenant-b")}) == 4
+    assert block_hash(a, [5, 6, 7, 8]) != block_hash(block_hash(None, [9, 9, 9, 9]), [5, 6, 7, 8])  # chained
+    code = "from swiftkv.engine.block_manager import block_hash; print(block_hash(None, [1, 2, 3, 4]).hex())"
+    for seed in ("0", "1"):  # not salted by the process (Python's str hashes are)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={"PYTHONHASHSEED": seed, "PATH": ""})
+        assert out.stdout.strip() == a.hex()
+    assert hash(-1) == hash(-2) and (-1,) != (-2,)  # (why not hash())
+
+
+def test_salted_requests_share_cached_prefixes_only_with_their_salt():
+    bm = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=True)
+    tokens = list(range(13))
+    _compute(bm, Sequence("a", tokens, SamplingParams(), cache_salt="tenant-a"))
+    for salt, hit in (("tenant-a", 12), ("tenant-b", 0), (None, 0)):
+        seq = Sequence(f"s-{salt}", tokens, SamplingParams(), cache_salt=salt)
+        assert bm.allocate_cached_prefix(seq) == hit, salt
+        bm.free(seq)
