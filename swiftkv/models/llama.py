@@ -169,13 +169,11 @@ class SwiftKVCausalLM:
         if enabled and self.swiftkv_config.is_baseline:
             raise ValueError("This model has no SwiftKV layers; convert it first (swiftkv convert).")
         if not enabled and not self.teacher_available:
-            raise ValueError(f"This SwiftKV checkpoint has no original q/k/v for layers >= "
-                             f"{self.swiftkv_config.num_key_value_layers}, so the original model cannot be run; "
-                             "load a checkpoint that keeps the teacher tensors.")
+            l = self.swiftkv_config.num_key_value_layers
+            raise ValueError(f"This SwiftKV checkpoint has no original q/k/v for layers >= {l}, so the original model "
+                             "cannot be run; load a checkpoint that keeps the teacher tensors.")
 
-    # -- forward pieces (reused by distillation) ----------------------------------------------
-    # run_layers and store_swiftkv are the eager layer executor; the engine's fused decoder
-    # (swiftkv.layers.fused_decode) has the same two methods and stands in for them when the runner says so.
+    # -- forward pieces (reused by distillation; run_layers + store_swiftkv: the eager layer executor) --
 
     def run_layers(self, h, cos, sin, meta: AttentionMetadata, attn: AttentionBackend, start: int, end: int,
                    swiftkv: bool = False, skv: SwiftKVConfig | None = None) -> torch.Tensor:
