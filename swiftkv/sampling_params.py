@@ -91,6 +91,11 @@ class SamplingParams:
         """``stop_token_ids`` as a set: checked for every generated token."""
         return frozenset(self.stop_token_ids)
 
+    def stop_ids(self, eos_token_ids: frozenset[int] | set[int]) -> frozenset[int]:
+        """The token ids that end this request: ``stop_token_ids``, and the model's eos ids unless ``ignore_eos``
+        (none of them can be sampled before ``min_tokens``)."""
+        return self.stop_token_set if self.ignore_eos else self.stop_token_set | eos_token_ids
+
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1

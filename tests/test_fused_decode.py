@@ -111,7 +111,7 @@ def _fused(model, dtype=torch.float32, switches=None):
     """The fused decoder the engine would build for ``model`` (prepared here, in place)."""
     model.prepare_for_inference(dtype)
     decoder = fused_decode.FusedDecoder.build(model.fused_decode_spec(), switches or KernelSwitches())
-    return decoder if decoder is not None and decoder.runs(model.swiftkv_config) else None
+    return decoder if decoder is not None and decoder.runs(model.swiftkv_config, torch.empty(0, dtype=model.compute_dtype)) else None
 
 
 @needs_fused

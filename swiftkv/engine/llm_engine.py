@@ -131,7 +131,7 @@ class LLMEngine:
         if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         if params.min_tokens:
-            stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+            stops = params.stop_ids(self.eos_token_ids)
             if len(stops) >= vocab and all(t in stops for t in range(vocab)):
                 raise ValueError("stop_token_ids (with the eos tokens) cover the whole vocabulary: nothing can be "
                                  "sampled before min_tokens; drop min_tokens or some stop_token_ids")

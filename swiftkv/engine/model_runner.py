@@ -57,7 +57,7 @@ class ModelRunner:
                                 head_dim_of(cfg)), self.dtype, self.device)
         self.attn = PagedAttention(self.kv_cache, self.switches)
         fused = FusedDecoder.build(model.fused_decode_spec(), self.switches)
-        self.fused = fused if fused is not None and fused.runs(self.skv) else None
+        self.fused = fused if fused is not None and fused.runs(self.skv, self.kv_cache) else None
         self.sampler = Sampler()
         self.eos_token_ids = frozenset(eos_token_ids or ())  # blocked before min_tokens unless ignore_eos
 
@@ -89,22 +89,18 @@ class ModelRunner:
 
     def sampling_metadata(self, seqs: list[Sequence]) -> SamplingMetadata:
         """The sampler's view of the sequences that sample this step."""
-        def blocked(s: Sequence) -> set[int]:  # stop ids cannot be sampled before min_tokens (vLLM's rule)
-            p = s.params
-            if len(s.output_token_ids) >= p.min_tokens:
-                return set()
-            return set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
-
         return SamplingMetadata([s.params for s in seqs], [s.generator for s in seqs],
                                 [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
-                                [blocked(s) for s in seqs])
+                                # stop ids cannot be sampled before min_tokens (vLLM's rule)
+                                [s.params.stop_ids(self.eos_token_ids) if len(s.output_token_ids) < s.params.min_tokens
+                                 else frozenset() for s in seqs])
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput):
         """Run one step. Returns ``([(seq, token, logprobs)], [(seq, error)])``: the sequences that sampled, and
         those whose row could not be sampled (their parameters made no finite distribution)."""
         ids, positions, meta = self.prepare(out)
-        fused = self.fused is not None and self.fused.takes(meta, len(ids), self.kv_cache)
+        fused = self.fused is not None and self.fused.takes(meta, len(ids))
         hidden = self.model(ids, positions, meta, self.attn, swiftkv=self.swiftkv,
                             executor=self.fused if fused else None)
         if not meta.logits_seq_ids:

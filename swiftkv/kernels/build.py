@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from swiftkv.fileio import atomic_write, cache_dir
+from swiftkv.kernels.switches import switched_on
 from swiftkv.platforms import cpu_flags
 
 CSRC = Path(__file__).with_name("csrc")
@@ -58,7 +59,7 @@ class Binding:
         self._checked = False
 
     def library(self) -> ctypes.CDLL | None:
-        if self.switch is not None and os.environ.get(self.switch, "1") == "0":
+        if self.switch is not None and not switched_on(self.switch):
             return None
         lib = load(self.functions)
         if lib is not None and not self._checked:

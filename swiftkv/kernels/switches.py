@@ -53,7 +53,7 @@ class KernelSwitches:
         return cls(paged_attention=switched_on("SWIFTKV_PAGED_ATTENTION", env),
                    fused_decode=switched_on("SWIFTKV_FUSED_DECODE", env),
                    bf16_dot=switched_on("SWIFTKV_BF16_DOT", env),
-                   int8_dot=env.get("SWIFTKV_INT8_DOT", "0") == "1",
+                   int8_dot=env.get("SWIFTKV_INT8_DOT", "0") != "0",
                    prefill_attention=env.get("SWIFTKV_PREFILL_ATTENTION", "auto"))
 
     def prefill_kernel_preferred(self, dtype: torch.dtype) -> bool:

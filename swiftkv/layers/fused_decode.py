@@ -139,12 +139,10 @@ class FusedDecoder:
             self._arrays[key] = None if descs is None else (kernels.CLayer * len(descs))(*descs)
         return self._arrays[key]
 
-    def takes(self, meta, num_rows: int, kv_cache: torch.Tensor) -> bool:
-        """Whether a step is one the fused calls take: one query per sequence over an fp32 or bf16 CPU paged cache,
-        at most ``GEMM_MAX_ROWS`` rows, no gradient wanted."""
-        return (meta.paged and meta.is_decode and 1 <= num_rows <= GEMM_MAX_ROWS and not torch.is_grad_enabled()
-                and kv_cache.dtype in (torch.float32, torch.bfloat16) and kv_cache.device.type == "cpu"
-                and kv_cache.is_contiguous())
+    def takes(self, meta, num_rows: int) -> bool:
+        """Whether a step is one the fused calls take: one query per sequence over the paged cache, at most
+        ``GEMM_MAX_ROWS`` rows, no gradient wanted (the cache itself was checked once, by :meth:`runs`)."""
+        return meta.paged and meta.is_decode and 1 <= num_rows <= GEMM_MAX_ROWS and not torch.is_grad_enabled()
 
     def run_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta, attn, start: int, end: int,
                    swiftkv: bool = False, skv: SwiftKVConfig | None = None) -> torch.Tensor:
@@ -169,10 +167,13 @@ class FusedDecoder:
         step, _keep = self._step(h_l, cos, sin, meta, attn.kv_cache, True, scratch)
         kernels.store_kv(self._store, step)
 
-    def runs(self, skv: SwiftKVConfig) -> bool:
-        """Whether every layer of layout ``skv`` (its SwiftKV layers on their SingleInputKV path: the key the model's
-        forward runs with) and, for a SwiftKV layout, SingleInputKV's store have a C view."""
-        return self._layers(skv, True) is not None and (self._store is not None or skv.is_baseline)
+    def runs(self, skv: SwiftKVConfig, kv_cache: torch.Tensor) -> bool:
+        """Whether it runs layout ``skv`` over ``kv_cache``: a contiguous fp32 or bf16 CPU cache, every layer (its SwiftKV
+        layers on their SingleInputKV path: the key the model's forward runs with) and, for a SwiftKV layout,
+        SingleInputKV's store with a C view."""
+        cache_ok = (kv_cache.dtype in (torch.float32, torch.bfloat16) and kv_cache.device.type == "cpu"
+                    and kv_cache.is_contiguous())
+        return cache_ok and self._layers(skv, True) is not None and (self._store is not None or skv.is_baseline)
 
     def _store_kv(self, spec: StoreKVSpec | None) -> kernels.CStoreKV | None:
         """The SingleInputKV store's descriptor (None: not a SwiftKV model, or a weight without a C view)."""

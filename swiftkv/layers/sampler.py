@@ -18,7 +18,7 @@ class SamplingMetadata:
     generators: list[torch.Generator | None]
     prompt_ids: list[list[int]]
     output_ids: list[list[int]]
-    blocked_ids: list[set[int]]
+    blocked_ids: list[frozenset[int]]
 
 
 @dataclass
