@@ -65,13 +65,17 @@ class LLM:
         prefill_batch_tokens: once a step holds prompt tokens, another waiting prompt joins it only while
             the step's prompt tokens stay within this many (None, the default: only the token budget limits
             them; a server wants a small cap so the oldest prompt's first token comes sooner).
+        speculative_config: prompt-lookup speculative decoding in vLLM's syntax (a dict or JSON string such as
+            ``{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}``); None (default): off.
+            Greedy output is unchanged and sampled output keeps its distribution; it pays where outputs quote
+            their prompts (RAG, summaries, extraction, edits).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, swiftkv: bool | None = None,
                  dtype: str = "auto", max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  kv_cache_memory: int = 1 << 30, block_size: int = 16, max_model_len: int | None = None,
                  seed: int = 0, device: str = "cpu", enable_prefix_caching: bool = True,
-                 prefill_batch_tokens: int | None = None) -> None:
+                 prefill_batch_tokens: int | None = None, speculative_config: dict | str | None = None) -> None:
         from swiftkv.builtin import resolve_model
         from swiftkv.models.registry import DEFAULT_SWIFTKV_MODEL
 
@@ -81,10 +85,10 @@ class LLM:
                              "use dtype bfloat16 or float32 (--dtype)")
         if device == "cpu":
             check_fits(path, dtype, kv_cache_memory, max_num_batched_tokens)
+        config = EngineConfig(max_num_seqs, max_num_batched_tokens, kv_cache_memory, block_size, max_model_len, seed,
+                              enable_prefix_caching, prefill_batch_tokens, speculative_config)  # checked before loading
         self.model, self.model_path = load_model(path, dtype=dtype, device=device, for_inference=True)
         self.tokenizer = load_tokenizer(self.model_path)
-        config = EngineConfig(max_num_seqs, max_num_batched_tokens, kv_cache_memory, block_size, max_model_len, seed,
-                              enable_prefix_caching, prefill_batch_tokens)
         self.engine = LLMEngine(self.model, self.tokenizer, config, swiftkv)
         self._counter = itertools.count()
 

@@ -22,6 +22,8 @@ class SamplingParams:
     divides the positive logits and multiplies the negative ones of every token seen in the prompt or the
     output; ``frequency_penalty`` and ``presence_penalty`` (in [-2, 2], 0 = off) subtract ``f x count`` and
     ``p x (count > 0)`` for the tokens generated so far.
+    ``num_speculative_tokens`` (an engine with speculative decoding only): at most this many draft tokens per
+    step for this request, 0 for none (say, a chat turn that rarely quotes its prompt); None: the engine's.
     """
 
     n: int = 1
@@ -40,6 +42,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    num_speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -77,6 +80,9 @@ class SamplingParams:
              f"logprobs must be an integer in [0, 20], got {self.logprobs!r}"),
             (self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20),
              f"prompt_logprobs must be an integer in [0, 20], got {self.prompt_logprobs!r}"),
+            (self.num_speculative_tokens is None or (isinstance(self.num_speculative_tokens, int)
+                                                     and self.num_speculative_tokens >= 0),
+             f"num_speculative_tokens must be a non-negative integer, got {self.num_speculative_tokens!r}"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -100,6 +100,22 @@ def to_distinct_swiftkv(model, l: int, G: int, bf16: bool = False):
     return model
 
 
+class OracleProposer:
+    """Drafts the reference's true continuation with every third draft wrong: accepted and rejected drafts, every
+    step, whatever the n-gram statistics of a random model."""
+
+    def __init__(self, prompts, refs, k=3):
+        self.cases, self.k, self.calls = list(zip(prompts, refs)), k, 0
+
+    def propose(self, token_ids, max_drafts=None):
+        self.calls += 1
+        for prompt, ref in self.cases:
+            if token_ids[: len(prompt)] == prompt and ref[: len(token_ids) - len(prompt)] == token_ids[len(prompt):]:
+                drafts = ref[len(token_ids) - len(prompt):][: min(self.k, max_drafts)]
+                return [(t + 1) % 128 if (self.calls + j) % 3 == 0 else t for j, t in enumerate(drafts)]
+        return []
+
+
 def gguf_like(out_features: int, in_features: int, kind: str, seed: int = 0) -> torch.Tensor:
     """fp32 weights as GGUF dequantizes them: Q4_1 (fp16 scale * q + fp16 min, q in 0..15) or
     Q8_0 (fp16 scale * q, q in -127..127), blocks of 32 inputs."""
@@ -210,7 +226,8 @@ def start_server(model_dir, **kw):
     from swiftkv.llm import LLM
     from swiftkv.server.app import build_app
 
-    llm = LLM(model_dir, dtype="float32", max_num_seqs=kw.pop("max_num_seqs", 64), kv_cache_memory=64 << 20)
+    llm = LLM(model_dir, dtype="float32", max_num_seqs=kw.pop("max_num_seqs", 64), kv_cache_memory=64 << 20,
+              speculative_config=kw.pop("speculative_config", None))
     app = build_app(llm, SERVED_MODEL, **kw)
     return LoopbackServer(app), app
 

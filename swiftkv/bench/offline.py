@@ -52,9 +52,10 @@ def peak_rss_mb() -> float:
 
 def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2, dtype: str = "auto",
                       out_dir: str | None = None, with_transformers: bool = True, max_num_seqs: int = 16,
-                      kv_budget_gb: float = 1.0, seed: int = 0, peers=None) -> dict:
+                      kv_budget_gb: float = 1.0, seed: int = 0, peers=None, speculative_config: str | None = None) -> dict:
     """Run ``workload`` on swiftkv (SwiftKV), swiftkv (baseline), transformers and the installed
-    peers (``peers``: a :class:`~swiftkv.bench.peers.PeerSpec`), interleaved."""
+    peers (``peers``: a :class:`~swiftkv.bench.peers.PeerSpec`), interleaved; with ``speculative_config``
+    (JSON) also swiftkv with that speculative decoding (and each vLLM peer with it)."""
     from pathlib import Path
 
     from swiftkv.bench.env import environment, warn_if_busy
@@ -70,11 +71,12 @@ def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2
     env = environment(dtype)
     warn_if_busy(env)
     caching = uses_prefix_caching(workload.name if isinstance(workload, Workload) else workload)
-    systems = swiftkv_systems(model, dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048,
-                              enable_prefix_caching=caching)
+    systems = swiftkv_systems(model, dtype, speculative_config, max_num_seqs=max_num_seqs,
+                              max_num_batched_tokens=2048, enable_prefix_caching=caching)
     m, path = systems["swiftkv"].llm.model, systems["swiftkv"].llm.model_path
     cfg, skv = m.config, m.swiftkv_config
-    w = workload if isinstance(workload, Workload) else Workload.make(workload, cfg.vocab_size, seed)
+    w = (workload if isinstance(workload, Workload)
+         else Workload.make(workload, cfg.vocab_size, seed, tokenizer=systems["swiftkv"].llm.tokenizer))
     if with_transformers:
         systems["transformers"] = TransformersSystem(load_transformers_model(path, m.compute_dtype),
                                                      dtype, max_num_seqs)
@@ -97,7 +99,7 @@ def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2
     budget = kv_budget_gb * (1 << 30)
     stats = {}
     for name, runs in raw.items():
-        swift = name in ("swiftkv", "vllm-swiftkv")  # the systems that run the SwiftKV model
+        swift = name.split("+")[0] in ("swiftkv", "vllm-swiftkv")  # the systems that run the SwiftKV model
         kvb = kv_bytes_per_token(cfg, skv if swift else type(skv).baseline(skv.num_layers), m.compute_dtype)
         stats[name] = {**summarise(runs, w, workload_flops(cfg, skv, w, swift), peak),
                          "kv_bytes_per_token": kvb, "max_concurrent_seqs": int(budget // (kvb * seq_len))}
@@ -108,13 +110,22 @@ def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2
               "dtypes": {name: s.dtype for name, s in systems.items()},
               "matmul_peak_gflops": peak / 1e9, "peak_rss_mb": peak_rss_mb(), "kv_budget_gb": kv_budget_gb,
               "systems": stats, "failed": failed}
+    if "swiftkv+ngram" in systems:  # how often the drafts hit (all runs, warm-up included)
+        s = systems["swiftkv+ngram"].llm.engine.spec_stats
+        result["spec_decode"] = {"config": speculative_config, "acceptance_rate": s.acceptance_rate,
+                                 "mean_acceptance_length": s.mean_acceptance_length}
     title = (f"{w.name}: {len(w.prompts)} requests, {w.prompt_tokens} prompt / {w.output_tokens} output tokens, "
              f"SwiftKV l={skv.num_key_value_layers}/{skv.num_layers} G={skv.key_value_group_size}; "
              f"{env['dtype']}, {env['threads']} threads, KV cache {env.get('kv_cache_gib', '?')} GiB each, load {env['loadavg_1m']}")
     print(title)
     print("dtypes: " + ", ".join(f"{k} {v}" for k, v in result["dtypes"].items()))
     print(format_table(stats))
-    print("\n".join(ratio_lines(stats) + [f"FAILED {name}: {why}" for name, why in failed.items()]))
+    spec_ratios = ratio_lines(stats, "output_tokens_per_s", "swiftkv+ngram")
+    print("\n".join(ratio_lines(stats) + spec_ratios + [f"FAILED {name}: {why}" for name, why in failed.items()]))
+    if "spec_decode" in result:
+        sd = result["spec_decode"]
+        print(f"swiftkv+ngram: {sd['acceptance_rate']:.0%} of drafts accepted, "
+              f"{sd['mean_acceptance_length']:.2f} tokens per verification step")
     if out_dir:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

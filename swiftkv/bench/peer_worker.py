@@ -37,14 +37,15 @@ class VLLMPeer:
     Prefix caching is off, so repeated prompts are really prefilled again."""
 
     def __init__(self, model: str, threads: int, max_model_len: int, max_num_seqs: int, dtype: str,
-                 prefix_caching: bool = False) -> None:
+                 prefix_caching: bool = False, speculative_config: dict | None = None) -> None:
         import vllm
         from vllm import LLM
 
         self.version = vllm.__version__
         self.prefix_caching = prefix_caching
         self.llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                       max_num_batched_tokens=max(max_model_len, 2048), enable_prefix_caching=prefix_caching, seed=0)
+                       max_num_batched_tokens=max(max_model_len, 2048), enable_prefix_caching=prefix_caching, seed=0,
+                       speculative_config=speculative_config)
 
     def _generate(self, prompts: list[list[int]], max_tokens: int):
         from vllm import SamplingParams
@@ -163,10 +164,12 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--dtype", default="bfloat16", help="vLLM's and OpenVINO's compute dtype (the parent passes swiftkv's)")
     ap.add_argument("--prefix-caching", action="store_true", help="vLLM: prefix caching on (emptied every run)")
+    ap.add_argument("--speculative-config", default=None, help="vLLM: its --speculative-config (JSON)")
     args = ap.parse_args()
     try:
+        extra = {"speculative_config": json.loads(args.speculative_config)} if args.speculative_config else {}
         peer = PEERS[args.backend](args.model, args.threads, args.max_model_len, args.max_num_seqs, args.dtype,
-                                   args.prefix_caching)
+                                   args.prefix_caching, **extra)
     except Exception as e:  # reported to the parent, which skips this peer with the reason
         reply({"error": f"{type(e).__name__}: {e}"})
         return

@@ -80,7 +80,8 @@ class Peer:
 
     def __init__(self, backend: str, python: str, model: str, threads: int, max_model_len: int = 4096,
                  max_num_seqs: int = 32, log_dir: str | None = None, dtype: str = "bfloat16",
-                 prefix_caching: bool = False, name: str | None = None, timeout_s: float = 3600.0) -> None:
+                 prefix_caching: bool = False, name: str | None = None, timeout_s: float = 3600.0,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.backend, self.name, self.timeout_s = backend, name or backend, timeout_s
         started = time.perf_counter()
         worker = Path(__file__).with_name("peer_worker.py")
@@ -89,7 +90,8 @@ class Peer:
         self.process = ManagedProcess(
             self.name, [python, str(worker), backend, model, "--threads", str(threads), "--max-model-len",
                         str(max_model_len), "--max-num-seqs", str(max_num_seqs), "--dtype", dtype]
-            + (["--prefix-caching"] if prefix_caching else []), _peer_env(backend, python, threads), log, pipes=True)
+            + (["--prefix-caching"] if prefix_caching else []) + list(extra_args), _peer_env(backend, python, threads),
+            log, pipes=True)
         self.proc = self.process.start()
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True, name=f"peer-{self.name}").start()
@@ -157,6 +159,7 @@ class PeerSpec:
     gguf: tuple[str, ...] = ()  # llama.cpp models (one system each); default: the built-in model's Q4_1 GGUF
     enabled: tuple[str, ...] = ("vllm", "vllm-swiftkv", "llama.cpp")
     openvino_python: str | None = None
+    speculative_config: str | None = None  # JSON: each vLLM peer also runs with it, as "<name>+ngram"
 
     def python_for(self, backend: str) -> str | None:
         """The interpreter given for ``backend`` (None: look in the environment)."""
@@ -188,11 +191,14 @@ def start_peers(spec: PeerSpec, model_dir: Path, threads: int, max_model_len: in
         except (RuntimeError, ValueError) as e:
             print(f"bench: {backend} skipped: {e}", file=sys.stderr)
             continue
+        if spec.speculative_config and backend.startswith("vllm"):  # vLLM's own n-gram speculation beside it
+            models[f"{backend}+ngram"] = models[backend]
         for name, model in models.items():
+            extra = ("--speculative-config", spec.speculative_config) if name.endswith("+ngram") else ()
             print(f"bench: starting {name} ({python}) on {model}", file=sys.stderr, flush=True)
             try:
                 peers[name] = Peer(backend, python, model, threads, max_model_len, max_num_seqs, log_dir, dtype,
-                                   prefix_caching, name, timeout_s=PEER_TIMEOUT_S)
+                                   prefix_caching, name, timeout_s=PEER_TIMEOUT_S, extra_args=extra)
             except (RuntimeError, ValueError) as e:
                 print(f"bench: {name} skipped: {e}", file=sys.stderr)
     return peers

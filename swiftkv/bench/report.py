@@ -52,7 +52,8 @@ def plot(systems: dict[str, dict], title: str, path: Path) -> None:
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6))
     for ax, (key, label) in zip(axes, metrics):
         vals = [systems[n].get(key) or 0 for n in names]
-        bars = ax.bar(names, vals, color=["tab:blue", "tab:gray", "tab:orange", "tab:green", "tab:red"][: len(names)])
+        palette = ["tab:blue", "tab:gray", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+        bars = ax.bar(names, vals, color=[palette[i % len(palette)] for i in range(len(names))])
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
         ax.set_title(label, fontsize=10)
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)

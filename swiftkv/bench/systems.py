@@ -110,15 +110,25 @@ class TransformersSystem:
         pass
 
 
-def swiftkv_systems(model, dtype: str, **llm_kw) -> dict[str, EngineSystem]:
+def swiftkv_systems(model, dtype: str, speculative_config: str | None = None, **llm_kw) -> dict[str, EngineSystem]:
     """swiftkv in SwiftKV mode and in baseline mode (the same engine with l = L), one checkpoint loaded once:
-    the two engines share its weights, each with a KV cache of its own."""
+    the two engines share its weights, each with a KV cache of its own. With ``speculative_config`` (JSON) a
+    third, ``swiftkv+ngram``: SwiftKV mode with prompt-lookup speculative decoding."""
+    from dataclasses import replace
+
+    from swiftkv.engine.spec_decode import SpeculativeConfig
     from swiftkv.llm import LLM
 
+    spec = SpeculativeConfig.parse(speculative_config)  # a bad config is refused before anything loads
     llm_kw.setdefault("kv_cache_memory", KV_CACHE_GIB << 30)  # as much as the peers get
     swift = LLM(model, swiftkv=True, dtype=dtype, **llm_kw)
     base = LLM.from_model(swift.model, swift.tokenizer, swift.model_path, swift.engine.config, swiftkv=False)
-    return {"swiftkv": EngineSystem("swiftkv", swift, dtype), "baseline": EngineSystem("baseline", base, dtype)}
+    systems = {"swiftkv": EngineSystem("swiftkv", swift, dtype), "baseline": EngineSystem("baseline", base, dtype)}
+    if spec is not None:
+        config = replace(swift.engine.config, speculative_config=spec)
+        spec_llm = LLM.from_model(swift.model, swift.tokenizer, swift.model_path, config, swiftkv=True)
+        systems["swiftkv+ngram"] = EngineSystem("swiftkv+ngram", spec_llm, dtype)
+    return systems
 
 
 class _FirstTokenClock:

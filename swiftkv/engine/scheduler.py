@@ -7,6 +7,10 @@ allow (and, with ``prefill_batch_tokens``, while the step's prompt tokens stay w
 oldest prompt gets its first token sooner instead of sharing a long step with the next ones).
 Long prompts are split into chunks. When blocks run out, the most recently admitted
 running sequence is preempted: its blocks are freed and it is recomputed later (nothing lost).
+
+Speculative decoding: a decoding sequence's draft tokens (``spec_token_ids``) are scheduled with its pending
+token, as far as the budget allows; after the step the rejected ones are rolled back (:meth:`update_after_step`):
+the sequence's computed tokens stop at the last accepted one and the blocks only rejected drafts used are freed.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from swiftkv.engine.sequence import Sequence, SequenceStatus
 
 @dataclass
 class SchedulerOutput:
-    """What to run this step: ``num_tokens[i]`` new tokens of ``seqs[i]``."""
+    """What to run this step: ``num_tokens[i]`` new tokens of ``seqs[i]`` (its draft tokens included, last)."""
 
     seqs: list[Sequence] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)
@@ -77,6 +81,7 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
+        seq.spec_token_ids = []  # recomputed from the prompt: drafts are proposed again after its next token
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
@@ -89,7 +94,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = min(seq.num_uncomputed_tokens + len(seq.spec_token_ids), budget)
+            del seq.spec_token_ids[max(0, n - seq.num_uncomputed_tokens):]  # drafts beyond the budget wait
             while not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim, out)
@@ -126,8 +132,14 @@ class Scheduler:
             prompt_tokens += n
         return out
 
-    def update_after_step(self, out: SchedulerOutput) -> None:
-        """The model computed the scheduled tokens: advance each sequence's progress."""
-        for seq, n in zip(out.seqs, out.num_tokens):
-            seq.num_computed_tokens += n
+    def update_after_step(self, out: SchedulerOutput, num_rejected: list[int] | None = None) -> None:
+        """The model computed the scheduled tokens: advance each sequence's progress. ``num_rejected[i]``: how many
+        of ``seqs[i]``'s draft tokens were rejected (their KV is rolled back: not counted as computed, and blocks
+        only they used are freed). Called after the step's accepted tokens were appended to ``token_ids``."""
+        for i, (seq, n) in enumerate(zip(out.seqs, out.num_tokens)):
+            seq.num_computed_tokens = min(seq.num_computed_tokens + n - (num_rejected[i] if num_rejected else 0),
+                                          seq.num_tokens)  # (tokens after a stop are not kept)
+            seq.spec_token_ids = []
+            if not seq.is_finished:
+                self.block_manager.trim(seq, seq.num_computed_tokens)
             self.block_manager.cache_full_blocks(seq)

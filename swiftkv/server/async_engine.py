@@ -133,7 +133,13 @@ class AsyncEngine:
         return {"running": len(sched.running), "waiting": len(sched.waiting),
                 "kv_blocks_used": bm.num_used_blocks, "kv_blocks_free": bm.num_free_blocks,
                 "prefix_cache_queried_tokens": bm.num_queried_tokens, "prefix_cache_hit_tokens": bm.num_hit_tokens,
-                "prefix_cache_hit_rate": bm.prefix_cache_hit_rate}
+                "prefix_cache_hit_rate": bm.prefix_cache_hit_rate, **self._spec_stats()}
+
+    def _spec_stats(self) -> dict:
+        s = self.engine.spec_stats
+        return {"spec_decode_num_drafts": s.num_drafts, "spec_decode_num_draft_tokens": s.num_draft_tokens,
+                "spec_decode_num_accepted_tokens": s.num_accepted_tokens,
+                "spec_decode_mean_acceptance_length": s.mean_acceptance_length}
 
     async def shutdown(self, grace_s: float = 10.0) -> None:
         """Stop accepting; let in-flight requests finish for ``grace_s``, then abort the rest."""

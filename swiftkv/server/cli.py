@@ -20,7 +20,8 @@ def cmd_serve(args) -> None:
     check_serve_args(args)
     llm = LLM(args.model, swiftkv=args.swiftkv, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=int(args.kv_cache_gb * (1 << 30)),
-              enable_prefix_caching=args.enable_prefix_caching, prefill_batch_tokens=args.prefill_batch_tokens or None)
+              enable_prefix_caching=args.enable_prefix_caching, prefill_batch_tokens=args.prefill_batch_tokens or None,
+              speculative_config=args.speculative_config)
     name = args.served_model_name or (args.model and os.path.basename(os.path.normpath(str(args.model)))) \
         or DEFAULT_SWIFTKV_MODEL
     api_key = args.api_key if args.api_key is not None else os.environ.get("SWIFTKV_API_KEY")  # "" is refused
@@ -40,6 +41,10 @@ def check_serve_args(args) -> None:
     check_range("--max-waiting", args.max_waiting, 0)
     check_range("--max-request-bytes", args.max_request_bytes, 1)
     check_range("--request-timeout", args.request_timeout, 0, low_open=True)
+    if args.speculative_config is not None:
+        from swiftkv.engine.spec_decode import SpeculativeConfig
+
+        SpeculativeConfig.parse(args.speculative_config)  # "--speculative-config: ..." before the model loads
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key is empty (an unset shell variable?); give a non-empty key, or leave it out")
 
@@ -67,5 +72,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--enable-docs", action=argparse.BooleanOptionalAction, default=None,
                    help="serve /docs and /openapi.json (default: only without --api-key)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is aborted (504)")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='prompt-lookup speculative decoding, vLLM\'s syntax: \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' (default off; '
+                        'a request may lower it with "num_speculative_tokens"; /metrics has the acceptance)')
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)

@@ -27,6 +27,13 @@ class Metrics:
                                  "(monotonic)", registry=r)
         self.prefix_hit_rate = Gauge("swiftkv_prefix_cache_hit_rate", "Hit tokens / queried tokens since start",
                                      registry=r)
+        # speculative decoding (vLLM's spec_decode metrics; all 0 without --speculative-config)
+        self.spec = {key: Gauge(f"swiftkv_{key}", doc, registry=r) for key, doc in (
+            ("spec_decode_num_drafts", "Verification steps with draft tokens (monotonic)"),
+            ("spec_decode_num_draft_tokens", "Draft tokens verified (monotonic)"),
+            ("spec_decode_num_accepted_tokens", "Draft tokens accepted (monotonic)"),
+            ("spec_decode_mean_acceptance_length", "Tokens per verification step since start: 1 + accepted / drafts"),
+        )}
 
     def set_state(self, stats: dict) -> None:
         self.running.set(stats["running"])
@@ -36,6 +43,8 @@ class Metrics:
         self.prefix_queries.set(stats["prefix_cache_queried_tokens"])
         self.prefix_hits.set(stats["prefix_cache_hit_tokens"])
         self.prefix_hit_rate.set(stats["prefix_cache_hit_rate"])
+        for key, gauge in self.spec.items():
+            gauge.set(stats[key])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

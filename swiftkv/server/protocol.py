@@ -61,6 +61,8 @@ class _Common(BaseModel):
     repetition_penalty: float | None = Field(default=1.0, gt=0, allow_inf_nan=False)
     min_tokens: int = Field(default=0, ge=0)
     cache_salt: str | None = Field(default=None, min_length=1, max_length=256)  # prefix cache per tenant (vLLM)
+    # swiftkv: draft tokens per step for this request on a server with --speculative-config (0: none)
+    num_speculative_tokens: int | None = Field(default=None, ge=0)
 
     _check_stop = field_validator("stop")(check_text)
 
@@ -87,6 +89,7 @@ class _Common(BaseModel):
             ignore_eos=self.ignore_eos, logprobs=logprobs, min_tokens=self.min_tokens,
             frequency_penalty=self.frequency_penalty or 0.0, presence_penalty=self.presence_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            num_speculative_tokens=self.num_speculative_tokens,
         )
 
 

@@ -20,7 +20,8 @@ def sample(logits, params, gens, blocked=None, prompts=None, outputs=None):
     n = len(params)
     out = Sampler()(logits, SamplingMetadata(params, gens, prompts or [[]] * n, outputs or [[]] * n,
                                              blocked or [set()] * n))
-    return out.tokens, out.logprobs, out.errors
+    assert all(len(t) == (0 if r in out.errors else 1) for r, t in enumerate(out.tokens))  # no drafts: one token
+    return ([t[0] if t else None for t in out.tokens], [lp and lp[0] for lp in out.logprobs], out.errors)
 
 
 @pytest.mark.parametrize("kw,expected", [
