@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from transformers import LlamaConfig
 
 from swiftkv.bench.env import KV_CACHE_GIB
@@ -451,3 +452,37 @@ def test_openvino_model_is_exported_once_with_fp16_weights(tmp_path, monkeypatch
     monkeypatch.setenv("FAIL", "1")
     with pytest.raises(ValueError, match="(?s)could not export.*unsupported op"):
         peers.openvino_model(model_dir, str(venv / "python"))
+
+
+def test_text_workloads_and_the_speculative_system(tiny_chat_model_dir, tmp_path, capsys):
+    """quote-heavy: real documents and an ask on the middle one, seeded; chat-text: real questions; with
+    --speculative-config the offline bench runs swiftkv+ngram beside swiftkv and reports its acceptance."""
+    from swiftkv.bench.offline import run_offline_bench
+    from swiftkv.bench.workloads import QUOTE_TASKS, Workload
+    from swiftkv.models.loader import load_tokenizer
+
+    tok = load_tokenizer(tiny_chat_model_dir)
+    w = Workload.make("quote-heavy", tok.vocab_size, seed=1, num_requests=4, tokenizer=tok)
+    assert w == Workload.make("quote-heavy", tok.vocab_size, seed=1, num_requests=4, tokenizer=tok)
+    texts = [tok.decode(p) for p in w.prompts]
+    assert all("Document 5:" in t and "Document 3" in t.split("Document 5:")[1] for t in texts)
+    assert [any(task.split("{")[0][:20] in t for task in QUOTE_TASKS) for t in texts] == [True] * 4
+    assert all(len(p) > 300 for p in w.prompts) and w.max_tokens == 96
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        Workload.make("chat-text", tok.vocab_size)
+    chat = Workload.make("chat-text", tok.vocab_size, num_requests=3, max_tokens=4, tokenizer=tok)
+    from swiftkv.data.datasets import truthfulqa
+
+    questions = [ex["Question"] for ex in truthfulqa()["examples"]]
+    assert all(sum(q in tok.decode(p) for q in questions) == 1 for p in chat.prompts)
+    from swiftkv.models.loader import load_model, save_checkpoint
+    from swiftkv.transform import to_swiftkv
+
+    ckpt = save_checkpoint(to_swiftkv(load_model(tiny_chat_model_dir)[0], SwiftKVConfig(6, 3)), tmp_path / "skv",
+                           source_dir=tiny_chat_model_dir)
+    res = run_offline_bench(str(ckpt), Workload("custom", [p[-60:] for p in w.prompts], 6), reps=1,
+                            dtype="float32", with_transformers=False, max_num_seqs=2,
+                            speculative_config='{"method": "ngram", "num_speculative_tokens": 2}')
+    assert set(res["systems"]) == {"swiftkv", "baseline", "swiftkv+ngram"}
+    assert res["spec_decode"]["mean_acceptance_length"] >= 0
+    assert "swiftkv+ngram/swiftkv output_tokens_per_s" in capsys.readouterr().out

@@ -21,6 +21,7 @@ from swiftkv.sampling_params import SamplingParams
 
 L = 6
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+FIXED = {**NGRAM, "adaptive": False}  # every proposed draft verified: the oracle's rejections all reach the sampler
 
 
 # -- the proposer and its config ------------------------------------------------------------------------------
@@ -110,7 +111,7 @@ def test_greedy_output_is_identical_with_speculation(base_dir, l, G, budget, ora
     model = _model(base_dir, l, G)
     prompts = _prompts()
     refs = [greedy_generate(model, p, 12) for p in prompts]
-    engine = _engine(model, max_num_batched_tokens=budget, max_num_seqs=3)
+    engine = _engine(model, FIXED if oracle else NGRAM, max_num_batched_tokens=budget, max_num_seqs=3)
     if oracle:
         engine.proposer = OracleProposer(prompts, refs)
     outs = _run_checked(engine, prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
@@ -126,7 +127,7 @@ def test_greedy_identical_under_preemption_with_speculation(base_dir):
     model = _model(base_dir, 3, 1)
     prompts = _prompts(seed=1)
     refs = [greedy_generate(model, p, 12) for p in prompts]
-    engine = _engine(model, blocks=14, max_num_seqs=4)
+    engine = _engine(model, FIXED, blocks=14, max_num_seqs=4)
     engine.proposer = OracleProposer(prompts, refs)
     preempted = []
     orig = engine.scheduler._preempt
@@ -142,7 +143,7 @@ def test_prefix_cache_never_holds_rejected_drafts(base_dir):
     model = _model(base_dir, 3, 1)
     prompts = _prompts(seed=2)
     refs = [greedy_generate(model, p, 14) for p in prompts]
-    engine = _engine(model, enable_prefix_caching=True)
+    engine = _engine(model, FIXED, enable_prefix_caching=True)
     engine.proposer = OracleProposer(prompts, refs, k=4)
     params = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
     first = _run_checked(engine, prompts, params)
@@ -159,7 +160,7 @@ def test_stops_and_logprobs_with_speculation(base_dir):
     model = _model(base_dir, 3, 1)
     prompts = _prompts(seed=3)
     refs = [greedy_generate(model, p, 12) for p in prompts]
-    engine = _engine(model)
+    engine = _engine(model, FIXED)
     engine.proposer = OracleProposer(prompts, refs, k=4)
     stop = refs[0][5]
     (out,) = _run_checked(engine, prompts[:1], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop]))
@@ -180,6 +181,122 @@ def test_sampled_requests_with_speculation_finish_and_stay_seeded(base_dir):
     a = [o.outputs[0].token_ids for o in _run_checked(_engine(model), prompts, params)]
     b = [o.outputs[0].token_ids for o in _run_checked(_engine(_model(base_dir, 3, 1)), prompts, params)]
     assert a == b and all(len(t) == 10 for t in a)
+
+
+def test_adaptive_length_stops_verifying_drafts_that_miss_and_resumes_when_they_hit(base_dir):
+    """Drafts that keep missing stop being verified (their rows cost more than they bring); the proposals are still
+    checked against the sampled tokens for free, and verification resumes once they hit. Output stays exact."""
+    model = _model(base_dir, 3, 1)
+    prompts = _prompts(seed=6)[:1]
+    ref = greedy_generate(model, prompts[0], 24)
+
+    class WrongThenRight:  # 8 proposals of wrong tokens, then the reference's continuation
+        calls = 0
+
+        def propose(self, token_ids, max_drafts=None):
+            self.calls += 1
+            right = ref[len(token_ids) - len(prompts[0]):][: min(3, max_drafts)]
+            return [(t + 1) % 128 for t in right] if self.calls <= 8 else right
+
+    engine = _engine(model)
+    engine.proposer = proposer = WrongThenRight()
+    (out,) = _run_checked(engine, prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    assert out.outputs[0].token_ids == ref
+    s = engine.spec_stats
+    assert s.num_drafts < proposer.calls  # some proposals were only checked, not verified
+    assert s.num_accepted_tokens >= 6  # ... and verification came back once they hit
+
+
+def test_draft_length_follows_the_acceptance():
+    from swiftkv.engine.spec_decode import DraftStats
+
+    lengths = [DraftStats(10 * a, 10 * (1 - a)).length(6) for a in (0.1, 0.5, 0.8, 0.95, 1.0)]
+    assert lengths[0] == 0 and lengths == sorted(lengths) and lengths[-1] >= 3
+    s = DraftStats()
+    for _ in range(10):
+        s.observe(3, 0)
+    assert s.length(4) == 0  # drafts that never hit are not worth a row
+    for _ in range(10):
+        s.observe(3, 3)
+    assert s.length(4) >= 3
+    assert s.length(4, row_cost=5.0) == 0 and DraftStats(0.5, 0.5).length(4, row_cost=0.01) == 4  # cost decides too
+
+
+def test_step_cost_fits_the_decode_steps_time_per_row():
+    from swiftkv.engine.spec_decode import DRAFT_ROW_COST, StepCost
+
+    cost = StepCost()
+    for _ in range(10):
+        cost.add(1, 0.070)
+    assert cost.row_cost(1) == DRAFT_ROW_COST  # one size of step only: no slope to fit yet
+    for rows in [1, 2, 5, 3, 1, 4] * 3:
+        cost.add(rows, 0.066 + 0.004 * rows)  # a memory-bound model: 4 ms per row over 66 ms
+    assert cost.row_cost(1) == pytest.approx(0.004 / 0.070) and cost.row_cost(4) == pytest.approx(0.004 / 0.082)
+
+
+def test_penalties_and_stop_strings_with_speculation(tiny_chat_model_dir):
+    """Penalties see each draft as an output before the next (one row each), and stop strings end the text where
+    they do without drafts: output equal to the engine's without speculation."""
+    from swiftkv.llm import LLM
+
+    plain = LLM(tiny_chat_model_dir, dtype="float32", kv_cache_memory=16 << 20)
+    spec = LLM.from_model(plain.model, plain.tokenizer, tiny_chat_model_dir,
+                          EngineConfig(kv_cache_memory=16 << 20, speculative_config=FIXED))
+    prompts = ["one two three one two three one two", "the cat sat on the mat and the cat sat on the"]
+    for params in (SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, presence_penalty=0.4,
+                                  frequency_penalty=0.3, repetition_penalty=1.3),
+                   SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, min_tokens=5)):
+        want = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+        assert [o.outputs[0].token_ids for o in spec.generate(prompts, params)] == want
+    text = plain.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0].outputs[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop])
+    a, b = plain.generate(prompts[:1], params)[0].outputs[0], spec.generate(prompts[:1], params)[0].outputs[0]
+    assert (b.text, b.finish_reason) == (a.text, a.finish_reason) and a.finish_reason == "stop"
+    assert spec.engine.spec_stats.num_accepted_tokens > 0
+
+
+def test_sampled_output_distribution_is_unchanged_in_the_engine(base_dir):
+    """The joint distribution of a request's second and third sampled tokens (top-k 3, temperature 1; the second is
+    verified against a draft, the greedy continuation, kept with probability p(draft); the third is the bonus
+    token or a draw after a rejection) equals the one without drafts: a two-sample chi-square test over 500 seeded
+    requests each, at 0.1% significance."""
+    model = _model(base_dir, 3, 1)
+    prompt = _prompts(seed=7)[0]
+    ref = greedy_generate(model, prompt, 3)
+    params = [SamplingParams(temperature=1.0, top_k=3, max_tokens=3, ignore_eos=True, seed=s) for s in range(500)]
+
+    def joint(engine):
+        ids = [engine.add_request(prompt, p) for p in params]
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update({o.request_id: tuple(o.outputs[0].token_ids[1:]) for o in engine.step() if o.finished})
+        return [done[i] for i in ids]
+
+    without = joint(_engine(model, None, blocks=2048, max_num_seqs=128))
+    engine = _engine(_model(base_dir, 3, 1), FIXED, blocks=2048, max_num_seqs=128)
+
+    class Greedy:  # drafts the greedy continuation after the prompt: the most likely tokens, often accepted
+        def propose(self, token_ids, max_drafts=None):
+            return ref[len(token_ids) - len(prompt):][:max_drafts]
+
+    engine.proposer = Greedy()
+    with_drafts = joint(engine)
+    assert engine.spec_stats.num_accepted_tokens > 50  # drafts were verified, many accepted
+    cats = sorted(set(without) | set(with_drafts))
+    a = torch.tensor([without.count(c) for c in cats], dtype=torch.double)
+    b = torch.tensor([with_drafts.count(c) for c in cats], dtype=torch.double)
+    keep = (a + b) >= 10  # pool the rare pairs into one cell
+    a = torch.cat([a[keep], a[~keep].sum()[None]])
+    b = torch.cat([b[keep], b[~keep].sum()[None]])
+    a, b = a[(a + b) > 0], b[(a + b) > 0]
+    chi2 = float((((a - b) ** 2) / (a + b)).sum())  # equal sample sizes
+    dof = len(a) - 1
+    critical = {k: v for k, v in zip(range(1, 31), [10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32, 26.12, 27.88,
+                                                     29.59, 31.26, 32.91, 34.53, 36.12, 37.70, 39.25, 40.79, 42.31,
+                                                     43.82, 45.31, 46.80, 48.27, 49.73, 51.18, 52.62, 54.05, 55.48,
+                                                     56.89, 58.30, 59.70])}[dof]
+    assert chi2 < critical, (chi2, dof, cats)
 
 
 # -- the rejection rule: the sampled distribution is exact ----------------------------------------------------------

@@ -137,7 +137,8 @@ def test_greedy_output_in_every_storage_form(tmp_path, monkeypatch, form, fused)
             assert done[i].token_ids == ref
     # speculative decoding on the same held weights: drafts verified as rows of one query each (fused where decode is)
     spec = LLMEngine(model, config=EngineConfig(kv_cache_memory=4 << 20, block_size=4, max_num_batched_tokens=16,
-                                                speculative_config={"method": "ngram", "num_speculative_tokens": 3}))
+                                                speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                                                    "adaptive": False}))
     spec.proposer = OracleProposer(PROMPTS, refs)
     ids = [spec.add_request(p, GREEDY) for p in PROMPTS]
     while spec.has_unfinished_requests():

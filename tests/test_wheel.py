@@ -57,7 +57,7 @@ def _venv_seeing_this_environment(env_dir: Path) -> Path:
 def test_the_wheel_carries_the_c_sources_and_the_shipped_tensors(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for d, pattern in (("swiftkv/kernels/csrc", "*.[ch]"), ("swiftkv/models/shipped", "*.safetensors"),
-                       ("swiftkv/eval/data/truthful_qa", "*")):
+                       ("swiftkv/data/truthful_qa", "*")):
         expected = {p.relative_to(ROOT).as_posix() for p in (ROOT / d).glob(pattern)}
         assert expected and expected <= names, f"missing from the wheel: {sorted(expected - names)[:3]}"
     assert not [n for n in names if n.startswith("tests/")]

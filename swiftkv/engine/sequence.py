@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from swiftkv.engine.detokenizer import IncrementalDetokenizer
+from swiftkv.engine.spec_decode import DraftStats
 from swiftkv.sampling_params import SamplingParams
 
 
@@ -41,6 +42,7 @@ class Sequence:
     cache_salt: str | None = None  # mixed into the first block's prefix hash: only the same salt shares a prefix
     stop_scanned_chars: int = 0  # output text already searched for stop strings (only the new tail is searched)
     spec_token_ids: list[int] = field(default_factory=list)  # draft tokens to verify next step (speculative decoding)
+    draft_stats: DraftStats = field(default_factory=DraftStats)  # how its drafts fared (their adaptive length)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

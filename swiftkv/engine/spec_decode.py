@@ -8,7 +8,15 @@ their later layers' K/V still come from layer l), and the sampler keeps the long
 choice confirms (:meth:`swiftkv.layers.sampler.Sampler.__call__`: identical tokens when greedy, the rejection
 rule that keeps the distribution exact when sampling). Rejected drafts' KV slots are rolled back by the
 scheduler; prefix-cache blocks only ever hold accepted tokens. RAG answers, summaries and extractions quote their
-prompts, so drafts hit there; in chat they rarely do and cost one lookup.
+prompts, so drafts hit there; in chat they rarely do.
+
+On a CPU a verification row is not free, and its price depends on the model and the CPU: the 135M default model's
+4-bit weights make the decode kernels compute bound (Zen 4: 6.9 -> 10.1 ms for a second row, +40%), the
+Llama-3.2-1B shape's bf16 weights keep them memory bound (77 -> 81 ms, +5%). So by default (``"adaptive": true``,
+a swiftkv key) the engine fits its decode steps' time against their rows (:class:`StepCost`) and each sequence
+verifies only as many drafts as pay for their rows, given its own acceptance so far (:class:`DraftStats`); one
+whose drafts stop hitting verifies none, while its proposals keep being checked against the tokens it then samples
+(free), so it starts again when they hit.
 """
 
 from __future__ import annotations
@@ -19,6 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 
 METHODS = ("ngram",)
+DRAFT_ROW_COST = 0.4  # one more row as a fraction of a one-row decode step, until the engine has measured its own
+DECAY = 0.8  # weight of a sequence's earlier acceptance observations against its newest
+STEP_DECAY = 0.98  # weight of earlier decode steps in the step-time fit
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,7 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
+    adaptive: bool = True  # swiftkv: draft length per sequence from its acceptance (False: always up to the maximum)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -39,6 +51,8 @@ class SpeculativeConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"speculative config: {name} must be a positive integer, got {v!r}")
+        if not isinstance(self.adaptive, bool):
+            raise ValueError(f"speculative config: adaptive must be true or false, got {self.adaptive!r}")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"speculative config: prompt_lookup_min ({self.prompt_lookup_min}) must be <= "
                              f"prompt_lookup_max ({self.prompt_lookup_max})")
@@ -58,16 +72,69 @@ class SpeculativeConfig:
                                  '\'{"method": "ngram", "num_speculative_tokens": 4}\'') from None
         if not isinstance(spec, dict):
             raise ValueError(f"speculative config must be a JSON object, got {type(spec).__name__}")
-        unknown = set(spec) - {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+        unknown = set(spec) - {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "adaptive"}
         if unknown:
             raise ValueError(f"speculative config: unknown key(s) {sorted(unknown)}; known: method, "
-                             "num_speculative_tokens, prompt_lookup_max, prompt_lookup_min")
+                             "num_speculative_tokens, prompt_lookup_max, prompt_lookup_min, adaptive")
         if "method" not in spec or "num_speculative_tokens" not in spec:
             raise ValueError("speculative config needs 'method' and 'num_speculative_tokens', e.g. "
                              '{"method": "ngram", "num_speculative_tokens": 4}')
         lo, hi = spec.get("prompt_lookup_min"), spec.get("prompt_lookup_max")
         lo, hi = (2, 4) if lo is None and hi is None else (lo if lo is not None else hi, hi if hi is not None else lo)
-        return cls(spec["method"], spec["num_speculative_tokens"], hi, lo)
+        return cls(spec["method"], spec["num_speculative_tokens"], hi, lo, spec.get("adaptive", True))
+
+
+@dataclass
+class DraftStats:
+    """One sequence's acceptance so far (decayed counts, optimistic at the start) and the proposal it did not
+    verify, to be checked against the token it samples next."""
+
+    accepted: float = 3.0
+    rejected: float = 0.0
+    unverified: int | None = None
+
+    @property
+    def acceptance(self) -> float:
+        """Estimated chance that a draft is accepted, given the ones before it were."""
+        return (self.accepted + 1) / (self.accepted + self.rejected + 2)
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        """``accepted`` of ``drafted`` drafts were accepted (the first rejection ends a run)."""
+        self.accepted = DECAY * self.accepted + accepted
+        self.rejected = DECAY * self.rejected + (accepted < drafted)
+
+    def length(self, max_drafts: int, row_cost: float = DRAFT_ROW_COST) -> int:
+        """The draft length with the most expected tokens per step cost, ``sum(a^i, i <= k) / (1 + k * row_cost)``
+        (``row_cost``: one more row as a fraction of the step without drafts)."""
+        a, best, best_gain, tokens = self.acceptance, 0, 1.0, 1.0
+        for k in range(1, max_drafts + 1):
+            tokens += a**k
+            if (gain := tokens / (1 + k * row_cost)) > best_gain:
+                best, best_gain = k, gain
+        return best
+
+
+class StepCost:
+    """Decode steps' time fitted as ``a + b * rows`` (least squares, earlier steps decayed), measured by the engine
+    on its own model and CPU: what one more verification row costs."""
+
+    def __init__(self) -> None:
+        self.sums = np.zeros(5)  # decayed n, sum rows, sum t, sum rows^2, sum rows*t
+
+    def add(self, rows: int, seconds: float) -> None:
+        self.sums = STEP_DECAY * self.sums + np.array([1.0, rows, seconds, rows * rows, rows * seconds])
+
+    def row_cost(self, batch: int) -> float:
+        """One more row as a fraction of a step of ``batch`` rows (:data:`DRAFT_ROW_COST` until steps of different
+        sizes were seen)."""
+        n, r, t, rr, rt = self.sums
+        var = n * rr - r * r
+        if n < 4 or var < 0.5 * n * n:  # rows have not varied enough (sd < ~0.7) to fit a slope
+            return DRAFT_ROW_COST
+        b = (n * rt - r * t) / var
+        a = (t - b * r) / n
+        step = a + b * batch
+        return float(np.clip(b / step, 0.01, 2.0)) if step > 0 else DRAFT_ROW_COST
 
 
 class NgramProposer:

