@@ -236,10 +236,10 @@ def test_a_row_that_fails_fails_its_request_alone(serve, monkeypatch):
 
     real = sampler._sample_row
 
-    def faulty(logits, p, gen):
+    def faulty(logits, p, gen, draft=None):
         if p.seed == 666:
             raise RuntimeError("injected row fault")
-        return real(logits, p, gen)
+        return real(logits, p, gen, draft)
 
     monkeypatch.setattr(sampler, "_sample_row", faulty)
     srv, _ = serve()
