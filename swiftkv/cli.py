@@ -45,7 +45,7 @@ def cmd_generate(args) -> None:
     from swiftkv.llm import LLM
     from swiftkv.sampling_params import SamplingParams
 
-    llm = LLM(args.model, swiftkv=args.swiftkv, dtype=args.dtype)
+    llm = LLM(args.model, swiftkv=args.swiftkv, dtype=args.dtype, speculative_config=args.speculative_config)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             max_tokens=args.max_tokens)
     prompt = args.prompt if args.raw else llm.apply_chat_template([{"role": "user", "content": args.prompt}])
@@ -56,8 +56,10 @@ def cmd_generate(args) -> None:
         printed, n = len(text), len(out.outputs[0].token_ids)
     dt = time.perf_counter() - t0
     print()
+    spec = llm.engine.spec_stats
+    drafts = f", {spec.mean_acceptance_length:.2f} tokens per verification" if spec.num_drafts else ""
     print(f"[{n} tokens in {dt:.2f}s ({n / dt:.1f} tok/s), swiftkv={llm.swiftkv}, "
-          f"finish={out.outputs[0].finish_reason}]", file=sys.stderr)
+          f"finish={out.outputs[0].finish_reason}{drafts}]", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--swiftkv", action=argparse.BooleanOptionalAction, default=None,
                    help="SwiftKV path (default: the checkpoint's mode); --no-swiftkv runs the original model")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='prompt-lookup speculative decoding (vLLM\'s syntax), e.g. \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4}\'')
     p.set_defaults(func=cmd_generate)
 
     add_distill_parsers(sub)

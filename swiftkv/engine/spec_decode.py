@@ -11,8 +11,8 @@ scheduler; prefix-cache blocks only ever hold accepted tokens. RAG answers, summ
 prompts, so drafts hit there; in chat they rarely do.
 
 On a CPU a verification row is not free, and its price depends on the model and the CPU: the 135M default model's
-4-bit weights make the decode kernels compute bound (Zen 4: 6.9 -> 10.1 ms for a second row, +40%), the
-Llama-3.2-1B shape's bf16 weights keep them memory bound (77 -> 81 ms, +5%). So by default (``"adaptive": true``,
+4-bit weights make the decode kernels compute bound (Zen 4: 7.4 -> 10.8 ms for a second row, +46%), the
+Llama-3.2-1B shape's bf16 weights keep them memory bound (78 -> 81 ms, +4%). So by default (``"adaptive": true``,
 a swiftkv key) the engine fits its decode steps' time against their rows (:class:`StepCost`) and each sequence
 verifies only as many drafts as pay for their rows, given its own acceptance so far (:class:`DraftStats`); one
 whose drafts stop hitting verifies none, while its proposals keep being checked against the tokens it then samples
