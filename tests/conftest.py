@@ -100,6 +100,22 @@ def to_distinct_swiftkv(model, l: int, G: int, bf16: bool = False):
     return model
 
 
+def run_to_end(engine, prompts, params, check_blocks: bool = False):
+    """Requests for ``prompts`` run to the end on ``engine``: their outputs in prompt order. ``check_blocks``: the
+    block accounting is checked after every step, and every block is free at the end."""
+    ids = [engine.add_request(p, params) for p in prompts]
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        if check_blocks:
+            engine.block_manager.check(engine.scheduler.running)
+    if check_blocks:
+        assert engine.block_manager.num_used_blocks == 0
+    return [done[i] for i in ids]
+
+
 class OracleProposer:
     """Drafts the reference's true continuation with every third draft wrong: accepted and rejected drafts, every
     step, whatever the n-gram statistics of a random model."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_hf_model
+from conftest import run_to_end, tiny_hf_model
 
 from swiftkv.config import SwiftKVConfig
 from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
@@ -63,14 +63,7 @@ def _prompts(lengths, seed=0):
     return [torch.randint(0, 128, (n,), generator=g).tolist() for n in lengths]
 
 
-def _run(engine, prompts, params):
-    ids = [engine.add_request(p, params) for p in prompts]
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return [done[i] for i in ids]
+_run = run_to_end
 
 
 def _engine(model, blocks=512, block_size=4, swiftkv=None, **kw):

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import OracleProposer, tiny_hf_model, to_distinct_swiftkv
+from conftest import OracleProposer, run_to_end, tiny_hf_model, to_distinct_swiftkv
 
 from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
 from swiftkv.engine.spec_decode import NgramProposer, SpeculativeConfig
@@ -86,15 +86,7 @@ def _prompts(seed=0):
 
 def _run_checked(engine, prompts, params):
     """Run to the end, checking the block accounting after every step; outputs in prompt order."""
-    ids = [engine.add_request(p, params) for p in prompts]
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-        engine.block_manager.check(engine.scheduler.running)
-    assert engine.block_manager.num_used_blocks == 0
-    return [done[i] for i in ids]
+    return run_to_end(engine, prompts, params, check_blocks=True)
 
 
 def _engine(model, spec=NGRAM, blocks=256, **kw):
