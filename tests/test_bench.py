@@ -86,6 +86,8 @@ class LLM:
         if "missing" in model: raise FileNotFoundError(model)
         assert kw["enable_prefix_caching"] is False
         assert kw["dtype"] == os.environ["FAKE_EXPECT_DTYPE"], kw["dtype"]  # the parent's dtype, passed through
+        k = int(os.environ.get("FAKE_EXPECT_DRAFTS", "0"))  # its own speculative decoding, when the bench asks
+        assert (kw["speculative_config"] or {}).get("num_speculative_tokens", 0) == k, kw["speculative_config"]
     def generate(self, prompts, params, use_tqdm=True):
         import os, signal, time
         print("progress noise")
@@ -99,9 +101,16 @@ class LLM:
         return [_Req(params.kw["max_tokens"]) for _ in prompts]
 '''
 FAKE_LLAMA_CPP = '''
+import os, sys, types
 __version__ = "0.0-fake"
+class LlamaPromptLookupDecoding:
+    def __init__(self, num_pred_tokens, max_ngram_size): self.k = num_pred_tokens
+sys.modules["llama_cpp.llama_speculative"] = types.SimpleNamespace(LlamaPromptLookupDecoding=LlamaPromptLookupDecoding)
 class Llama:
-    def __init__(self, model_path, **kw): self.n = 0
+    def __init__(self, model_path, **kw):
+        self.n = 0
+        k = int(os.environ.get("FAKE_EXPECT_DRAFTS", "0"))
+        assert (kw["draft_model"].k if kw["draft_model"] else 0) == k, kw["draft_model"]
     def reset(self): self.n = 0
     def generate(self, tokens, **kw):
         while True:
@@ -172,6 +181,27 @@ def test_peer_process_protocol_with_fake_backends(tmp_path, monkeypatch):
         Peer("vllm", sys.executable, "model-dir", threads=1, log_dir=str(tmp_path), dtype="bfloat16")
     with pytest.raises(ValueError, match="does not exist"):
         find_peer_python("vllm", str(tmp_path / "no-such-python"))
+
+
+def test_peers_run_their_own_ngram_speculation_when_asked(tmp_path, monkeypatch):
+    """--speculative-config reaches vLLM (its speculative_config) and llama.cpp (its prompt-lookup draft model)."""
+    import sys
+
+    from swiftkv.bench.peers import Peer
+
+    monkeypatch.setenv("PYTHONPATH", str(_fake_site(tmp_path)))
+    monkeypatch.setenv("FAKE_EXPECT_DTYPE", "float32")
+    monkeypatch.setenv("FAKE_EXPECT_DRAFTS", "3")
+    for backend in ("vllm", "llama.cpp"):
+        peer = Peer(backend, sys.executable, "model-dir", threads=1, log_dir=str(tmp_path), dtype="float32",
+                    name=f"{backend}+ngram", extra_args=("--speculative-config",
+                                                          '{"method": "ngram", "num_speculative_tokens": 3}'))
+        try:
+            assert peer.run([[1, 2, 3]], 2)["output_tokens"] == [2]
+        finally:
+            peer.close()
+    with pytest.raises(RuntimeError, match="AssertionError"):  # (and the fakes do check it)
+        Peer("vllm", sys.executable, "model-dir", threads=1, log_dir=str(tmp_path), dtype="float32")
 
 
 def test_a_peer_that_crashes_or_hangs_fails_alone(tmp_path, monkeypatch):

@@ -83,7 +83,7 @@ def add_parsers(sub) -> None:
                         "asks whose answers quote them (where --speculative-config pays); chat-text: real questions "
                         "(TruthfulQA) answered freely (where drafts rarely hit)")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
-                   help='offline: also run swiftkv (and each vLLM peer) with this speculative decoding, e.g. '
+                   help='offline: also run swiftkv (and each vLLM and llama.cpp peer) with this speculative decoding, e.g. '
                         '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}\'')
     p.add_argument("--mode", choices=["offline", "online", "serving"], default="offline",
                    help="online: load against a running OpenAI-compatible server (--url); serving: starts swiftkv "

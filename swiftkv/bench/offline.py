@@ -55,7 +55,7 @@ def run_offline_bench(model: str | None, workload: Workload | str, reps: int = 2
                       kv_budget_gb: float = 1.0, seed: int = 0, peers=None, speculative_config: str | None = None) -> dict:
     """Run ``workload`` on swiftkv (SwiftKV), swiftkv (baseline), transformers and the installed
     peers (``peers``: a :class:`~swiftkv.bench.peers.PeerSpec`), interleaved; with ``speculative_config``
-    (JSON) also swiftkv with that speculative decoding (and each vLLM peer with it)."""
+    (JSON) also swiftkv with that speculative decoding (and each vLLM and llama.cpp peer with its own)."""
     from pathlib import Path
 
     from swiftkv.bench.env import environment, warn_if_busy

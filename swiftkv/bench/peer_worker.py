@@ -75,15 +75,23 @@ class VLLMPeer:
 
 class LlamaCppPeer:
     """llama-cpp-python: one sequence at a time (its high-level API has no batching), so request
-    ``i`` waits for the ones before it; TTFT counts from the start of the run, as a user sees it."""
+    ``i`` waits for the ones before it; TTFT counts from the start of the run, as a user sees it. With a
+    ``speculative_config`` (vLLM's n-gram keys), its prompt-lookup draft model ``LlamaPromptLookupDecoding``."""
 
     def __init__(self, model: str, threads: int, max_model_len: int, max_num_seqs: int, dtype: str,
-                 prefix_caching: bool = False) -> None:
+                 prefix_caching: bool = False, speculative_config: dict | None = None) -> None:
         import llama_cpp  # the GGUF's own quantisation decides its dtype
 
+        draft = None
+        if speculative_config:
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+            draft = LlamaPromptLookupDecoding(num_pred_tokens=speculative_config["num_speculative_tokens"],
+                                              max_ngram_size=speculative_config.get("prompt_lookup_max", 4))
         self.version = llama_cpp.__version__
         self.llm = llama_cpp.Llama(model_path=model, n_ctx=max_model_len, n_batch=min(2048, max_model_len),
-                                   n_threads=threads, n_threads_batch=threads, verbose=False, seed=0)
+                                   n_threads=threads, n_threads_batch=threads, verbose=False, seed=0,
+                                   draft_model=draft)
 
     def run(self, prompts: list[list[int]], max_tokens: int) -> dict:
         ttft, tpot, counts = [], [], []

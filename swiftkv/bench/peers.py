@@ -159,7 +159,7 @@ class PeerSpec:
     gguf: tuple[str, ...] = ()  # llama.cpp models (one system each); default: the built-in model's Q4_1 GGUF
     enabled: tuple[str, ...] = ("vllm", "vllm-swiftkv", "llama.cpp")
     openvino_python: str | None = None
-    speculative_config: str | None = None  # JSON: each vLLM peer also runs with it, as "<name>+ngram"
+    speculative_config: str | None = None  # JSON: each vLLM and llama.cpp peer also runs with it, as "<name>+ngram"
 
     def python_for(self, backend: str) -> str | None:
         """The interpreter given for ``backend`` (None: look in the environment)."""
@@ -191,8 +191,8 @@ def start_peers(spec: PeerSpec, model_dir: Path, threads: int, max_model_len: in
         except (RuntimeError, ValueError) as e:
             print(f"bench: {backend} skipped: {e}", file=sys.stderr)
             continue
-        if spec.speculative_config and backend.startswith("vllm"):  # vLLM's own n-gram speculation beside it
-            models[f"{backend}+ngram"] = models[backend]
+        if spec.speculative_config and backend != "openvino":  # the peer's own n-gram speculation beside it
+            models.update({f"{name}+ngram": model for name, model in list(models.items())})
         for name, model in models.items():
             extra = ("--speculative-config", spec.speculative_config) if name.endswith("+ngram") else ()
             print(f"bench: starting {name} ({python}) on {model}", file=sys.stderr, flush=True)
