@@ -360,6 +360,9 @@ def test_server_with_speculation_streams_the_same_greedy_text_and_reports_accept
         assert values["swiftkv_spec_decode_mean_acceptance_length"] >= 1, values
         too_many = httpx.post(srv.url + "/v1/completions", json={**body, "num_speculative_tokens": 9}, timeout=60)
         assert too_many.status_code == 400 and "exceeds the engine's" in too_many.json()["error"]["message"]
+        for bad in (-1, 1.5, "2"):
+            r = httpx.post(srv.url + "/v1/completions", json={**body, "num_speculative_tokens": bad}, timeout=60)
+            assert r.status_code == 400 and "num_speculative_tokens" in r.json()["error"]["message"], r.text
     finally:
         srv.stop()
     bad = httpx.post(server[0].url + "/v1/completions", json={**body, "num_speculative_tokens": 2}, timeout=60)
