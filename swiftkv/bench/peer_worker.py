@@ -172,7 +172,8 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--dtype", default="bfloat16", help="vLLM's and OpenVINO's compute dtype (the parent passes swiftkv's)")
     ap.add_argument("--prefix-caching", action="store_true", help="vLLM: prefix caching on (emptied every run)")
-    ap.add_argument("--speculative-config", default=None, help="vLLM: its --speculative-config (JSON)")
+    ap.add_argument("--speculative-config", default=None, help="vLLM: its --speculative-config (JSON); llama.cpp: its prompt-lookup "
+                    "draft model with num_speculative_tokens and prompt_lookup_max")
     args = ap.parse_args()
     try:
         extra = {"speculative_config": json.loads(args.speculative_config)} if args.speculative_config else {}

@@ -69,11 +69,11 @@ class Sampler:
             raise ValueError(f"{len(params)} rows of logits for {len(drafts)} sequences with "
                              f"{sum(map(len, drafts))} draft tokens")
         tokens: list[list[int]] = []
-        firsts: list[int] = []  # each sequence's first row
+        logprobs: list[list[tuple[float, dict[int, float]]] | None] = [None] * len(drafts)
+        reported: list[tuple[int, int, int]] = []  # (sequence, row, token) whose logprobs are asked for
         errors: dict[int, str] = {}
-        r0 = 0
+        r0 = 0  # the sequence's first row
         for i, draft in enumerate(drafts):
-            firsts.append(r0)
             chosen: list[int] = []
             for j, d in enumerate([*draft, None]):  # None: the bonus row, no draft to verify
                 r = r0 + j
@@ -89,12 +89,14 @@ class Sampler:
                 if t != d:  # the model chose otherwise (or the bonus token): the rest is not verified
                     break
             tokens.append([] if i in errors else chosen)
+            if params[r0].logprobs is not None and i not in errors:
+                logprobs[i] = []
+                reported += [(i, r0 + j, t) for j, t in enumerate(chosen)]
             r0 += len(draft) + 1
-        logprobs: list[list[tuple[float, dict[int, float]]] | None] = [None] * len(drafts)
-        for i, r0 in enumerate(firsts):
-            if (k := params[r0].logprobs) is not None and i not in errors:
-                lp = torch.log_softmax(logits[r0 : r0 + len(tokens[i])], -1)
-                logprobs[i] = [(float(lp[j, t]), top_logprobs(lp[j], k)) for j, t in enumerate(tokens[i])]
+        if reported:  # one log-softmax for the step's reported rows
+            lp = torch.log_softmax(logits[[r for _, r, _ in reported]], -1)
+            for n, (i, r, t) in enumerate(reported):
+                logprobs[i].append((float(lp[n, t]), top_logprobs(lp[n], params[r].logprobs)))
         return SamplerOutput(tokens, logprobs, errors)
 
 
