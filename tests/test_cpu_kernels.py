@@ -16,6 +16,9 @@ from swiftkv.layers.attention import sdpa as _sdpa
 from swiftkv.layers.rotary import apply_rotary
 
 needs_attention = needs_kernels("paged_attention", "no AVX2/FMA or no C compiler: the paged-attention kernel cannot run here")
+needs_bf16_dot = pytest.mark.skipif(
+    not __import__("swiftkv.kernels.linear", fromlist=["x"]).bf16_dot_available(),
+    reason="the CPU has no AVX512-BF16 dot products (avx512_bf16): the fp32 panel GEMM runs for bf16 models here")
 needs_ops = needs_kernels("elementwise", "no AVX2/FMA or no C compiler: the elementwise kernels cannot run here")
 
 
@@ -99,6 +102,37 @@ def test_paged_prefill_attention_matches_masked_sdpa(heads, kv_heads, head_dim, 
     ref = _masked_reference(qb.float(), kb.float(), vb.float(), tables, q_lens, kv_lens).bfloat16()
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
+
+
+@needs_attention
+@needs_bf16_dot
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (8, 8, 128, 8), (4, 1, 32, 4),
+                                                                (6, 2, 64, 128)])
+def test_paged_prefill_attention_bf16_dots_round_only_the_probabilities(heads, kv_heads, head_dim, block_size):
+    """The AVX512-BF16 form over a bf16 cache: bf16 queries and keys multiply exactly (fp32 sums); only the
+    probabilities are rounded to bf16 before they weight the values, so every output is within 2^-9 max|V| of the
+    exact attention (relative rounding 2^-9 of weights summing to 1). Same lengths as above (tiles, chunks, shared
+    blocks, one key, decode rows); a cache the form does not take (fp32, D % 32) runs the fp32 kernel."""
+    g = torch.Generator().manual_seed(heads * head_dim + block_size + 1)
+    num_blocks, max_blocks = 160, -(-300 // block_size)
+    kc = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=g).bfloat16()
+    vc = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=g).bfloat16()
+    kv_lens = torch.tensor([1, 7, 300, 65, 150, 129, 33])
+    q_lens = torch.tensor([1, 7, 300, 1, 37, 64, 1])
+    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:max_blocks] for _ in kv_lens])
+    tables[4] = tables[2]
+    q = (torch.randn(int(q_lens.sum()), heads, head_dim, generator=g) * 3).bfloat16().float()  # bf16 values, fp32 out
+    exact = _masked_reference(q, kc.float(), vc.float(), tables, q_lens, kv_lens)
+    out = paged_attention.prefill_attention(q, kc, vc, tables, q_lens, kv_lens, bf16_dot=True)
+    torch.testing.assert_close(out, exact, atol=2**-9 * vc.float().abs().max().item() + 1e-5, rtol=0)
+    fp32_kernel = paged_attention.prefill_attention(q, kc, vc, tables, q_lens, kv_lens)
+    assert not torch.equal(out, fp32_kernel)  # really the rounded probabilities
+    kf, vf = kc.float(), vc.float()  # an fp32 cache: the fp32 kernel, bit for bit
+    assert torch.equal(paged_attention.prefill_attention(q, kf, vf, tables, q_lens, kv_lens, bf16_dot=True),
+                       paged_attention.prefill_attention(q, kf, vf, tables, q_lens, kv_lens))
+    q16, k16, v16 = q[..., :16].contiguous(), kc[..., :16].contiguous(), vc[..., :16].contiguous()  # D % 32 != 0
+    assert torch.equal(paged_attention.prefill_attention(q16, k16, v16, tables, q_lens, kv_lens, bf16_dot=True),
+                       paged_attention.prefill_attention(q16, k16, v16, tables, q_lens, kv_lens))
 
 
 @needs_attention
@@ -213,8 +247,8 @@ def test_engine_greedy_matches_full_sequence_on_torch_ops(monkeypatch, l, G, ker
     calls = {}
     for module, name in ((paged_attention, "decode_attention"), (paged_attention, "prefill_attention"),
                          (cpu_ops, "rms_norm"), (cpu_ops, "silu_and_mul"), (cpu_ops, "rotary_inplace")):
-        def counted(*a, _f=getattr(module, name), _n=name):
-            out = _f(*a)
+        def counted(*a, _f=getattr(module, name), _n=name, **kw):
+            out = _f(*a, **kw)
             if out is not None:  # the kernel ran (the ops say None when it does not)
                 calls[_n] = calls.get(_n, 0) + 1
             return out
@@ -228,11 +262,6 @@ def test_engine_greedy_matches_full_sequence_on_torch_ops(monkeypatch, l, G, ker
             done[out.request_id] = out
     assert [done[i].outputs[0].token_ids for i in ids] == refs
     assert len(calls) == (5 if kernels == "on" else 0), calls  # the engine really ran on the kernels (or not)
-
-
-needs_bf16_dot = pytest.mark.skipif(
-    not __import__("swiftkv.kernels.linear", fromlist=["x"]).bf16_dot_available(),
-    reason="the CPU has no AVX512-BF16 dot products (avx512_bf16): the fp32 panel GEMM runs for bf16 models here")
 
 
 @needs_ops
@@ -363,13 +392,19 @@ def test_prefill_attention_choice_per_cpu(monkeypatch, tmp_path):
     prompts = [[5, 9, 17, 3, 8, 1, 2], list(range(1, 30))]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
     real, calls = paged_attention.prefill_attention, []
-    monkeypatch.setattr(paged_attention, "prefill_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(paged_attention, "prefill_attention",
+                        lambda *a, bf16_dot=False: calls.append(bf16_dot) or real(*a, bf16_dot=bf16_dot))
     base = frozenset(platforms.cpu_flags())
     for flags, override, kernel in ((base - {"amx_bf16"}, None, True), (base | {"amx_bf16"}, None, False),
-                                    (base | {"amx_bf16"}, "kernel", True), (base - {"amx_bf16"}, "sdpa", False)):
+                                    (base | {"amx_bf16"}, "kernel", True), (base - {"amx_bf16"}, "sdpa", False),
+                                    (base - {"amx_bf16", "avx512_bf16"}, None, True), (base, "no-dots", True)):
         monkeypatch.setattr(platforms, "cpu_flags", lambda f=flags: f)
-        if override:
+        if override == "no-dots":
+            monkeypatch.setenv("SWIFTKV_BF16_DOT", "0")
+        elif override:
             monkeypatch.setenv("SWIFTKV_PREFILL_ATTENTION", override)
+        # the kernel's dot-product form wherever the CPU has AVX512-BF16 and it is not switched off
+        dots = {"avx512_bf16", "avx512bw", "avx512vl"} <= flags and override != "no-dots"
         assert KernelSwitches.from_env().prefill_kernel_preferred(torch.bfloat16) == kernel
         calls.clear()
         engine = LLMEngine(load_model(path, dtype="bfloat16", for_inference=True)[0],
@@ -379,9 +414,11 @@ def test_prefill_attention_choice_per_cpu(monkeypatch, tmp_path):
         while engine.has_unfinished_requests():
             done.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
         assert bool(calls) == kernel, (flags, override)
+        assert all(c == dots for c in calls), (flags, override, calls)
         for p, i in zip(prompts, ids):
             assert_greedy_close(reference, p, done[i], 0.02)
         monkeypatch.delenv("SWIFTKV_PREFILL_ATTENTION", raising=False)
+        monkeypatch.delenv("SWIFTKV_BF16_DOT", raising=False)
 
 
 needs_int8_dot = pytest.mark.skipif(

@@ -6,7 +6,8 @@ off (then PyTorch's path runs):
 
 - ``SWIFTKV_PAGED_ATTENTION``: the paged attention kernels (decode, prefill) over the cache in place;
 - ``SWIFTKV_FUSED_DECODE``: a decode step's layers in one native call;
-- ``SWIFTKV_BF16_DOT``: AVX512-BF16 dot products for a bf16 model's batched matmuls (where the CPU has them);
+- ``SWIFTKV_BF16_DOT``: AVX512-BF16 dot products for a bf16 model's batched matmuls and its prompts' attention over
+  a bf16 cache (where the CPU has them);
 - ``SWIFTKV_INT8_DOT=1`` (off by default, opt-in: it costs accuracy): AVX512-VNNI dot products on int8 activations
   for a bf16 model's decode gemv over Q4/Q8-held weights (where the CPU has them);
 - ``SWIFTKV_PREFILL_ATTENTION=auto|kernel|sdpa``: which prompt attention runs (``auto``: per CPU).
@@ -61,7 +62,7 @@ class KernelSwitches:
         PyTorch's SDPA over gathered blocks, for this CPU and compute dtype. ``auto``: SDPA for bf16 on a CPU with
         AMX, whose oneDNN flash attention runs on the tiles (measured on a Sapphire Rapids-class Xeon, bf16, default
         model: prefill @ 2,048 1.8x with SDPA: 2,689 vs 1,500 tokens/s), said once on stderr; the kernel everywhere
-        else (Zen 4, bf16: 1.33x SDPA; AVX2 fp32: 1.4x)."""
+        else (Zen 4, bf16, its AVX512-BF16 form: 2.2x SDPA per layer at 2,048 tokens; AVX2 fp32: 1.4x)."""
         from swiftkv.platforms import cpu_flags
 
         choice = self.prefill_attention

@@ -7,8 +7,9 @@ cache and the runner's :class:`~swiftkv.kernels.switches.KernelSwitches` (vLLM's
 - decode (one query per sequence): the native decode kernel in place, else one gather of K and V per layer into
   a buffer reused by every layer of the step, then SDPA (up to 8 rows) or two matmuls around a masked softmax;
 - prompts: the native prefill kernel in place where it is this CPU's choice
-  (:meth:`~swiftkv.kernels.switches.KernelSwitches.prefill_kernel_preferred`); else a fresh prompt attends over
-  this pass's K/V with SDPA, a continuation over its gathered blocks.
+  (:meth:`~swiftkv.kernels.switches.KernelSwitches.prefill_kernel_preferred`; over a bf16 cache on a CPU with
+  AVX512-BF16 its dot-product form); else a fresh prompt attends over this pass's K/V with SDPA, a continuation over
+  its gathered blocks.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from swiftkv.kernels import paged_attention as kernels
+from swiftkv.kernels.linear import bf16_dot_available
 from swiftkv.kernels.switches import KernelSwitches
 from swiftkv.layers.attention import AttentionMetadata, attend_fresh, sdpa
 
@@ -44,6 +46,9 @@ class PagedAttention:
         self._decode_kernel = native and kernels.can_run(kv_cache)
         self._prefill_kernel = (native and kernels.can_run(kv_cache, prefill=True)
                                 and switches.prefill_kernel_preferred(kv_cache.dtype))
+        # a bf16 cache on a CPU with AVX512-BF16: the prefill kernel's dot-product form (D % 32; else it falls back)
+        self._prefill_dots = (self._prefill_kernel and switches.bf16_dot and kv_cache.dtype == torch.bfloat16
+                              and bf16_dot_available())
         self._plan: _StepPlan | None = None
 
     def plan(self, meta: AttentionMetadata) -> _StepPlan:
@@ -74,7 +79,8 @@ class PagedAttention:
         if plan.path == "decode_gather":
             return _decode_gathered(q, kc, vc, meta, plan)
         if plan.path == "prefill_kernel":  # prompts, fresh or after cached keys (and any decode rows beside them)
-            return kernels.prefill_attention(q, kc, vc, meta.block_tables, meta.q_lens_t, meta.kv_lens_t)
+            return kernels.prefill_attention(q, kc, vc, meta.block_tables, meta.q_lens_t, meta.kv_lens_t,
+                                             bf16_dot=self._prefill_dots)
         if meta.q_lens == meta.kv_lens and owner in plan.fresh:  # no prior keys: this pass's K/V
             return attend_fresh(q, *plan.fresh[owner], meta)
         return _cached_chunks(q, kc, vc, meta)

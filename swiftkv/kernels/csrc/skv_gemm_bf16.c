@@ -43,6 +43,37 @@ BF16_TARGET static inline __attribute__((always_inline)) void tile(const uint16_
         for (int c = 0; c < C; c++) y[r * ldy + c] = _mm512_reduce_add_ps(acc[r][c]);
 }
 
+/* dst[0:I] = W[o, :] rounded to bf16: the blocked kinds straight from their codes (scale * q + offset by FMA, as
+ * skv_dequant_row, then two vectors to 32 bf16 at once: ~3x fewer instructions than through an fp32 row) */
+BF16_TARGET static void widen_row(const skv_weight *w, int64_t o, float *row, uint16_t *dst) {
+    const int64_t I = w->in_features, nb = I / 32;
+    if (w->kind == SKV_Q4) {
+        const uint8_t *r = (const uint8_t *)w->q + o * I / 2;
+        const uint16_t *s = (const uint16_t *)w->scale + o * nb, *off = (const uint16_t *)w->offset + o * nb;
+        for (int64_t b = 0; b < nb; b++) { /* byte j: code j (low nibble), code 16 + j (high nibble) */
+            const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(r + 16 * b)));
+            const __m512 sb = _mm512_set1_ps(skv_f16(s[b])), ob = _mm512_set1_ps(skv_f16(off[b]));
+            const __m512 lo = _mm512_fmadd_ps(sb, _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15))), ob);
+            const __m512 hi = _mm512_fmadd_ps(sb, _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), ob);
+            _mm512_storeu_si512(dst + 32 * b, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+    } else if (w->kind == SKV_Q8) {
+        const uint8_t *r = (const uint8_t *)w->q + o * I;
+        const float *s = (const float *)w->scale + o * nb, *off = (const float *)w->offset + o * nb;
+        for (int64_t b = 0; b < nb; b++) {
+            const __m512 sb = _mm512_set1_ps(s[b]), ob = _mm512_set1_ps(off[b]);
+            const __m512 lo = _mm512_fmadd_ps(
+                sb, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(r + 32 * b)))), ob);
+            const __m512 hi = _mm512_fmadd_ps(
+                sb, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(r + 32 * b + 16)))), ob);
+            _mm512_storeu_si512(dst + 32 * b, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+    } else {
+        skv_dequant_row(w, o, row);
+        to_bf16(row, dst, I);
+    }
+}
+
 #define TILE_C(R, C)                                   \
     switch (C) {                                       \
         case 1: tile(xm, I, Pc, ym, ldy, R, 1); break; \
@@ -81,10 +112,7 @@ BF16_TARGET int skv_gemm_bf16_part(const skv_weight *w, const float *x, int64_t 
     to_bf16(x, xb, M * I);
     for (int64_t o0 = o_lo; o0 < o_hi; o0 += NR) {
         const int rows = o_hi - o0 < NR ? (int)(o_hi - o0) : NR;
-        for (int j = 0; j < rows && !inplace; j++) {
-            skv_dequant_row(w, o0 + j, row);
-            to_bf16(row, P + j * I, I);
-        }
+        for (int j = 0; j < rows && !inplace; j++) widen_row(w, o0 + j, row, P + j * I);
         panel_times_rows(xb, M, I, inplace ? (const uint16_t *)w->q + o0 * I : P, y + o0, ldy, rows);
     }
     free(xb), free(P), free(row);

@@ -27,4 +27,7 @@ int skv_paged_decode_attention(const skv_paged_attn *a);
 /* decode, slot t->ith's share of the (sequence, KV head) items, inside a team's region (a->nthreads unused) */
 int skv_paged_decode_attention_team(const skv_team *t, const skv_paged_attn *a);
 int skv_paged_prefill_attention(const skv_paged_attn *a);
+/* the same with AVX512-BF16 dot products (skv_paged_prefill_bf16.c): a bf16 cache, D % 32 == 0, only on a CPU with
+ * avx512_bf16; -1 also where the compiler could not build it (then use skv_paged_prefill_attention) */
+int skv_paged_prefill_attention_bf16(const skv_paged_attn *a);
 #endif
