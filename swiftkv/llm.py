@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
+from swiftkv.engine.llm_engine import EngineConfig, EngineStepError, LLMEngine
 from swiftkv.models.loader import load_config, load_model, load_tokenizer, parse_dtype
 from swiftkv.outputs import RequestOutput
 from swiftkv.sampling_params import SamplingParams
@@ -47,6 +47,18 @@ def check_fits(path, dtype: str, kv_cache_memory: int, max_num_batched_tokens: i
         raise ValueError(f"{path} needs about {gib(need)} (weights {gib(weights)} held for {str(dt).removeprefix('torch.')}, KV cache "
                          f"{gib(kv_cache_memory)}, activations and runtime {gib(activations + RUNTIME_BYTES)}), but "
                          f"{gib(avail)} is available: {'; '.join(fixes)}. (SWIFTKV_SKIP_MEMORY_CHECK=1 loads it anyway.)")
+
+
+class GenerateError(RuntimeError):
+    """Some requests of one :meth:`LLM.generate` call failed (a step that held them raised, or their sampling
+    parameters gave no finite distribution); every other request ran to its end. ``outputs``: each prompt's output
+    in input order, None where its request failed; ``errors``: prompt index -> the cause."""
+
+    def __init__(self, outputs: list[RequestOutput | None], errors: dict[int, BaseException]) -> None:
+        first = min(errors)
+        super().__init__(f"{len(errors)} of {len(outputs)} requests failed (prompt {first}: {errors[first]!r}); the "
+                         f"other {len(outputs) - len(errors)} completed: their outputs are in this error's .outputs")
+        self.outputs, self.errors = outputs, errors
 
 
 class LLM:
@@ -140,7 +152,8 @@ class LLM:
                  sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
                  prompt_token_ids: list[list[int]] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
         """Generate for every prompt (strings or token-id lists); results in input order.
-        ``sampling_params``: one for every prompt, or a list with one per prompt (as in vLLM)."""
+        ``sampling_params``: one for every prompt, or a list with one per prompt (as in vLLM). A request that fails
+        fails alone: the others run to their end, then :class:`GenerateError` carries every output."""
         if prompt_token_ids is not None:
             prompts = prompt_token_ids
         if prompts is None:
@@ -155,12 +168,27 @@ class LLM:
             params = [sampling_params or SamplingParams()] * len(prompts)
         rids = [self._add(p, sp) for p, sp in zip(prompts, params)]
         done: dict[str, RequestOutput] = {}
-        with tqdm(total=len(rids), disable=not use_tqdm, desc="generate") as bar:
-            while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
-                    if out.finished:
-                        done[out.request_id] = out
-                        bar.update(1)
+        failed: dict[str, BaseException] = {}
+        try:
+            with tqdm(total=len(rids), disable=not use_tqdm, desc="generate") as bar:
+                while self.engine.has_unfinished_requests():
+                    try:
+                        outs = self.engine.step()
+                    except EngineStepError as e:  # those requests alone failed (the engine dropped them)
+                        outs = e.outputs
+                        failed.update(dict.fromkeys(e.request_ids, e.cause))
+                        bar.update(len(e.request_ids))
+                    for out in outs:
+                        if out.finished:
+                            done[out.request_id] = out
+                            bar.update(1)
+        finally:  # interrupted (KeyboardInterrupt, ...): no request of this call stays in the engine
+            for rid in rids:
+                if rid not in done and rid not in failed:
+                    self.engine.abort_request(rid)
+        if failed:
+            raise GenerateError([done.get(rid) for rid in rids],
+                                {i: failed[rid] for i, rid in enumerate(rids) if rid in failed})
         return [done[rid] for rid in rids]
 
     def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
