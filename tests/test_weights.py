@@ -78,7 +78,9 @@ def test_kernels_match_f_linear(rows, kind):
 
 @needs_kernel
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0", "bf16", "f32"])
-def test_widen_is_exact(kind):
+@pytest.mark.parametrize("bf16_dot", ["1", "0"])  # bf16 from the codes with AVX-512 (where the CPU has it), or not
+def test_widen_is_exact(kind, bf16_dot, monkeypatch):
+    monkeypatch.setenv("SWIFTKV_BF16_DOT", bf16_dot)
     w = _weight(kind, 50, 96)
     held = hold(w, torch.float32)
     out = torch.empty(20, 96)

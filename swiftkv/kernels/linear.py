@@ -31,7 +31,7 @@ class CWeight(ctypes.Structure):
 
 _BINDING = build.Binding({
     "skv_linear": (ctypes.c_int, [ctypes.POINTER(CWeight), _P, _I64, _P, _I64, _I64, _I64, ctypes.c_int]),
-    "skv_widen": (ctypes.c_int, [ctypes.POINTER(CWeight), _I64, _I64, _P, _I64, ctypes.c_int]),
+    "skv_widen": (ctypes.c_int, [ctypes.POINTER(CWeight), _I64, _I64, _P, _I64, _I64, ctypes.c_int]),
 }, structs={0: CWeight}, switch="SWIFTKV_COMPACT_WEIGHTS")
 
 
@@ -98,14 +98,16 @@ def linear(x: torch.Tensor, w: CWeight, out: torch.Tensor | None = None, bf16_do
 
 
 def widen(w: CWeight, start: int, rows: int, out: torch.Tensor) -> torch.Tensor:
-    """Rows ``start : start + rows`` of ``W`` into ``out [rows, I]`` (fp32 or bf16, contiguous)."""
+    """Rows ``start : start + rows`` of ``W`` into ``out [rows, I]`` (fp32 or bf16, contiguous; bf16 from Q4/Q8 codes
+    with AVX-512 where :func:`bf16_dot_available`)."""
     lib = library()
     if lib is None:
         raise RuntimeError("the matmul kernels are not available on this machine")
     if out.dtype not in (torch.float32, torch.bfloat16) or not out.is_contiguous() or out.shape[0] < rows:
         raise ValueError("widen() writes a contiguous fp32 or bf16 [rows, in_features] tensor")
-    _check(lib.skv_widen(ctypes.byref(w), start, rows, out.data_ptr(), int(out.dtype == torch.bfloat16),
-                         torch.get_num_threads()), "skv_widen")
+    bf16 = out.dtype == torch.bfloat16
+    _check(lib.skv_widen(ctypes.byref(w), start, rows, out.data_ptr(), int(bf16),
+                         DOT_BF16 if bf16 and bf16_dot_available() else 0, torch.get_num_threads()), "skv_widen")
     return out
 
 

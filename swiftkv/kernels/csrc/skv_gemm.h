@@ -13,4 +13,7 @@ int skv_gemm_part(const skv_weight *w, const float *x, int64_t M, float *y, int6
  * avx512_bf16; -1 also where I % 32 or the compiler could not build it (then use skv_gemm_part). */
 int skv_gemm_bf16_part(const skv_weight *w, const float *x, int64_t M, float *y, int64_t ldy, int64_t o_lo,
                        int64_t o_hi);
+/* dst[0:I] = W[o, :] rounded to bf16 (nearest even), the blocked kinds straight from their codes with AVX-512 (only on
+ * a CPU with avx512_bf16; `row`: I floats of scratch) */
+void skv_widen_row_bf16(const skv_weight *w, int64_t o, float *row, uint16_t *dst);
 #endif

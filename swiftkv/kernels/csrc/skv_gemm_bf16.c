@@ -45,7 +45,7 @@ BF16_TARGET static inline __attribute__((always_inline)) void tile(const uint16_
 
 /* dst[0:I] = W[o, :] rounded to bf16: the blocked kinds straight from their codes (scale * q + offset by FMA, as
  * skv_dequant_row, then two vectors to 32 bf16 at once: ~3x fewer instructions than through an fp32 row) */
-BF16_TARGET static void widen_row(const skv_weight *w, int64_t o, float *row, uint16_t *dst) {
+BF16_TARGET void skv_widen_row_bf16(const skv_weight *w, int64_t o, float *row, uint16_t *dst) {
     const int64_t I = w->in_features, nb = I / 32;
     if (w->kind == SKV_Q4) {
         const uint8_t *r = (const uint8_t *)w->q + o * I / 2;
@@ -112,7 +112,7 @@ BF16_TARGET int skv_gemm_bf16_part(const skv_weight *w, const float *x, int64_t 
     to_bf16(x, xb, M * I);
     for (int64_t o0 = o_lo; o0 < o_hi; o0 += NR) {
         const int rows = o_hi - o0 < NR ? (int)(o_hi - o0) : NR;
-        for (int j = 0; j < rows && !inplace; j++) widen_row(w, o0 + j, row, P + j * I);
+        for (int j = 0; j < rows && !inplace; j++) skv_widen_row_bf16(w, o0 + j, row, P + j * I);
         panel_times_rows(xb, M, I, inplace ? (const uint16_t *)w->q + o0 * I : P, y + o0, ldy, rows);
     }
     free(xb), free(P), free(row);
@@ -123,5 +123,10 @@ int skv_gemm_bf16_part(const skv_weight *w, const float *x, int64_t M, float *y,
                        int64_t o_hi) {
     (void)w, (void)x, (void)M, (void)y, (void)ldy, (void)o_lo, (void)o_hi;
     return -1; /* this compiler cannot emit the instructions: the caller uses skv_gemm */
+}
+
+void skv_widen_row_bf16(const skv_weight *w, int64_t o, float *row, uint16_t *dst) { /* the portable two steps */
+    skv_dequant_row(w, o, row);
+    for (int64_t k = 0; k < w->in_features; k += 8) skv_store_bf16x8(dst + k, _mm256_loadu_ps(row + k));
 }
 #endif
