@@ -238,6 +238,25 @@ class LoopbackServer:
         self.thread.join(timeout=30)
 
 
+FAULTY_SEED = 666
+
+
+@pytest.fixture
+def row_fault(monkeypatch):
+    """Sampling fails for rows whose request has ``seed=FAULTY_SEED`` (the others sample as usual)."""
+    from swiftkv.layers import sampler
+
+    real = sampler._sample_row
+
+    def faulty(logits, p, gen, draft=None):
+        if p.seed == FAULTY_SEED:
+            raise RuntimeError("injected row fault")
+        return real(logits, p, gen, draft)
+
+    monkeypatch.setattr(sampler, "_sample_row", faulty)
+    return FAULTY_SEED
+
+
 def start_server(model_dir, **kw):
     from swiftkv.llm import LLM
     from swiftkv.server.app import build_app
