@@ -108,11 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         args.lm_eval_args = [*extra, *args.lm_eval_args]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from swiftkv.engine.llm_engine import EngineStepError
+
     try:
         args.func(args)
     except ValueError as e:
         print(f"swiftkv {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except EngineStepError as e:  # the request itself failed (e.g. its sampling found no finite distribution)
+        print(f"swiftkv {args.command}: error: the request failed: {e.cause}", file=sys.stderr)
+        return 1
     return 0
 
 

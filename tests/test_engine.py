@@ -475,3 +475,16 @@ def test_generate_keeps_every_other_output_when_one_request_fails(tiny_chat_mode
     assert not llm.engine.has_unfinished_requests()  # aborted, their KV freed
     monkeypatch.setattr(llm.engine, "step", real_step)
     assert [o.outputs[0].token_ids for o in llm.generate(["hello there", "a b c"], greedy)] == expected
+
+
+def test_cli_generate_says_why_its_request_failed(tiny_chat_model_dir, row_fault, capsys):
+    """`swiftkv generate` whose one request fails (injected sampling failure): exit status 1 and one line naming
+    the cause, not a traceback."""
+    from swiftkv.cli import main
+
+    argv = ["generate", str(tiny_chat_model_dir), "--prompt", "hi", "--raw", "--max-tokens", "4", "--dtype", "float32",
+            "--temperature", "1"]
+    assert main(argv) == 0
+    assert main([*argv, "--seed", str(row_fault)]) == 1
+    err = capsys.readouterr().err
+    assert "swiftkv generate: error: the request failed:" in err and "injected row fault" in err
