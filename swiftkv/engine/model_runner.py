@@ -78,7 +78,7 @@ class ModelRunner:
         for seq, n in zip(out.seqs, out.num_tokens):
             c, drafts = seq.num_computed_tokens, seq.spec_token_ids
             if drafts:  # its pending token and the drafts: n rows of one query each
-                ids.extend((seq.token_ids + drafts)[c : c + n])
+                ids.extend((seq.token_ids[c:] + drafts)[:n])  # c: its pending token's position
                 needs_logits.extend(range(len(q_lens), len(q_lens) + n))
                 q_lens.extend([1] * n)
                 kv_lens.extend(range(c + 1, c + n + 1))
@@ -104,7 +104,10 @@ class ModelRunner:
     def sampling_metadata(self, seqs: list[Sequence]) -> SamplingMetadata:
         """The sampler's view of the sequences that sample this step: one row per sequence, and one more per draft
         token (row ``j`` sees drafts ``[:j]`` as outputs)."""
-        rows = [(s, s.output_token_ids + s.spec_token_ids[:j]) for s in seqs for j in range(len(s.spec_token_ids) + 1)]
+        rows = []
+        for s in seqs:
+            out = s.output_token_ids  # a copy already: row j extends it by drafts[:j]
+            rows += [(s, out)] + [(s, out + s.spec_token_ids[:j]) for j in range(1, len(s.spec_token_ids) + 1)]
         return SamplingMetadata([s.params for s, _ in rows], [s.generator for s, _ in rows],
                                 [s.prompt_token_ids for s, _ in rows], [out for _, out in rows],
                                 # stop ids cannot be sampled before min_tokens (vLLM's rule)

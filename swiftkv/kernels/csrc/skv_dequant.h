@@ -35,4 +35,10 @@ static inline void skv_dequant_row(const skv_weight *w, int64_t o, float *dst) {
         }
     }
 }
+
+/* dst[0:I] = W[o, :] as bf16 bits, rounded to nearest even (`row`: I floats of scratch) */
+static inline void skv_dequant_row_bf16(const skv_weight *w, int64_t o, float *row, uint16_t *dst) {
+    skv_dequant_row(w, o, row);
+    for (int64_t k = 0; k < w->in_features; k += 8) skv_store_bf16x8(dst + k, _mm256_loadu_ps(row + k)); /* I % 8 == 0 */
+}
 #endif

@@ -69,8 +69,7 @@ BF16_TARGET void skv_widen_row_bf16(const skv_weight *w, int64_t o, float *row, 
             _mm512_storeu_si512(dst + 32 * b, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
         }
     } else {
-        skv_dequant_row(w, o, row);
-        to_bf16(row, dst, I);
+        skv_dequant_row_bf16(w, o, row, dst);
     }
 }
 
@@ -126,7 +125,6 @@ int skv_gemm_bf16_part(const skv_weight *w, const float *x, int64_t M, float *y,
 }
 
 void skv_widen_row_bf16(const skv_weight *w, int64_t o, float *row, uint16_t *dst) { /* the portable two steps */
-    skv_dequant_row(w, o, row);
-    for (int64_t k = 0; k < w->in_features; k += 8) skv_store_bf16x8(dst + k, _mm256_loadu_ps(row + k));
+    skv_dequant_row_bf16(w, o, row, dst);
 }
 #endif

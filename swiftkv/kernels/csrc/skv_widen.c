@@ -27,12 +27,10 @@ int skv_widen(const skv_weight *w, int64_t o0, int64_t rows, void *out, int64_t 
         for (int64_t r = 0; r < rows; r++) {
             if (!out_bf16) {
                 skv_dequant_row(w, o0 + r, (float *)out + r * I);
-            } else if (tmp && (dots & SKV_DOT_BF16) && I % 32 == 0) { /* AVX-512, from the codes */
+            } else if (tmp && (dots & SKV_DOT_BF16)) { /* AVX-512, from the codes */
                 skv_widen_row_bf16(w, o0 + r, tmp, (uint16_t *)out + r * I);
             } else if (tmp) {
-                skv_dequant_row(w, o0 + r, tmp);
-                uint16_t *dst = (uint16_t *)out + r * I;
-                for (int64_t k = 0; k < I; k += 8) skv_store_bf16x8(dst + k, _mm256_loadu_ps(tmp + k)); /* I % 8 == 0 */
+                skv_dequant_row_bf16(w, o0 + r, tmp, (uint16_t *)out + r * I);
             }
         }
         free(tmp);
