@@ -275,16 +275,18 @@ def test_bf16_dot_gemm_is_the_bf16_rounded_product(kind):
     from swiftkv.kernels import linear as kernels
     from swiftkv.layers.weights import hold
 
-    w = gguf_like(72, 96, kind) if kind.startswith("q") else torch.randn(72, 96) * 0.05
-    held = hold(w.bfloat16() if kind == "bf16" else w, torch.bfloat16)
-    assert held.kind == {"f32": "bf16", "bf16": "bf16", "q8_0": "q8", "q4_1": "q4"}[kind] or kind == "f32"
-    c = held.c_weight()
-    for m in (5, 8, 31, 64):
-        x = torch.randn(m, 96)
-        ref = x.bfloat16().float() @ held.dense().bfloat16().float().T
-        got = kernels.linear(x, c, bf16_dot=True)
-        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
-        assert not torch.allclose(got, kernels.linear(x, c), atol=1e-6, rtol=0)  # really the rounded operands
+    for out in (72, 70):  # 70: a last panel of 6 rows, a tile of 2 (the single-sum path)
+        w = gguf_like(out, 96, kind) if kind.startswith("q") else torch.randn(out, 96) * 0.05
+        held = hold(w.bfloat16() if kind == "bf16" else w, torch.bfloat16)
+        assert held.kind == {"f32": "bf16", "bf16": "bf16", "q8_0": "q8", "q4_1": "q4"}[kind] or kind == "f32"
+        c = held.c_weight()
+        # tiles of 1-6 input rows, shared out evenly (a blocked kind's gemv keeps batches up to GEMV_ROWS)
+        for m in (2, 5, 8, 13, 31, 32, 64) if held.kind == "bf16" else (5, 8, 13, 31, 32, 64):
+            x = torch.randn(m, 96)
+            ref = x.bfloat16().float() @ held.dense().bfloat16().float().T
+            got = kernels.linear(x, c, bf16_dot=True)
+            torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
+            assert not torch.allclose(got, kernels.linear(x, c), atol=1e-6, rtol=0)  # really the rounded operands
 
 
 def test_bf16_dot_falls_back_without_the_cpu_feature(monkeypatch):
