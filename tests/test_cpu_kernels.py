@@ -359,12 +359,77 @@ def test_bf16_batches_route_by_cpu(monkeypatch):
     blocked = HeldLinearMethod(hold(quantize_q4_1(torch.randn(64, 64)), torch.bfloat16), None)
     assert dense.held.kind == "bf16" and blocked.held.kind == "q4"
     rows = {m: torch.zeros(m, 64, dtype=torch.bfloat16) for m in (2, 8, DOT_OVER_ONEDNN_MAX_ROWS, 64)}
-    for flags, dense_kernel_rows in ((("avx512_bf16", "avx512bw", "avx512vl"), {2, 8, DOT_OVER_ONEDNN_MAX_ROWS}),
-                                     (("avx512_bf16", "avx512bw", "avx512vl", "amx_bf16"), {2}),
-                                     (("avx512_bf16",), {2})):  # native bf16 without the dot products' VL/BW
+    no_amx, all_rows = {2, 8, DOT_OVER_ONEDNN_MAX_ROWS}, set(rows)
+    for flags, amx_decode, dense_kernel_rows, blocked_kernel_rows in (
+            (("avx512_bf16", "avx512bw", "avx512vl"), "1", no_amx, all_rows),
+            (("avx512_bf16", "avx512bw", "avx512vl", "amx_bf16"), "1", {2}, all_rows),  # bf16 weights: the tiles
+            (("avx512_bf16", "avx512bw", "avx512vl", "amx_bf16"), "0", no_amx, all_rows),  # SWIFTKV_AMX_DECODE=0
+            (("avx512_bf16",), "1", {2}, all_rows)):  # native bf16 without the dot products' VL/BW
         monkeypatch.setattr(platforms, "cpu_flags", lambda f=flags: frozenset({"avx2", "fma", "f16c", *f}))
+        monkeypatch.setenv("SWIFTKV_AMX_DECODE", amx_decode)
         assert {m for m, x in rows.items() if dense._kernels_take(x)} == dense_kernel_rows, flags
-        assert all(blocked._kernels_take(x) for x in rows.values())
+        assert {m for m, x in rows.items() if blocked._kernels_take(x)} == blocked_kernel_rows, flags
+        assert all(dense._kernels_take(x.float()) for x in rows.values())  # fp32 batches: the kernels
+
+
+@needs_ops
+@needs_bf16_dot
+def test_amx_decode_batches_run_eagerly_on_onednn(monkeypatch, tmp_path):
+    """On a CPU with AMX (its flags faked here: oneDNN's bf16 matmul runs on this CPU's AVX512-BF16 instead of the
+    tiles), a bf16 model's decode steps of more than GEMV_ROWS sequences on bf16 weights leave the fused decoder for
+    the eager layers, every matmul in oneDNN; smaller steps stay fused, and so do all steps with
+    SWIFTKV_AMX_DECODE=0 or on Q4 weights. The greedy output stays the bf16 model's every time."""
+    from conftest import assert_greedy_close
+
+    from swiftkv import platforms
+    from swiftkv.config import SwiftKVConfig
+    from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
+    from swiftkv.kernels.linear import GEMV_ROWS
+    from swiftkv.layers import fused_decode, linear
+    from swiftkv.models.loader import load_model, save_checkpoint
+    from swiftkv.transform import to_swiftkv
+    from swiftkv.sampling_params import SamplingParams
+
+    tiny_hf_model("llama", seed=3, hidden_size=128, intermediate_size=256, num_hidden_layers=4).save_pretrained(
+        tmp_path / "base")
+    paths = {}
+    for kind in ("bf16", "q4"):
+        model = to_swiftkv(load_model(tmp_path / "base")[0], SwiftKVConfig(4, 2))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() == 2 and "embed" not in name and "lm_head" not in name:
+                    p.copy_(quantize_q4_1(p) if kind == "q4" else p.bfloat16())
+        paths[kind] = save_checkpoint(model.to(torch.bfloat16) if kind == "bf16" else model, tmp_path / kind,
+                                      source_dir=tmp_path / "base")
+    prompts = [[5 + i, 9, 17 + 2 * i, 3] for i in range(8)]
+    flags = frozenset(platforms.cpu_flags()) | {"amx_bf16", "amx_tile"}
+    monkeypatch.setattr(platforms, "cpu_flags", lambda: flags)
+    fused_rows, onednn_rows = [], []
+    run, dense = fused_decode.FusedDecoder.run_layers, linear.dense_matmul
+    monkeypatch.setattr(fused_decode.FusedDecoder, "run_layers",
+                        lambda self, h, *a, **kw: fused_rows.append(h.shape[0]) or run(self, h, *a, **kw))
+    monkeypatch.setattr(linear, "dense_matmul", lambda x, *a: onednn_rows.append(x.shape[0]) or dense(x, *a))
+    big = set(range(GEMV_ROWS + 1, len(prompts) + 1))  # decode steps of 5-8 sequences (they finish one by one)
+    for kind, amx_decode, eager in (("bf16", "1", True), ("bf16", "0", False), ("q4", "1", False)):
+        monkeypatch.setenv("SWIFTKV_AMX_DECODE", amx_decode)
+        fused_rows.clear(), onednn_rows.clear()
+        engine = LLMEngine(load_model(paths[kind], dtype="bfloat16", for_inference=True)[0],
+                           config=EngineConfig(kv_cache_memory=4 << 20, block_size=4))
+        assert engine.runner.fused is not None
+        assert engine.model.model.layers[0].mlp.gate_proj.held.kind == kind
+        ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=2 + i, ignore_eos=True, logprobs=1))
+               for i, p in enumerate(prompts)]
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
+        if eager:
+            assert fused_rows and max(fused_rows) <= GEMV_ROWS and big <= set(onednn_rows), (fused_rows, onednn_rows)
+        else:  # (the LM head, outside the fused call, still goes to the tiles with AMX: its weight is bf16 here)
+            assert big <= set(fused_rows), (kind, fused_rows)
+            assert amx_decode == "1" or not big & set(onednn_rows), onednn_rows
+        reference = load_model(paths[kind], dtype="bfloat16")[0]
+        for p, i in zip(prompts, ids):
+            assert_greedy_close(reference, p, done[i], 0.02)
 
 
 @needs_attention

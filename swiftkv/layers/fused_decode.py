@@ -10,8 +10,10 @@ the same order, so its output equals eager decode up to float rounding.
 It is built by the model runner from the descriptions the layers give (:class:`FusedDecodeSpec`), and is
 a layer executor like the model itself (the same ``run_layers`` and ``store_swiftkv``): the runner hands it to
 the model for the steps it takes (:meth:`FusedDecoder.takes`: one query token per sequence over the paged
-cache, up to ``GEMM_MAX_ROWS`` sequences, no gradient wanted), chosen once per step. Each call runs all its
-kernels inside one OpenMP region, its threads meeting at a spin barrier between dependent ops
+cache, up to ``GEMM_MAX_ROWS`` sequences, no gradient wanted; a model computing in bf16 on bf16 weights, on a
+CPU with AMX, leaves steps of more than ``GEMV_ROWS`` to the eager layers, whose matmuls oneDNN runs on the tiles),
+chosen once per step. Each
+call runs all its kernels inside one OpenMP region, its threads meeting at a spin barrier between dependent ops
 (``csrc/skv_team.h``). A model computing in bf16 (a bf16 KV cache) runs there too: the call widens the step's
 activations to fp32, computes in fp32, stores K/V rounded to bf16 and rounds the result back (eager bf16
 rounds after every op, so the two agree to bf16 precision, not bit for bit). :meth:`FusedDecoder.build` returns
@@ -22,6 +24,7 @@ cannot read).
 from __future__ import annotations
 
 import ctypes
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +35,7 @@ from swiftkv.kernels import linear as linear_kernels
 from swiftkv.kernels.elementwise import as_fp32
 from swiftkv.kernels.linear import GEMM_MAX_ROWS, GEMV_ROWS, CWeight
 from swiftkv.kernels.switches import KernelSwitches
-from swiftkv.layers.linear import Linear
+from swiftkv.layers.linear import Linear, amx_takes_batch
 
 
 @dataclass
@@ -96,6 +99,13 @@ class FusedDecoder:
         self.bf16_dots = (linear_kernels.DOT_BF16 * (switches.bf16_dot and linear_kernels.bf16_dot_available())
                           | linear_kernels.DOT_I8 * (switches.int8_dot and linear_kernels.int8_dot_available()))
         self.eps = specs[0].eps
+        self.dtype = specs[0].input_norm.dtype  # the model's compute dtype
+        # bf16-held projections: a bf16 step above GEMV_ROWS rows may go to oneDNN's AMX tiles (amx_takes_batch)
+        self._dense_bf16 = all(lin.held is not None and lin.held.kind == "bf16"
+                               for s in specs for lin in (s.q, s.o, s.gate, s.up, s.down))
+        if self._dense_bf16 and amx_takes_batch(GEMV_ROWS + 1, self.dtype):
+            print(f"swiftkv: decode steps above {GEMV_ROWS} sequences: oneDNN's bf16 matmuls on the AMX tiles "
+                  "(SWIFTKV_AMX_DECODE=0: the fused AVX512-BF16 kernels)", file=sys.stderr)
         self._norms = [(as_fp32(s.input_norm), as_fp32(s.post_norm)) for s in specs]  # (a bf16 model's: widened)
         self._arrays: dict[tuple, ctypes.Array | None] = {}
         # every tensor a descriptor points into: kept alive here, so a later change to the model (against
@@ -141,8 +151,11 @@ class FusedDecoder:
 
     def takes(self, meta, num_rows: int) -> bool:
         """Whether a step is one the fused calls take: one query per sequence over the paged cache, at most
-        ``GEMM_MAX_ROWS`` rows, no gradient wanted (the cache itself was checked once, by :meth:`runs`)."""
-        return meta.paged and meta.is_decode and 1 <= num_rows <= GEMM_MAX_ROWS and not torch.is_grad_enabled()
+        ``GEMM_MAX_ROWS`` rows and not a batch oneDNN's AMX tiles take on bf16 weights
+        (:func:`~swiftkv.layers.linear.amx_takes_batch`), no gradient wanted (the cache itself was checked once, by
+        :meth:`runs`)."""
+        return (meta.paged and meta.is_decode and 1 <= num_rows <= GEMM_MAX_ROWS and not torch.is_grad_enabled()
+                and not (self._dense_bf16 and amx_takes_batch(num_rows, self.dtype)))
 
     def run_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta, attn, start: int, end: int,
                    swiftkv: bool = False, skv: SwiftKVConfig | None = None) -> torch.Tensor:

@@ -8,7 +8,9 @@ where they are already the held form) and a :class:`HeldLinearMethod` that appli
 
 - decode-sized batches (up to ``GEMM_MAX_ROWS`` rows) run the C kernels on the held bytes (widened in
   registers); on a CPU with native bf16, bf16 batches above ``GEMV_ROWS`` rows of bf16 weights go to
-  oneDNN's bf16 GEMM instead (faster there than the AVX2 panel kernel);
+  oneDNN's bf16 GEMM instead (faster there than the AVX2 panel kernel) but for the AVX512-BF16 panel's range;
+  on a CPU with AMX every bf16 batch above ``GEMV_ROWS`` rows of bf16 weights goes to oneDNN (its tiles:
+  :func:`amx_takes_batch`);
 - prefill-sized batches widen the weight (in row chunks of at most ``WIDEN_CHUNK_BYTES``) into a reused
   buffer in the compute dtype and call oneDNN's matmul on it (PyTorch's ``mkldnn`` linear, which takes
   a plain weight at ~97% of its prepacked speed): one pass over the bytes per thousands of FLOPs per
@@ -71,13 +73,13 @@ class HeldLinearMethod:
     def _kernels_take(self, x: torch.Tensor) -> bool:
         """Decode-sized batches with no gradient wanted, except bf16 GEMM-sized ones on bf16 weights where the
         CPU multiplies bf16 natively: oneDNN takes those, but for the AVX512-BF16 panel GEMM's range without AMX
-        (``DOT_OVER_ONEDNN_MAX_ROWS``; with AMX oneDNN's tiles are the faster path)."""
+        (``DOT_OVER_ONEDNN_MAX_ROWS``; with AMX oneDNN's tiles are the faster path: :func:`amx_takes_batch`)."""
         m = x.shape[0]
         if self._c is None or not 1 <= m <= kernels.GEMM_MAX_ROWS or x.requires_grad:
             return False
         if not (self.held.kind == "bf16" and m > kernels.GEMV_ROWS and _onednn_bf16(x)):
             return True
-        return self._bf16_dot(x) and m <= DOT_OVER_ONEDNN_MAX_ROWS and not _has_amx()
+        return self._bf16_dot(x) and m <= DOT_OVER_ONEDNN_MAX_ROWS and not amx_takes_batch(m, x.dtype)
 
     @staticmethod
     def _bf16_dot(x: torch.Tensor) -> bool:
@@ -107,10 +109,20 @@ class HeldLinearMethod:
         return y
 
 
-def _has_amx() -> bool:
+def amx_takes_batch(m: int, dtype: torch.dtype) -> bool:
+    """Whether a batch of ``m`` rows in ``dtype`` on a bf16-held weight goes to oneDNN's bf16 matmul on the AMX
+    tiles rather than the kernels: bf16 batches above ``GEMV_ROWS`` rows on a CPU with AMX-BF16 (there oneDNN
+    reached 0.60 TFLOP/s at 32 rows with a plain weight on 2 cores of a Sapphire Rapids-class Xeon, past the
+    AVX512-BF16 panel GEMM's ~0.38 TFLOP/s ceiling), unless ``SWIFTKV_AMX_DECODE=0``. A fused decoder over bf16
+    weights leaves such steps to the eager layers (:meth:`~swiftkv.layers.fused_decode.FusedDecoder.takes`).
+    Q4/Q8 weights stay on the kernels: widening them per step and running the layers eagerly cost more than the
+    tiles save (Zen 4, default model, batch 32, oneDNN's AVX512-BF16 matmuls in place of the tiles: 84 vs 47 ms
+    a step, of which the matmuls ~40 and the widening ~9)."""
+    from swiftkv.kernels.switches import switched_on
     from swiftkv.platforms import cpu_flags
 
-    return "amx_bf16" in cpu_flags()
+    return (m > kernels.GEMV_ROWS and dtype == torch.bfloat16 and "amx_bf16" in cpu_flags()
+            and switched_on("SWIFTKV_AMX_DECODE") and _onednn_available(torch.bfloat16))
 
 
 def _onednn_bf16(x: torch.Tensor) -> bool:
