@@ -373,6 +373,23 @@ def test_prefill_report_with_peers():
     assert lines[1].split() == ["metric", "swiftkv", "baseline", "vllm", "llama.cpp"]
     assert lines[2].split()[-4:] == ["3000.0", "1500.0", "1000.0", "500.0"]
     assert lines[4].split()[-4:] == ["400.0", "nan", "500.0", "nan"]
+    r["prefill_gflops"] = {2048: {"swiftkv": 300.0, "vllm": 600.0}}
+    for peak, amx, said in ((None, None, "swiftkv 300, vllm 600"), (400.0, None, "swiftkv 300 (75%), vllm 600 (150%)"),
+                            (400.0, 6000.0, "swiftkv 300 (75%, 5% of AMX), vllm 600 (150%, 10% of AMX)")):
+        r["matmul_peak_gflops"], r["amx_peak_gflops"] = peak, amx
+        line = next(x for x in format_report(r).splitlines() if x.startswith("prefill @ 2048 GFLOP/s"))
+        assert line.startswith(f"prefill @ 2048 GFLOP/s: {said}"), line
+        assert ("nominal AMX-BF16 peak, 6,000 GFLOP/s" in line) == bool(amx)
+
+
+def test_amx_peak_from_the_flags_and_the_clock():
+    from swiftkv.bench.flops import amx_peak_gflops, cpu_mhz
+
+    assert cpu_mhz("processor\t: 0\ncpu MHz\t\t: 2596.134\nflags\t: avx2\n") == 2596.134
+    assert cpu_mhz("processor\t: 0\n") is None
+    assert amx_peak_gflops(frozenset({"amx_bf16", "amx_tile"}), 2, 2000.0) == 1024 * 2 * 2.0  # 4,096 GFLOP/s
+    assert amx_peak_gflops(frozenset({"avx512_bf16"}), 2, 2000.0) is None
+    assert amx_peak_gflops(frozenset({"amx_bf16"}), 2, None) is None
 
 
 # -- the bench entry points, end to end on a tiny SwiftKV checkpoint (no peers) ------------------

@@ -1,4 +1,5 @@
-"""FLOP counts for prefill and decode (forward only; 2 FLOPs per multiply-add), and a matmul peak.
+"""FLOP counts for prefill and decode (forward only; 2 FLOPs per multiply-add), a measured matmul peak and, on a
+CPU with AMX, the nominal one.
 
 Per token and layer: projections ``2 * (H*(Hq*D) + 2*H*(Hkv*D) + (Hq*D)*H + 3*H*I)``; attention
 ``4 * Hq * D * c`` for a query that sees ``c`` keys (QK^T and PV). LM head ``2 * H * V`` per token that
@@ -9,6 +10,7 @@ AcrossKV group leader, the two SingleInputKV projections ``2 * 2*H*(Hkv*D)``.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -59,3 +61,26 @@ def measure_matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 1024, seco
         a @ b
         reps += 1
     return 2.0 * n**3 * reps / (time.perf_counter() - t0)
+
+
+AMX_BF16_FLOP_PER_CYCLE = 1024  # per core: one 16 x 32 by 32 x 16 bf16 tile product (TDPBF16PS) every 16 cycles
+
+
+def cpu_mhz(cpuinfo: str | None = None) -> float | None:
+    """The clock ``/proc/cpuinfo`` reports for the first CPU (MHz), or None."""
+    try:
+        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("cpu MHz"):
+            return float(line.split(":", 1)[1])
+    return None
+
+
+def amx_peak_gflops(flags: frozenset[str], threads: int, mhz: float | None) -> float | None:
+    """The AMX-BF16 peak of ``threads`` cores at ``mhz`` (1,024 FLOP/cycle/core), GFLOP/s; None without AMX or a
+    clock. The reported clock is the base (or current) one: under turbo the true peak is higher."""
+    if "amx_bf16" not in flags or not mhz:
+        return None
+    return AMX_BF16_FLOP_PER_CYCLE * threads * mhz / 1e3
