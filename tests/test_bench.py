@@ -423,6 +423,9 @@ def test_bench_entry_points_on_a_tiny_model(tiny_chat_model_dir, tmp_path, capsy
         assert gf[name] == pytest.approx(prefill_flops(model.config, skv, 48, swift) * r["prefill"][48][name] / 48 / 1e9)
     assert gf["swiftkv"] / gf["baseline"] < r["prefill"][48]["swiftkv"] / r["prefill"][48]["baseline"]  # fewer FLOPs
     assert r["matmul_peak_gflops"] > 0 and "matmul peak measured here" in capsys.readouterr().out
+    # the roofline's bandwidth: sampled in a child process right before and after the batch-1 runs, the best taken
+    assert len(r["bandwidth_samples_bytes_s"]) == 2 and all(b > 1e8 for b in r["bandwidth_samples_bytes_s"])
+    assert r["bandwidth_bytes_s"] == max(r["bandwidth_samples_bytes_s"])
     w = Workload.make("shared-prefix", 49152, num_requests=3, prompt_len=(5, 9), max_tokens=3)
     assert len({tuple(p[:1500]) for p in w.prompts}) == 1 and len(w.prompts[0]) >= 1505
     w = Workload("custom", [p[-40:] for p in w.prompts], 3)
@@ -533,3 +536,10 @@ def test_text_workloads_and_the_speculative_system(tiny_chat_model_dir, tmp_path
     assert set(res["systems"]) == {"swiftkv", "baseline", "swiftkv+ngram"}
     assert res["spec_decode"]["mean_acceptance_length"] >= 0
     assert "swiftkv+ngram/swiftkv output_tokens_per_s" in capsys.readouterr().out
+
+
+def test_bandwidth_apart_is_none_when_the_child_cannot_run(monkeypatch):
+    from swiftkv.bench import env
+
+    monkeypatch.setattr(env.sys, "executable", "/nonexistent/python")
+    assert env.measure_bandwidth_apart(2) is None

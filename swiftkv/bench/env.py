@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -99,3 +101,19 @@ def measure_bandwidth(nbytes: int = 1 << 30, reps: int = 3) -> float:
         t.sum()
         best = min(best, time.perf_counter() - start)
     return nbytes / best
+
+
+def measure_bandwidth_apart(threads: int, timeout_s: float = 120.0) -> float | None:
+    """:func:`measure_bandwidth` with ``threads`` threads in a child process, so it can run next to the measurement
+    it is a roofline for (a shared machine's bandwidth drifts 2x within minutes) without its 1 GiB tensor counting in
+    this process's memory; None if the child fails."""
+    code = (f"import torch; torch.set_num_threads({int(threads)}); "
+            "from swiftkv.bench.env import measure_bandwidth; print(measure_bandwidth())")
+    root = str(Path(__file__).resolve().parents[2])  # the directory swiftkv is imported from
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout_s,
+                              check=True)
+        return float(done.stdout.split()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
