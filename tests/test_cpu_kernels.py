@@ -378,8 +378,9 @@ def test_bf16_batches_route_by_cpu(monkeypatch):
 def test_amx_decode_batches_run_eagerly_on_onednn(monkeypatch, tmp_path):
     """On a CPU with AMX (its flags faked here: oneDNN's bf16 matmul runs on this CPU's AVX512-BF16 instead of the
     tiles), a bf16 model's decode steps of more than GEMV_ROWS sequences on bf16 weights leave the fused decoder for
-    the eager layers, every matmul in oneDNN; smaller steps stay fused, and so do all steps with
-    SWIFTKV_AMX_DECODE=0 or on Q4 weights. The greedy output stays the bf16 model's every time."""
+    the eager layers, every matmul in oneDNN, where its layers are big enough (AMX_EAGER_MIN_WORK, lifted here);
+    smaller steps stay fused, and so do all steps with SWIFTKV_AMX_DECODE=0, on Q4 weights or with this tiny model's
+    layers under the real threshold. The greedy output stays the bf16 model's every time."""
     from conftest import assert_greedy_close
 
     from swiftkv import platforms
@@ -411,13 +412,17 @@ def test_amx_decode_batches_run_eagerly_on_onednn(monkeypatch, tmp_path):
                         lambda self, h, *a, **kw: fused_rows.append(h.shape[0]) or run(self, h, *a, **kw))
     monkeypatch.setattr(linear, "dense_matmul", lambda x, *a: onednn_rows.append(x.shape[0]) or dense(x, *a))
     big = set(range(GEMV_ROWS + 1, len(prompts) + 1))  # decode steps of 5-8 sequences (they finish one by one)
-    for kind, amx_decode, eager in (("bf16", "1", True), ("bf16", "0", False), ("q4", "1", False)):
+    real_min_work = fused_decode.AMX_EAGER_MIN_WORK  # too much for this tiny model's layers: it stays fused
+    for kind, amx_decode, min_work, eager in (("bf16", "1", 0, True), ("bf16", "0", 0, False), ("q4", "1", 0, False),
+                                              ("bf16", "1", real_min_work, False)):
         monkeypatch.setenv("SWIFTKV_AMX_DECODE", amx_decode)
+        monkeypatch.setattr(fused_decode, "AMX_EAGER_MIN_WORK", min_work)
         fused_rows.clear(), onednn_rows.clear()
         engine = LLMEngine(load_model(paths[kind], dtype="bfloat16", for_inference=True)[0],
                            config=EngineConfig(kv_cache_memory=4 << 20, block_size=4))
         assert engine.runner.fused is not None
         assert engine.model.model.layers[0].mlp.gate_proj.held.kind == kind
+        assert min_work == 0 or engine.runner.fused._amx_rows > len(prompts)  # (4 x 98,304 weights a layer)
         ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=2 + i, ignore_eos=True, logprobs=1))
                for i, p in enumerate(prompts)]
         done = {}

@@ -15,7 +15,8 @@ off (then PyTorch's path runs):
 Three more are read where their kernels are called, since models outside an engine use them too:
 ``SWIFTKV_CPU_OPS`` (the elementwise kernels), ``SWIFTKV_COMPACT_WEIGHTS`` (the held weight forms, read when
 a model is prepared) and ``SWIFTKV_AMX_DECODE`` (on a CPU with AMX, a bf16 model's decode batches above
-``GEMV_ROWS`` rows on bf16-held weights go to oneDNN's tiles: :func:`~swiftkv.layers.linear.amx_takes_batch`).
+``GEMV_ROWS`` rows on bf16-held weights go to oneDNN's tiles, and the fused decoder leaves big enough steps to them:
+:func:`~swiftkv.layers.linear.amx_takes_batch`).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ It is built by the model runner from the descriptions the layers give (:class:`F
 a layer executor like the model itself (the same ``run_layers`` and ``store_swiftkv``): the runner hands it to
 the model for the steps it takes (:meth:`FusedDecoder.takes`: one query token per sequence over the paged
 cache, up to ``GEMM_MAX_ROWS`` sequences, no gradient wanted; a model computing in bf16 on bf16 weights, on a
-CPU with AMX, leaves steps of more than ``GEMV_ROWS`` to the eager layers, whose matmuls oneDNN runs on the tiles),
-chosen once per step. Each
+CPU with AMX, leaves steps of enough rows (``AMX_EAGER_MIN_WORK``) to the eager layers, whose matmuls oneDNN runs on
+the tiles), chosen once per step. Each
 call runs all its kernels inside one OpenMP region, its threads meeting at a spin barrier between dependent ops
 (``csrc/skv_team.h``). A model computing in bf16 (a bf16 KV cache) runs there too: the call widens the step's
 activations to fp32, computes in fp32, stores K/V rounded to bf16 and rounds the result back (eager bf16
@@ -24,6 +24,7 @@ cannot read).
 from __future__ import annotations
 
 import ctypes
+import math
 import sys
 from dataclasses import dataclass
 
@@ -36,6 +37,13 @@ from swiftkv.kernels.elementwise import as_fp32
 from swiftkv.kernels.linear import GEMM_MAX_ROWS, GEMV_ROWS, CWeight
 from swiftkv.kernels.switches import KernelSwitches
 from swiftkv.layers.linear import Linear, amx_takes_batch
+
+# Rows x weights of one layer from which a decode step on bf16 weights leaves the fused call for the eager layers and
+# oneDNN's AMX tiles (amx_takes_batch): the tiles must win back the eager layers' overhead, ~1.2-2.5 ms a layer
+# (measured on Zen 4, the same kernels: 1B shape 308 vs 268 ms a batch-32 step, default model ~35 ms of 84), and save
+# ~3e-12 s per row and weight (AVX512-BF16 dot products ~0.32 TFLOP/s, oneDNN 0.60 on the tiles at 32 rows). So the
+# 1B shape from 9 rows, an 8B model from 5, a 135M one never. An estimate from those rates, unmeasured on AMX.
+AMX_EAGER_MIN_WORK = 5e8
 
 
 @dataclass
@@ -100,11 +108,16 @@ class FusedDecoder:
                           | linear_kernels.DOT_I8 * (switches.int8_dot and linear_kernels.int8_dot_available()))
         self.eps = specs[0].eps
         self.dtype = specs[0].input_norm.dtype  # the model's compute dtype
-        # bf16-held projections: a bf16 step above GEMV_ROWS rows may go to oneDNN's AMX tiles (amx_takes_batch)
-        self._dense_bf16 = all(lin.held is not None and lin.held.kind == "bf16"
-                               for s in specs for lin in (s.q, s.o, s.gate, s.up, s.down))
-        if self._dense_bf16 and amx_takes_batch(GEMV_ROWS + 1, self.dtype):
-            print(f"swiftkv: decode steps above {GEMV_ROWS} sequences: oneDNN's bf16 matmuls on the AMX tiles "
+        # bf16-held projections: a bf16 step of enough rows may go to oneDNN's AMX tiles (AMX_EAGER_MIN_WORK)
+        first = [lin.held for lin in (specs[0].q, specs[0].k, specs[0].v, specs[0].o, specs[0].gate, specs[0].up,
+                                      specs[0].down) if lin is not None]
+        dense_bf16 = all(lin.held is not None and lin.held.kind == "bf16"
+                         for s in specs for lin in (s.q, s.o, s.gate, s.up, s.down))
+        self._amx_rows = (max(GEMV_ROWS + 1, math.ceil(AMX_EAGER_MIN_WORK / sum(h.out_features * h.in_features
+                                                                               for h in first)))
+                          if dense_bf16 else GEMM_MAX_ROWS + 1)
+        if self._amx_rows <= GEMM_MAX_ROWS and amx_takes_batch(self._amx_rows, self.dtype):
+            print(f"swiftkv: decode steps of {self._amx_rows}+ sequences: oneDNN's bf16 matmuls on the AMX tiles "
                   "(SWIFTKV_AMX_DECODE=0: the fused AVX512-BF16 kernels)", file=sys.stderr)
         self._norms = [(as_fp32(s.input_norm), as_fp32(s.post_norm)) for s in specs]  # (a bf16 model's: widened)
         self._arrays: dict[tuple, ctypes.Array | None] = {}
@@ -151,11 +164,11 @@ class FusedDecoder:
 
     def takes(self, meta, num_rows: int) -> bool:
         """Whether a step is one the fused calls take: one query per sequence over the paged cache, at most
-        ``GEMM_MAX_ROWS`` rows and not a batch oneDNN's AMX tiles take on bf16 weights
-        (:func:`~swiftkv.layers.linear.amx_takes_batch`), no gradient wanted (the cache itself was checked once, by
+        ``GEMM_MAX_ROWS`` rows and not a batch oneDNN's AMX tiles take on bf16 weights (``AMX_EAGER_MIN_WORK``,
+        :func:`~swiftkv.layers.linear.amx_takes_batch`), no gradient wanted (the cache itself was checked once, by
         :meth:`runs`)."""
         return (meta.paged and meta.is_decode and 1 <= num_rows <= GEMM_MAX_ROWS and not torch.is_grad_enabled()
-                and not (self._dense_bf16 and amx_takes_batch(num_rows, self.dtype)))
+                and not (num_rows >= self._amx_rows and amx_takes_batch(num_rows, self.dtype)))
 
     def run_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta, attn, start: int, end: int,
                    swiftkv: bool = False, skv: SwiftKVConfig | None = None) -> torch.Tensor:

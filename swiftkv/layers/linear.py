@@ -112,10 +112,10 @@ class HeldLinearMethod:
 def amx_takes_batch(m: int, dtype: torch.dtype) -> bool:
     """Whether a batch of ``m`` rows in ``dtype`` on a bf16-held weight goes to oneDNN's bf16 matmul on the AMX
     tiles rather than the kernels: bf16 batches above ``GEMV_ROWS`` rows on a CPU with AMX-BF16 (there oneDNN
-    reached 0.60 TFLOP/s at 32 rows with a plain weight on 2 cores of a Sapphire Rapids-class Xeon, past all that
-    AVX512-BF16 dot products gave on 2 Zen 4 cores: ~0.39 TFLOP/s), unless ``SWIFTKV_AMX_DECODE=0``. A fused decoder over bf16
-    weights leaves such steps to the eager layers (:meth:`~swiftkv.layers.fused_decode.FusedDecoder.takes`).
-    Q4/Q8 weights stay on the kernels: widening them per step and running the layers eagerly cost more than the
+    reached 0.60 TFLOP/s at 32 rows with a plain weight on 2 cores of a Sapphire Rapids-class Xeon, past all
+    that AVX512-BF16 dot products gave on 2 Zen 4 cores: ~0.39 TFLOP/s), unless ``SWIFTKV_AMX_DECODE=0``. A fused
+    decoder over bf16 weights leaves such steps to the eager layers where its layers are big enough
+    (:meth:`~swiftkv.layers.fused_decode.FusedDecoder.takes`). Q4/Q8 weights stay on the kernels: widening them per step and running the layers eagerly cost more than the
     tiles save (Zen 4, default model, batch 32, oneDNN's AVX512-BF16 matmuls in place of the tiles: 84 vs 47 ms
     a step, of which the matmuls ~40 and the widening ~9)."""
     from swiftkv.kernels.switches import switched_on
