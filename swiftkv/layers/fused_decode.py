@@ -11,9 +11,9 @@ It is built by the model runner from the descriptions the layers give (:class:`F
 a layer executor like the model itself (the same ``run_layers`` and ``store_swiftkv``): the runner hands it to
 the model for the steps it takes (:meth:`FusedDecoder.takes`: one query token per sequence over the paged
 cache, up to ``GEMM_MAX_ROWS`` sequences, no gradient wanted; a model computing in bf16 on bf16 weights, on a
-CPU with AMX, leaves steps of enough rows (``AMX_EAGER_MIN_WORK``) to the eager layers, whose matmuls oneDNN runs on
-the tiles), chosen once per step. Each
-call runs all its kernels inside one OpenMP region, its threads meeting at a spin barrier between dependent ops
+CPU with AMX, leaves steps of enough rows (``AMX_EAGER_MIN_WORK``) to the eager layers, whose matmuls oneDNN runs
+on the tiles), chosen once per step. Each call runs all its kernels inside one OpenMP region, its threads meeting
+at a spin barrier between dependent ops
 (``csrc/skv_team.h``). A model computing in bf16 (a bf16 KV cache) runs there too: the call widens the step's
 activations to fp32, computes in fp32, stores K/V rounded to bf16 and rounds the result back (eager bf16
 rounds after every op, so the two agree to bf16 precision, not bit for bit). :meth:`FusedDecoder.build` returns
@@ -108,14 +108,13 @@ class FusedDecoder:
                           | linear_kernels.DOT_I8 * (switches.int8_dot and linear_kernels.int8_dot_available()))
         self.eps = specs[0].eps
         self.dtype = specs[0].input_norm.dtype  # the model's compute dtype
-        # bf16-held projections: a bf16 step of enough rows may go to oneDNN's AMX tiles (AMX_EAGER_MIN_WORK)
-        first = [lin.held for lin in (specs[0].q, specs[0].k, specs[0].v, specs[0].o, specs[0].gate, specs[0].up,
-                                      specs[0].down) if lin is not None]
+        # the fewest rows of a step that oneDNN's AMX tiles may take from the fused call (bf16-held weights only)
+        hidden, heads, kv_heads, d, inter = dims
+        layer_weights = 2 * hidden * heads * d + 2 * hidden * kv_heads * d + 3 * hidden * inter  # q, o, k, v, MLP
         dense_bf16 = all(lin.held is not None and lin.held.kind == "bf16"
                          for s in specs for lin in (s.q, s.o, s.gate, s.up, s.down))
-        self._amx_rows = (max(GEMV_ROWS + 1, math.ceil(AMX_EAGER_MIN_WORK / sum(h.out_features * h.in_features
-                                                                               for h in first)))
-                          if dense_bf16 else GEMM_MAX_ROWS + 1)
+        self._amx_rows = (max(GEMV_ROWS + 1, math.ceil(AMX_EAGER_MIN_WORK / layer_weights)) if dense_bf16
+                          else GEMM_MAX_ROWS + 1)
         if self._amx_rows <= GEMM_MAX_ROWS and amx_takes_batch(self._amx_rows, self.dtype):
             print(f"swiftkv: decode steps of {self._amx_rows}+ sequences: oneDNN's bf16 matmuls on the AMX tiles "
                   "(SWIFTKV_AMX_DECODE=0: the fused AVX512-BF16 kernels)", file=sys.stderr)
