@@ -209,6 +209,49 @@ def test_bf16_elementwise_ops_are_the_fp32_ops_rounded_once():
         assert torch.equal(rot, wide.bfloat16()) and torch.equal(rot[:, 5:], r[:, 5:])
 
 
+@needs_ops
+@needs_bf16_dot
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_elementwise_avx512_form_is_the_avx2_form(monkeypatch, dtype):
+    """On a CPU with AVX512-BF16 the elementwise ops run sixteen lanes at a time: the same steps as the AVX2 form, so
+    SiLU-and-mul and rotary give the same bits; RMSNorm adds its squares in another order (its fp32 statistic within
+    an ulp, its bf16 output within one bf16 ulp). Widths leave a partial last vector (% 16 == 8) and rows are strided."""
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(19, 700, generator=g) * 3).to(dtype)[:, :584]  # 584 = 36 x 16 + 8
+    w = torch.randn(584, generator=g)
+    gu = (torch.randn(19, 2 * 120, generator=g) * 6).to(dtype)  # 120 = 7 x 16 + 8
+    gate, up = gu.chunk(2, -1)
+    r = (torch.randn(13, 5, 48, generator=g) * 2).to(dtype)  # half a head: 24 = 16 + 8
+    cos, sin = torch.randn(13, 48, generator=g), torch.randn(13, 48, generator=g)
+    outs = {}
+    with torch.inference_mode():
+        for form in ("0", "1"):
+            monkeypatch.setenv("SWIFTKV_AVX512_OPS", form)
+            assert cpu_ops.avx512_available() == (form == "1")
+            rot = r.clone()
+            assert cpu_ops.rotary_inplace(rot[:, :3], cos, sin) is not None
+            outs[form] = cpu_ops.rms_norm(x, w, 1e-5), cpu_ops.silu_and_mul(gate, up), rot
+    (norm2, act2, rot2), (norm16, act16, rot16) = outs["0"], outs["1"]
+    assert torch.equal(act16, act2) and torch.equal(rot16, rot2) and torch.equal(rot16[:, 3:], r[:, 3:])
+    ulp = 2**-7 if dtype == torch.bfloat16 else 2**-21
+    torch.testing.assert_close(norm16.float(), norm2.float(), rtol=ulp, atol=0)
+
+
+def test_elementwise_avx512_form_needs_the_cpu_feature(monkeypatch):
+    """The AVX-512 form is chosen from the CPU's flags: without avx512_bf16 (or its BW / VL), or switched off, the
+    AVX2 form runs."""
+    from swiftkv import platforms
+
+    monkeypatch.setattr(platforms, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw",
+                                                                    "avx512vl"}))
+    assert not cpu_ops.avx512_available()
+    monkeypatch.setattr(platforms, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c", "avx512_bf16", "avx512bw",
+                                                                    "avx512vl"}))
+    assert cpu_ops.avx512_available()
+    monkeypatch.setenv("SWIFTKV_AVX512_OPS", "0")
+    assert not cpu_ops.avx512_available()
+
+
 @pytest.mark.parametrize("q_len,kv_len", [(1, 9), (5, 9), (33, 34), (100, 300)])
 def test_split_bottom_right_causal_attention_matches_masked_sdpa(q_len, kv_len):
     g = torch.Generator().manual_seed(q_len)

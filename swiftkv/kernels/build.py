@@ -69,6 +69,14 @@ class Binding:
         return lib
 
 
+def cpu_form(switch: str, default: str, flag: str) -> bool:
+    """Whether an AVX-512 form of the kernels runs: on where ``switch`` (default ``default``) is not ``0`` and the CPU
+    has ``flag`` with AVX512-BW and -VL."""
+    from swiftkv import platforms  # looked up at each call: tests stand in other CPUs' flags
+
+    return os.environ.get(switch, default) != "0" and {flag, "avx512bw", "avx512vl"} <= platforms.cpu_flags()
+
+
 def check_layout(lib: ctypes.CDLL, which: int, struct: type[ctypes.Structure]) -> None:
     """Raise ``RuntimeError`` unless ``struct`` (a ctypes mirror) has the size and field offsets of the C
     struct number ``which`` in ``skv_abi_layout``."""

@@ -7,7 +7,6 @@ switches them off (then layers hold their weights densely in the compute dtype, 
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 
@@ -55,7 +54,7 @@ def c_weight(kind: str, data: torch.Tensor, scale: torch.Tensor | None = None, o
 def bf16_dot_available() -> bool:
     """Whether this CPU has AVX512-BF16 dot products (then a bf16 model's batched matmuls use them: twice the
     fp32 FMA's work per instruction). ``SWIFTKV_BF16_DOT=0`` switches them off."""
-    return _cpu_form("SWIFTKV_BF16_DOT", "1", "avx512_bf16")
+    return build.cpu_form("SWIFTKV_BF16_DOT", "1", "avx512_bf16")
 
 
 def int8_dot_available() -> bool:
@@ -63,15 +62,7 @@ def int8_dot_available() -> bool:
     and multiply with AVX512-VNNI (llama.cpp's Q8 activations): opt-in, ``SWIFTKV_INT8_DOT=1``, on a CPU with
     ``avx512_vnni``. Off by default: on the default model (Zen 4, batch 1) it decodes 1.05-1.12x faster but its
     chosen-token logprobs sit 0.053 (mean) / 0.51 (max) from the fp32 model's, against bf16's 0.015 / 0.12."""
-    return _cpu_form("SWIFTKV_INT8_DOT", "0", "avx512_vnni")
-
-
-def _cpu_form(switch: str, default: str, flag: str) -> bool:
-    """An AVX-512 matmul form: on where ``switch`` (default ``default``) is not ``0`` and the CPU has ``flag`` with
-    AVX512-BW and -VL."""
-    from swiftkv.platforms import cpu_flags
-
-    return os.environ.get(switch, default) != "0" and {flag, "avx512bw", "avx512vl"} <= cpu_flags()
+    return build.cpu_form("SWIFTKV_INT8_DOT", "0", "avx512_vnni")
 
 
 DOT_BF16, DOT_I8 = 1, 2  # csrc/skv_linear.h

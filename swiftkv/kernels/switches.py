@@ -12,8 +12,9 @@ off (then PyTorch's path runs):
   for a bf16 model's decode gemv over Q4/Q8-held weights (where the CPU has them);
 - ``SWIFTKV_PREFILL_ATTENTION=auto|kernel|sdpa``: which prompt attention runs (``auto``: per CPU).
 
-Three more are read where their kernels are called, since models outside an engine use them too:
-``SWIFTKV_CPU_OPS`` (the elementwise kernels), ``SWIFTKV_COMPACT_WEIGHTS`` (the held weight forms, read when
+Four more are read where their kernels are called, since models outside an engine use them too:
+``SWIFTKV_CPU_OPS`` (the elementwise kernels; ``SWIFTKV_AVX512_OPS=0`` keeps them on AVX2 on a CPU with
+AVX512-BF16), ``SWIFTKV_COMPACT_WEIGHTS`` (the held weight forms, read when
 a model is prepared) and ``SWIFTKV_AMX_DECODE`` (on a CPU with AMX, a bf16 model's decode batches above
 ``GEMV_ROWS`` rows on bf16-held weights go to oneDNN's tiles, and the fused decoder leaves big enough steps to them:
 :func:`~swiftkv.layers.linear.amx_takes_batch`).

@@ -57,7 +57,7 @@ int64_t skv_abi_layout(int64_t which, int64_t *out, int64_t cap) {
             break;
         case 5:
             PUT(sizeof(skv_rows)); PUT(offsetof(skv_rows, data)); PUT(offsetof(skv_rows, rows));
-            PUT(offsetof(skv_rows, width)); PUT(offsetof(skv_rows, stride)); PUT(offsetof(skv_rows, bf16));
+            PUT(offsetof(skv_rows, width)); PUT(offsetof(skv_rows, stride)); PUT(offsetof(skv_rows, form));
             break;
         default:
             return -1;

@@ -1,6 +1,7 @@
 /* The elementwise ops of a decoder layer, one pass each (see swiftkv/kernels/elementwise.py): fp32 or bf16 rows
- * (bf16: widened exactly, computed in fp32, rounded once to nearest even on the way out), AVX2 + FMA, the work
- * split across a team's slots (the `_part` functions). In PyTorch each is 3-6 ops with their temporaries (and, in bf16, a rounding per op). */
+ * (bf16: widened exactly, computed in fp32, rounded once to nearest even on the way out), AVX2 + FMA, or AVX-512
+ * where the `form` asks (skv_elementwise512.c); the work split across a team's slots (the `_part` functions). In
+ * PyTorch each is 3-6 ops with their temporaries (and, in bf16, a rounding per op). */
 #include <math.h>
 #include <omp.h>
 
@@ -19,8 +20,10 @@ static inline void store8(void *base, int64_t i, __m256 v, int bf16) {
         _mm256_storeu_ps((float *)base + i, v);
 }
 
-void skv_rms_norm_part(const void *x, int64_t stride, const float *w, void *out, int64_t N, float eps, int bf16,
+void skv_rms_norm_part(const void *x, int64_t stride, const float *w, void *out, int64_t N, float eps, int form,
                        int64_t m_lo, int64_t m_hi) {
+    const int bf16 = form & SKV_EW_BF16;
+    if ((form & SKV_EW_AVX512) && skv_rms_norm_part16(x, stride, w, out, N, eps, bf16, m_lo, m_hi) == 0) return;
     for (int64_t m = m_lo; m < m_hi; m++) {
         __m256 ss = _mm256_setzero_ps();
         for (int64_t i = 0; i < N; i += 8) {
@@ -34,8 +37,10 @@ void skv_rms_norm_part(const void *x, int64_t stride, const float *w, void *out,
     }
 }
 
-void skv_silu_and_mul_part(const void *gate, const void *up, int64_t ld, void *out, int64_t M, int64_t I, int bf16,
+void skv_silu_and_mul_part(const void *gate, const void *up, int64_t ld, void *out, int64_t M, int64_t I, int form,
                            int64_t i_lo, int64_t i_hi) {
+    const int bf16 = form & SKV_EW_BF16;
+    if ((form & SKV_EW_AVX512) && skv_silu_and_mul_part16(gate, up, ld, out, M, I, bf16, i_lo, i_hi) == 0) return;
     for (int64_t m = 0; m < M; m++)
         for (int64_t i = i_lo; i < i_hi; i += 8) {
             const __m256 g = load8(gate, m * ld + i, bf16), u = load8(up, m * ld + i, bf16);
@@ -44,8 +49,10 @@ void skv_silu_and_mul_part(const void *gate, const void *up, int64_t ld, void *o
         }
 }
 
-void skv_rotary_part(void *x, int64_t heads, int64_t D, int64_t stride, const float *cos, const float *sin, int bf16,
+void skv_rotary_part(void *x, int64_t heads, int64_t D, int64_t stride, const float *cos, const float *sin, int form,
                      int64_t p_lo, int64_t p_hi) {
+    const int bf16 = form & SKV_EW_BF16;
+    if ((form & SKV_EW_AVX512) && skv_rotary_part16(x, heads, D, stride, cos, sin, bf16, p_lo, p_hi) == 0) return;
     const int64_t h = D / 2;
     for (int64_t p = p_lo; p < p_hi; p++) {
         const int64_t n = p / heads, hd = p % heads;
@@ -72,15 +79,15 @@ int skv_rms_norm(const skv_rows *x, const float *w, void *out, float eps, int nt
     if (x->width % 8) return -1;
     const int T = x->rows > 1 ? nthreads : 1;
     TEAM_REGION(skv_team_range(&t, x->rows, 1, &lo, &hi);
-                skv_rms_norm_part(x->data, x->stride, w, out, x->width, eps, (int)x->bf16, lo, hi);)
+                skv_rms_norm_part(x->data, x->stride, w, out, x->width, eps, (int)x->form, lo, hi);)
     return 0;
 }
 
 int skv_silu_and_mul(const void *gate, const void *up, int64_t ld, void *out, int64_t M, int64_t I, int nthreads,
-                     int bf16) {
+                     int form) {
     if (I % 8) return -1;
     const int T = M * I > 16384 ? nthreads : 1;
-    TEAM_REGION(skv_team_range(&t, I, 8, &lo, &hi); skv_silu_and_mul_part(gate, up, ld, out, M, I, bf16, lo, hi);)
+    TEAM_REGION(skv_team_range(&t, I, 8, &lo, &hi); skv_silu_and_mul_part(gate, up, ld, out, M, I, form, lo, hi);)
     return 0;
 }
 
@@ -88,6 +95,6 @@ int skv_rotary_inplace(const skv_rows *x, int64_t heads, int64_t D, const float 
     if (D % 16) return -1;
     const int T = x->rows * heads * D > 16384 ? nthreads : 1;
     TEAM_REGION(skv_team_range(&t, x->rows * heads, 1, &lo, &hi);
-                skv_rotary_part(x->data, heads, D, x->stride, cos, sin, (int)x->bf16, lo, hi);)
+                skv_rotary_part(x->data, heads, D, x->stride, cos, sin, (int)x->form, lo, hi);)
     return 0;
 }

@@ -10,9 +10,10 @@
 
 #include "skv_dequant.h"
 #include "skv_gemm.h"
+#include "skv_vec512.h"
 
-#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
-#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#ifdef SKV_BF16_TARGET
+#define BF16_TARGET SKV_BF16_TARGET
 #define NR SKV_GEMM_PANEL /* output rows per panel */
 #define MR 6 /* input rows per micro-tile (the tile code below is written for MR <= 6) */
 #define OR 4 /* output rows per micro-tile: MR x OR = 24 accumulators + 4 weight and 1 input vector = 29 of 32

@@ -10,8 +10,9 @@
 #include <stdlib.h>
 
 #include "skv_gemv.h"
+#include "skv_vec512.h"
 
-#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
+#ifdef SKV_BF16_TARGET
 #include <immintrin.h>
 #define I8_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c")))
 

@@ -12,9 +12,11 @@
 #include <string.h>
 
 #include "skv_flash.h"
+#include "skv_vec512.h"
 
-#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
-#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#ifdef SKV_BF16_TARGET
+#define BF16_TARGET SKV_BF16_TARGET
+#define LOG2E 1.44269504088896341f
 #define RV 4 /* row vectors (16 rows each) per micro-tile: 4 keys (or dims) x 4 = 16 accumulators */
 
 /* R: the tile's rows rounded to 16 */
@@ -79,6 +81,38 @@ BF16_TARGET static inline __attribute__((always_inline)) void pv_micro(float *ot
         for (int i = 0; i < nrv; i++) _mm512_storeu_ps(ot + dd * R + 16 * i, acc[dd][i]);
 }
 
+/* skv_flash_softmax (skv_flash.h) sixteen rows per instruction (R % 16 == 0 here), the scores in log2 units (qk_micro
+ * scales them by log2(e)), so 2^x in place of e^x: the same steps, half the instructions per exponential */
+BF16_TARGET static inline void softmax16(float *st, int64_t R, int64_t n, int64_t k0, int masked, const float *lim,
+                                         float *m, float *l, float *alpha) {
+    const __m512 neg = _mm512_set1_ps(SKV_FLASH_NEG);
+    for (int64_t i = 0; i < R / 16; i++) {
+        float *s = st + 16 * i;
+        const __m512 lm = _mm512_loadu_ps(lim + 16 * i), m_old = _mm512_loadu_ps(m + 16 * i);
+        __m512 m_new = m_old;
+        for (int64_t j = 0; j < n; j++) {
+            __m512 sj = _mm512_loadu_ps(s + j * R);
+            if (masked) {
+                sj = _mm512_mask_mov_ps(sj, _mm512_cmp_ps_mask(_mm512_set1_ps((float)(k0 + j)), lm, _CMP_GT_OQ), neg);
+                _mm512_storeu_ps(s + j * R, sj);
+            }
+            m_new = _mm512_max_ps(m_new, sj);
+        }
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; j++) {
+            const __m512 sj = _mm512_loadu_ps(s + j * R);
+            __m512 p = skv_vexp2_16(_mm512_sub_ps(sj, m_new));
+            if (masked) p = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(sj, neg, _CMP_GT_OQ), p); /* exact 0 */
+            _mm512_storeu_ps(s + j * R, p);
+            sum = _mm512_add_ps(sum, p);
+        }
+        const __m512 a = skv_vexp2_16(_mm512_sub_ps(m_old, m_new));
+        _mm512_storeu_ps(l + 16 * i, _mm512_fmadd_ps(_mm512_loadu_ps(l + 16 * i), a, sum));
+        _mm512_storeu_ps(m + 16 * i, m_new);
+        _mm512_storeu_ps(alpha + 16 * i, a);
+    }
+}
+
 /* the row vectors in groups of RV, then the rest (nrv a constant in each call, so the micro-kernels unroll) */
 #define FOR_ROW_GROUPS(nv, rv, CALL)                               \
     do {                                                           \
@@ -112,11 +146,11 @@ BF16_TARGET static void attend_tile(const skv_flash_item *it, void *scratch) {
         const int64_t n = end - k0 < chunk ? end - k0 : chunk, n2 = (n + 1) / 2;
         for (int64_t j = 0; j < n; j += 4) { /* in place; rows past n in the last four are read, never used */
             const uint16_t *k = kh + (it->table[(k0 + j) / block_size] * block_size + j % block_size) * D;
-#define QK(NRV) qk_micro(qt2 + 16 * rv, k, st + j * R + 16 * rv, R, D, it->scale, NRV)
+#define QK(NRV) qk_micro(qt2 + 16 * rv, k, st + j * R + 16 * rv, R, D, it->scale * LOG2E, NRV)
             FOR_ROW_GROUPS(nv, rv, QK);
 #undef QK
         }
-        skv_flash_softmax(st, R, n, k0, k0 + n - 1 > first_lim, lim, m, l, alpha);
+        softmax16(st, R, n, k0, k0 + n - 1 > first_lim, lim, m, l, alpha);
         for (int64_t j2 = 0; j2 < n2; j2++) { /* keys 2 j2, 2 j2 + 1 (a missing last key: 0) as pairs */
             const int64_t j = 2 * j2;
             const uint16_t *v0 = vh + (it->table[(k0 + j) / block_size] * block_size + j % block_size) * D;

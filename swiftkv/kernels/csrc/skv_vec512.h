@@ -1,0 +1,55 @@
+/* AVX-512 (+ AVX512-BF16) helpers for the kernels compiled for those instructions through function attributes only
+ * (the library's flags stay AVX2): header only, static inline. Whoever calls them checks the CPU first (the Python
+ * side reads its flags). SKV_BF16_TARGET is defined where the compiler can emit the instructions. */
+#ifndef SKV_VEC512_H
+#define SKV_VEC512_H
+#include <immintrin.h>
+#include <stdint.h>
+
+#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
+#define SKV_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+/* e^x, lane-wise: skv_vexp (skv_vec.h) sixteen lanes at a time, the same steps and constants, so the same values */
+SKV_BF16_TARGET static inline __m512 skv_vexp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                           _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+    y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(x, x), x), _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+/* 2^x, lane-wise, for x <= 0 (clamped at -126): 2^round(x) by scalef times a degree-5 fit of 2^f on [-0.5, 0.5]
+ * (relative error 2.2e-7, as skv_vexp16's): half skv_vexp16's instructions, for softmaxes whose scores come in
+ * log2 units (scaled by log2(e) beforehand) */
+SKV_BF16_TARGET static inline __m512 skv_vexp2_16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(x, n);
+    __m512 y = _mm512_set1_ps(1.3266970636323094e-3f);
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.675459936261177e-3f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.550742521882057e-2f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022121727466583e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.931469440460205e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0000001192092896f));
+    return _mm512_scalef_ps(y, n);
+}
+
+/* sixteen bf16 values (raw bits) widened to fp32: exact */
+SKV_BF16_TARGET static inline __m512 skv_load_bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* sixteen fp32 stored as bf16 bits, rounded to nearest even in one instruction (as skv_store_bf16x8) */
+SKV_BF16_TARGET static inline void skv_store_bf16x16(uint16_t *p, __m512 v) {
+    _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(v));
+}
+#endif
+#endif
