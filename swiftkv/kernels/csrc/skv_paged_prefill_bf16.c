@@ -81,30 +81,38 @@ BF16_TARGET static inline __attribute__((always_inline)) void pv_micro(float *ot
         for (int i = 0; i < nrv; i++) _mm512_storeu_ps(ot + dd * R + 16 * i, acc[dd][i]);
 }
 
+/* the rows (of sixteen) whose last visible key `lim` is at or right of key k */
+BF16_TARGET static inline __mmask16 visible(int64_t k, __m512 lim) {
+    return _mm512_cmp_ps_mask(_mm512_set1_ps((float)k), lim, _CMP_LE_OQ);
+}
+
 /* skv_flash_softmax (skv_flash.h) sixteen rows per instruction (R % 16 == 0 here), the scores in log2 units (qk_micro
- * scales them by log2(e)), so 2^x in place of e^x: the same steps, half the instructions per exponential */
-BF16_TARGET static inline void softmax16(float *st, int64_t R, int64_t n, int64_t k0, int masked, const float *lim,
-                                         float *m, float *l, float *alpha) {
-    const __m512 neg = _mm512_set1_ps(SKV_FLASH_NEG);
+ * scales them by log2(e)), so 2^x in place of e^x (half the instructions per exponential); the probabilities go
+ * straight to Pt2, rounded to bf16 as pairs of keys (a missing last key: 0), their fp32 values summed into l */
+BF16_TARGET static inline void softmax16(const float *st, uint32_t *pt2, int64_t R, int64_t n, int64_t k0, int masked,
+                                         const float *lim, float *m, float *l, float *alpha) {
     for (int64_t i = 0; i < R / 16; i++) {
-        float *s = st + 16 * i;
+        const float *s = st + 16 * i;
         const __m512 lm = _mm512_loadu_ps(lim + 16 * i), m_old = _mm512_loadu_ps(m + 16 * i);
         __m512 m_new = m_old;
-        for (int64_t j = 0; j < n; j++) {
-            __m512 sj = _mm512_loadu_ps(s + j * R);
-            if (masked) {
-                sj = _mm512_mask_mov_ps(sj, _mm512_cmp_ps_mask(_mm512_set1_ps((float)(k0 + j)), lm, _CMP_GT_OQ), neg);
-                _mm512_storeu_ps(s + j * R, sj);
-            }
-            m_new = _mm512_max_ps(m_new, sj);
+        for (int64_t j = 0; j < n; j++) { /* a masked score: SKV_FLASH_NEG */
+            const __m512 sj = _mm512_loadu_ps(s + j * R);
+            m_new = masked ? _mm512_mask_max_ps(m_new, visible(k0 + j, lm), m_new, sj) : _mm512_max_ps(m_new, sj);
         }
         __m512 sum = _mm512_setzero_ps();
-        for (int64_t j = 0; j < n; j++) {
-            const __m512 sj = _mm512_loadu_ps(s + j * R);
-            __m512 p = skv_vexp2_16(_mm512_sub_ps(sj, m_new));
-            if (masked) p = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(sj, neg, _CMP_GT_OQ), p); /* exact 0 */
-            _mm512_storeu_ps(s + j * R, p);
-            sum = _mm512_add_ps(sum, p);
+        for (int64_t j = 0; j < n; j += 2) {
+            __m512 p[2];
+            for (int h = 0; h < 2; h++) {
+                if (j + h >= n) {
+                    p[h] = _mm512_setzero_ps();
+                    continue;
+                }
+                p[h] = skv_vexp2_16(_mm512_sub_ps(_mm512_loadu_ps(s + (j + h) * R), m_new));
+                if (masked) p[h] = _mm512_maskz_mov_ps(visible(k0 + j + h, lm), p[h]); /* exact 0 */
+                sum = _mm512_add_ps(sum, p[h]);
+            }
+            _mm512_storeu_si512(pt2 + j / 2 * R + 16 * i,
+                                interleave16((__m256i)_mm512_cvtneps_pbh(p[0]), (__m256i)_mm512_cvtneps_pbh(p[1])));
         }
         const __m512 a = skv_vexp2_16(_mm512_sub_ps(m_old, m_new));
         _mm512_storeu_ps(l + 16 * i, _mm512_fmadd_ps(_mm512_loadu_ps(l + 16 * i), a, sum));
@@ -150,16 +158,10 @@ BF16_TARGET static void attend_tile(const skv_flash_item *it, void *scratch) {
             FOR_ROW_GROUPS(nv, rv, QK);
 #undef QK
         }
-        softmax16(st, R, n, k0, k0 + n - 1 > first_lim, lim, m, l, alpha);
+        softmax16(st, pt2, R, n, k0, k0 + n - 1 > first_lim, lim, m, l, alpha);
         for (int64_t j2 = 0; j2 < n2; j2++) { /* keys 2 j2, 2 j2 + 1 (a missing last key: 0) as pairs */
             const int64_t j = 2 * j2;
             const uint16_t *v0 = vh + (it->table[(k0 + j) / block_size] * block_size + j % block_size) * D;
-            for (int64_t i = 0; i < nv; i++) {
-                const __m256i a = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(st + j * R + 16 * i));
-                const __m256i b = j + 1 < n ? (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(st + (j + 1) * R + 16 * i))
-                                            : _mm256_setzero_si256();
-                _mm512_storeu_si512(pt2 + j2 * R + 16 * i, interleave16(a, b));
-            }
             for (int64_t d = 0; d < D; d += 16) { /* block_size % 4 == 0: both keys in one block */
                 const __m256i a = _mm256_loadu_si256((const __m256i *)(v0 + d));
                 const __m256i b = j + 1 < n ? _mm256_loadu_si256((const __m256i *)(v0 + D + d)) : _mm256_setzero_si256();
