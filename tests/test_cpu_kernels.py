@@ -57,6 +57,32 @@ def test_paged_decode_attention_matches_gathered_sdpa(heads, kv_heads, head_dim,
 
 
 @needs_attention
+@needs_bf16_dot
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (32, 8, 128, 8), (12, 2, 64, 4),
+                                                                (4, 4, 32, 16)])
+def test_paged_decode_attention_bf16_dots_round_only_queries_and_probabilities(heads, kv_heads, head_dim, block_size):
+    """The AVX512-BF16 form over a bf16 cache: the queries rounded to bf16 (a bf16 model's queries are bf16), keys
+    multiplied exactly (fp32 sums), the probabilities rounded to bf16 before they weight the values: within 2^-9
+    max|V| of exact attention over the bf16-rounded queries. Groups of 3, 4 and 6 query heads (more than one pass
+    over the values), 1 to 200 keys (sixteen-key runs and their tails, an odd last key); D = 32 runs the AVX2 form."""
+    g = torch.Generator().manual_seed(heads * head_dim + 3)
+    num_blocks, max_blocks = 80, -(-200 // block_size)
+    kc = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=g).bfloat16()
+    vc = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=g).bfloat16()
+    lens = torch.tensor([1, 2, 15, 16, 17, 33, 200])
+    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:max_blocks] for _ in lens])
+    q = torch.randn(len(lens), heads, head_dim, generator=g) * 3  # fp32, as the fused decoder hands them
+    out = paged_attention.decode_attention(q, kc, vc, tables, lens, bf16_dot=True)
+    exact = _gathered_reference(q.bfloat16().float(), kc.float(), vc.float(), tables, lens)
+    avx2 = paged_attention.decode_attention(q, kc, vc, tables, lens)
+    if head_dim % 64:
+        assert torch.equal(out, avx2)
+    else:
+        torch.testing.assert_close(out, exact, atol=2**-9 * vc.float().abs().max().item() + 1e-5, rtol=0)
+        assert not torch.equal(out, avx2)  # really the dot-product form
+
+
+@needs_attention
 def test_paged_decode_attention_refuses_impossible_lengths():
     kc = torch.zeros(2, 4, 4, 16)
     with pytest.raises(RuntimeError, match="bad shapes"):  # 17 keys cannot fit 4 blocks of 4

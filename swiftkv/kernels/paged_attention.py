@@ -28,7 +28,7 @@ class CPagedAttn(ctypes.Structure):
     _fields_ = [("q", _P), ("out", _P), ("k_cache", _P), ("v_cache", _P), ("block_tables", _P), ("q_lens", _P),
                 ("kv_lens", _P), ("S", _I64), ("H", _I64), ("Hkv", _I64), ("D", _I64), ("num_blocks", _I64),
                 ("block_size", _I64), ("max_blocks", _I64), ("scale", ctypes.c_float), ("kv_bf16", _I64),
-                ("nthreads", ctypes.c_int)]
+                ("bf16_dot", _I64), ("nthreads", ctypes.c_int)]
 
 
 _BINDING = build.Binding({
@@ -58,11 +58,15 @@ def _check(rc: int, what: str) -> None:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     kv_lens: torch.Tensor) -> torch.Tensor:
+                     kv_lens: torch.Tensor, bf16_dot: bool = False) -> torch.Tensor:
     """One query per sequence over its cached keys and values.
 
     q [B, H, D]; k_cache, v_cache [Hkv, num_blocks, block_size, D] (contiguous, one KV owner's);
     block_tables [B, max_blocks] int64; kv_lens [B] int64 -> [B, H, D].
+
+    ``bf16_dot`` (only where :func:`~swiftkv.kernels.linear.bf16_dot_available`): a bf16 cache with D % 64 == 0
+    runs on AVX512-BF16 dot products (``csrc/skv_paged_decode_bf16.c``: queries and probabilities rounded to bf16,
+    every sum fp32); other caches take the AVX2 form.
     """
     b = q.shape[0]
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -70,7 +74,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     dtype = q.dtype
     q, tables = q.float().contiguous(), block_tables.contiguous()
     out = torch.empty_like(q)
-    rc = library().skv_paged_decode_attention(_args(q, out, k_cache, v_cache, tables, None, kv_lens.contiguous(), b))
+    rc = library().skv_paged_decode_attention(_args(q, out, k_cache, v_cache, tables, None, kv_lens.contiguous(), b,
+                                                    bf16_dot))
     _check(rc, "decode")
     return out.to(dtype)
 
@@ -105,11 +110,12 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 
 def _args(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-          q_lens: torch.Tensor | None, kv_lens: torch.Tensor, num_seqs: int) -> ctypes.pointer:
+          q_lens: torch.Tensor | None, kv_lens: torch.Tensor, num_seqs: int, bf16_dot: bool = False) -> ctypes.pointer:
     """The call's :class:`CPagedAttn` (the tensors must outlive the call)."""
     h, d = q.shape[1], q.shape[2]
     hkv, num_blocks, block_size = k_cache.shape[:3]
     return ctypes.pointer(CPagedAttn(q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                                      tables.data_ptr(), None if q_lens is None else q_lens.data_ptr(),
                                      kv_lens.data_ptr(), num_seqs, h, hkv, d, num_blocks, block_size, tables.shape[1],
-                                     d**-0.5, int(k_cache.dtype == torch.bfloat16), torch.get_num_threads()))
+                                     d**-0.5, int(k_cache.dtype == torch.bfloat16), int(bf16_dot),
+                                     torch.get_num_threads()))

@@ -46,9 +46,11 @@ class PagedAttention:
         self._decode_kernel = native and kernels.can_run(kv_cache)
         self._prefill_kernel = (native and kernels.can_run(kv_cache, prefill=True)
                                 and switches.prefill_kernel_preferred(kv_cache.dtype))
-        # a bf16 cache on a CPU with AVX512-BF16: the prefill kernel's dot-product form (D % 32; else it falls back)
-        self._prefill_dots = (self._prefill_kernel and switches.bf16_dot and kv_cache.dtype == torch.bfloat16
-                              and bf16_dot_available())
+        # a bf16 cache on a CPU with AVX512-BF16: the kernels' dot-product forms (prefill D % 32, decode D % 64; else
+        # they fall back)
+        dots = switches.bf16_dot and kv_cache.dtype == torch.bfloat16 and bf16_dot_available()
+        self._prefill_dots = self._prefill_kernel and dots
+        self._decode_dots = self._decode_kernel and dots
         self._plan: _StepPlan | None = None
 
     def plan(self, meta: AttentionMetadata) -> _StepPlan:
@@ -75,7 +77,7 @@ class PagedAttention:
         plan = self.plan(meta)
         kc, vc = self.kv_cache[owner, 0], self.kv_cache[owner, 1]  # [Hkv, blocks, block_size, D]
         if plan.path == "decode_kernel":
-            return kernels.decode_attention(q, kc, vc, meta.block_tables, meta.kv_lens_t)
+            return kernels.decode_attention(q, kc, vc, meta.block_tables, meta.kv_lens_t, bf16_dot=self._decode_dots)
         if plan.path == "decode_gather":
             return _decode_gathered(q, kc, vc, meta, plan)
         if plan.path == "prefill_kernel":  # prompts, fresh or after cached keys (and any decode rows beside them)
