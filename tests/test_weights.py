@@ -113,6 +113,39 @@ def test_prepared_linear_matches_f_linear_at_every_batch_size(kind, dtype, monke
 
 
 @needs_kernel
+@pytest.mark.parametrize("kind", ["q4_1", "bf16", "f32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_silu_in_the_matmul_epilogues_matches_pytorch(kind, dtype, monkeypatch):
+    """``silu(gate(x)) * up(x)`` with the SiLU and the product in oneDNN's epilogues (prefill-sized batches, widened
+    whole or in chunks, with biases) against PyTorch's ops on the fp32 weights; decode-sized batches are left to the
+    kernels and the activation (None)."""
+    lins = []
+    for seed in (1, 2):
+        w, b = _weight(kind, 96, 64, seed), torch.randn(96)
+        lin = Linear(64, 96)
+        with torch.no_grad():
+            lin.weight.copy_(w), lin.bias.copy_(b)
+        lins.append((lin, w, b))
+    for lin, _, _ in lins:
+        lin.prepare(dtype)
+    (gate, wg, bg), (up, wu, bu) = lins
+    x = torch.randn(2, 150, 64).to(dtype)
+    r = (lambda t: t.to(dtype).float())  # the values the model holds: rounded to bf16 in a bf16 model
+    expected = F.silu(F.linear(r(x), r(wg), r(bg))) * F.linear(r(x), r(wu), r(bu))
+    # bf16: the SiLU's and the product's outputs rounded (2 x 2^-9 relative), the fp32 sums in another order
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2**-7}
+    with torch.no_grad():
+        assert linear_layers.gated_silu(gate, up, x[:, :3]) is None  # 6 rows: the kernels' batch
+        y = linear_layers.gated_silu(gate, up, x)
+        assert y is not None and y.dtype == dtype and y.shape == (2, 150, 96)
+        torch.testing.assert_close(y.float(), expected, **tol)
+        monkeypatch.setattr(linear_layers, "WIDEN_CHUNK_BYTES", 20 * 64 * 4)  # widened 20 rows at a time
+        torch.testing.assert_close(linear_layers.gated_silu(gate, up, x).float(), expected, **tol)
+    with torch.enable_grad():
+        assert linear_layers.gated_silu(gate, up, x) is None  # training keeps PyTorch's ops
+
+
+@needs_kernel
 @pytest.mark.parametrize("l,G", [(6, 1), (3, 1), (2, 2)])
 def test_engine_greedy_with_compact_weights_matches_full_sequence(l, G):
     from conftest import tiny_hf_model

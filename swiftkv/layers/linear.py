@@ -14,7 +14,8 @@ where they are already the held form) and a :class:`HeldLinearMethod` that appli
 - prefill-sized batches widen the weight (in row chunks of at most ``WIDEN_CHUNK_BYTES``) into a reused
   buffer in the compute dtype and call oneDNN's matmul on it (PyTorch's ``mkldnn`` linear, which takes
   a plain weight at ~97% of its prepacked speed): one pass over the bytes per thousands of FLOPs per
-  weight. Weights already in the compute dtype are used as they are.
+  weight. Weights already in the compute dtype are used as they are. A gated MLP's SiLU and product ride in the
+  gate and up matmuls' epilogues there (:func:`gated_silu`).
 """
 
 from __future__ import annotations
@@ -41,13 +42,36 @@ def _onednn_available(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_native_bf16())
 
 
-def dense_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight^T + bias`` for a plain weight in ``x``'s dtype: oneDNN where it has a kernel for the
-    dtype on this CPU (no gradient wanted), else ``F.linear``."""
+def dense_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, silu: bool = False,
+                 mul: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight^T + bias`` for a plain weight in ``x``'s dtype, then ``silu`` of it, or times ``mul`` (same
+    shape as the result): oneDNN where it has a kernel for the dtype on this CPU (no gradient wanted; the activation
+    and the product in its epilogue, on the fp32 sums), else ``F.linear`` and PyTorch's ops."""
     if x.device.type == "cpu" and not torch.is_grad_enabled() and _onednn_available(x.dtype):
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+        x2 = x.reshape(-1, x.shape[-1])  # [M, I]
+        if mul is not None:
+            y = torch.ops.mkldnn._linear_pointwise.binary(x2, mul.reshape(x2.shape[0], -1).contiguous(), weight, bias,
+                                                         "mul")
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "swish" if silu else "none", [], "")
         return y.view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight, bias)
+    y = F.linear(x, weight, bias)
+    return F.silu(y) if silu else y if mul is None else y * mul
+
+
+def gated_silu(gate: Linear, up: Linear, x: torch.Tensor) -> torch.Tensor | None:
+    """``silu(gate(x)) * up(x)`` as two oneDNN matmuls whose epilogues apply the SiLU and the product (no pass of
+    its own over the [tokens, intermediate] activations, no gate-and-up intermediate): prefill-sized batches on a CPU
+    where oneDNN multiplies ``x``'s dtype, both layers prepared. None elsewhere (decode-sized batches take the
+    kernels; then the caller runs its activation)."""
+    g, u = gate.method, up.method
+    if g is None or u is None or torch.is_grad_enabled() or x.device.type != "cpu" or not _onednn_available(x.dtype):
+        return None
+    x2 = x.reshape(-1, x.shape[-1])  # [M, H]
+    if g._kernels_take(x2) or u._kernels_take(x2):
+        return None
+    act = g.apply_dense(x2, gate.bias, silu=True)  # [M, I]
+    return u.apply_dense(x2, up.bias, mul=act).view(*x.shape[:-1], u.held.out_features)
 
 
 class HeldLinearMethod:
@@ -64,11 +88,18 @@ class HeldLinearMethod:
             y = kernels.linear(x2.float(), self._c, bf16_dot=self._bf16_dot(x2), int8_dot=self._int8_dot(x2)).to(x.dtype)
             if bias is not None:
                 y += bias
-        elif held.is_dense and held.data.dtype == x.dtype:
-            y = dense_matmul(x2, held.data, bias)
         else:
-            y = self._widened_matmul(x2, bias)
+            y = self.apply_dense(x2, bias)
         return y.view(*shape[:-1], held.out_features)
+
+    def apply_dense(self, x: torch.Tensor, bias: torch.Tensor | None, silu: bool = False,
+                    mul: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, I] through the weight in ``x``'s dtype (read in place, or widened) and oneDNN, with
+        :func:`dense_matmul`'s epilogue: the path of batches the kernels do not take."""
+        held = self.held
+        if held.is_dense and held.data.dtype == x.dtype:
+            return dense_matmul(x, held.data, bias, silu, mul)
+        return self._widened_matmul(x, bias, silu, mul)
 
     def _kernels_take(self, x: torch.Tensor) -> bool:
         """Decode-sized batches with no gradient wanted, except bf16 GEMM-sized ones on bf16 weights where the
@@ -92,20 +123,23 @@ class HeldLinearMethod:
         return (x.dtype == torch.bfloat16 and x.shape[0] <= kernels.GEMV_ROWS and self.held.kind in ("q4", "q8")
                 and kernels.int8_dot_available())
 
-    def _widened_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _widened_matmul(self, x: torch.Tensor, bias: torch.Tensor | None, silu: bool = False,
+                        mul: torch.Tensor | None = None) -> torch.Tensor:
         """Prefill-sized batches: the weight widened to ``x``'s dtype (row chunks), then oneDNN."""
         held, dt = self.held, x.dtype
         if self._c is None or dt not in (torch.float32, torch.bfloat16) or torch.is_grad_enabled():
-            return F.linear(x, held.dense().to(dt), bias)  # a fresh tensor: autograd may keep it
+            return dense_matmul(x, held.dense().to(dt), bias, silu, mul)  # a fresh weight: autograd may keep it
         rows = max(1, min(held.out_features, WIDEN_CHUNK_BYTES // (held.in_features * x.element_size())))
         buf = _widen_buffer(dt, rows * held.in_features).view(rows, held.in_features)
         if rows == held.out_features:
-            return dense_matmul(x, kernels.widen(self._c, 0, rows, buf), bias)
+            return dense_matmul(x, kernels.widen(self._c, 0, rows, buf), bias, silu, mul)
         y = torch.empty(x.shape[0], held.out_features, dtype=dt)
         for start in range(0, held.out_features, rows):
             n = min(rows, held.out_features - start)
-            part = bias[start : start + n] if bias is not None else None
-            y[:, start : start + n] = dense_matmul(x, kernels.widen(self._c, start, n, buf[:n]), part)
+            cols = slice(start, start + n)
+            y[:, cols] = dense_matmul(x, kernels.widen(self._c, start, n, buf[:n]),
+                                      bias[cols] if bias is not None else None, silu,
+                                      mul[:, cols] if mul is not None else None)
         return y
 
 

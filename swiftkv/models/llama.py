@@ -23,7 +23,7 @@ from swiftkv.layers.attention import (
     FullSequenceAttention,
 )
 from swiftkv.layers.fused_decode import DecodeLayerSpec, FusedDecodeSpec, StoreKVSpec
-from swiftkv.layers.linear import Linear, VocabEmbedding, hold_weights
+from swiftkv.layers.linear import Linear, VocabEmbedding, gated_silu, hold_weights
 from swiftkv.layers.norm import RMSNorm
 from swiftkv.layers.rotary import RotaryEmbedding, apply_rotary_
 from swiftkv.models.arch import (
@@ -45,6 +45,8 @@ class LlamaMLP(nn.Module):
         self.act_fn = ActAndMul(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_fn.is_silu and (act := gated_silu(self.gate_proj, self.up_proj, x)) is not None:
+            return self.down_proj(act)  # prefill on CPU: the SiLU and the product in the matmuls' epilogues
         return self.down_proj(self.act_fn(self.gate_proj(x), self.up_proj(x)))
 
 
