@@ -153,12 +153,16 @@ def test_paged_prefill_attention_bf16_dots_round_only_the_probabilities(heads, k
     torch.testing.assert_close(out, exact, atol=2**-9 * vc.float().abs().max().item() + 1e-5, rtol=0)
     fp32_kernel = paged_attention.prefill_attention(q, kc, vc, tables, q_lens, kv_lens)
     assert not torch.equal(out, fp32_kernel)  # really the rounded probabilities
+    native = paged_attention.prefill_attention(q.bfloat16(), kc, vc, tables, q_lens, kv_lens, bf16_dot=True)
+    assert native.dtype == torch.bfloat16 and torch.equal(native, out.bfloat16())  # bf16 rows in and out: same values
     kf, vf = kc.float(), vc.float()  # an fp32 cache: the fp32 kernel, bit for bit
     assert torch.equal(paged_attention.prefill_attention(q, kf, vf, tables, q_lens, kv_lens, bf16_dot=True),
                        paged_attention.prefill_attention(q, kf, vf, tables, q_lens, kv_lens))
     q16, k16, v16 = q[..., :16].contiguous(), kc[..., :16].contiguous(), vc[..., :16].contiguous()  # D % 32 != 0
     assert torch.equal(paged_attention.prefill_attention(q16, k16, v16, tables, q_lens, kv_lens, bf16_dot=True),
                        paged_attention.prefill_attention(q16, k16, v16, tables, q_lens, kv_lens))
+    assert torch.equal(paged_attention.prefill_attention(q16.bfloat16(), k16, v16, tables, q_lens, kv_lens, bf16_dot=True),
+                       paged_attention.prefill_attention(q16, k16, v16, tables, q_lens, kv_lens).bfloat16())
 
 
 @needs_attention

@@ -28,7 +28,7 @@ class CPagedAttn(ctypes.Structure):
     _fields_ = [("q", _P), ("out", _P), ("k_cache", _P), ("v_cache", _P), ("block_tables", _P), ("q_lens", _P),
                 ("kv_lens", _P), ("S", _I64), ("H", _I64), ("Hkv", _I64), ("D", _I64), ("num_blocks", _I64),
                 ("block_size", _I64), ("max_blocks", _I64), ("scale", ctypes.c_float), ("kv_bf16", _I64),
-                ("bf16_dot", _I64), ("nthreads", ctypes.c_int)]
+                ("bf16_dot", _I64), ("q_bf16", _I64), ("nthreads", ctypes.c_int)]
 
 
 _BINDING = build.Binding({
@@ -91,7 +91,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
     ``bf16_dot`` (only where :func:`~swiftkv.kernels.linear.bf16_dot_available`): a bf16 cache with D % 32 == 0
     runs on AVX512-BF16 dot products (``csrc/skv_paged_prefill_bf16.c``: queries and probabilities rounded to
-    bf16, every sum fp32; ~1.6x the fp32 kernel on Zen 4); other caches take the fp32 kernel.
+    bf16, every sum fp32; ~2.2x the fp32 kernel on Zen 4; bf16 queries read and the output written as bf16, no
+    conversion); other caches take the fp32 kernel.
     """
     t = q.shape[0]
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -99,13 +100,20 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if int(q_lens.sum()) != t:
         raise ValueError(f"{t} query tokens for q_lens summing to {int(q_lens.sum())}")
     dtype = q.dtype
-    q, tables, q_lens = q.float().contiguous(), block_tables.contiguous(), q_lens.contiguous()
+    tables, q_lens, kv_lens = block_tables.contiguous(), q_lens.contiguous(), kv_lens.contiguous()
+    if bf16_dot:
+        qd = q.contiguous() if dtype == torch.bfloat16 else q.float().contiguous()
+        out = torch.empty_like(qd)
+        rc = library().skv_paged_prefill_attention_bf16(_args(qd, out, k_cache, v_cache, tables, q_lens, kv_lens,
+                                                              len(q_lens)))
+        if rc != -1:
+            _check(rc, "prefill")
+            return out.to(dtype)
+    # not a bf16 cache with D % 32 == 0 (or no such instructions built): the fp32 kernel
+    q = q.float().contiguous()
     out = torch.empty_like(q)
-    args = _args(q, out, k_cache, v_cache, tables, q_lens, kv_lens.contiguous(), len(q_lens))
-    rc = library().skv_paged_prefill_attention_bf16(args) if bf16_dot else -1
-    if rc == -1:  # not a bf16 cache with D % 32 == 0 (or no such instructions built): the fp32 kernel
-        rc = library().skv_paged_prefill_attention(args)
-    _check(rc, "prefill")
+    _check(library().skv_paged_prefill_attention(_args(q, out, k_cache, v_cache, tables, q_lens, kv_lens, len(q_lens))),
+           "prefill")
     return out.to(dtype)
 
 
@@ -118,4 +126,4 @@ def _args(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: to
                                      tables.data_ptr(), None if q_lens is None else q_lens.data_ptr(),
                                      kv_lens.data_ptr(), num_seqs, h, hkv, d, num_blocks, block_size, tables.shape[1],
                                      d**-0.5, int(k_cache.dtype == torch.bfloat16), int(bf16_dot),
-                                     torch.get_num_threads()))
+                                     int(q.dtype == torch.bfloat16), torch.get_num_threads()))

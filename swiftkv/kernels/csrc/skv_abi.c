@@ -54,7 +54,7 @@ int64_t skv_abi_layout(int64_t which, int64_t *out, int64_t cap) {
             PUT(offsetof(skv_paged_attn, num_blocks)); PUT(offsetof(skv_paged_attn, block_size));
             PUT(offsetof(skv_paged_attn, max_blocks)); PUT(offsetof(skv_paged_attn, scale));
             PUT(offsetof(skv_paged_attn, kv_bf16)); PUT(offsetof(skv_paged_attn, bf16_dot));
-            PUT(offsetof(skv_paged_attn, nthreads));
+            PUT(offsetof(skv_paged_attn, q_bf16)); PUT(offsetof(skv_paged_attn, nthreads));
             break;
         case 5:
             PUT(sizeof(skv_rows)); PUT(offsetof(skv_rows, data)); PUT(offsetof(skv_rows, rows));

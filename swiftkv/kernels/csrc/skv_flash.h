@@ -12,16 +12,18 @@
 #define SKV_FLASH_NEG (-1e30f) /* the score of a masked key */
 
 /* One work item: query tokens [t0, t0 + nq) of a sequence (query 0 at key position p0), the group's heads of KV
- * head kvh (q, out point at the sequence's first query token, [tokens, H, D]; kh, vh at that KV head's region). */
+ * head kvh (q, out point at the sequence's first query token, [tokens, H, D], fp32, or bf16 where q_bf16; kh, vh
+ * at that KV head's region). */
 typedef struct {
-    const float *q;
-    float *out;
+    const void *q;
+    void *out;
     int64_t t0, nq, p0, kvh, group, H, D;
     const void *kh, *vh;
     const int64_t *table;
     int64_t block_size, chunk; /* chunk: keys per softmax step */
     float scale;
-    int bf16; /* the cache's rows are bf16 */
+    int bf16;   /* the cache's rows are bf16 */
+    int q_bf16; /* q and out are bf16 (the AVX512-BF16 kernel only) */
 } skv_flash_item;
 
 /* runs one item with `scratch`: this thread's, of the size the variant's skv_flash_scratch gave */

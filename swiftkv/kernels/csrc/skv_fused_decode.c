@@ -124,7 +124,7 @@ static void layers_of_slot(const Team *T, const skv_layer *layers, int64_t n, co
             const skv_paged_attn pa = {q, attn, (char *)s->kv_cache + kc * esize, (char *)s->kv_cache + vc * esize,
                                        s->block_tables, NULL, s->kv_lens, M, H, Hkv, D, s->num_blocks, s->block_size,
                                        s->max_blocks, 1.0f / sqrtf((float)D), s->kv_bf16,
-                                       (s->dots & SKV_DOT_BF16) != 0, 1};
+                                       (s->dots & SKV_DOT_BF16) != 0, 0, 1};
             keep(T, skv_paged_decode_attention_team(t, &pa));
         }
         skv_team_sync(t);

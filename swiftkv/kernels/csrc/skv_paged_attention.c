@@ -126,7 +126,7 @@ static inline __attribute__((always_inline)) void attend_item(const float *q, co
 
 /* shape checks; the longest context (sizes each slot's scores), or -1 */
 static int64_t decode_check(const skv_paged_attn *a) {
-    if (a->S < 1 || a->Hkv < 1 || a->H % a->Hkv || a->D % 8 || a->block_size < 1) return -1;
+    if (a->S < 1 || a->Hkv < 1 || a->H % a->Hkv || a->D % 8 || a->block_size < 1 || a->q_bf16) return -1;
     int64_t longest = 0;
     for (int64_t b = 0; b < a->S; b++) {
         if (a->kv_lens[b] < 1 || a->kv_lens[b] > a->max_blocks * a->block_size) return -1;

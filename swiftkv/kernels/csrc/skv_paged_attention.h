@@ -20,6 +20,7 @@ typedef struct {
     float scale;
     int64_t kv_bf16;
     int64_t bf16_dot; /* decode over a bf16 cache with D % 64 == 0: AVX512-BF16 dot products (only on such a CPU) */
+    int64_t q_bf16;   /* q and out hold bf16 (skv_paged_prefill_attention_bf16 only; the others refuse it) */
     int nthreads;
 } skv_paged_attn;
 

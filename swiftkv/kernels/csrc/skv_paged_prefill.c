@@ -89,7 +89,7 @@ static void attend_tile(const skv_flash_item *it, void *scratch) {
     int64_t rv;
     for (int64_t r = 0; r < R; r++) {  /* row r = token t * group + head g; padded rows: zero queries */
         const int64_t t = r < rows ? r / group : nq - 1, g = r % group;
-        const float *qr = it->q + ((t0 + t) * it->H + it->kvh * group + g) * D;
+        const float *qr = (const float *)it->q + ((t0 + t) * it->H + it->kvh * group + g) * D;
         for (int64_t d = 0; d < D; d++) qt[d * R + r] = r < rows ? it->scale * qr[d] : 0.f;
         lim[r] = (float)(it->p0 + t0 + t); /* the last key this row sees */
         m[r] = SKV_FLASH_NEG, l[r] = 0.f;
@@ -122,7 +122,7 @@ static void attend_tile(const skv_flash_item *it, void *scratch) {
     }
     for (int64_t r = 0; r < rows; r++) {
         const int64_t t = r / group, g = r % group;
-        float *o = it->out + ((t0 + t) * it->H + it->kvh * group + g) * D;
+        float *o = (float *)it->out + ((t0 + t) * it->H + it->kvh * group + g) * D;
         const float inv = 1.f / l[r];
         for (int64_t d = 0; d < D; d++) o[d] = ot[d * R + r] * inv;
     }
@@ -134,7 +134,7 @@ int skv_flash_run(const skv_paged_attn *a, skv_flash_tile tile_fn, skv_flash_scr
     if (S < 1 || Hkv < 1 || H % Hkv || D % 8 || block_size < 1 || block_size % 4) return -1;
     const int64_t group = H / Hkv, tile = SKV_FLASH_TILE_ROWS / group > 0 ? SKV_FLASH_TILE_ROWS / group : 1;
     const int64_t chunk = skv_flash_chunk(block_size), head_stride = a->num_blocks * block_size * D;
-    const int64_t esize = a->kv_bf16 ? 2 : 4;
+    const int64_t esize = a->kv_bf16 ? 2 : 4, qsize = a->q_bf16 ? 2 : 4;
     int64_t *first_item = malloc(sizeof(int64_t) * (S + 1)), *q_start = malloc(sizeof(int64_t) * S);
     if (!first_item || !q_start) {
         free(first_item), free(q_start);
@@ -163,11 +163,11 @@ int skv_flash_run(const skv_paged_attn *a, skv_flash_tile tile_fn, skv_flash_scr
                 while (first_item[s + 1] <= item) s++;
                 const int64_t i = item - first_item[s], t0 = i / Hkv * tile, kvh = i % Hkv;
                 const skv_flash_item it = {
-                    a->q + q_start[s] * H * D, a->out + q_start[s] * H * D, t0,
+                    (const char *)a->q + q_start[s] * H * D * qsize, (char *)a->out + q_start[s] * H * D * qsize, t0,
                     q_lens[s] - t0 < tile ? q_lens[s] - t0 : tile, kv_lens[s] - q_lens[s], kvh, group, H, D,
                     (const char *)a->k_cache + kvh * head_stride * esize,
                     (const char *)a->v_cache + kvh * head_stride * esize, a->block_tables + s * a->max_blocks,
-                    block_size, chunk, a->scale, (int)a->kv_bf16};
+                    block_size, chunk, a->scale, (int)a->kv_bf16, (int)a->q_bf16};
                 tile_fn(&it, buf);
             }
             free(buf);
@@ -177,4 +177,6 @@ int skv_flash_run(const skv_paged_attn *a, skv_flash_tile tile_fn, skv_flash_scr
     return bad ? -1 : failed ? -2 : 0;
 }
 
-int skv_paged_prefill_attention(const skv_paged_attn *a) { return skv_flash_run(a, attend_tile, scratch_bytes); }
+int skv_paged_prefill_attention(const skv_paged_attn *a) {
+    return a->q_bf16 ? -1 : skv_flash_run(a, attend_tile, scratch_bytes); /* fp32 queries only */
+}

@@ -29,9 +29,6 @@ static size_t scratch_bytes(int64_t D, int64_t rows, int64_t chunk) {
     return sizeof(uint32_t) * (D / 2 * R + chunk / 2 * R + chunk / 2 * D) + sizeof(float) * (D * R + chunk * R + 4 * R);
 }
 
-/* a bf16 pair of two fp32 values (lo in the low half), each rounded to nearest even */
-static inline uint32_t pair_of(float lo, float hi) { return skv_to_bf16(lo) | (uint32_t)skv_to_bf16(hi) << 16; }
-
 /* [a0 b0 a1 b1 ... a15 b15]: two vectors of 16 bf16 interleaved into 16 pairs */
 BF16_TARGET static inline __m512i interleave16(__m256i a, __m256i b) {
     const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
@@ -133,6 +130,12 @@ BF16_TARGET static inline void softmax16(const float *st, uint32_t *pt2, int64_t
         }                                                          \
     } while (0)
 
+/* the first byte of tile row r's D values in q or out ([tokens, H, D], fp32 or bf16): r = token t * group + head g */
+static inline char *row_of(const skv_flash_item *it, const void *base, int64_t r) {
+    return (char *)base + ((it->t0 + r / it->group) * it->H + it->kvh * it->group + r % it->group) * it->D *
+                              (it->q_bf16 ? 2 : 4);
+}
+
 BF16_TARGET static void attend_tile(const skv_flash_item *it, void *scratch) {
     const int64_t nq = it->nq, group = it->group, D = it->D, t0 = it->t0, block_size = it->block_size;
     const int64_t rows = nq * group, R = rows16(rows), nv = R / 16, chunk = it->chunk;
@@ -141,11 +144,24 @@ BF16_TARGET static void attend_tile(const skv_flash_item *it, void *scratch) {
     float *alpha = lim + R;
     const uint16_t *kh = it->kh, *vh = it->vh;
     int64_t rv;
-    for (int64_t r = 0; r < R; r++) { /* row r = token t * group + head g; padded rows: zero queries */
-        const int64_t t = r < rows ? r / group : nq - 1, g = r % group;
-        const float *qr = it->q + ((t0 + t) * it->H + it->kvh * group + g) * D;
-        for (int64_t d2 = 0; d2 < D / 2; d2++) qt2[d2 * R + r] = r < rows ? pair_of(qr[2 * d2], qr[2 * d2 + 1]) : 0;
-        lim[r] = (float)(it->p0 + t0 + t);
+    for (int64_t r0 = 0; r0 < R; r0 += 16) /* row r = token t * group + head g; padded rows: zero queries */
+        for (int64_t c = 0; c < D; c += 32) { /* pairs c / 2 .. c / 2 + 15 of sixteen rows, transposed */
+            __m512 v[16];
+            for (int j = 0; j < 16; j++) {
+                const char *qr = r0 + j < rows ? row_of(it, it->q, r0 + j) : NULL;
+                if (!qr)
+                    v[j] = _mm512_setzero_ps();
+                else if (it->q_bf16) /* bf16 queries: pairs already */
+                    v[j] = _mm512_loadu_ps((const uint16_t *)qr + c);
+                else
+                    v[j] = (__m512)_mm512_cvtne2ps_pbh(_mm512_loadu_ps((const float *)qr + c + 16),
+                                                       _mm512_loadu_ps((const float *)qr + c));
+            }
+            skv_transpose16(v);
+            for (int i = 0; i < 16; i++) _mm512_storeu_ps((float *)(qt2 + (c / 2 + i) * R + r0), v[i]);
+        }
+    for (int64_t r = 0; r < R; r++) {
+        lim[r] = (float)(it->p0 + t0 + (r < rows ? r / group : nq - 1));
         m[r] = SKV_FLASH_NEG, l[r] = 0.f;
     }
     memset(ot, 0, sizeof(float) * D * R);
@@ -174,12 +190,20 @@ BF16_TARGET static void attend_tile(const skv_flash_item *it, void *scratch) {
 #undef PV
         }
     }
-    for (int64_t r = 0; r < rows; r++) {
-        const int64_t t = r / group, g = r % group;
-        float *o = it->out + ((t0 + t) * it->H + it->kvh * group + g) * D;
-        const float inv = 1.f / l[r];
-        for (int64_t d = 0; d < D; d++) o[d] = ot[d * R + r] * inv;
-    }
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) /* the output rows, sixteen dims of sixteen rows transposed at a time */
+        for (int64_t d0 = 0; d0 < D; d0 += 16) {
+            __m512 v[16];
+            for (int i = 0; i < 16; i++) v[i] = _mm512_loadu_ps(ot + (d0 + i) * R + r0);
+            skv_transpose16(v);
+            for (int j = 0; j < 16 && r0 + j < rows; j++) {
+                const __m512 o = _mm512_mul_ps(v[j], _mm512_set1_ps(1.f / l[r0 + j]));
+                char *orow = row_of(it, it->out, r0 + j);
+                if (it->q_bf16)
+                    skv_store_bf16x16((uint16_t *)orow + d0, o);
+                else
+                    _mm512_storeu_ps((float *)orow + d0, o);
+            }
+        }
 }
 
 int skv_paged_prefill_attention_bf16(const skv_paged_attn *a) {

@@ -42,6 +42,29 @@ SKV_BF16_TARGET static inline __m512 skv_vexp2_16(__m512 x) {
     return _mm512_scalef_ps(y, n);
 }
 
+/* r[0..15] transposed in place as a 16 x 16 matrix of 32-bit elements (r[i] lane j <-> r[j] lane i): pairs of rows
+ * interleaved, then pairs of pairs, then 128-bit lanes moved across two steps (64 shuffles) */
+SKV_BF16_TARGET static inline void skv_transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int k = 0; k < 16; k += 4) { /* r[k + j] 128-bit lane L: rows k..k+3 at column 4 L + j */
+        const __m512d a = _mm512_castps_pd(t[k]), b = _mm512_castps_pd(t[k + 1]);
+        const __m512d c = _mm512_castps_pd(t[k + 2]), d = _mm512_castps_pd(t[k + 3]);
+        r[k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c)), r[k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d)), r[k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int j = 0; j < 4; j++) { /* column 4 L + j: lane L of r[j], r[4 + j], r[8 + j], r[12 + j] */
+        const __m512 p0 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88), p1 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
+        const __m512 q0 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+        const __m512 q1 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
+        t[j] = _mm512_shuffle_f32x4(p0, q0, 0x88), t[4 + j] = _mm512_shuffle_f32x4(p1, q1, 0x88);
+        t[8 + j] = _mm512_shuffle_f32x4(p0, q0, 0xDD), t[12 + j] = _mm512_shuffle_f32x4(p1, q1, 0xDD);
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
 /* sixteen bf16 values (raw bits) widened to fp32: exact */
 SKV_BF16_TARGET static inline __m512 skv_load_bf16x16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
