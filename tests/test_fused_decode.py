@@ -32,7 +32,7 @@ def _compact_model(arch: str, l: int, G: int):
     return to_distinct_swiftkv(model, l, G, bf16=True)
 
 
-def _run_engine(model, prompts, max_tokens, monkeypatch, fused: bool):
+def _run_engine(model, prompts, max_tokens, monkeypatch, fused: bool, logprobs: int = 0):
     from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
     from swiftkv.sampling_params import SamplingParams
 
@@ -52,7 +52,7 @@ def _run_engine(model, prompts, max_tokens, monkeypatch, fused: bool):
     monkeypatch.setattr(fused_decode.FusedDecoder, "store_swiftkv", counted_store)
     model.prepare_for_inference()  # (the first call; the engine never changes the model)
     engine = LLMEngine(model, config=EngineConfig(kv_cache_memory=4 << 20, block_size=4, max_num_batched_tokens=24))
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=logprobs)
     ids = [engine.add_request(p, params) for p in prompts]
     done = {}
     while engine.has_unfinished_requests():
@@ -95,16 +95,24 @@ def test_engine_greedy_with_fused_decode_matches_eager_and_full_sequence(monkeyp
 @pytest.mark.parametrize("arch,l,G", [("llama", 6, 1), ("llama", 2, 2), ("qwen2", 3, 3)])
 def test_bf16_engine_fused_decode_agrees_with_eager(monkeypatch, arch, l, G):
     """Computing in bf16 (bf16 KV cache): the fused call computes each step in fp32 and rounds K/V and the
-    residual stream to bf16, eager bf16 rounds after every op: the same tokens, log-probs close."""
+    residual stream to bf16, eager bf16 rounds after every op: the same tokens, log-probs close -- up to a near-tie
+    (a random tiny model has exact ties in bf16), where each path's token is the other's runner-up within the
+    tolerance and the comparison of that sequence ends (as vLLM's check_logprobs_close)."""
     model = _compact_model(arch, l, G).to(torch.bfloat16)
     prompts = [[5, 9, 17, 3], list(range(1, 30)), [100] * 11]
-    fused, ran, engine = _run_engine(model, prompts, 8, monkeypatch, fused=True)
+    fused, ran, engine = _run_engine(model, prompts, 8, monkeypatch, fused=True, logprobs=2)
     assert engine.runner.kv_cache.dtype == torch.bfloat16 and any(m != "store" for m in ran)
-    eager, ran, _ = _run_engine(model, prompts, 8, monkeypatch, fused=False)
-    assert ran == [] and [o.token_ids for o in fused] == [o.token_ids for o in eager]
+    eager, ran, _ = _run_engine(model, prompts, 8, monkeypatch, fused=False, logprobs=2)
+    assert ran == []
+    compared = 0
     for f, e in zip(fused, eager):
-        torch.testing.assert_close([lp.logprob for lp in f.logprobs], [lp.logprob for lp in e.logprobs],
-                                   atol=0.05, rtol=0)
+        for tf, te, lf, le in zip(f.token_ids, e.token_ids, f.logprobs, e.logprobs):
+            if tf != te:  # a near-tie: both tokens in both top-2s, within the tolerance
+                assert abs(lf.top[tf] - lf.top[te]) <= 0.05 and abs(le.top[tf] - le.top[te]) <= 0.05
+                break
+            assert abs(lf.logprob - le.logprob) <= 0.05
+            compared += 1
+    assert compared >= 20  # most of the 24 tokens agree
 
 
 def _fused(model, dtype=torch.float32, switches=None):

@@ -22,6 +22,9 @@ class CLayer(ctypes.Structure):
                 ("swiftkv", _I64)]
 
 
+STEP_EW512 = 4  # csrc/skv_fused_decode.h: a ``dots`` bit, the elementwise ops' AVX-512 form
+
+
 class CStep(ctypes.Structure):
     """Mirror of ``skv_step``."""
 

@@ -33,6 +33,7 @@ import torch
 from swiftkv.config import SwiftKVConfig
 from swiftkv.kernels import fused_decode as kernels
 from swiftkv.kernels import linear as linear_kernels
+from swiftkv.kernels import elementwise
 from swiftkv.kernels.elementwise import as_fp32
 from swiftkv.kernels.linear import GEMM_MAX_ROWS, GEMV_ROWS, CWeight
 from swiftkv.kernels.switches import KernelSwitches
@@ -222,7 +223,9 @@ class FusedDecoder:
                              sin.data_ptr(), cache.data_ptr(), cache.shape[3], cache.shape[4], tables.shape[1],
                              int(cache.dtype == torch.bfloat16), None if slots is None else slots.data_ptr(),
                              tables.data_ptr(), kv_lens.data_ptr(), scratch.data_ptr(), GEMV_ROWS,
-                             # a bf16 model (its cache is bf16; h is widened to fp32 for the call): its matmuls
-                             self.bf16_dots if cache.dtype == torch.bfloat16 else 0,
+                             # a bf16 model (its cache is bf16; h is widened to fp32 for the call): its matmuls;
+                             # any model: the elementwise ops' AVX-512 form where the CPU has it
+                             (self.bf16_dots if cache.dtype == torch.bfloat16 else 0)
+                             | kernels.STEP_EW512 * elementwise.avx512_available(),
                              torch.get_num_threads())
         return step, [cos, sin, kv_lens, tables, slots, scratch]

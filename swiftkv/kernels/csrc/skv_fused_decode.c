@@ -75,16 +75,19 @@ static void linear(const Team *T, const skv_weight *w, const float *x, int64_t M
     if (!failed(T)) keep(T, skv_linear_team(&T->t, w, x, M, y, ldy, s->gemv_rows, s->dots, &lo, &hi));
 }
 
+/* the elementwise ops' form for the step's fp32 rows (skv_elementwise.h) */
+static inline int ew_form(const skv_step *s) { return (s->dots & SKV_STEP_EW512) ? SKV_EW_AVX512 : 0; }
+
 static void rms_norm(const Team *T, const float *x, const float *w, float *out, const skv_step *s) {
     int64_t lo, hi;
     skv_team_range(&T->t, s->M, 1, &lo, &hi);
-    if (!failed(T)) skv_rms_norm_part(x, s->hidden, w, out, s->hidden, s->eps, 0, lo, hi);
+    if (!failed(T)) skv_rms_norm_part(x, s->hidden, w, out, s->hidden, s->eps, ew_form(s), lo, hi);
 }
 
 static void rotary(const Team *T, float *x, int64_t heads, int64_t row, const skv_step *s) {
     int64_t lo, hi;
     skv_team_range(&T->t, s->M * heads, 1, &lo, &hi);
-    if (!failed(T)) skv_rotary_part(x, heads, s->D, row, s->cos, s->sin, 0, lo, hi);
+    if (!failed(T)) skv_rotary_part(x, heads, s->D, row, s->cos, s->sin, ew_form(s), lo, hi);
 }
 
 static void layers_of_slot(const Team *T, const skv_layer *layers, int64_t n, const skv_step *s) {
@@ -136,7 +139,7 @@ static void layers_of_slot(const Team *T, const skv_layer *layers, int64_t n, co
         linear(T, &L->up, x, M, wide + I, 2 * I, s);
         skv_team_sync(t);
         skv_team_range(t, I, 8, &lo, &hi);
-        if (!failed(T)) skv_silu_and_mul_part(wide, wide + I, 2 * I, act, M, I, 0, lo, hi);
+        if (!failed(T)) skv_silu_and_mul_part(wide, wide + I, 2 * I, act, M, I, ew_form(s), lo, hi);
         skv_team_sync(t);
         linear_into(T, &L->down, act, M, y, s->h, N, s);
         skv_team_sync(t);
@@ -155,7 +158,7 @@ static void store_kv_of_slot(const Team *T, const skv_store_kv *d, const skv_ste
     skv_team_range(t, d->n * M * Hkv, 1, &lo, &hi); /* (leader, token, K head) */
     for (int64_t p = lo; p < hi && !failed(T); p++) {
         const int64_t j = p / (M * Hkv), rest = p % (M * Hkv);
-        skv_rotary_part(kv + j * 2 * Hkv * D, Hkv, D, row, s->cos, s->sin, 0, rest, rest + 1);
+        skv_rotary_part(kv + j * 2 * Hkv * D, Hkv, D, row, s->cos, s->sin, ew_form(s), rest, rest + 1);
     }
     skv_team_sync(t);
     const int64_t head = s->num_blocks * s->block_size * D;

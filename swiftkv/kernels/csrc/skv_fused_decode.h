@@ -28,7 +28,7 @@ typedef struct {
     const int64_t *kv_lens;            /* [M] */
     float *scratch;                    /* skv_fused_decode_scratch_floats(...) floats */
     int64_t gemv_rows;                 /* up to this many rows: gemv; above: the panel GEMM */
-    int64_t dots;                      /* SKV_DOT_* (skv_linear.h): a bf16 model's dot-product matmuls on this CPU */
+    int64_t dots; /* SKV_DOT_* (skv_linear.h): a bf16 model's dot-product matmuls on this CPU; | SKV_STEP_EW512 */
     int nthreads;
 } skv_step;
 
@@ -50,4 +50,5 @@ int64_t skv_fused_decode_store_kv_scratch_floats(int64_t M, int64_t hidden, int6
 /* SingleInputKV: the K/V of every later KV owner from the residual stream entering layer l (s->h, not
  * modified): RMSNorm, each leader's K and V projection, rotary on each K, the store into the cache. */
 int skv_fused_decode_store_kv(const skv_store_kv *d, const skv_step *s);
+#define SKV_STEP_EW512 4 /* a `dots` bit: the elementwise ops' AVX-512 form (skv_elementwise.h) */
 #endif
