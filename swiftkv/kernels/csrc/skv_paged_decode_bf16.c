@@ -36,13 +36,6 @@ BF16_TARGET static inline __m512 hsum16(__m512 *a) {
     return a[0];
 }
 
-/* [a0 b0 a1 b1 ... a15 b15]: two vectors of 16 bf16 interleaved into 16 pairs */
-BF16_TARGET static inline __m512i pairs16(__m256i a, __m256i b) {
-    const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
-                                         5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-    return _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), idx, _mm512_castsi256_si512(b));
-}
-
 /* s[t] = sc * qb . K[t] for t < n (qb: D bf16; K rows read in place), sixteen keys at a time */
 BF16_TARGET static void scores16(const uint16_t *qb, const uint16_t *kh, const int64_t *table, int64_t block_size,
                                  int64_t D, int64_t n, float sc, float *s) {
@@ -99,7 +92,7 @@ BF16_TARGET static inline __attribute__((always_inline)) void values_pass(const 
         const uint16_t *v0 = vh + ROW(t) + c, *v1 = t + 1 < n ? vh + ROW(t + 1) + c : NULL;
         __m512bh vp[4];
         for (int i = 0; i < 4; i++)
-            vp[i] = (__m512bh)pairs16(_mm256_loadu_si256((const __m256i *)(v0 + 16 * i)),
+            vp[i] = (__m512bh)skv_pairs16(_mm256_loadu_si256((const __m256i *)(v0 + 16 * i)),
                                       v1 ? _mm256_loadu_si256((const __m256i *)(v1 + 16 * i)) : _mm256_setzero_si256());
         for (int g = 0; g < hc; g++) {
             const __m512bh pp = (__m512bh)_mm512_set1_epi32((int)p[g * pstride + t / 2]);

@@ -1,11 +1,13 @@
 /* The prefill attention of skv_paged_prefill.c with AVX512-BF16 dot products, for a bf16 cache on a CPU with
  * avx512_bf16 (Zen 4, Sapphire Rapids and later): vdpbf16ps sums 32 bf16 products per instruction into 16 fp32
- * lanes, twice the work of an fp32 FMA. Same work items, tiles and online softmax (skv_flash.h); what changes:
- *   scores: the tile's rows held as bf16 *pairs* of dims, Qt2 [D/2][R][2], sixteen rows per register; each key's
- *           pair of dims broadcast, read in place from the cache (no widening); scaled in fp32 afterwards, so the
- *           queries are only rounded to bf16 (exact for a bf16 model's queries);
- *   values: the probabilities rounded to bf16 as pairs of keys, Pt2 [n/2][R][2] (as flash attention does for
- *           bf16 models), each chunk's values interleaved once into pairs of keys per dim, Vt2 [n/2][D][2];
+ * lanes, twice the work of an fp32 FMA. Same work items and tiles as skv_flash.h; what changes:
+ *   scores: the tile's rows held as bf16 *pairs* of dims, Qt2 [D/2][R][2], sixteen rows per register (moved there
+ *           by 16 x 16 transposes; bf16 queries as they are, fp32 ones rounded); each key's pair of dims broadcast,
+ *           read in place from the cache (no widening); scaled in fp32 afterwards, into log2 units;
+ *   softmax: online, sixteen rows per instruction, 2^x (skv_vexp2_16);
+ *   values: the probabilities rounded to bf16 as pairs of keys as the softmax makes them, Pt2 [n/2][R][2] (as flash
+ *           attention does for bf16 models), each chunk's values interleaved once into pairs of keys per dim,
+ *           Vt2 [n/2][D][2]; the outputs transposed back, written as fp32 or bf16 (q_bf16);
  * every sum is fp32. D % 32 == 0 and a bf16 cache, else -1 (the caller then runs skv_paged_prefill_attention).
  * Compiled through function attributes only: call it only where the CPU has the instructions. */
 #include <stdlib.h>
@@ -27,13 +29,6 @@ static int64_t rows16(int64_t rows) { return (rows + 15) / 16 * 16; }
 static size_t scratch_bytes(int64_t D, int64_t rows, int64_t chunk) {
     const int64_t R = rows16(rows);
     return sizeof(uint32_t) * (D / 2 * R + chunk / 2 * R + chunk / 2 * D) + sizeof(float) * (D * R + chunk * R + 4 * R);
-}
-
-/* [a0 b0 a1 b1 ... a15 b15]: two vectors of 16 bf16 interleaved into 16 pairs */
-BF16_TARGET static inline __m512i interleave16(__m256i a, __m256i b) {
-    const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
-                                         5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-    return _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), idx, _mm512_castsi256_si512(b));
 }
 
 /* st[j][r] = scale * sum_d K[j][d] q[r][d] for four keys j (rows D apart from k) and nrv row vectors */
@@ -109,7 +104,7 @@ BF16_TARGET static inline void softmax16(const float *st, uint32_t *pt2, int64_t
                 sum = _mm512_add_ps(sum, p[h]);
             }
             _mm512_storeu_si512(pt2 + j / 2 * R + 16 * i,
-                                interleave16((__m256i)_mm512_cvtneps_pbh(p[0]), (__m256i)_mm512_cvtneps_pbh(p[1])));
+                                skv_pairs16((__m256i)_mm512_cvtneps_pbh(p[0]), (__m256i)_mm512_cvtneps_pbh(p[1])));
         }
         const __m512 a = skv_vexp2_16(_mm512_sub_ps(m_old, m_new));
         _mm512_storeu_ps(l + 16 * i, _mm512_fmadd_ps(_mm512_loadu_ps(l + 16 * i), a, sum));
@@ -181,7 +176,7 @@ BF16_TARGET static void attend_tile(const skv_flash_item *it, void *scratch) {
             for (int64_t d = 0; d < D; d += 16) { /* block_size % 4 == 0: both keys in one block */
                 const __m256i a = _mm256_loadu_si256((const __m256i *)(v0 + d));
                 const __m256i b = j + 1 < n ? _mm256_loadu_si256((const __m256i *)(v0 + D + d)) : _mm256_setzero_si256();
-                _mm512_storeu_si512(vt2 + j2 * D + d, interleave16(a, b));
+                _mm512_storeu_si512(vt2 + j2 * D + d, skv_pairs16(a, b));
             }
         }
         for (int64_t d = 0; d < D; d += 4) {

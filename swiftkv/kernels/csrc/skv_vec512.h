@@ -65,6 +65,13 @@ SKV_BF16_TARGET static inline void skv_transpose16(__m512 r[16]) {
     for (int i = 0; i < 16; i++) r[i] = t[i];
 }
 
+/* [a0 b0 a1 b1 ... a15 b15]: two vectors of 16 bf16 interleaved into 16 pairs (the pair layout vdpbf16ps multiplies) */
+SKV_BF16_TARGET static inline __m512i skv_pairs16(__m256i a, __m256i b) {
+    const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
+                                         5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    return _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), idx, _mm512_castsi256_si512(b));
+}
+
 /* sixteen bf16 values (raw bits) widened to fp32: exact */
 SKV_BF16_TARGET static inline __m512 skv_load_bf16x16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
