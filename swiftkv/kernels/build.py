@@ -72,7 +72,8 @@ class Binding:
 def cpu_form(switch: str, default: str, flag: str) -> bool:
     """Whether an AVX-512 form of the kernels runs: on where ``switch`` (default ``default``) is not ``0`` and the CPU
     has ``flag`` with AVX512-BW and -VL."""
-    from swiftkv import platforms  # looked up at each call: tests stand in other CPUs' flags
+    # platforms.cpu_flags looked up at each call: tests stand in other CPUs' flags
+    from swiftkv import platforms
 
     return os.environ.get(switch, default) != "0" and {flag, "avx512bw", "avx512vl"} <= platforms.cpu_flags()
 

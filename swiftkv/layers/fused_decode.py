@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import torch
 
 from swiftkv.config import SwiftKVConfig
+from swiftkv.kernels import elementwise
 from swiftkv.kernels import fused_decode as kernels
 from swiftkv.kernels import linear as linear_kernels
-from swiftkv.kernels import elementwise
 from swiftkv.kernels.elementwise import as_fp32
 from swiftkv.kernels.linear import GEMM_MAX_ROWS, GEMV_ROWS, CWeight
 from swiftkv.kernels.switches import KernelSwitches
