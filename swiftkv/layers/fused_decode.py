@@ -107,6 +107,7 @@ class FusedDecoder:
         # what a bf16 model's matmuls may use on this CPU (csrc/skv_linear.h)
         self.bf16_dots = (linear_kernels.DOT_BF16 * (switches.bf16_dot and linear_kernels.bf16_dot_available())
                           | linear_kernels.DOT_I8 * (switches.int8_dot and linear_kernels.int8_dot_available()))
+        self.ew512 = kernels.STEP_EW512 * elementwise.avx512_available()  # any model: the elementwise ops' AVX-512 form
         self.eps = specs[0].eps
         self.dtype = specs[0].input_norm.dtype  # the model's compute dtype
         # the fewest rows of a step that oneDNN's AMX tiles may take from the fused call (bf16-held weights only)
@@ -223,9 +224,7 @@ class FusedDecoder:
                              sin.data_ptr(), cache.data_ptr(), cache.shape[3], cache.shape[4], tables.shape[1],
                              int(cache.dtype == torch.bfloat16), None if slots is None else slots.data_ptr(),
                              tables.data_ptr(), kv_lens.data_ptr(), scratch.data_ptr(), GEMV_ROWS,
-                             # a bf16 model (its cache is bf16; h is widened to fp32 for the call): its matmuls;
-                             # any model: the elementwise ops' AVX-512 form where the CPU has it
-                             (self.bf16_dots if cache.dtype == torch.bfloat16 else 0)
-                             | kernels.STEP_EW512 * elementwise.avx512_available(),
+                             # a bf16 model (its cache is bf16; h is widened to fp32 for the call): its matmuls
+                             (self.bf16_dots if cache.dtype == torch.bfloat16 else 0) | self.ew512,
                              torch.get_num_threads())
         return step, [cos, sin, kv_lens, tables, slots, scratch]

@@ -5,8 +5,6 @@
  * where the compiler could not build it (the caller then runs the AVX2 form). */
 #include <math.h>
 
-#include <math.h>
-
 #include "skv_elementwise.h"
 #include "skv_vec512.h"
 

@@ -6,8 +6,8 @@
  *   out[b, h, :] = sum_t softmax(scores[g, :])[t] * V[kvh, slot(b, t), :]
  * with slot(b, t) = block_tables[b, t / block_size] * block_size + t % block_size.
  * fp32 queries over an fp32 or bf16 cache (kv_bf16: rows widened as they are read), AVX2 + FMA for
- * head_dim % 8 == 0 (over a bf16 cache with bf16_dot: AVX512-BF16 dot products, skv_paged_decode_bf16.c): scores eight keys at a time, a vectorized exp, the weighted
- * sum of values in registers. (sequence, KV head) pairs are split across OpenMP threads; the query heads
+ * head_dim % 8 == 0: scores eight keys at a time, a vectorized exp, the weighted sum of values in registers (over a
+ * bf16 cache with bf16_dot: AVX512-BF16 dot products instead, skv_paged_decode_bf16.c). (sequence, KV head) pairs are split across OpenMP threads; the query heads
  * sharing a KV head read each cached row from memory once. */
 #include <math.h>
 #include <omp.h>
@@ -158,11 +158,9 @@ static int skv_paged_decode_attention_part(const skv_paged_attn *a, int64_t long
                                  work) == 0)
             continue;
         if (a->kv_bf16)
-            attend_item(qi, kh, vh, table, a->kv_lens[b], oi, group, D, a->block_size,
-                        a->scale, scores, work, 1);
+            attend_item(qi, kh, vh, table, a->kv_lens[b], oi, group, D, a->block_size, a->scale, scores, work, 1);
         else
-            attend_item(qi, kh, vh, table, a->kv_lens[b], oi, group, D, a->block_size,
-                        a->scale, scores, work, 0);
+            attend_item(qi, kh, vh, table, a->kv_lens[b], oi, group, D, a->block_size, a->scale, scores, work, 0);
     }
     free(scores);
     free(work);

@@ -8,8 +8,6 @@
  *           accumulators in registers; every sum fp32.
  * Within 2^-9 max|V| of exact attention (the probabilities' rounding). Compiled for these instructions through
  * function attributes only: call it only where the CPU has them. */
-#include <string.h>
-
 #include "skv_paged_attention.h"
 #include "skv_vec.h"
 #include "skv_vec512.h"
