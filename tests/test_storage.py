@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import OracleProposer, assert_greedy_close, needs_kernels, quantize_q4_1, tiny_hf_model
+from conftest import OracleProposer, assert_greedy_close, needs_kernels, quantize_q4_1, run_to_end, tiny_hf_model
 
 from swiftkv.config import SwiftKVConfig
 from swiftkv.kernels import linear as kernels
+from swiftkv.memory import HUGE_PAGE, back_with_huge_pages, huge_pages_available
 from swiftkv.models.footprint import held_bytes
 from swiftkv.models.full_sequence import greedy_generate
 from swiftkv.models.loader import load_model
-from swiftkv.models.shards import tensor_index, weight_files
+from swiftkv.models.shards import read_tensors, tensor_index, weight_files
 from swiftkv.sampling_params import SamplingParams
 from swiftkv.transform import convert_checkpoint, to_swiftkv
 
@@ -179,3 +180,74 @@ def test_files_get_the_users_umask(tmp_path, mask):
     assert (out.stat().st_mode & 0o777) == 0o777 & ~mask
     for f in out.iterdir():
         assert (f.stat().st_mode & 0o777) == 0o666 & ~mask, f.name
+
+
+needs_thp = pytest.mark.skipif(not huge_pages_available(), reason="no transparent huge pages here (not Linux, or "
+                                                                  "THP set to never, or SWIFTKV_HUGE_PAGES=0)")
+
+
+def _mapping_of(t: torch.Tensor) -> tuple[str, str]:
+    """``(perms, path)`` of the mapping that holds the middle of ``t``'s bytes ("" for anonymous memory)."""
+    at = t.data_ptr() + t.numel() * t.element_size() // 2
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        f = line.split(maxsplit=5)
+        a, b = (int(x, 16) for x in f[0].split("-"))
+        if a <= at < b:
+            return f[1], f[5].strip() if len(f) > 5 else ""
+    raise AssertionError("not mapped")
+
+
+@needs_thp
+def test_huge_pages_move_a_mapped_file_in_place(tmp_path):
+    from safetensors.torch import save_file
+
+    w = torch.randn(3 << 20).to(torch.bfloat16)  # 6 MB: at least two whole 2 MB pages inside
+    save_file({"w": w}, str(tmp_path / "model.safetensors"))
+    on_disk = (tmp_path / "model.safetensors").read_bytes()
+    mapped = read_tensors(tmp_path)["w"]
+    at, path = mapped.data_ptr(), str((tmp_path / "model.safetensors").resolve())
+    assert _mapping_of(mapped)[1] == path  # the loader's view: the file's own pages
+    moved = back_with_huge_pages([mapped])
+    assert moved >= 2 * HUGE_PAGE and moved % HUGE_PAGE == 0
+    assert mapped.data_ptr() == at and torch.equal(mapped, w)  # same address, same bytes
+    perms, now = _mapping_of(mapped)
+    assert now == "" and perms.startswith("r") and perms[3] == "p"  # anonymous now, as private as before
+    assert (tmp_path / "model.safetensors").read_bytes() == on_disk  # the user's file untouched
+
+
+@needs_thp
+def test_huge_pages_leave_shared_mappings_and_obey_the_switch(tmp_path, monkeypatch):
+    import mmap
+
+    f = tmp_path / "shared.bin"
+    f.write_bytes(bytes(range(256)) * (24 << 12))  # 6 MB
+    with open(f, "r+b") as fh:
+        shared = torch.frombuffer(mmap.mmap(fh.fileno(), 0), dtype=torch.uint8)  # MAP_SHARED: writes reach the file
+    assert back_with_huge_pages([shared]) == 0 and _mapping_of(shared)[1] == str(f.resolve())
+    anon = torch.randn(3 << 20)  # 12 MB of anonymous memory: advised, bytes unchanged
+    copy = anon.clone()
+    monkeypatch.setenv("SWIFTKV_HUGE_PAGES", "0")
+    assert back_with_huge_pages([anon]) == 0
+    monkeypatch.delenv("SWIFTKV_HUGE_PAGES")
+    assert back_with_huge_pages([anon]) >= 4 * HUGE_PAGE and torch.equal(anon, copy)
+
+
+@needs_matmul
+@needs_thp
+def test_a_model_on_huge_pages_decodes_as_on_the_files_pages(tmp_path, monkeypatch):
+    """A bf16 checkpoint with weights over whole 2 MB pages: loaded for inference they leave the file mapping for
+    huge pages, and greedy output and logprobs stay those of the model read in place (SWIFTKV_HUGE_PAGES=0)."""
+    from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
+
+    hf = tiny_hf_model("llama", seed=3, hidden_size=256, intermediate_size=4096, vocab_size=4096)  # 2 MB a weight
+    path = _save(hf, tmp_path / "bf16", torch.bfloat16)
+    outs = {}
+    for huge in ("0", "1"):
+        monkeypatch.setenv("SWIFTKV_HUGE_PAGES", huge)
+        model = load_model(path, dtype="bfloat16", for_inference=True)[0]
+        up = model.model.layers[0].mlp.up_proj.held.data
+        assert (_mapping_of(up)[1] == "") == (huge == "1")  # moved off the file, or still its pages
+        engine = LLMEngine(model, config=EngineConfig(kv_cache_memory=4 << 20, block_size=4, max_num_batched_tokens=32))
+        outs[huge] = [o.outputs[0] for o in run_to_end(engine, PROMPTS, GREEDY)]
+    for a, b in zip(outs["0"], outs["1"]):
+        assert a.token_ids == b.token_ids and a.logprobs == b.logprobs  # the same bytes: the same numbers

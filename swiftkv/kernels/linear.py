@@ -71,7 +71,7 @@ DOT_BF16, DOT_I8 = 1, 2  # csrc/skv_linear.h
 def linear(x: torch.Tensor, w: CWeight, out: torch.Tensor | None = None, bf16_dot: bool = False,
            int8_dot: bool = False) -> torch.Tensor:
     """``x [M, I] (fp32) @ W^T (+ bias)`` -> ``[M, O]`` fp32 (into ``out`` when given). ``bf16_dot`` (only where
-    :func:`bf16_dot_available`): above ``GEMV_ROWS`` rows (a dense bf16 weight: from 2 rows), x and W rounded to
+    :func:`bf16_dot_available`): above ``GEMV_ROWS`` rows (a dense bf16 weight: from 1 row), x and W rounded to
     bf16 and multiplied with AVX512-BF16 dot products, summed in fp32 -- what a bf16 model computes. ``int8_dot`` (only where :func:`int8_dot_available`):
     up to ``GEMV_ROWS`` rows of a Q4/Q8-held weight, each block of 32 activations quantized to int8 (scale
     max|x| / 127, nearest even) and multiplied with AVX512-VNNI, the blocks' sums scaled in fp32."""

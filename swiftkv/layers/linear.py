@@ -116,9 +116,9 @@ class HeldLinearMethod:
 
     @staticmethod
     def _bf16_dot(x: torch.Tensor) -> bool:
-        """A bf16 batch of 2+ rows on a CPU with AVX512-BF16: the panel GEMM's dot-product form (above
-        ``GEMV_ROWS`` rows; from 2 rows for a bf16-held weight, where it beats the gemv: the kernel decides)."""
-        return x.dtype == torch.bfloat16 and x.shape[0] > 1 and kernels.bf16_dot_available()
+        """A bf16 batch on a CPU with AVX512-BF16: the panel GEMM's dot-product form (above ``GEMV_ROWS`` rows;
+        from 1 row for a bf16-held weight, where it beats the gemv: the kernel decides)."""
+        return x.dtype == torch.bfloat16 and kernels.bf16_dot_available()
 
     def _int8_dot(self, x: torch.Tensor) -> bool:
         """A bf16 gemv-sized batch on a Q4/Q8-held weight on a CPU with AVX512-VNNI: int8 activations per block."""

@@ -7,7 +7,8 @@ kernels (:mod:`swiftkv.kernels.linear`) read:
   0..15, fp16 scale and offset): 4-bit codes, 0.625 bytes per weight, as llama.cpp holds them;
 - ``q8``: the same with 8-bit codes (Q8_0 values, or Q4_1 blocks with fp32 offsets): 1.25 bytes;
 - ``bf16``: bf16 values (checkpoints stored in bf16, most on the hub, and swiftkv's distilled tensors):
-  2 bytes, the file's own bytes when the checkpoint is bf16 (memory-mapped, never copied);
+  2 bytes, the file's own bytes when the checkpoint is bf16 (memory-mapped; the whole 2 MB pages of them then
+  moved onto huge pages at the same addresses, :func:`swiftkv.memory.back_with_huge_pages`);
 - ``f32``: anything else in an fp32 checkpoint computed in fp32: 4 bytes.
 
 Compact forms are looked for only in fp32 weights (where they save bytes); an fp32 weight with none is

@@ -10,9 +10,10 @@ int skv_linear_part(const skv_weight *w, const float *x, int64_t M, float *y, in
                     int64_t dots, int64_t o_lo, int64_t o_hi) {
     int rc = -1;
     const int gemv = M <= gemv_rows && M <= SKV_GEMV_MAX_ROWS;
-    /* A dense bf16 weight from 2 rows: the AVX512-BF16 panel beats the fp32 gemv (Llama-3.2-1B shape, Zen 4, all
-     * layers: 74 vs 94 ms at 2 rows, 88 vs 149 ms at 4); a blocked weight's gemv stays ahead up to gemv_rows. */
-    if (gemv && M > 1 && w->kind == SKV_BF16 && (dots & SKV_DOT_BF16)) rc = skv_gemm_bf16_part(w, x, M, y, ldy, o_lo, o_hi);
+    /* A dense bf16 weight from 1 row: the AVX512-BF16 panel beats the fp32 gemv (Llama-3.2-1B shape, Zen 4, all
+     * layers: 74 vs 94 ms at 2 rows, 88 vs 149 ms at 4; at 1 row 1.02-1.04x, the gemv already near the memory's
+     * rate); a blocked weight's gemv stays ahead up to gemv_rows. */
+    if (gemv && w->kind == SKV_BF16 && (dots & SKV_DOT_BF16)) rc = skv_gemm_bf16_part(w, x, M, y, ldy, o_lo, o_hi);
     if (rc == -1 && gemv && (dots & SKV_DOT_I8)) rc = skv_gemv_i8_part(w, x, M, y, ldy, o_lo, o_hi);
     if (rc == -1 && gemv) rc = skv_gemv_part(w, x, M, y, ldy, o_lo, o_hi);
     if (rc == -1 && !gemv && (dots & SKV_DOT_BF16)) rc = skv_gemm_bf16_part(w, x, M, y, ldy, o_lo, o_hi);
