@@ -113,7 +113,7 @@ def back_with_huge_pages(tensors) -> int:
     """Put the pages of large, read-mostly tensors (a model's held weights) on 2 MB transparent huge pages, in
     place: every address stays, so views and the kernels' pointers stay valid. Decode streams every weight each
     step, and through 4 KB pages the CPU walks a page table every 4 KB and its prefetchers stop at each page's
-    end (2-core Zen 4, Llama-3.2-1B shape in bf16: batch-1 decode 1.10x, a plain read 1.15x). Anonymous memory
+    end (2-core Zen 4, Llama-3.2-1B shape in bf16: batch-1 decode 1.09-1.10x, a plain read 1.15x). Anonymous memory
     is advised and collapsed (``MADV_HUGEPAGE``, ``MADV_COLLAPSE``); a private file mapping (a memory-mapped
     checkpoint) cannot be, so its bytes move into anonymous huge pages at the same addresses (``mremap``),
     64 MB at a time: the file's pages stay in the page cache, no longer counted against the process. Shared

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import OracleProposer, assert_greedy_close, needs_kernels, quantize_q4_1, run_to_end, tiny_hf_model
+from conftest import (
+    OracleProposer,
+    assert_greedy_close,
+    needs_kernels,
+    quantize_q4_1,
+    run_to_end,
+    tiny_hf_model,
+)
 
 from swiftkv.config import SwiftKVConfig
 from swiftkv.kernels import linear as kernels
@@ -237,10 +244,12 @@ def test_huge_pages_leave_shared_mappings_and_obey_the_switch(tmp_path, monkeypa
 def test_a_model_on_huge_pages_decodes_as_on_the_files_pages(tmp_path, monkeypatch):
     """A bf16 checkpoint with weights over whole 2 MB pages: loaded for inference they leave the file mapping for
     huge pages, and greedy output and logprobs stay those of the model read in place (SWIFTKV_HUGE_PAGES=0)."""
+    import swiftkv.models.loader as loader
     from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
 
     hf = tiny_hf_model("llama", seed=3, hidden_size=256, intermediate_size=4096, vocab_size=4096)  # 2 MB a weight
     path = _save(hf, tmp_path / "bf16", torch.bfloat16)
+    monkeypatch.setattr(loader, "HUGE_PAGES_MIN_BYTES", 1 << 20)  # this model counts as large (1 GB by default)
     outs = {}
     for huge in ("0", "1"):
         monkeypatch.setenv("SWIFTKV_HUGE_PAGES", huge)
