@@ -135,7 +135,7 @@ def back_with_huge_pages(tensors) -> int:
     for lo, hi in merged:
         for a, b, perms, path in maps:
             start, end = -(-max(lo, a) // HUGE_PAGE) * HUGE_PAGE, min(hi, b) // HUGE_PAGE * HUGE_PAGE
-            if end <= start or perms[3] != "p":
+            if end <= start or perms[0] != "r" or perms[3] != "p":
                 continue
             if not path.startswith("/"):  # anonymous (or the heap)
                 if libc.madvise(start, end - start, _MADV_HUGEPAGE) == 0:

@@ -23,7 +23,7 @@ from huggingface_hub.errors import StrictDataclassError
 from swiftkv.fileio import SIDE_FILES, atomic_directory, read_json_object
 from swiftkv.memory import back_with_huge_pages
 from swiftkv.models.arch import SIZES, check_sizes, check_supported, head_dim_of
-from swiftkv.models.footprint import model_tensors, release_unheld_pages
+from swiftkv.models.footprint import held_bytes, model_tensors, release_unheld_pages
 from swiftkv.models.llama import LlamaForCausalLM
 from swiftkv.models.registry import BUILTIN_MODELS, DEFAULT_MODEL
 from swiftkv.models.shards import (
@@ -193,11 +193,10 @@ def _on_huge_pages(model: LlamaForCausalLM) -> None:
     """The held weights onto 2 MB pages (:func:`~swiftkv.memory.back_with_huge_pages`) where they are
     ``HUGE_PAGES_MIN_BYTES`` or more; said on stderr where it took long enough to notice (a memory-mapped
     checkpoint's bytes are copied)."""
-    tensors = model_tensors(model)
-    if sum(t.numel() * t.element_size() for t in tensors) < HUGE_PAGES_MIN_BYTES:
+    if held_bytes(model) < HUGE_PAGES_MIN_BYTES:
         return
     started = time.perf_counter()
-    moved = back_with_huge_pages(tensors)
+    moved = back_with_huge_pages(model_tensors(model))
     if (took := time.perf_counter() - started) >= 1.0:
         print(f"swiftkv: weights moved onto 2 MB pages ({moved / 1e9:.2f} GB in {took:.1f} s: decode reads them "
               "~1.1x faster; SWIFTKV_HUGE_PAGES=0 keeps them in place)", file=sys.stderr)
