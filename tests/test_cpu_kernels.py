@@ -4,7 +4,6 @@ engine's greedy output with them against the full-sequence model run on PyTorch'
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -462,8 +461,8 @@ def test_amx_decode_batches_run_eagerly_on_onednn(monkeypatch, tmp_path):
     from swiftkv.kernels.linear import GEMV_ROWS
     from swiftkv.layers import fused_decode, linear
     from swiftkv.models.loader import load_model, save_checkpoint
-    from swiftkv.transform import to_swiftkv
     from swiftkv.sampling_params import SamplingParams
+    from swiftkv.transform import to_swiftkv
 
     tiny_hf_model("llama", seed=3, hidden_size=128, intermediate_size=256, num_hidden_layers=4).save_pretrained(
         tmp_path / "base")
@@ -480,9 +479,11 @@ def test_amx_decode_batches_run_eagerly_on_onednn(monkeypatch, tmp_path):
     flags = frozenset(platforms.cpu_flags()) | {"amx_bf16", "amx_tile"}
     monkeypatch.setattr(platforms, "cpu_flags", lambda: flags)
     fused_rows, onednn_rows = [], []
-    run, dense = fused_decode.FusedDecoder.run_layers, linear.dense_matmul
-    monkeypatch.setattr(fused_decode.FusedDecoder, "run_layers",
-                        lambda self, h, *a, **kw: fused_rows.append(h.shape[0]) or run(self, h, *a, **kw))
+    dense = linear.dense_matmul
+    for name in ("run_layers", "run_all_layers"):  # (a SwiftKV step: run_all_layers)
+        run = getattr(fused_decode.FusedDecoder, name)
+        monkeypatch.setattr(fused_decode.FusedDecoder, name, lambda self, h, *a, _run=run, **kw:
+                            fused_rows.append(h.shape[0]) or _run(self, h, *a, **kw))
     monkeypatch.setattr(linear, "dense_matmul", lambda x, *a: onednn_rows.append(x.shape[0]) or dense(x, *a))
     big = set(range(GEMV_ROWS + 1, len(prompts) + 1))  # decode steps of 5-8 sequences (they finish one by one)
     real_min_work = fused_decode.AMX_EAGER_MIN_WORK  # too much for this tiny model's layers: it stays fused
@@ -520,11 +521,10 @@ def test_prefill_attention_choice_per_cpu(monkeypatch, tmp_path):
     from swiftkv import platforms
     from swiftkv.config import SwiftKVConfig
     from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
+    from swiftkv.kernels.switches import KernelSwitches
     from swiftkv.models.loader import load_model, save_checkpoint
     from swiftkv.sampling_params import SamplingParams
     from swiftkv.transform import to_swiftkv
-
-    from swiftkv.kernels.switches import KernelSwitches
 
     assert KernelSwitches.from_env().prefill_kernel_preferred(torch.float32)
     monkeypatch.setenv("SWIFTKV_PREFILL_ATTENTION", "fast")

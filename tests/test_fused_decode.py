@@ -37,19 +37,25 @@ def _run_engine(model, prompts, max_tokens, monkeypatch, fused: bool, logprobs: 
     from swiftkv.sampling_params import SamplingParams
 
     monkeypatch.setenv("SWIFTKV_FUSED_DECODE", "1" if fused else "0")
-    ran = []
-    run, store = fused_decode.FusedDecoder.run_layers, fused_decode.FusedDecoder.store_swiftkv
+    ran = []  # the rows of each fused step, and "store" for each native SingleInputKV store
+    decoder = fused_decode.FusedDecoder
 
-    def counted(self, h, *a, **kw):
-        ran.append(h.shape[0])
-        return run(self, h, *a, **kw)
+    def counted(method, tag=None):
+        def call(self, h, *a, **kw):
+            ran.append(tag or h.shape[0])
+            return method(self, h, *a, **kw)
+        return call
 
-    def counted_store(self, h, *a):
+    monkeypatch.setattr(decoder, "run_layers", counted(decoder.run_layers))
+    monkeypatch.setattr(decoder, "run_all_layers", counted(decoder.run_all_layers))
+    monkeypatch.setattr(decoder, "store_swiftkv", counted(decoder.store_swiftkv, "store"))
+    store_in_step = fused_kernels.run_swiftkv  # a SwiftKV step's layers and store in one native call
+
+    def counted_step(*a):
         ran.append("store")
-        return store(self, h, *a)
+        return store_in_step(*a)
 
-    monkeypatch.setattr(fused_decode.FusedDecoder, "run_layers", counted)
-    monkeypatch.setattr(fused_decode.FusedDecoder, "store_swiftkv", counted_store)
+    monkeypatch.setattr(fused_kernels, "run_swiftkv", counted_step)
     model.prepare_for_inference()  # (the first call; the engine never changes the model)
     engine = LLMEngine(model, config=EngineConfig(kv_cache_memory=4 << 20, block_size=4, max_num_batched_tokens=24))
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=logprobs)
@@ -159,7 +165,7 @@ def test_a_fused_call_runs_in_one_parallel_region(monkeypatch):
     engine = LLMEngine(model, config=EngineConfig(kv_cache_memory=4 << 20, block_size=4))
     assert engine.runner.fused is not None
     opened = []
-    for name in ("run_layers", "store_swiftkv"):
+    for name in ("run_layers", "store_swiftkv", "run_all_layers"):
         real = getattr(fused_decode.FusedDecoder, name)
 
         def counted(self, *a, _real=real, **kw):
@@ -178,6 +184,6 @@ def test_a_fused_call_runs_in_one_parallel_region(monkeypatch):
                 engine.add_request([5 + i, 9, 17, 3], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
             while engine.has_unfinished_requests():
                 engine.step()
-            assert opened and all(n == 1 for n in opened), opened  # (two runs of layers and a store per step)
+            assert opened and all(n == 1 for n in opened), opened  # (a step's layers and store: one call)
     finally:
         torch.set_num_threads(threads)

@@ -46,6 +46,7 @@ _BINDING = build.Binding({
     "skv_fused_decode_scratch_floats": (_I64, [_I64] * 6),
     "skv_fused_decode_store_kv": (ctypes.c_int, [ctypes.POINTER(CStoreKV), ctypes.POINTER(CStep)]),
     "skv_fused_decode_store_kv_scratch_floats": (_I64, [_I64] * 3),
+    "skv_fused_decode_swiftkv": (ctypes.c_int, [_P, _I64, _I64, ctypes.POINTER(CStoreKV), ctypes.POINTER(CStep)]),
     "skv_parallel_regions": (_I64, []),
 }, structs={1: CLayer, 2: CStep, 3: CStoreKV})
 
@@ -68,6 +69,12 @@ def run_layers(layers: ctypes.Array, start: int, end: int, step: CStep) -> None:
 def store_kv(store: CStoreKV, step: CStep) -> None:
     """SingleInputKV's K/V of every later KV owner from ``step.h`` into the paged cache."""
     _check(library().skv_fused_decode_store_kv(ctypes.byref(store), ctypes.byref(step)))
+
+
+def run_swiftkv(layers: ctypes.Array, l: int, store: CStoreKV, step: CStep) -> None:
+    """A SwiftKV step in one call: ``layers[:l]``, :func:`store_kv` from their output, ``layers[l:]``."""
+    _check(library().skv_fused_decode_swiftkv(ctypes.byref(layers), l, len(layers), ctypes.byref(store),
+                                              ctypes.byref(step)))
 
 
 def parallel_regions() -> int:

@@ -7,18 +7,17 @@ function (:mod:`swiftkv.kernels.fused_decode`) that calls the same kernels the l
 (gemv / panel GEMM on the held weights, RMSNorm, rotary, the K/V store, paged attention, SiLU-and-mul) in
 the same order, so its output equals eager decode up to float rounding.
 
-It is built by the model runner from the descriptions the layers give (:class:`FusedDecodeSpec`), and is
-a layer executor like the model itself (the same ``run_layers`` and ``store_swiftkv``): the runner hands it to
-the model for the steps it takes (:meth:`FusedDecoder.takes`: one query token per sequence over the paged
-cache, up to ``GEMM_MAX_ROWS`` sequences, no gradient wanted; a model computing in bf16 on bf16 weights, on a
-CPU with AMX, leaves steps of enough rows (``AMX_EAGER_MIN_WORK``) to the eager layers, whose matmuls oneDNN runs
-on the tiles), chosen once per step. Each call runs all its kernels inside one OpenMP region, its threads meeting
-at a spin barrier between dependent ops
-(``csrc/skv_team.h``). A model computing in bf16 (a bf16 KV cache) runs there too: the call widens the step's
-activations to fp32, computes in fp32, stores K/V rounded to bf16 and rounds the result back (eager bf16
-rounds after every op, so the two agree to bf16 precision, not bit for bit). :meth:`FusedDecoder.build` returns
-None where a layer gives no description (SwiftKV adapters, an activation other than SiLU, a weight the kernels
-cannot read).
+It is built by the model runner from the descriptions the layers give (:class:`FusedDecodeSpec`), and is a layer
+executor like the model itself (the same ``run_layers``, ``store_swiftkv`` and ``run_all_layers``): the runner hands
+it to the model for the steps it takes (:meth:`FusedDecoder.takes`: one query token per sequence over the paged cache,
+up to ``GEMM_MAX_ROWS`` sequences, no gradient wanted; a model computing in bf16 on bf16 weights, on a CPU with AMX,
+leaves steps of enough rows (``AMX_EAGER_MIN_WORK``) to the eager layers, whose matmuls oneDNN runs on the tiles),
+chosen once per step. Each call runs all its kernels inside one OpenMP region, its threads meeting at a spin barrier
+between dependent ops (``csrc/skv_team.h``). A model computing in bf16 (a bf16 KV cache) runs there too: the call
+widens the step's activations to fp32, computes in fp32, stores K/V rounded to bf16 and rounds the result back (eager
+bf16 rounds after every op, so the two agree to bf16 precision, not bit for bit). :meth:`FusedDecoder.build` returns
+None where a layer gives no description (SwiftKV adapters, an activation other than SiLU, a weight the kernels cannot
+read).
 """
 
 from __future__ import annotations
@@ -183,6 +182,24 @@ class FusedDecoder:
         scratch = torch.empty(kernels.layers_scratch_floats(h.shape[0], *self.dims))
         step, _keep = self._step(h32, cos, sin, meta, attn.kv_cache, stores, scratch)
         kernels.run_layers(layers, start, end, step)
+        return h32.to(h.dtype)
+
+    def run_all_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta, attn,
+                       skv: SwiftKVConfig) -> torch.Tensor:
+        """Every layer of layout ``skv`` on ``h`` (no token dropped on the way), SingleInputKV's store between
+        layers l-1 and l: one call, one parallel region (a SwiftKV step was three, each with its own setup)."""
+        l, L = skv.num_key_value_layers, skv.num_layers
+        if l == L:
+            return self.run_layers(h, cos, sin, meta, attn, 0, L, swiftkv=True, skv=skv)
+        layers = self._layers(skv, True)
+        if layers is None or self._store is None:
+            raise ValueError("this layout has a projection the fused decode cannot read (the runner checks this)")
+        h32 = h.to(torch.float32, copy=True).contiguous()  # updated in place
+        row = 2 * self._store.n * self.dims[2] * self.dims[3]
+        scratch = torch.empty(max(kernels.layers_scratch_floats(h.shape[0], *self.dims),
+                                  kernels.store_kv_scratch_floats(h.shape[0], self.dims[0], row)))
+        step, _keep = self._step(h32, cos, sin, meta, attn.kv_cache, True, scratch)
+        kernels.run_swiftkv(layers, l, self._store, step)
         return h32.to(h.dtype)
 
     def store_swiftkv(self, h_l: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta, attn) -> None:

@@ -175,7 +175,8 @@ class SwiftKVCausalLM:
             raise ValueError(f"This SwiftKV checkpoint has no original q/k/v for layers >= {l}, so the original model "
                              "cannot be run; load a checkpoint that keeps the teacher tensors.")
 
-    # -- forward pieces (reused by distillation; run_layers + store_swiftkv: the eager layer executor) --
+    # -- forward pieces (reused by distillation; run_layers + store_swiftkv + run_all_layers: the eager layer
+    # executor) --
 
     def run_layers(self, h, cos, sin, meta: AttentionMetadata, attn: AttentionBackend, start: int, end: int,
                    swiftkv: bool = False, skv: SwiftKVConfig | None = None) -> torch.Tensor:
@@ -201,6 +202,16 @@ class SwiftKVCausalLM:
             v = a.v_proj_swiftkv(x).view(n, a.num_kv_heads, a.head_dim)
             attn.store(skv.kv_owner(i), apply_rotary_(k, cos, sin), v, meta)
 
+    def run_all_layers(self, h, cos, sin, meta: AttentionMetadata, attn: AttentionBackend,
+                       skv: SwiftKVConfig) -> torch.Tensor:
+        """Every layer of layout ``skv`` on every token, SingleInputKV's store (a SwiftKV layout) between layers
+        l-1 and l."""
+        l, L = skv.num_key_value_layers, skv.num_layers
+        h = self.run_layers(h, cos, sin, meta, attn, 0, l, swiftkv=True, skv=skv)  # (none of 0..l-1 is SwiftKV's)
+        if l < L:
+            self.store_swiftkv(h, cos, sin, meta, attn)
+        return self.run_layers(h, cos, sin, meta, attn, l, L, swiftkv=True, skv=skv)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 attn: AttentionBackend | None = None, swiftkv: bool | None = None, executor=None) -> torch.Tensor:
         """Return final-normed hidden states ``[M, hidden]``: of every token, or where ``meta.logits_seq_ids``
@@ -215,6 +226,8 @@ class SwiftKVCausalLM:
         L, skv = self.config.num_hidden_layers, self.layout(swiftkv)
         l = skv.num_key_value_layers
         h, cos, sin = self.embed(input_ids, positions)
+        if not meta.needs_selection:  # every token through every layer: the executor's one call
+            return self.model.norm(run.run_all_layers(h, cos, sin, meta, attn, skv))
         h = run.run_layers(h, cos, sin, meta, attn, 0, l, swiftkv=True, skv=skv)  # (none of 0..l-1 is SwiftKV's)
         if l < L:
             run.store_swiftkv(h, cos, sin, meta, attn)

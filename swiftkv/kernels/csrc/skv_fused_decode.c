@@ -175,6 +175,15 @@ static void store_kv_of_slot(const Team *T, const skv_store_kv *d, const skv_ste
     }
 }
 
+/* a SwiftKV decode step: layers 0..l-1, SingleInputKV's store from their output (s->h then), layers l..n-1 */
+static void swiftkv_of_slot(const Team *T, const skv_layer *layers, int64_t l, int64_t n, const skv_store_kv *d,
+                            const skv_step *s) {
+    layers_of_slot(T, layers, l, s);
+    store_kv_of_slot(T, d, s);
+    skv_team_sync(&T->t); /* its K/V in the cache, its scratch free, before layer l reads either */
+    layers_of_slot(T, layers + l, n - l, s);
+}
+
 /* one parallel region for the whole call: `body` runs on every slot */
 #define STEP_REGION(body)                                                                                 \
     atomic_int rc = 0;                                                                                    \
@@ -199,6 +208,13 @@ int skv_fused_decode_store_kv(const skv_store_kv *d, const skv_step *s) {
     for (int64_t j = 0; j < 2 * d->n; j++)
         if (d->kv[j].out_features != s->Hkv * s->D) return -1;
     STEP_REGION(store_kv_of_slot(&T, d, s))
+}
+
+int skv_fused_decode_swiftkv(const skv_layer *layers, int64_t l, int64_t n, const skv_store_kv *d, const skv_step *s) {
+    if (s->hidden % 8 || s->D % 16 || s->intermediate % 8 || s->M < 1 || s->H % s->Hkv || l < 0 || l > n) return -1;
+    for (int64_t j = 0; j < 2 * d->n; j++)
+        if (d->kv[j].out_features != s->Hkv * s->D) return -1;
+    STEP_REGION(swiftkv_of_slot(&T, layers, l, n, d, s))
 }
 
 int64_t skv_fused_decode_store_kv_scratch_floats(int64_t M, int64_t N, int64_t row) { return M * (N + row); }

@@ -50,5 +50,8 @@ int64_t skv_fused_decode_store_kv_scratch_floats(int64_t M, int64_t hidden, int6
 /* SingleInputKV: the K/V of every later KV owner from the residual stream entering layer l (s->h, not
  * modified): RMSNorm, each leader's K and V projection, rotary on each K, the store into the cache. */
 int skv_fused_decode_store_kv(const skv_store_kv *d, const skv_step *s);
+/* A SwiftKV decode step in one call: layers[0..l), skv_fused_decode_store_kv from their output, layers[l..n).
+ * Scratch: the larger of the two above. */
+int skv_fused_decode_swiftkv(const skv_layer *layers, int64_t l, int64_t n, const skv_store_kv *d, const skv_step *s);
 #define SKV_STEP_EW512 4 /* a `dots` bit: the elementwise ops' AVX-512 form (skv_elementwise.h) */
 #endif
