@@ -179,8 +179,7 @@ class FusedDecoder:
             raise ValueError("this layout has a projection the fused decode cannot read (the runner checks this)")
         stores = any(not (swiftkv and skv.is_swiftkv_layer(i)) for i in range(start, end))
         h32 = h.to(torch.float32, copy=True).contiguous()  # updated in place
-        scratch = torch.empty(kernels.layers_scratch_floats(h.shape[0], *self.dims))
-        step, _keep = self._step(h32, cos, sin, meta, attn.kv_cache, stores, scratch)
+        step, _keep = self._step(h32, cos, sin, meta, attn.kv_cache, stores, self._layers_scratch(h.shape[0]))
         kernels.run_layers(layers, start, end, step)
         return h32.to(h.dtype)
 
@@ -195,10 +194,9 @@ class FusedDecoder:
         if layers is None or self._store is None:
             raise ValueError("this layout has a projection the fused decode cannot read (the runner checks this)")
         h32 = h.to(torch.float32, copy=True).contiguous()  # updated in place
-        row = 2 * self._store.n * self.dims[2] * self.dims[3]
-        scratch = torch.empty(max(kernels.layers_scratch_floats(h.shape[0], *self.dims),
-                                  kernels.store_kv_scratch_floats(h.shape[0], self.dims[0], row)))
-        step, _keep = self._step(h32, cos, sin, meta, attn.kv_cache, True, scratch)
+        m = h.shape[0]
+        step, _keep = self._step(h32, cos, sin, meta, attn.kv_cache, True,
+                                 max(self._layers_scratch(m), self._store_scratch(m)))
         kernels.run_swiftkv(layers, l, self._store, step)
         return h32.to(h.dtype)
 
@@ -206,9 +204,7 @@ class FusedDecoder:
         """SingleInputKV's K/V of every later KV owner from ``h_l [M, hidden]`` into the paged cache (the
         model's ``store_swiftkv`` in one call)."""
         h_l = as_fp32(h_l)
-        row = 2 * self._store.n * self.dims[2] * self.dims[3]
-        scratch = torch.empty(kernels.store_kv_scratch_floats(h_l.shape[0], self.dims[0], row))
-        step, _keep = self._step(h_l, cos, sin, meta, attn.kv_cache, True, scratch)
+        step, _keep = self._step(h_l, cos, sin, meta, attn.kv_cache, True, self._store_scratch(h_l.shape[0]))
         kernels.store_kv(self._store, step)
 
     def runs(self, skv: SwiftKVConfig, kv_cache: torch.Tensor) -> bool:
@@ -230,10 +226,20 @@ class FusedDecoder:
         self._alive += [spec, kv, owners, norm]
         return kernels.CStoreKV(norm.data_ptr(), kv, owners.data_ptr(), len(spec.owners))
 
+    def _layers_scratch(self, m: int) -> int:
+        """Floats of scratch the layers' call needs for ``m`` rows."""
+        return kernels.layers_scratch_floats(m, *self.dims)
+
+    def _store_scratch(self, m: int) -> int:
+        """Floats of scratch SingleInputKV's store needs for ``m`` rows (its K and V rows of every leader)."""
+        return kernels.store_kv_scratch_floats(m, self.dims[0], 2 * self._store.n * self.dims[2] * self.dims[3])
+
     def _step(self, h, cos, sin, meta, cache: torch.Tensor, stores: bool,
-              scratch: torch.Tensor) -> tuple[kernels.CStep, list]:
-        """The C view of this step, and the tensors it points into (to keep alive during the call)."""
+              scratch_floats: int) -> tuple[kernels.CStep, list]:
+        """The C view of this step (with ``scratch_floats`` of scratch), and the tensors it points into (to keep
+        alive during the call)."""
         hidden, heads, kv_heads, d, inter = self.dims
+        scratch = torch.empty(scratch_floats)
         cos, sin, kv_lens = as_fp32(cos), as_fp32(sin), meta.kv_lens_t
         tables = meta.block_tables.contiguous()
         slots = meta.slot_mapping.contiguous() if stores else None

@@ -198,22 +198,31 @@ static void swiftkv_of_slot(const Team *T, const skv_layer *layers, int64_t l, i
     }                                                                                                     \
     return atomic_load(&rc);
 
+/* shapes the layers' kernels take (0), else -1 */
+static int layers_take(const skv_step *s) {
+    return s->hidden % 8 || s->D % 16 || s->intermediate % 8 || s->M < 1 || s->H % s->Hkv ? -1 : 0;
+}
+
+/* shapes the SingleInputKV store takes (0), else -1 */
+static int store_takes(const skv_store_kv *d, const skv_step *s) {
+    if (s->hidden % 8 || s->D % 16 || s->M < 1) return -1;
+    for (int64_t j = 0; j < 2 * d->n; j++)
+        if (d->kv[j].out_features != s->Hkv * s->D) return -1;
+    return 0;
+}
+
 int skv_fused_decode_layers(const skv_layer *layers, int64_t n, const skv_step *s) {
-    if (s->hidden % 8 || s->D % 16 || s->intermediate % 8 || s->M < 1 || s->H % s->Hkv) return -1;
+    if (layers_take(s)) return -1;
     STEP_REGION(layers_of_slot(&T, layers, n, s))
 }
 
 int skv_fused_decode_store_kv(const skv_store_kv *d, const skv_step *s) {
-    if (s->hidden % 8 || s->D % 16 || s->M < 1) return -1;
-    for (int64_t j = 0; j < 2 * d->n; j++)
-        if (d->kv[j].out_features != s->Hkv * s->D) return -1;
+    if (store_takes(d, s)) return -1;
     STEP_REGION(store_kv_of_slot(&T, d, s))
 }
 
 int skv_fused_decode_swiftkv(const skv_layer *layers, int64_t l, int64_t n, const skv_store_kv *d, const skv_step *s) {
-    if (s->hidden % 8 || s->D % 16 || s->intermediate % 8 || s->M < 1 || s->H % s->Hkv || l < 0 || l > n) return -1;
-    for (int64_t j = 0; j < 2 * d->n; j++)
-        if (d->kv[j].out_features != s->Hkv * s->D) return -1;
+    if (layers_take(s) || store_takes(d, s) || l < 0 || l > n) return -1;
     STEP_REGION(swiftkv_of_slot(&T, layers, l, n, d, s))
 }
 

@@ -7,8 +7,8 @@
  * with slot(b, t) = block_tables[b, t / block_size] * block_size + t % block_size.
  * fp32 queries over an fp32 or bf16 cache (kv_bf16: rows widened as they are read), AVX2 + FMA for
  * head_dim % 8 == 0: scores eight keys at a time, a vectorized exp, the weighted sum of values in registers (over a
- * bf16 cache with bf16_dot: AVX512-BF16 dot products instead, skv_paged_decode_bf16.c). (sequence, KV head) pairs are split across OpenMP threads; the query heads
- * sharing a KV head read each cached row from memory once. */
+ * bf16 cache with bf16_dot: AVX512-BF16 dot products instead, skv_paged_decode_bf16.c). (sequence, KV head) pairs
+ * are split across OpenMP threads; the query heads sharing a KV head read each cached row from memory once. */
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
