@@ -9,7 +9,8 @@ off (then PyTorch's path runs):
 - ``SWIFTKV_BF16_DOT``: AVX512-BF16 dot products for a bf16 model's batched matmuls and its prompts' attention over
   a bf16 cache (where the CPU has them);
 - ``SWIFTKV_INT8_DOT=1`` (off by default, opt-in: it costs accuracy): AVX512-VNNI dot products on int8 activations
-  for a bf16 model's decode gemv over Q4/Q8-held weights (where the CPU has them);
+  for a bf16 model's matmuls over Q4/Q8-held weights (where the CPU has them): decode, and prompts where the CPU has
+  no AMX;
 - ``SWIFTKV_PREFILL_ATTENTION=auto|kernel|sdpa``: which prompt attention runs (``auto``: per CPU).
 
 Four more are read where their kernels are called, since models outside an engine use them too:

@@ -86,12 +86,16 @@ class HeldLinearMethod:
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         held, shape = self.held, x.shape
         x2 = x.reshape(-1, shape[-1])  # [M, I]
-        if self._kernels_take(x2):
-            y = kernels.linear(x2.float(), self._c, bf16_dot=self._bf16_dot(x2), int8_dot=self._int8_dot(x2)).to(x.dtype)
+        if not self._kernels_take(x2):
+            y = self.apply_dense(x2, bias)
+        else:
+            if x2.shape[0] > kernels.GEMV_ROWS and self._int8_dot(x2):
+                y = kernels.linear_int8(x2, self._c)  # in x's dtype, without fp32 copies around it
+            else:
+                y = kernels.linear(x2.float(), self._c, bf16_dot=self._bf16_dot(x2),
+                                   int8_dot=self._int8_dot(x2)).to(x.dtype)
             if bias is not None:
                 y += bias
-        else:
-            y = self.apply_dense(x2, bias)
         return y.view(*shape[:-1], held.out_features)
 
     def apply_dense(self, x: torch.Tensor, bias: torch.Tensor | None, silu: bool = False,
@@ -106,10 +110,14 @@ class HeldLinearMethod:
     def _kernels_take(self, x: torch.Tensor) -> bool:
         """Decode-sized batches with no gradient wanted, except bf16 GEMM-sized ones on bf16 weights where the
         CPU multiplies bf16 natively: oneDNN takes those, but for the AVX512-BF16 panel GEMM's range without AMX
-        (``DOT_OVER_ONEDNN_MAX_ROWS``; with AMX oneDNN's tiles are the faster path: :func:`amx_takes_batch`)."""
+        (``DOT_OVER_ONEDNN_MAX_ROWS``; with AMX oneDNN's tiles are the faster path: :func:`amx_takes_batch`). Batches
+        of any size where the int8 dot products are opted in (:meth:`_int8_dot`) on a CPU without AMX (Zen 4, 2 threads,
+        the default model's shapes: 1.3-1.6x widening + oneDNN's bf16 matmul at 512-2,048 rows)."""
         m = x.shape[0]
-        if self._c is None or not 1 <= m <= kernels.GEMM_MAX_ROWS or x.requires_grad:
+        if self._c is None or m < 1 or x.requires_grad:
             return False
+        if m > kernels.GEMM_MAX_ROWS:  # prompts: the int8 GEMM where opted in and no AMX tiles (oneDNN's are faster)
+            return self._int8_dot(x) and "amx_bf16" not in _cpu_flags()
         if not (self.held.kind == "bf16" and m > kernels.GEMV_ROWS and _onednn_bf16(x)):
             return True
         return self._bf16_dot(x) and m <= DOT_OVER_ONEDNN_MAX_ROWS and not amx_takes_batch(m, x.dtype)
@@ -121,9 +129,8 @@ class HeldLinearMethod:
         return x.dtype == torch.bfloat16 and kernels.bf16_dot_available()
 
     def _int8_dot(self, x: torch.Tensor) -> bool:
-        """A bf16 gemv-sized batch on a Q4/Q8-held weight on a CPU with AVX512-VNNI: int8 activations per block."""
-        return (x.dtype == torch.bfloat16 and x.shape[0] <= kernels.GEMV_ROWS and self.held.kind in ("q4", "q8")
-                and kernels.int8_dot_available())
+        """A bf16 batch on a Q4/Q8-held weight on a CPU with AVX512-VNNI, opted in: int8 activations per block."""
+        return x.dtype == torch.bfloat16 and self.held.kind in ("q4", "q8") and kernels.int8_dot_available()
 
     def _widened_matmul(self, x: torch.Tensor, bias: torch.Tensor | None, silu: bool = False,
                         mul: torch.Tensor | None = None) -> torch.Tensor:
@@ -155,10 +162,15 @@ def amx_takes_batch(m: int, dtype: torch.dtype) -> bool:
     tiles save (Zen 4, default model, batch 32, oneDNN's AVX512-BF16 matmuls in place of the tiles: 84 vs 47 ms
     a step, of which the matmuls ~40 and the widening ~9)."""
     from swiftkv.kernels.switches import switched_on
-    from swiftkv.platforms import cpu_flags
 
-    return (m > kernels.GEMV_ROWS and dtype == torch.bfloat16 and "amx_bf16" in cpu_flags()
+    return (m > kernels.GEMV_ROWS and dtype == torch.bfloat16 and "amx_bf16" in _cpu_flags()
             and switched_on("SWIFTKV_AMX_DECODE") and _onednn_available(torch.bfloat16))
+
+
+def _cpu_flags() -> frozenset[str]:
+    from swiftkv.platforms import cpu_flags  # looked up at each call: tests stand in other CPUs' flags
+
+    return cpu_flags()
 
 
 def _onednn_bf16(x: torch.Tensor) -> bool:

@@ -13,6 +13,15 @@ int skv_gemm_part(const skv_weight *w, const float *x, int64_t M, float *y, int6
  * avx512_bf16; -1 also where I % 32 or the compiler could not build it (then use skv_gemm_part). */
 int skv_gemm_bf16_part(const skv_weight *w, const float *x, int64_t M, float *y, int64_t ldy, int64_t o_lo,
                        int64_t o_hi);
+/* The same for SKV_Q4 / SKV_Q8 weights with each block of 32 activations quantized to int8 and AVX512-VNNI integer dot
+ * products (skv_gemm_i8.c, skv_gemv_i8's arithmetic): only on a CPU with avx512_vnni; -1 for other kinds or where the
+ * compiler could not build it (then use the other GEMMs). */
+int skv_gemm_i8_part(const skv_weight *w, const float *x, int64_t M, float *y, int64_t ldy, int64_t o_lo,
+                     int64_t o_hi);
+/* The whole product, w->bias included, in one parallel region of `nthreads`: x [M, I] fp32 or bf16 (`x_bf16`), y
+ * [M, O] (rows ldy apart) fp32 or bf16 (`y_bf16`, rounded to nearest even); the rows quantized once, shared out. */
+int skv_gemm_i8(const skv_weight *w, const void *x, int x_bf16, int64_t M, void *y, int y_bf16, int64_t ldy,
+                int nthreads);
 /* dst[0:I] = W[o, :] rounded to bf16 (nearest even), the blocked kinds straight from their codes with AVX-512 (only on
  * a CPU with avx512_bf16; `row`: I floats of scratch) */
 void skv_widen_row_bf16(const skv_weight *w, int64_t o, float *row, uint16_t *dst);

@@ -5,7 +5,7 @@
 #include "skv_weight.h"
 
 #define SKV_DOT_BF16 1 /* above gemv_rows: skv_gemm_bf16 where it takes the shape (a bf16 model, avx512_bf16) */
-#define SKV_DOT_I8 2   /* up to gemv_rows: skv_gemv_i8 for the blocked kinds (a bf16 model, avx512_vnni) */
+#define SKV_DOT_I8 2   /* skv_gemv_i8 up to gemv_rows, skv_gemm_i8 above: the blocked kinds (a bf16 model, avx512_vnni) */
 
 /* x [M, I], y [M, O] (rows ldy apart), plus w->bias if any; `dots`: the SKV_DOT_* forms a bf16 model may use on
  * this CPU. Returns 0, -1 bad shapes, -2 out of memory. One parallel region of `nthreads`. */
