@@ -168,7 +168,8 @@ def amx_takes_batch(m: int, dtype: torch.dtype) -> bool:
 
 
 def _cpu_flags() -> frozenset[str]:
-    from swiftkv.platforms import cpu_flags  # looked up at each call: tests stand in other CPUs' flags
+    """This CPU's flags, looked up at each call (tests stand in other CPUs')."""
+    from swiftkv.platforms import cpu_flags
 
     return cpu_flags()
 
