@@ -217,8 +217,8 @@ def format_report(r: dict) -> str:
                 + (f" -- of a {peak:.0f} GFLOP/s {e['dtype']} matmul peak measured here" if peak else "")
                 + (f" and the nominal AMX-BF16 peak, {amx:,.0f} GFLOP/s at the clock /proc/cpuinfo reports" if amx else ""))
         if r.get("int8_activations"):
-            lines.append("swiftkv and baseline ran their Q4/Q8 matmuls on int8 activations (SWIFTKV_INT8_DOT=1, AVX512-VNNI):"
-                         " twice the bf16 products per instruction, so their rates can pass the bf16 peak")
+            lines.append("swiftkv and baseline ran their Q4/Q8 matmuls on int8 activations (SWIFTKV_INT8_DOT=1, "
+                         "AVX512-VNNI): twice the bf16 products per instruction, so their rates can pass the bf16 peak")
     lines += [f"  {k}: {v:.2f}x" for k, v in r["ratios"].items()]
     lines += [f"FAILED {name}: {why}" for name, why in r.get("failed", {}).items()]
     return "\n".join(lines)

@@ -30,7 +30,8 @@ class CWeight(ctypes.Structure):
 
 _BINDING = build.Binding({
     "skv_linear": (ctypes.c_int, [ctypes.POINTER(CWeight), _P, _I64, _P, _I64, _I64, _I64, ctypes.c_int]),
-    "skv_gemm_i8": (ctypes.c_int, [ctypes.POINTER(CWeight), _P, ctypes.c_int, _I64, _P, ctypes.c_int, _I64, ctypes.c_int]),
+    "skv_gemm_i8": (ctypes.c_int,
+                    [ctypes.POINTER(CWeight), _P, ctypes.c_int, _I64, _P, ctypes.c_int, _I64, ctypes.c_int]),
     "skv_widen": (ctypes.c_int, [ctypes.POINTER(CWeight), _I64, _I64, _P, _I64, _I64, ctypes.c_int]),
 }, structs={0: CWeight}, switch="SWIFTKV_COMPACT_WEIGHTS")
 

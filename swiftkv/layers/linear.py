@@ -110,9 +110,9 @@ class HeldLinearMethod:
     def _kernels_take(self, x: torch.Tensor) -> bool:
         """Decode-sized batches with no gradient wanted, except bf16 GEMM-sized ones on bf16 weights where the
         CPU multiplies bf16 natively: oneDNN takes those, but for the AVX512-BF16 panel GEMM's range without AMX
-        (``DOT_OVER_ONEDNN_MAX_ROWS``; with AMX oneDNN's tiles are the faster path: :func:`amx_takes_batch`). Batches
-        of any size where the int8 dot products are opted in (:meth:`_int8_dot`) on a CPU without AMX (Zen 4, 2 threads,
-        the default model's shapes: 1.3-1.6x widening + oneDNN's bf16 matmul at 512-2,048 rows)."""
+        (``DOT_OVER_ONEDNN_MAX_ROWS``; with AMX oneDNN's tiles are the faster path: :func:`amx_takes_batch`).
+        Batches of any size where the int8 dot products are opted in (:meth:`_int8_dot`) on a CPU without AMX (Zen 4,
+        2 threads, the default model's shapes: 1.4-2.1x widening + oneDNN's bf16 matmul at 512-2,048 rows)."""
         m = x.shape[0]
         if self._c is None or m < 1 or x.requires_grad:
             return False

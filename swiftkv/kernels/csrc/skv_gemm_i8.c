@@ -19,8 +19,9 @@
 
 #ifdef SKV_BF16_TARGET
 #define I8_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
-#define MR 8 /* input rows per micro-tile: int32 and fp32 sums of 8 rows x 16 outputs = 16 registers (Zen 4, the default
-              * model's shapes: 6 rows x 2 panels, 4 x 3, 7 x 2, 10 x 1, 12 x 1 measured no better) */
+/* input rows per micro-tile: int32 and fp32 sums of 8 rows x 16 outputs = 16 registers (Zen 4, the default model's
+ * shapes: 6 rows x 2 panels, 4 x 3, 7 x 2, 10 x 1, 12 x 1 measured no better) */
+#define MR 8
 #define ROWS_CHUNK 192 /* input rows every panel passes over before the next rows (their int8 activations in L2) */
 
 /* bf16 <-> fp32 with AVX-512F integer ops only (a CPU with AVX512-VNNI may lack AVX512-BF16): widening is exact,
@@ -32,7 +33,8 @@ I8_TARGET static inline __m512 widen_bf16(__m256i h) {
 I8_TARGET static inline __m256i narrow_bf16(__m512 v) {
     const __m512i u = _mm512_castps_si512(v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16));
+    const __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
 }
 
 /* rows' activations (fp32, or bf16 where `bf16`), block by block: xq [rows, I] int8, d and xsum [rows, nb] */
@@ -55,9 +57,9 @@ I8_TARGET static void quantize(const void *x, int bf16, int64_t rows, int64_t I,
             d[m * nb + b] = dd;
             xsum[m * nb + b] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
             /* nearest even (the default rounding), as skv_gemv_i8 */
-            _mm_storeu_si128((__m128i *)(xq + m * I + 32 * b), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(lo, iv))));
-            _mm_storeu_si128((__m128i *)(xq + m * I + 32 * b + 16),
-                             _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, iv))));
+            int8_t *q = xq + m * I + 32 * b;
+            _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(lo, iv))));
+            _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, iv))));
         }
 }
 
@@ -76,7 +78,8 @@ I8_TARGET static inline __m256i block_codes(const skv_weight *w, int64_t o, int6
 /* Panel of rows o0 .. o0 + n - 1 (n <= 16): codes [nb][8][16 rows x 4 bytes], sf [nb][scale x 16, offset x 16] */
 I8_TARGET static void pack_panel(const skv_weight *w, int64_t o0, int n, uint8_t *codes, float *sf) {
     const int64_t nb = w->in_features / 32;
-    const __m512i lo_lanes = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), hi_lanes = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+    const __m512i lo_lanes = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+    const __m512i hi_lanes = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
     for (int64_t b = 0; b < nb; b++) {
         __m512i z[8], t[8], u[8];
         for (int i = 0; i < 8; i++) /* rows i (low 256 bits) and i + 8 (high): 8 dwords of 4 codes each */
@@ -135,7 +138,8 @@ I8_TARGET static inline __attribute__((always_inline)) void tile(const int8_t *x
         }
         const __m512 sv = _mm512_load_ps(SF + b * 32), ov = _mm512_load_ps(SF + b * 32 + 16);
         for (int r = 0; r < R; r++) { /* + scale d (sum of code x activation) + offset xsum */
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r]), _mm512_mul_ps(sv, _mm512_set1_ps(d[r * nb + b])), acc[r]);
+            const __m512 scale = _mm512_mul_ps(sv, _mm512_set1_ps(d[r * nb + b]));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r]), scale, acc[r]);
             acc[r] = _mm512_fmadd_ps(ov, _mm512_set1_ps(xs[r * nb + b]), acc[r]);
         }
     }
@@ -158,14 +162,16 @@ typedef struct { /* quantized activations of M rows (quantize) */
 static void acts_free(Acts *a) { free(a->xq), free(a->d), free(a->xsum); }
 
 static int acts_alloc(Acts *a, int64_t M, int64_t I) {
-    a->xq = malloc(M * I + 64), a->d = malloc(sizeof(float) * M * (I / 32)), a->xsum = malloc(sizeof(float) * M * (I / 32));
+    a->xq = malloc(M * I);
+    a->d = malloc(sizeof(float) * M * (I / 32));
+    a->xsum = malloc(sizeof(float) * M * (I / 32));
     return a->xq && a->d && a->xsum ? 0 : -2;
 }
 
 /* y[:, o_lo:o_hi] from quantized rows: the slot's panels packed once, then rows ROWS_CHUNK at a time (their
  * activations stay in L2 while every panel passes over them), each panel against tiles of <= MR rows */
-I8_TARGET static int rows_times_panels(const skv_weight *w, const Acts *A, int64_t M, void *y, int64_t ldy, int y_bf16,
-                                       const float *bias, int64_t o_lo, int64_t o_hi) {
+I8_TARGET static int rows_times_panels(const skv_weight *w, const Acts *A, int64_t M, void *y, int64_t ldy,
+                                       int y_bf16, const float *bias, int64_t o_lo, int64_t o_hi) {
     const int64_t I = w->in_features, nb = I / 32, panels = (o_hi - o_lo + 15) / 16;
     if (o_lo >= o_hi) return 0;
     uint8_t *P = aligned_alloc(64, panels * nb * 512);
