@@ -605,8 +605,9 @@ def test_int8_dot_is_the_int8_activation_product(kind, in_features):
     held = hold(gguf_like(40, in_features, kind), torch.bfloat16)
     assert held.kind == {"q8_0": "q8", "q4_1": "q4"}[kind]
     c = held.c_weight()
+    g = torch.Generator().manual_seed(0)
     for m in (1, 2, 3, 4, 5, 8, 9, 32, 200):
-        x = torch.randn(m, in_features) * torch.linspace(0.1, 3, in_features)  # blocks of different ranges
+        x = torch.randn(m, in_features, generator=g) * torch.linspace(0.1, 3, in_features)  # blocks of unlike ranges
         ref = _int8_activation_reference(held, x)
         tol = dict(atol=1e-6 * float(ref.abs().max()), rtol=1e-5)
         got = kernels.linear(x, c, int8_dot=True)
@@ -616,6 +617,8 @@ def test_int8_dot_is_the_int8_activation_product(kind, in_features):
         # ... and close to the exact product: int8 activations cost ~0.5% of the output's size (relative RMS)
         assert float((got - exact).norm() / exact.norm()) < 0.02
         torch.testing.assert_close(kernels.linear_int8(x, c).double(), ref, **tol)
+        bias = torch.randn(40, generator=g)  # a bias held with the weight is added in the kernel's store
+        torch.testing.assert_close(kernels.linear_int8(x, held.c_weight(bias)).double(), ref + bias.double(), **tol)
         xb = x.bfloat16()
         got_bf16 = kernels.linear_int8(xb, c)
         assert got_bf16.dtype == torch.bfloat16
