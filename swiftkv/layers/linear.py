@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swiftkv import platforms
 from swiftkv.kernels import linear as kernels
 from swiftkv.layers.weights import HeldWeight, hold
 
@@ -31,15 +32,14 @@ WIDEN_CHUNK_BYTES = 64 << 20
 # bf16 weights, bf16 batches: the AVX512-BF16 panel GEMM beats oneDNN's bf16 GEMM up to this many rows on a CPU
 # without AMX (Zen 4, 2 threads: 1.7x at 8 rows, 1.04-1.26x at 32, 0.83-1.11x at 64)
 DOT_OVER_ONEDNN_MAX_ROWS = 32
+# platforms.cpu_flags() is looked up at each call below, never imported by name: tests stand in other CPUs' flags
 _widen_buffers: dict[torch.dtype, torch.Tensor] = {}  # reused across layers and steps (no page faults)
 
 
 def _onednn_available(dtype: torch.dtype) -> bool:
-    from swiftkv.platforms import cpu_has_native_bf16
-
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_native_bf16())
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and platforms.cpu_has_native_bf16())
 
 
 def dense_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, silu: bool = False,
@@ -117,7 +117,7 @@ class HeldLinearMethod:
         if self._c is None or m < 1 or x.requires_grad:
             return False
         if m > kernels.GEMM_MAX_ROWS:  # prompts: the int8 GEMM where opted in and no AMX tiles (oneDNN's are faster)
-            return self._int8_dot(x) and "amx_bf16" not in _cpu_flags()
+            return self._int8_dot(x) and "amx_bf16" not in platforms.cpu_flags()
         if not (self.held.kind == "bf16" and m > kernels.GEMV_ROWS and _onednn_bf16(x)):
             return True
         return self._bf16_dot(x) and m <= DOT_OVER_ONEDNN_MAX_ROWS and not amx_takes_batch(m, x.dtype)
@@ -163,15 +163,8 @@ def amx_takes_batch(m: int, dtype: torch.dtype) -> bool:
     a step, of which the matmuls ~40 and the widening ~9)."""
     from swiftkv.kernels.switches import switched_on
 
-    return (m > kernels.GEMV_ROWS and dtype == torch.bfloat16 and "amx_bf16" in _cpu_flags()
+    return (m > kernels.GEMV_ROWS and dtype == torch.bfloat16 and "amx_bf16" in platforms.cpu_flags()
             and switched_on("SWIFTKV_AMX_DECODE") and _onednn_available(torch.bfloat16))
-
-
-def _cpu_flags() -> frozenset[str]:
-    """This CPU's flags, looked up at each call (tests stand in other CPUs')."""
-    from swiftkv.platforms import cpu_flags
-
-    return cpu_flags()
 
 
 def _onednn_bf16(x: torch.Tensor) -> bool:
