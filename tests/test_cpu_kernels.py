@@ -421,8 +421,11 @@ def test_bf16_engine_batched_decode_with_dot_products_matches_the_bf16_model(mon
 @needs_ops
 def test_bf16_batches_route_by_cpu(monkeypatch):
     """Which path a bf16 batch on bf16 weights takes, from the CPU's flags alone: the AVX512-BF16 panel GEMM up to
-    32 rows without AMX, oneDNN above (and always with AMX: its tiles); blocked weights always take the kernels."""
+    32 rows without AMX, oneDNN above (and with AMX: its tiles, where the kernels' own AMX GEMM cannot run -- an old
+    compiler, Linux refusing the tiles); blocked weights always take the kernels, and with the kernels' AMX GEMM every
+    batch does."""
     from swiftkv import platforms
+    from swiftkv.kernels import linear as kernels
     from swiftkv.layers.linear import DOT_OVER_ONEDNN_MAX_ROWS, HeldLinearMethod
     from swiftkv.layers.weights import hold
 
@@ -440,16 +443,21 @@ def test_bf16_batches_route_by_cpu(monkeypatch):
             (("avx512_bf16",), "1", {2}, all_rows)):  # native bf16 without the dot products' VL/BW
         monkeypatch.setattr(platforms, "cpu_flags", lambda f=flags: frozenset({"avx2", "fma", "f16c", *f}))
         monkeypatch.setenv("SWIFTKV_AMX_DECODE", amx_decode)
+        monkeypatch.setattr(kernels, "amx_available", lambda: False)
         assert {m for m, x in rows.items() if dense._kernels_take(x)} == dense_kernel_rows, flags
         assert {m for m, x in rows.items() if blocked._kernels_take(x)} == blocked_kernel_rows, flags
         assert all(dense._kernels_take(x.float()) for x in rows.values())  # fp32 batches: the kernels
+    monkeypatch.setattr(platforms, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c", "avx512_bf16", "avx512bw",
+                                                                   "avx512vl", "amx_bf16"}))
+    monkeypatch.setattr(kernels, "amx_available", lambda: True)  # the kernels' own tiles: every batch theirs
+    assert all(dense._kernels_take(x) and blocked._kernels_take(x) for x in rows.values())
 
 
 @needs_ops
 @needs_bf16_dot
 def test_amx_decode_batches_run_eagerly_on_onednn(monkeypatch, tmp_path):
-    """On a CPU with AMX (its flags faked here: oneDNN's bf16 matmul runs on this CPU's AVX512-BF16 instead of the
-    tiles), a bf16 model's decode steps of more than GEMV_ROWS sequences on bf16 weights leave the fused decoder for
+    """On a CPU with AMX where the kernels' own AMX GEMM cannot run (an old compiler, Linux refusing the tiles; its
+    flags faked here: oneDNN's bf16 matmul runs on this CPU's AVX512-BF16 instead of the tiles), a bf16 model's decode steps of more than GEMV_ROWS sequences on bf16 weights leave the fused decoder for
     the eager layers, every matmul in oneDNN, where its layers are big enough (AMX_EAGER_MIN_WORK, lifted here);
     smaller steps stay fused, and so do all steps with SWIFTKV_AMX_DECODE=0, on Q4 weights or with this tiny model's
     layers under the real threshold. The greedy output stays the bf16 model's every time."""
@@ -458,6 +466,7 @@ def test_amx_decode_batches_run_eagerly_on_onednn(monkeypatch, tmp_path):
     from swiftkv import platforms
     from swiftkv.config import SwiftKVConfig
     from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
+    from swiftkv.kernels import linear as kernels
     from swiftkv.kernels.linear import GEMV_ROWS
     from swiftkv.layers import fused_decode, linear
     from swiftkv.models.loader import load_model, save_checkpoint
@@ -478,6 +487,7 @@ def test_amx_decode_batches_run_eagerly_on_onednn(monkeypatch, tmp_path):
     prompts = [[5 + i, 9, 17 + 2 * i, 3] for i in range(8)]
     flags = frozenset(platforms.cpu_flags()) | {"amx_bf16", "amx_tile"}
     monkeypatch.setattr(platforms, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(kernels, "amx_available", lambda: False)
     fused_rows, onednn_rows = [], []
     dense = linear.dense_matmul
     for name in ("run_layers", "run_all_layers"):  # (a SwiftKV step: run_all_layers)

@@ -32,6 +32,7 @@ _BINDING = build.Binding({
     "skv_linear": (ctypes.c_int, [ctypes.POINTER(CWeight), _P, _I64, _P, _I64, _I64, _I64, ctypes.c_int]),
     "skv_gemm_i8": (ctypes.c_int,
                     [ctypes.POINTER(CWeight), _P, ctypes.c_int, _I64, _P, ctypes.c_int, _I64, ctypes.c_int]),
+    "skv_amx_init": (ctypes.c_int, []),
     "skv_widen": (ctypes.c_int, [ctypes.POINTER(CWeight), _I64, _I64, _P, _I64, _I64, ctypes.c_int]),
 }, structs={0: CWeight}, switch="SWIFTKV_COMPACT_WEIGHTS")
 
@@ -69,23 +70,37 @@ def int8_dot_available() -> bool:
     return build.cpu_form("SWIFTKV_INT8_DOT", "0", "avx512_vnni")
 
 
-DOT_BF16, DOT_I8 = 1, 2  # csrc/skv_linear.h
+def amx_available() -> bool:
+    """Whether a bf16 model's batched matmuls (above ``GEMV_ROWS`` rows, up to ``GEMM_MAX_ROWS``) run on the AMX-BF16
+    tiles (``csrc/skv_gemm_amx.c``: the AVX512-BF16 panel GEMM's values on the tiles' dot products): a CPU with
+    ``amx_bf16`` whose kernel Linux lets this process use the tiles. ``SWIFTKV_AMX_DECODE=0`` switches them off."""
+    global _amx_granted
+    if not build.cpu_form("SWIFTKV_AMX_DECODE", "1", "amx_bf16") or not bf16_dot_available() or library() is None:
+        return False
+    if _amx_granted is None:  # asked once per process (the grant is the process's)
+        _amx_granted = library().skv_amx_init() == 0
+    return _amx_granted
+
+
+_amx_granted: bool | None = None
+DOT_BF16, DOT_I8, DOT_AMX = 1, 2, 8  # csrc/skv_linear.h
 
 
 def linear(x: torch.Tensor, w: CWeight, out: torch.Tensor | None = None, bf16_dot: bool = False,
-           int8_dot: bool = False) -> torch.Tensor:
+           int8_dot: bool = False, amx: bool = False) -> torch.Tensor:
     """``x [M, I] (fp32) @ W^T (+ bias)`` -> ``[M, O]`` fp32 (into ``out`` when given). ``bf16_dot`` (only where
     :func:`bf16_dot_available`): above ``GEMV_ROWS`` rows (a dense bf16 weight: from 1 row), x and W rounded to
     bf16 and multiplied with AVX512-BF16 dot products, summed in fp32 -- what a bf16 model computes. ``int8_dot`` (only where :func:`int8_dot_available`):
     a Q4/Q8-held weight, each block of 32 activations quantized to int8 (scale
-    max|x| / 127, nearest even) and multiplied with AVX512-VNNI, the blocks' sums scaled in fp32."""
+    max|x| / 127, nearest even) and multiplied with AVX512-VNNI, the blocks' sums scaled in fp32. ``amx`` (only where
+    :func:`amx_available`): above ``GEMV_ROWS`` rows ``bf16_dot``'s values on the AMX-BF16 tiles, ahead of the others."""
     lib = library()
     if lib is None:
         raise RuntimeError("the matmul kernels are not available on this machine")
     x = x.contiguous()
     m = x.shape[0]
     y = torch.empty(m, w.out_features, dtype=torch.float32) if out is None else out
-    dots = DOT_BF16 * bf16_dot | DOT_I8 * int8_dot
+    dots = DOT_BF16 * bf16_dot | DOT_I8 * int8_dot | DOT_AMX * amx
     rc = lib.skv_linear(ctypes.byref(w), x.data_ptr(), m, y.data_ptr(), y.stride(0), GEMV_ROWS, dots,
                         torch.get_num_threads())
     _check(rc, "skv_linear")

@@ -105,7 +105,8 @@ class FusedDecoder:
         self.specs = specs
         # what a bf16 model's matmuls may use on this CPU (csrc/skv_linear.h)
         self.bf16_dots = (linear_kernels.DOT_BF16 * (switches.bf16_dot and linear_kernels.bf16_dot_available())
-                          | linear_kernels.DOT_I8 * (switches.int8_dot and linear_kernels.int8_dot_available()))
+                          | linear_kernels.DOT_I8 * (switches.int8_dot and linear_kernels.int8_dot_available())
+                          | linear_kernels.DOT_AMX * (switches.bf16_dot and linear_kernels.amx_available()))
         self.ew512 = kernels.STEP_EW512 * elementwise.avx512_available()  # any model: the elementwise ops' AVX-512 form
         self.eps = specs[0].eps
         self.dtype = specs[0].input_norm.dtype  # the model's compute dtype

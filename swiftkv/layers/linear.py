@@ -92,8 +92,8 @@ class HeldLinearMethod:
             if x2.shape[0] > kernels.GEMV_ROWS and self._int8_dot(x2):
                 y = kernels.linear_int8(x2, self._c)  # in x's dtype, without fp32 copies around it
             else:
-                y = kernels.linear(x2.float(), self._c, bf16_dot=self._bf16_dot(x2),
-                                   int8_dot=self._int8_dot(x2)).to(x.dtype)
+                y = kernels.linear(x2.float(), self._c, bf16_dot=self._bf16_dot(x2), int8_dot=self._int8_dot(x2),
+                                   amx=self._bf16_dot(x2) and kernels.amx_available()).to(x.dtype)
             if bias is not None:
                 y += bias
         return y.view(*shape[:-1], held.out_features)
@@ -119,6 +119,8 @@ class HeldLinearMethod:
         if m > kernels.GEMM_MAX_ROWS:  # prompts: the int8 GEMM where opted in and no AMX tiles (oneDNN's are faster)
             return self._int8_dot(x) and "amx_bf16" not in platforms.cpu_flags()
         if not (self.held.kind == "bf16" and m > kernels.GEMV_ROWS and _onednn_bf16(x)):
+            return True
+        if self._bf16_dot(x) and kernels.amx_available():  # the kernels' own AMX tiles: no eager oneDNN call
             return True
         return self._bf16_dot(x) and m <= DOT_OVER_ONEDNN_MAX_ROWS and not amx_takes_batch(m, x.dtype)
 
@@ -164,7 +166,7 @@ def amx_takes_batch(m: int, dtype: torch.dtype) -> bool:
     from swiftkv.kernels.switches import switched_on
 
     return (m > kernels.GEMV_ROWS and dtype == torch.bfloat16 and "amx_bf16" in platforms.cpu_flags()
-            and switched_on("SWIFTKV_AMX_DECODE") and _onednn_available(torch.bfloat16))
+            and switched_on("SWIFTKV_AMX_DECODE") and _onednn_available(torch.bfloat16) and not kernels.amx_available())
 
 
 def _onednn_bf16(x: torch.Tensor) -> bool:

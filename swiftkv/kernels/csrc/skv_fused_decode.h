@@ -53,5 +53,5 @@ int skv_fused_decode_store_kv(const skv_store_kv *d, const skv_step *s);
 /* A SwiftKV decode step in one call: layers[0..l), skv_fused_decode_store_kv from their output, layers[l..n).
  * Scratch: the larger of the two above. */
 int skv_fused_decode_swiftkv(const skv_layer *layers, int64_t l, int64_t n, const skv_store_kv *d, const skv_step *s);
-#define SKV_STEP_EW512 4 /* a `dots` bit: the elementwise ops' AVX-512 form (skv_elementwise.h) */
+#define SKV_STEP_EW512 4 /* a `dots` bit (beside skv_linear.h's SKV_DOT_*): the elementwise ops' AVX-512 form (skv_elementwise.h) */
 #endif

@@ -18,6 +18,13 @@ int skv_gemm_bf16_part(const skv_weight *w, const float *x, int64_t M, float *y,
  * compiler could not build it (then use the other GEMMs). */
 int skv_gemm_i8_part(const skv_weight *w, const float *x, int64_t M, float *y, int64_t ldy, int64_t o_lo,
                      int64_t o_hi);
+/* The same values as skv_gemm_bf16_part on the AMX-BF16 tiles (skv_gemm_amx.c): only on a CPU with amx_bf16, after
+ * skv_amx_init() returned 0; -1 for fp32 weights, I % 32 or where the compiler could not build it. */
+int skv_gemm_amx_part(const skv_weight *w, const float *x, int64_t M, float *y, int64_t ldy, int64_t o_lo,
+                      int64_t o_hi);
+/* Asks Linux for the tiles' state for this process (once, before any tile instruction): 0, or -1 where it is refused
+ * or the compiler could not build the AMX kernel. */
+int skv_amx_init(void);
 /* The whole product, w->bias included, in one parallel region of `nthreads`: x [M, I] fp32 or bf16 (`x_bf16`), y
  * [M, O] (rows ldy apart) fp32 or bf16 (`y_bf16`, rounded to nearest even); the rows quantized once, shared out. */
 int skv_gemm_i8(const skv_weight *w, const void *x, int x_bf16, int64_t M, void *y, int y_bf16, int64_t ldy,

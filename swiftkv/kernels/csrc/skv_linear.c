@@ -16,6 +16,7 @@ int skv_linear_part(const skv_weight *w, const float *x, int64_t M, float *y, in
     if (gemv && w->kind == SKV_BF16 && (dots & SKV_DOT_BF16)) rc = skv_gemm_bf16_part(w, x, M, y, ldy, o_lo, o_hi);
     if (rc == -1 && gemv && (dots & SKV_DOT_I8)) rc = skv_gemv_i8_part(w, x, M, y, ldy, o_lo, o_hi);
     if (rc == -1 && gemv) rc = skv_gemv_part(w, x, M, y, ldy, o_lo, o_hi);
+    if (rc == -1 && !gemv && (dots & SKV_DOT_AMX)) rc = skv_gemm_amx_part(w, x, M, y, ldy, o_lo, o_hi);
     if (rc == -1 && !gemv && (dots & SKV_DOT_I8)) rc = skv_gemm_i8_part(w, x, M, y, ldy, o_lo, o_hi);
     if (rc == -1 && !gemv && (dots & SKV_DOT_BF16)) rc = skv_gemm_bf16_part(w, x, M, y, ldy, o_lo, o_hi);
     if (rc == -1 && !gemv) rc = skv_gemm_part(w, x, M, y, ldy, o_lo, o_hi);

@@ -6,6 +6,7 @@
 
 #define SKV_DOT_BF16 1 /* above gemv_rows: skv_gemm_bf16 where it takes the shape (a bf16 model, avx512_bf16) */
 #define SKV_DOT_I8 2   /* skv_gemv_i8 up to gemv_rows, skv_gemm_i8 above: the blocked kinds (a bf16 model, avx512_vnni) */
+#define SKV_DOT_AMX 8  /* above gemv_rows: skv_gemm_amx, before the others (a bf16 model, amx_bf16, skv_amx_init done) */
 
 /* x [M, I], y [M, O] (rows ldy apart), plus w->bias if any; `dots`: the SKV_DOT_* forms a bf16 model may use on
  * this CPU. Returns 0, -1 bad shapes, -2 out of memory. One parallel region of `nthreads`. */
