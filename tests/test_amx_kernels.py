@@ -111,3 +111,75 @@ def test_bf16_engine_batched_decode_on_the_tiles_matches_the_bf16_model(monkeypa
         assert_greedy_close(reference, p, o, 0.02)
     for tiles, panel in zip(outs["1"], outs["0"]):
         assert [t.logprob for t in tiles.logprobs] == pytest.approx([t.logprob for t in panel.logprobs], abs=0.02)
+
+
+@needs_amx
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (4, 2, 128), (2, 1, 96)])
+def test_amx_flash_attention_is_causal_attention(heads, kv_heads, head_dim):
+    """The AMX flash attention against causal attention in fp64 of the same bf16 inputs: within what PyTorch's own bf16
+    flash attention (SDPA) errs by, for prompts of 1-300 tokens (partial query and key blocks), grouped-query heads, q /
+    k / v strided views of one fused QKV row (as the layers pass them), and sharp softmaxes (large scores, where the
+    reference max is raised and the accumulated outputs rescaled)."""
+    import torch.nn.functional as F
+
+    from swiftkv.kernels import flash_amx
+
+    torch.manual_seed(0)
+    heads_first = (lambda t: t.transpose(0, 1)[None])  # [T, H, D] -> [1, H, T, D]
+    for T in (1, 15, 16, 33, 300):
+        for sharp in (1.0, 12.0):
+            qkv = torch.randn(T, (heads + 2 * kv_heads) * head_dim).bfloat16()
+            q = (qkv[:, : heads * head_dim] * sharp).view(T, heads, head_dim)
+            k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(T, kv_heads, head_dim)
+            v = qkv[:, (heads + kv_heads) * head_dim :].view(T, kv_heads, head_dim)
+            out = flash_amx.causal_attention(q, k, v)
+            assert out.shape == (T, heads, head_dim) and out.dtype == torch.bfloat16
+            exact = F.scaled_dot_product_attention(*(heads_first(t.double()) for t in (q, k, v)), is_causal=True,
+                                                   enable_gqa=True)[0].transpose(0, 1)
+            sdpa = F.scaled_dot_product_attention(*(heads_first(t) for t in (q, k, v)), is_causal=True,
+                                                  enable_gqa=True)[0].transpose(0, 1).double()
+            err, sdpa_err = (out.double() - exact).abs(), (sdpa - exact).abs()
+            assert err.max() <= 2 * sdpa_err.max() + 4e-3, (T, sharp, err.max(), sdpa_err.max())
+            assert err.mean() <= 1.5 * sdpa_err.mean() + 1e-4, (T, sharp, err.mean(), sdpa_err.mean())
+    with pytest.raises(ValueError, match="contiguous heads"):
+        flash_amx.causal_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, v)
+
+
+@needs_ops
+@needs_amx
+def test_engine_prompts_on_amx_flash_attention_match_the_bf16_model(monkeypatch, tmp_path):
+    """A bf16 engine's fresh prompts (one alone, and four of different lengths in one step) run the AMX flash attention
+    (auto's choice here), their greedy output checked along its own path against the full-sequence bf16 model (whose
+    attention is PyTorch's SDPA); with SWIFTKV_PREFILL_ATTENTION=sdpa the kernel is not called."""
+    from conftest import assert_greedy_close
+
+    from swiftkv.config import SwiftKVConfig
+    from swiftkv.engine.llm_engine import EngineConfig, LLMEngine
+    from swiftkv.kernels import flash_amx
+    from swiftkv.models.loader import load_model, save_checkpoint
+    from swiftkv.sampling_params import SamplingParams
+    from swiftkv.transform import to_swiftkv
+
+    tiny_hf_model("llama", seed=5, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2).save_pretrained(tmp_path / "base")
+    path = save_checkpoint(to_swiftkv(load_model(tmp_path / "base")[0], SwiftKVConfig(4, 2)), tmp_path / "skv",
+                           source_dir=tmp_path / "base")
+    reference = load_model(path, dtype="bfloat16")[0]
+    calls = []
+    real = flash_amx.causal_attention
+    monkeypatch.setattr(flash_amx, "causal_attention", lambda q, k, v: calls.append(q.shape[0]) or real(q, k, v))
+    prompts = [[(7 * i + 3 * j) % 90 + 5 for j in range(n)] for i, n in enumerate((40, 17, 70, 5))]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    for choice in ("auto", "sdpa"):
+        monkeypatch.setenv("SWIFTKV_PREFILL_ATTENTION", choice)
+        calls.clear()
+        for batch in (prompts[:1], prompts):
+            engine = LLMEngine(load_model(path, dtype="bfloat16", for_inference=True)[0],
+                               config=EngineConfig(kv_cache_memory=8 << 20, block_size=16))
+            ids = [engine.add_request(p, params) for p in batch]
+            done = {}
+            while engine.has_unfinished_requests():
+                done.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
+            for p, i in zip(batch, ids):
+                assert_greedy_close(reference, p, done[i], 0.03)
+        assert (40 in calls and {17, 70, 5} <= set(calls)) == (choice == "auto"), (choice, calls)

@@ -524,7 +524,7 @@ def test_amx_decode_batches_run_eagerly_on_onednn(monkeypatch, tmp_path):
 
 @needs_attention
 def test_prefill_attention_choice_per_cpu(monkeypatch, tmp_path):
-    """bf16 prompts on a CPU with AMX take PyTorch's SDPA (oneDNN's flash attention on the tiles), elsewhere the
+    """bf16 prompts on a CPU with AMX leave the paged kernel (for the AMX flash attention or SDPA), elsewhere the
     paged prefill kernel; SWIFTKV_PREFILL_ATTENTION overrides; either way the greedy output is the bf16 model's."""
     from conftest import assert_greedy_close
 

@@ -97,6 +97,8 @@ def linear(x: torch.Tensor, w: CWeight, out: torch.Tensor | None = None, bf16_do
     lib = library()
     if lib is None:
         raise RuntimeError("the matmul kernels are not available on this machine")
+    if amx and not _amx_granted:  # a tile instruction before Linux's grant would kill the process
+        raise RuntimeError("linear(amx=True) needs amx_available() first")
     x = x.contiguous()
     m = x.shape[0]
     y = torch.empty(m, w.out_features, dtype=torch.float32) if out is None else out

@@ -11,27 +11,28 @@ off (then PyTorch's path runs):
 - ``SWIFTKV_INT8_DOT=1`` (off by default, opt-in: it costs accuracy): AVX512-VNNI dot products on int8 activations
   for a bf16 model's matmuls over Q4/Q8-held weights (where the CPU has them): decode, and prompts where the CPU has
   no AMX;
-- ``SWIFTKV_PREFILL_ATTENTION=auto|kernel|sdpa``: which prompt attention runs (``auto``: per CPU).
+- ``SWIFTKV_PREFILL_ATTENTION=auto|kernel|sdpa|amx``: which prompt attention runs (``auto``: per CPU; ``amx``: the
+  kernels' AMX flash attention for prompts without cached keys, SDPA after them -- ``auto``'s choice in bf16 where the
+  tiles run).
 
 Four more are read where their kernels are called, since models outside an engine use them too:
 ``SWIFTKV_CPU_OPS`` (the elementwise kernels; ``SWIFTKV_AVX512_OPS=0`` keeps them on AVX2 on a CPU with
 AVX512-BF16), ``SWIFTKV_COMPACT_WEIGHTS`` (the held weight forms, read when
-a model is prepared) and ``SWIFTKV_AMX_DECODE`` (on a CPU with AMX, a bf16 model's decode batches above
-``GEMV_ROWS`` rows on bf16-held weights go to oneDNN's tiles, and the fused decoder leaves big enough steps to them:
-:func:`~swiftkv.layers.linear.amx_takes_batch`).
+a model is prepared) and ``SWIFTKV_AMX_DECODE`` (on a CPU with AMX, a bf16 model's batched matmuls above
+``GEMV_ROWS`` rows run on the kernels' AMX tiles, :func:`~swiftkv.kernels.linear.amx_available`, and its fresh prompts'
+attention too; where those cannot run, bf16-held weights' batches go to oneDNN's tiles and the fused decoder leaves big
+enough steps to them: :func:`~swiftkv.layers.linear.amx_takes_batch`).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-PREFILL_ATTENTION_CHOICES = ("auto", "kernel", "sdpa")
-_said_sdpa: set[torch.dtype] = set()
+PREFILL_ATTENTION_CHOICES = ("auto", "kernel", "sdpa", "amx")
 
 
 def switched_on(name: str, environ: Mapping[str, str] | None = None) -> bool:
@@ -65,15 +66,13 @@ class KernelSwitches:
         """Whether prompts' attention should run the paged prefill kernel (fp32 FMAs over the cache) rather than
         PyTorch's SDPA over gathered blocks, for this CPU and compute dtype. ``auto``: SDPA for bf16 on a CPU with
         AMX, whose oneDNN flash attention runs on the tiles (measured on a Sapphire Rapids-class Xeon, bf16, default
-        model: prefill @ 2,048 1.8x with SDPA: 2,689 vs 1,500 tokens/s), said once on stderr; the kernel everywhere
+        model: prefill @ 2,048 1.8x with SDPA: 2,689 vs 1,500 tokens/s) -- there fresh prompts take the kernels' AMX
+        flash attention where it runs, ``amx`` too (:class:`~swiftkv.layers.paged_attention.PagedAttention`, which
+        says the choice once on stderr); the kernel everywhere
         else (Zen 4, bf16, its AVX512-BF16 form: 2.2x SDPA per layer at 2,048 tokens; AVX2 fp32: 1.4x)."""
         from swiftkv.platforms import cpu_flags
 
         choice = self.prefill_attention
         if choice == "auto":
             choice = "sdpa" if dtype == torch.bfloat16 and "amx_bf16" in cpu_flags() else "kernel"
-            if choice == "sdpa" and dtype not in _said_sdpa:  # the default (the kernel) goes unsaid
-                _said_sdpa.add(dtype)
-                print("swiftkv: prefill attention: PyTorch's SDPA (oneDNN's flash attention on the AMX tiles) for "
-                      "bf16 (SWIFTKV_PREFILL_ATTENTION=kernel overrides)", file=sys.stderr)
         return choice == "kernel"

@@ -20,6 +20,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from swiftkv.kernels import flash_amx
+
 
 @dataclass(frozen=True)
 class AttentionMetadata:
@@ -134,8 +136,17 @@ class FullSequenceAttention:
         return attend_fresh(q, k, v, meta)
 
 
-def attend_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-    """Queries over keys of this pass (``meta.kv_starts`` into ``k``/``v``): one batched SDPA for equal lengths."""
+def attend_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                 amx: bool = False) -> torch.Tensor:
+    """Queries over keys of this pass (``meta.kv_starts`` into ``k``/``v``): one batched SDPA for equal lengths;
+    with ``amx`` (where :func:`swiftkv.kernels.flash_amx.can_run`) whole causal prompts on the kernels' AMX flash
+    attention, one call each."""
+    if amx and meta.masks is None and meta.q_lens == meta.kv_lens:
+        outs, q0 = [], 0
+        for n, k0 in zip(meta.q_lens, meta.kv_starts):
+            outs.append(flash_amx.causal_attention(q[q0 : q0 + n], k[k0 : k0 + n], v[k0 : k0 + n]))
+            q0 += n
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
     n = meta.q_lens[0]
     same_len = meta.q_lens == meta.kv_lens and all(x == n for x in meta.q_lens) and len(k) == len(q)
     if same_len and meta.masks is None:

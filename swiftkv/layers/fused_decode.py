@@ -10,8 +10,9 @@ the same order, so its output equals eager decode up to float rounding.
 It is built by the model runner from the descriptions the layers give (:class:`FusedDecodeSpec`), and is a layer
 executor like the model itself (the same ``run_layers``, ``store_swiftkv`` and ``run_all_layers``): the runner hands
 it to the model for the steps it takes (:meth:`FusedDecoder.takes`: one query token per sequence over the paged cache,
-up to ``GEMM_MAX_ROWS`` sequences, no gradient wanted; a model computing in bf16 on bf16 weights, on a CPU with AMX,
-leaves steps of enough rows (``AMX_EAGER_MIN_WORK``) to the eager layers, whose matmuls oneDNN runs on the tiles),
+up to ``GEMM_MAX_ROWS`` sequences, no gradient wanted; on a CPU with AMX its matmuls run on the kernels' AMX tiles,
+and only where those cannot run does a model computing in bf16 on bf16 weights leave steps of enough rows
+(``AMX_EAGER_MIN_WORK``) to the eager layers, whose matmuls oneDNN runs on the tiles),
 chosen once per step. Each call runs all its kernels inside one OpenMP region, its threads meeting at a spin barrier
 between dependent ops (``csrc/skv_team.h``). A model computing in bf16 (a bf16 KV cache) runs there too: the call
 widens the step's activations to fp32, computes in fp32, stores K/V rounded to bf16 and rounds the result back (eager
@@ -42,7 +43,8 @@ from swiftkv.layers.linear import Linear, amx_takes_batch
 # oneDNN's AMX tiles (amx_takes_batch): the tiles must win back the eager layers' overhead, ~1.2-2.5 ms a layer
 # (measured on Zen 4, the same kernels: 1B shape 308 vs 268 ms a batch-32 step, default model ~35 ms of 84), and save
 # ~3e-12 s per row and weight (AVX512-BF16 dot products ~0.32 TFLOP/s, oneDNN 0.60 on the tiles at 32 rows). So the
-# 1B shape from 9 rows, an 8B model from 5, a 135M one never. An estimate from those rates, unmeasured on AMX.
+# 1B shape from 9 rows, an 8B model from 5, a 135M one never. An estimate from those rates, unmeasured on AMX; only
+# where the kernels' own AMX GEMM cannot run (kernels.linear.amx_available), since it keeps such steps fused.
 AMX_EAGER_MIN_WORK = 5e8
 
 

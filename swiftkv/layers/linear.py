@@ -7,7 +7,8 @@ weight parameter by a :class:`~swiftkv.layers.weights.HeldWeight` (the checkpoin
 where they are already the held form) and a :class:`HeldLinearMethod` that applies it:
 
 - decode-sized batches (up to ``GEMM_MAX_ROWS`` rows) run the C kernels on the held bytes (widened in
-  registers); on a CPU with native bf16, bf16 batches above ``GEMV_ROWS`` rows of bf16 weights go to
+  registers; on a CPU with AMX, bf16 batches above ``GEMV_ROWS`` rows on the kernels' AMX tiles, every held kind:
+  ``csrc/skv_gemm_amx.c``); without those tiles, on a CPU with native bf16, bf16 batches above ``GEMV_ROWS`` rows of bf16 weights go to
   oneDNN's bf16 GEMM instead (faster there than the AVX2 panel kernel) but for the AVX512-BF16 panel's range;
   on a CPU with AMX every bf16 batch above ``GEMV_ROWS`` rows of bf16 weights goes to oneDNN (its tiles:
   :func:`amx_takes_batch`);
@@ -156,7 +157,9 @@ class HeldLinearMethod:
 
 def amx_takes_batch(m: int, dtype: torch.dtype) -> bool:
     """Whether a batch of ``m`` rows in ``dtype`` on a bf16-held weight goes to oneDNN's bf16 matmul on the AMX
-    tiles rather than the kernels: bf16 batches above ``GEMV_ROWS`` rows on a CPU with AMX-BF16 (there oneDNN
+    tiles rather than the kernels -- only where the kernels' own AMX GEMM cannot run (:func:`kernels.amx_available
+    <swiftkv.kernels.linear.amx_available>`: Linux refused the tiles, an old compiler; where it runs, every held kind's
+    decode batches stay in the kernels, on the tiles): bf16 batches above ``GEMV_ROWS`` rows on a CPU with AMX-BF16 (there oneDNN
     reached 0.60 TFLOP/s at 32 rows with a plain weight on 2 cores of a Sapphire Rapids-class Xeon, past all
     that AVX512-BF16 dot products gave on 2 Zen 4 cores: ~0.39 TFLOP/s), unless ``SWIFTKV_AMX_DECODE=0``. A fused
     decoder over bf16 weights leaves such steps to the eager layers where its layers are big enough
