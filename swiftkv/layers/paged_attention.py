@@ -36,6 +36,7 @@ class _StepPlan:
     fresh: dict[int, tuple[torch.Tensor, torch.Tensor]]  # this pass's K/V per owner (prompts without a prior)
     gather: tuple[torch.Tensor, torch.Tensor] | None = None  # decode_gather: K and V buffers, reused by every layer
     mask: torch.Tensor | None = None  # decode_gather: which cached positions each row attends
+    runs: list[tuple[int, int, int]] | None = None  # store: (slot, token, length) runs of consecutive slots, if few
 
 
 _said: set[torch.dtype] = set()  # compute dtypes whose prompt attention was said on stderr
@@ -64,7 +65,8 @@ class PagedAttention:
         dots = switches.bf16_dot and kv_cache.dtype == torch.bfloat16 and bf16_dot_available()
         self._prefill_dots = self._prefill_kernel and dots
         self._fresh_amx = not self._prefill_kernel and fresh_prompts_on_amx(switches, kv_cache.dtype, kv_cache.shape[-1])
-        if not self._prefill_kernel and kv_cache.dtype not in _said:  # (the default, the paged kernel, goes unsaid)
+        chosen = self._fresh_amx or (native and switches.prefill_attention == "auto" and not self._prefill_kernel)
+        if chosen and kv_cache.dtype not in _said:  # what auto chose away from the paged kernel, or the AMX flash
             _said.add(kv_cache.dtype)
             print("swiftkv: prefill attention: " + ("the kernels' AMX flash attention for fresh prompts, PyTorch's "
                   "SDPA after cached keys" if self._fresh_amx else "PyTorch's SDPA") +
@@ -88,9 +90,15 @@ class PagedAttention:
         plan = self.plan(meta)
         if plan.path == "fresh_or_chunks":
             plan.fresh[owner] = (k, v)
+        if plan.runs is None:
+            plan.runs = _slot_runs(meta.slot_mapping)
         h, d = k.shape[1], k.shape[2]
-        self.kv_cache[owner, 0].view(h, -1, d).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-        self.kv_cache[owner, 1].view(h, -1, d).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+        for which, x in ((0, k), (1, v)):
+            cache = self.kv_cache[owner, which].view(h, -1, d)  # [Hkv, slots, D]
+            if not plan.runs:  # many runs (decode rows of many sequences): one scatter
+                cache.index_copy_(1, meta.slot_mapping, x.transpose(0, 1))
+            for slot, t, n in plan.runs:  # a prompt's blocks, mostly consecutive: slice copies (~10x the scatter)
+                cache[:, slot : slot + n].copy_(x[t : t + n].transpose(0, 1))
 
     def attend(self, owner: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [num_queries, heads, D] -> [num_queries, heads, D], over ``owner``'s cached keys."""
@@ -106,6 +114,22 @@ class PagedAttention:
         if meta.q_lens == meta.kv_lens and owner in plan.fresh:  # no prior keys: this pass's K/V
             return attend_fresh(q, *plan.fresh[owner], meta, amx=self._fresh_amx)
         return _cached_chunks(q, kc, vc, meta)
+
+
+_MAX_RUNS = 8
+
+
+def _slot_runs(slots: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``slots`` as ``(first slot, first token, length)`` runs of consecutive slots, or ``[]`` where there are more
+    than ``_MAX_RUNS`` of them."""
+    if slots.numel() == 0:
+        return []
+    starts = [0] + (torch.nonzero(slots[1:] - slots[:-1] != 1).flatten() + 1).tolist()
+    if len(starts) > _MAX_RUNS:
+        return []
+    ends = starts[1:] + [slots.numel()]
+    first = slots[starts].tolist()
+    return [(f, a, b - a) for f, a, b in zip(first, starts, ends)]
 
 
 def _cached_chunks(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
