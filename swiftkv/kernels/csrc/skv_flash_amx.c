@@ -14,19 +14,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "skv_vec512.h"
+#include "skv_amx.h"
 
-#if defined(SKV_BF16_TARGET) && ((defined(__clang__) && __clang_major__ >= 12) || \
-                                 (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
-#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+#ifdef SKV_AMX_TARGET
+#define AMX_TARGET SKV_AMX_TARGET
 #define QB 16 /* queries per block: an A tile's rows */
 #define KB 32 /* keys per block: two S tiles, one P tile's depth */
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
 
 /* K of one KV head [T, ldk] (bf16) -> kp[(key tile * (D / 32) + dim chunk) * 512]: 16 dim pairs x 16 keys per tile,
  * Tk / 16 tiles (keys past T zero) */
@@ -150,20 +143,7 @@ AMX_TARGET static void query_block(const uint16_t *q, int64_t ldq, int64_t i0, i
             }
             _tile_loadd(2, pb, KB * 2); /* P: 16 queries x 32 keys */
             const uint16_t *vb = vp + ((k0 / KB) * (D / 16) + d0 / 16) * 512;
-            _tile_loadd(3, vb, 64);
-            _tile_dpbf16ps(4, 2, 3);
-            if (nd > 1) {
-                _tile_loadd(3, vb + 512, 64);
-                _tile_dpbf16ps(5, 2, 3);
-            }
-            if (nd > 2) {
-                _tile_loadd(3, vb + 1024, 64);
-                _tile_dpbf16ps(6, 2, 3);
-            }
-            if (nd > 3) {
-                _tile_loadd(3, vb + 1536, 64);
-                _tile_dpbf16ps(7, 2, 3);
-            }
+            SKV_AMX_DP(4, 5, 6, 7, 2, 3, vb, 512, nd); /* O tiles += P x V, 16 dims each */
         }
         store_o(o, nd);
         for (int64_t r = 0; r < rows; r++) {
@@ -204,9 +184,7 @@ AMX_TARGET int skv_flash_attention_amx(const uint16_t *q, int64_t ldq, const uin
 #pragma omp atomic write
             rc = -2;
         } else {
-            tile_config cfg = {.palette = 1};
-            for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-            _tile_loadconfig(&cfg);
+            skv_amx_configure(8);
         }
         /* query blocks from the last (the most keys) down, handed out one at a time: causal work is uneven (every
          * thread reaches this loop, whatever its allocations did) */

@@ -14,20 +14,13 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "skv_amx.h"
 #include "skv_gemm.h"
-#include "skv_vec512.h"
 
-#if defined(SKV_BF16_TARGET) && ((defined(__clang__) && __clang_major__ >= 12) || \
-                                 (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
-#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+#ifdef SKV_AMX_TARGET
+#define AMX_TARGET SKV_AMX_TARGET
 #define P 16      /* output rows per panel: an A tile's rows */
 #define GROUPS 4  /* groups of 16 input rows accumulated at once: tiles 0-3 (A: tile 4, B: tile 5) */
-
-typedef struct { /* the tiles' configuration (palette 1): see Intel's SDM, LDTILECFG */
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
 
 int skv_amx_init(void) { /* Linux hands a process the tiles' state only when asked (ARCH_REQ_XCOMP_PERM, XTILEDATA) */
     return syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 0 : -1;
@@ -76,9 +69,7 @@ AMX_TARGET int skv_gemm_amx_part(const skv_weight *w, const float *x, int64_t M,
         return -2;
     }
     pack_rows(x, M, I, G, xt);
-    tile_config cfg = {.palette = 1};
-    for (int t = 0; t < 6; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-    _tile_loadconfig(&cfg);
+    skv_amx_configure(6);
     for (int64_t o0 = o_lo; o0 < o_hi; o0 += P) {
         const int cols = o_hi - o0 < P ? (int)(o_hi - o0) : P;
         const uint16_t *a = panel; /* the panel's bf16 rows, I apart */
@@ -97,21 +88,7 @@ AMX_TARGET int skv_gemm_amx_part(const skv_weight *w, const float *x, int64_t M,
             for (int64_t b = 0; b < nb; b++) {
                 _tile_loadd(4, a + 32 * b, I * 2);
                 const uint16_t *bt = xt + (b * G + g0) * 512;
-                /* tile numbers are immediates: one statement per group */
-                _tile_loadd(5, bt, 64);
-                _tile_dpbf16ps(0, 4, 5);
-                if (ng > 1) {
-                    _tile_loadd(5, bt + 512, 64);
-                    _tile_dpbf16ps(1, 4, 5);
-                }
-                if (ng > 2) {
-                    _tile_loadd(5, bt + 1024, 64);
-                    _tile_dpbf16ps(2, 4, 5);
-                }
-                if (ng > 3) {
-                    _tile_loadd(5, bt + 1536, 64);
-                    _tile_dpbf16ps(3, 4, 5);
-                }
+                SKV_AMX_DP(0, 1, 2, 3, 4, 5, bt, 512, ng); /* tiles 0 .. ng - 1 += A x the groups' B tiles */
             }
             for (int64_t g = g0; g < g0 + ng; g++) {
                 switch (g - g0) {
