@@ -1,7 +1,7 @@
 """Causal attention of a fresh prompt on the AMX-BF16 tiles (``csrc/skv_flash_amx.c``): bf16 queries, keys and values
 straight from the QKV projection's output, fp32 scores and softmax, bf16 out -- PyTorch's bf16 flash attention's
-values, to summation order and its exp. Prompts without cached keys run it on a CPU with AMX (``SWIFTKV_PREFILL_ATTENTION``
-``auto`` or ``amx``; :meth:`~swiftkv.kernels.switches.KernelSwitches.fresh_prompts_on_amx`).
+values, to summation order and its exp. Prompts without cached keys run it on a CPU with AMX
+(``SWIFTKV_PREFILL_ATTENTION`` ``auto`` or ``amx``: :func:`swiftkv.layers.paged_attention.fresh_prompts_on_amx`).
 """
 
 from __future__ import annotations

@@ -93,7 +93,8 @@ def linear(x: torch.Tensor, w: CWeight, out: torch.Tensor | None = None, bf16_do
     bf16 and multiplied with AVX512-BF16 dot products, summed in fp32 -- what a bf16 model computes. ``int8_dot`` (only where :func:`int8_dot_available`):
     a Q4/Q8-held weight, each block of 32 activations quantized to int8 (scale
     max|x| / 127, nearest even) and multiplied with AVX512-VNNI, the blocks' sums scaled in fp32. ``amx`` (only where
-    :func:`amx_available`): above ``GEMV_ROWS`` rows ``bf16_dot``'s values on the AMX-BF16 tiles, ahead of the others."""
+    :func:`amx_available`): above ``GEMV_ROWS`` rows ``bf16_dot``'s values on the AMX-BF16 tiles, ahead of the
+    others."""
     lib = library()
     if lib is None:
         raise RuntimeError("the matmul kernels are not available on this machine")

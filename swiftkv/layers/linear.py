@@ -8,10 +8,10 @@ where they are already the held form) and a :class:`HeldLinearMethod` that appli
 
 - decode-sized batches (up to ``GEMM_MAX_ROWS`` rows) run the C kernels on the held bytes (widened in
   registers; on a CPU with AMX, bf16 batches above ``GEMV_ROWS`` rows on the kernels' AMX tiles, every held kind:
-  ``csrc/skv_gemm_amx.c``); without those tiles, on a CPU with native bf16, bf16 batches above ``GEMV_ROWS`` rows of bf16 weights go to
-  oneDNN's bf16 GEMM instead (faster there than the AVX2 panel kernel) but for the AVX512-BF16 panel's range;
-  on a CPU with AMX every bf16 batch above ``GEMV_ROWS`` rows of bf16 weights goes to oneDNN (its tiles:
-  :func:`amx_takes_batch`);
+  ``csrc/skv_gemm_amx.c``). Without those tiles, on a CPU with native bf16, bf16 batches above ``GEMV_ROWS``
+  rows of bf16 weights go to oneDNN's bf16 GEMM instead (faster there than the AVX2 panel kernel) but for the
+  AVX512-BF16 panel's range, and on a CPU with AMX whose tiles the kernels cannot use, every such batch goes to
+  oneDNN (:func:`amx_takes_batch`);
 - prefill-sized batches widen the weight (in row chunks of at most ``WIDEN_CHUNK_BYTES``) into a reused
   buffer in the compute dtype and call oneDNN's matmul on it (PyTorch's ``mkldnn`` linear, which takes
   a plain weight at ~97% of its prepacked speed): one pass over the bytes per thousands of FLOPs per
@@ -157,9 +157,10 @@ class HeldLinearMethod:
 
 def amx_takes_batch(m: int, dtype: torch.dtype) -> bool:
     """Whether a batch of ``m`` rows in ``dtype`` on a bf16-held weight goes to oneDNN's bf16 matmul on the AMX
-    tiles rather than the kernels -- only where the kernels' own AMX GEMM cannot run (:func:`kernels.amx_available
-    <swiftkv.kernels.linear.amx_available>`: Linux refused the tiles, an old compiler; where it runs, every held kind's
-    decode batches stay in the kernels, on the tiles): bf16 batches above ``GEMV_ROWS`` rows on a CPU with AMX-BF16 (there oneDNN
+    tiles rather than the kernels -- only where the kernels' own AMX GEMM cannot run
+    (:func:`~swiftkv.kernels.linear.amx_available`: Linux refused the tiles, an old compiler; where it runs, every
+    held kind's decode batches stay in the kernels, on the tiles): bf16 batches above ``GEMV_ROWS`` rows on a CPU
+    with AMX-BF16 (there oneDNN
     reached 0.60 TFLOP/s at 32 rows with a plain weight on 2 cores of a Sapphire Rapids-class Xeon, past all
     that AVX512-BF16 dot products gave on 2 Zen 4 cores: ~0.39 TFLOP/s), unless ``SWIFTKV_AMX_DECODE=0``. A fused
     decoder over bf16 weights leaves such steps to the eager layers where its layers are big enough
@@ -169,7 +170,8 @@ def amx_takes_batch(m: int, dtype: torch.dtype) -> bool:
     from swiftkv.kernels.switches import switched_on
 
     return (m > kernels.GEMV_ROWS and dtype == torch.bfloat16 and "amx_bf16" in platforms.cpu_flags()
-            and switched_on("SWIFTKV_AMX_DECODE") and _onednn_available(torch.bfloat16) and not kernels.amx_available())
+            and switched_on("SWIFTKV_AMX_DECODE") and _onednn_available(torch.bfloat16)
+            and not kernels.amx_available())
 
 
 def _onednn_bf16(x: torch.Tensor) -> bool:

@@ -64,7 +64,8 @@ class PagedAttention:
         # they fall back)
         dots = switches.bf16_dot and kv_cache.dtype == torch.bfloat16 and bf16_dot_available()
         self._prefill_dots = self._prefill_kernel and dots
-        self._fresh_amx = not self._prefill_kernel and fresh_prompts_on_amx(switches, kv_cache.dtype, kv_cache.shape[-1])
+        self._fresh_amx = (not self._prefill_kernel
+                           and fresh_prompts_on_amx(switches, kv_cache.dtype, kv_cache.shape[-1]))
         chosen = self._fresh_amx or (native and switches.prefill_attention == "auto" and not self._prefill_kernel)
         if chosen and kv_cache.dtype not in _said:  # what auto chose away from the paged kernel, or the AMX flash
             _said.add(kv_cache.dtype)

@@ -45,7 +45,8 @@ AMX_TARGET static void pack_values(const uint16_t *v, int64_t ldv, int64_t T, in
             for (int p = 0; p < 16; p++) {
                 const int64_t k0 = KB * b + 2 * p;
                 const __m256i a = k0 < T ? _mm256_loadu_si256((const __m256i *)(v + k0 * ldv + 16 * d)) : zero;
-                const __m256i c = k0 + 1 < T ? _mm256_loadu_si256((const __m256i *)(v + (k0 + 1) * ldv + 16 * d)) : zero;
+                const __m256i c =
+                    k0 + 1 < T ? _mm256_loadu_si256((const __m256i *)(v + (k0 + 1) * ldv + 16 * d)) : zero;
                 _mm512_store_si512(vp + (b * (D / 16) + d) * 512 + 32 * p, skv_pairs16(a, c));
             }
 }
@@ -149,16 +150,17 @@ AMX_TARGET static void query_block(const uint16_t *q, int64_t ldq, int64_t i0, i
         for (int64_t r = 0; r < rows; r++) {
             const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(lsum[r]));
             for (int j = 0; j < nd; j++)
-                skv_store_bf16x16(out + (i0 + r) * ldo + d0 + 16 * j, _mm512_mul_ps(_mm512_load_ps(o + 64 * r + 16 * j), inv));
+                skv_store_bf16x16(out + (i0 + r) * ldo + d0 + 16 * j,
+                                  _mm512_mul_ps(_mm512_load_ps(o + 64 * r + 16 * j), inv));
         }
     }
 }
 
 /* q [T, H, D] (rows ldq elements apart), k / v [T, Hkv, D] (rows ldk / ldv apart), out [T, H, D] (rows ldo apart),
  * all bf16; D 32, 64, 96 or 128; H a multiple of Hkv. Returns 0, -1 bad shapes, -2 out of memory. */
-AMX_TARGET int skv_flash_attention_amx(const uint16_t *q, int64_t ldq, const uint16_t *k, int64_t ldk, const uint16_t *v,
-                                       int64_t ldv, uint16_t *out, int64_t ldo, int64_t T, int64_t H, int64_t Hkv,
-                                       int64_t D, float scale, int nthreads) {
+AMX_TARGET int skv_flash_attention_amx(const uint16_t *q, int64_t ldq, const uint16_t *k, int64_t ldk,
+                                       const uint16_t *v, int64_t ldv, uint16_t *out, int64_t ldo, int64_t T,
+                                       int64_t H, int64_t Hkv, int64_t D, float scale, int nthreads) {
     if (T < 1 || H < 1 || Hkv < 1 || H % Hkv || D % 32 || D > 128 || ldq < H * D || ldk < Hkv * D || ldv < Hkv * D ||
         ldo < H * D)
         return -1;
