@@ -6,7 +6,7 @@ import ctypes
 
 import pytest
 import torch
-from conftest import needs_kernels, tiny_hf_model
+from conftest import needs_kernels, run_to_end, tiny_hf_model
 
 from swiftkv.kernels import linear as kernels
 
@@ -102,11 +102,7 @@ def test_bf16_engine_batched_decode_on_the_tiles_matches_the_bf16_model(monkeypa
         assert engine.model.model.layers[0].mlp.gate_proj.held.kind == kind
         assert engine.runner.fused is not None
         assert bool(engine.runner.fused.bf16_dots & kernels.DOT_AMX) == (amx == "1")
-        ids = [engine.add_request(p, params) for p in prompts]
-        done = {}
-        while engine.has_unfinished_requests():
-            done.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
-        outs[amx] = [done[i] for i in ids]
+        outs[amx] = [o.outputs[0] for o in run_to_end(engine, prompts, params)]
     for p, o in zip(prompts, outs["1"]):
         assert_greedy_close(reference, p, o, 0.02)
     for tiles, panel in zip(outs["1"], outs["0"]):
@@ -176,10 +172,6 @@ def test_engine_prompts_on_amx_flash_attention_match_the_bf16_model(monkeypatch,
         for batch in (prompts[:1], prompts):
             engine = LLMEngine(load_model(path, dtype="bfloat16", for_inference=True)[0],
                                config=EngineConfig(kv_cache_memory=8 << 20, block_size=16))
-            ids = [engine.add_request(p, params) for p in batch]
-            done = {}
-            while engine.has_unfinished_requests():
-                done.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
-            for p, i in zip(batch, ids):
-                assert_greedy_close(reference, p, done[i], 0.03)
+            for p, out in zip(batch, run_to_end(engine, batch, params)):
+                assert_greedy_close(reference, p, out.outputs[0], 0.03)
         assert (40 in calls and {17, 70, 5} <= set(calls)) == (choice == "auto"), (choice, calls)

@@ -66,8 +66,10 @@ class PagedAttention:
         self._prefill_dots = self._prefill_kernel and dots
         self._fresh_amx = (not self._prefill_kernel
                            and fresh_prompts_on_amx(switches, kv_cache.dtype, kv_cache.shape[-1]))
-        chosen = self._fresh_amx or (native and switches.prefill_attention == "auto" and not self._prefill_kernel)
-        if chosen and kv_cache.dtype not in _said:  # what auto chose away from the paged kernel, or the AMX flash
+        # said once: what auto (or amx, which falls back to SDPA where the tiles cannot run) chose over the paged kernel
+        chosen = (not self._prefill_kernel and switches.prefill_attention in ("auto", "amx")
+                  and (native or self._fresh_amx))
+        if chosen and kv_cache.dtype not in _said:
             _said.add(kv_cache.dtype)
             print("swiftkv: prefill attention: " + ("the kernels' AMX flash attention for fresh prompts, PyTorch's "
                   "SDPA after cached keys" if self._fresh_amx else "PyTorch's SDPA") +
